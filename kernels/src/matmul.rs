@@ -1,0 +1,156 @@
+//! Dense layers: `out[N, OC] = inp[N, C] @ weight[OC, C]^T + bias[OC]`.
+//!
+//! Weights are stored `[out, in]` exactly as `torch.nn.Linear` (and so every Hugging Face
+//! checkpoint) stores them; the transposes are expressed through strides, never copied. The
+//! products run in the `gemm` crate (packed, SIMD micro-kernels, threaded with rayon), which
+//! splits work over output tiles only: each output element's reduction runs on one thread in a
+//! fixed order, so results are deterministic.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// The operands of one strided product `dst[m, n] (+)= scale * lhs[m, k] @ rhs[k, n]`; each
+/// matrix is a slice plus (row stride, column stride).
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// `dst[m, n] = accumulate ? dst + scale * lhs @ rhs : scale * lhs @ rhs`, with `dst` row-major
+/// contiguous (`[m, n]`). Bounds are checked against the strides before calling into `gemm`.
+pub fn gemm(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    scale: f32,
+    accumulate: bool,
+    threaded: bool,
+) {
+    assert!(dst.len() >= m * n, "gemm: dst holds {} < {m}x{n}", dst.len());
+    assert!(lhs.data.len() >= span(m, k, lhs.rs, lhs.cs), "gemm: lhs too short");
+    assert!(rhs.data.len() >= span(k, n, rhs.rs, rhs.cs), "gemm: rhs too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let par = if threaded { Parallelism::Rayon(0) } else { Parallelism::None };
+    // SAFETY: the asserts above keep every strided access of the three matrices in bounds, the
+    // strides are non-negative, and `dst` is an exclusive borrow that aliases neither input.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `out[N, OC] = inp[N, C] @ weight[OC, C]^T + bias`.
+pub fn matmul_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert_eq!(out.len(), n * oc, "matmul_forward: out must be [N, OC]");
+    assert_eq!(inp.len(), n * c, "matmul_forward: inp must be [N, C]");
+    assert_eq!(weight.len(), oc * c, "matmul_forward: weight must be [OC, C]");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), oc, "matmul_forward: bias must be [OC]");
+        out.par_chunks_mut(oc).for_each(|row| row.copy_from_slice(b));
+    }
+    let lhs = Mat { data: inp, rs: c, cs: 1 };
+    let rhs = Mat { data: weight, rs: 1, cs: c }; // weight^T viewed as [C, OC]
+    gemm(out, n, oc, c, lhs, rhs, 1.0, bias.is_some(), true);
+}
+
+/// Backward of [`matmul_forward`]: `dinp += dout @ weight`, `dweight += dout^T @ inp`,
+/// `dbias += sum_rows(dout)`.
+pub fn matmul_backward(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert_eq!(dinp.len(), n * c, "matmul_backward: dinp must be [N, C]");
+    assert_eq!(dweight.len(), oc * c, "matmul_backward: dweight must be [OC, C]");
+    assert_eq!(dout.len(), n * oc, "matmul_backward: dout must be [N, OC]");
+    assert_eq!(inp.len(), n * c, "matmul_backward: inp must be [N, C]");
+    assert_eq!(weight.len(), oc * c, "matmul_backward: weight must be [OC, C]");
+    gemm(dinp, n, c, oc, Mat { data: dout, rs: oc, cs: 1 }, Mat { data: weight, rs: c, cs: 1 }, 1.0, true, true);
+    matmul_backward_weight(dweight, dbias, dout, inp, n, c, oc);
+}
+
+/// The parameter half of [`matmul_backward`], for layers whose input needs no gradient.
+pub fn matmul_backward_weight(
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    gemm(dweight, oc, c, n, Mat { data: dout, rs: 1, cs: oc }, Mat { data: inp, rs: c, cs: 1 }, 1.0, true, true);
+    if let Some(db) = dbias {
+        assert_eq!(db.len(), oc, "matmul_backward: dbias must be [OC]");
+        column_sum_accumulate(db, dout, n, oc);
+    }
+}
+
+/// `acc[j] += sum_i x[i, j]` for `x: [N, OC]`, each column summed in row order.
+pub(crate) fn column_sum_accumulate(acc: &mut [f32], x: &[f32], n: usize, oc: usize) {
+    const COLS: usize = 64;
+    acc.par_chunks_mut(COLS).enumerate().for_each(|(ci, chunk)| {
+        let j0 = ci * COLS;
+        for i in 0..n {
+            let row = &x[i * oc + j0..i * oc + j0 + chunk.len()];
+            for (a, &v) in chunk.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    });
+}

@@ -1,0 +1,31 @@
+//! Residual connections: `out = a + b`; backward sends `dout` to both inputs.
+
+use rayon::prelude::*;
+
+const CHUNK: usize = 4096;
+
+/// `out[i] = a[i] + b[i]`.
+pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
+    assert!(out.len() == a.len() && a.len() == b.len(), "residual_forward: shapes differ");
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+        for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+            *o = x + y;
+        }
+    });
+}
+
+/// `da[i] += dout[i]`, `db[i] += dout[i]`.
+pub fn residual_backward(da: &mut [f32], db: &mut [f32], dout: &[f32]) {
+    add_inplace(da, dout);
+    add_inplace(db, dout);
+}
+
+/// `acc[i] += x[i]`.
+pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
+    assert_eq!(acc.len(), x.len(), "add_inplace: shapes differ");
+    acc.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(a, x)| {
+        for (a, &v) in a.iter_mut().zip(x) {
+            *a += v;
+        }
+    });
+}
