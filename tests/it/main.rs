@@ -1,1 +1,6 @@
-fn main() {}
+//! Integration tests over the public API of `kernels` and `worker`, against fixtures written by
+//! `transformers` (scripts/make_fixtures.py) and the real packaged checkpoint.
+
+mod minilm;
+mod parity;
+mod support;

@@ -1,2 +1,194 @@
-#![allow(unused)]
-fn main() {}
+//! `worker`: one Tandem training process.
+//!
+//! ```text
+//! worker train --config configs/rotten-tomatoes.toml            # fine-tune, single process
+//! worker train --config job.toml --set train.epochs=1 --set train.lr=3e-5
+//! TANDEM_TRAIN__BATCH_SIZE=16 worker train --config job.toml    # environment layer
+//! worker predict --model runs/rotten-tomatoes/model --text "a gem of a film"
+//! worker bench --preset minilm                                  # forward+backward tokens/s
+//! ```
+//!
+//! The distributed mode (`worker --coordinator URL`) arrives with the coordinator.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Instant;
+use worker::checkpoint;
+use worker::job::JobConfig;
+use worker::layout::Head;
+use worker::model::{Batch, DropoutCtx};
+use worker::tokenize::{collate, TextEncoder};
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "A Tandem BERT training process")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fine-tune a sequence classifier in this process (no coordinator).
+    Train {
+        /// The job config (TOML). Layers: defaults < this file < TANDEM_* environment < --set.
+        #[arg(long, env = "TANDEM_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override one config key, e.g. `--set train.lr=3e-5` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the resolved config and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// No progress bar (log lines instead).
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Print the logits (JSON lines) of a saved classifier for some texts.
+    Predict {
+        /// A model directory written by `worker train` (or any HF BERT classifier).
+        #[arg(long)]
+        model: PathBuf,
+        /// A text to classify (repeatable).
+        #[arg(long)]
+        text: Vec<String>,
+        /// A file with one text per line.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        max_seq_len: usize,
+    },
+    /// Time forward+backward passes on random tokens and print tokens/s.
+    Bench {
+        /// tiny (2 layers, hidden 128, vocab 30522) or minilm (the packaged checkpoint's shape).
+        #[arg(long, default_value = "minilm")]
+        preset: String,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Dropout on (training) or off.
+        #[arg(long)]
+        dropout: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Train { config, set, print_config, no_progress } => {
+            let job = JobConfig::load(config.as_deref(), &set)?;
+            if print_config {
+                println!("{}", toml_like(&job)?);
+                return Ok(());
+            }
+            if job.train.threads > 0 {
+                rayon::ThreadPoolBuilder::new().num_threads(job.train.threads).build_global().ok();
+            }
+            tracing::info!(config = %serde_json::to_string(&job)?, "resolved job config");
+            let s = worker::train::run(&job, !no_progress)?;
+            println!("trained {} steps in {:.0} s ({:.0} tokens/s)", s.steps, s.train_seconds, s.tokens_per_second);
+            if let Some(d) = &s.dev {
+                println!(
+                    "dev  accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
+                    d.accuracy, d.macro_f1, d.loss, d.examples
+                );
+            }
+            if let Some(t) = &s.test {
+                println!(
+                    "test accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
+                    t.accuracy, t.macro_f1, t.loss, t.examples
+                );
+            }
+            println!("model saved to {}", s.model_dir.display());
+            Ok(())
+        }
+        Cmd::Predict { model, text, input, max_seq_len } => predict(&model, text, input, max_seq_len),
+        Cmd::Bench { preset, batch, seq, steps, dropout } => bench(&preset, batch, seq, steps, dropout),
+    }
+}
+
+fn toml_like(job: &JobConfig) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(job)?)
+}
+
+fn predict(
+    dir: &std::path::Path,
+    mut texts: Vec<String>,
+    input: Option<PathBuf>,
+    max_len: usize,
+) -> anyhow::Result<()> {
+    if let Some(path) = input {
+        let body = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        texts.extend(body.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
+    }
+    anyhow::ensure!(!texts.is_empty(), "nothing to classify: give --text or --input");
+    let cfg = worker::bert_config::BertConfig::from_file(&dir.join(checkpoint::CONFIG_FILE))?;
+    let num_labels = cfg.raw.get("id2label").and_then(|v| v.as_object()).map(|m| m.len()).unwrap_or(2);
+    let (mut model, _) = checkpoint::load(dir, Head::Classification { num_labels }, 0)?;
+    let enc = TextEncoder::from_file(&dir.join("tokenizer.json"), max_len)?;
+    for t in &texts {
+        let e = enc.encode(t, None)?;
+        let batch = collate(&[&e], &[0], &[0], enc.pad_id);
+        model.forward(&batch, None)?;
+        println!("{}", serde_json::json!({ "text": t, "logits": model.acts.logits }));
+    }
+    Ok(())
+}
+
+fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool) -> anyhow::Result<()> {
+    let (layers, hidden, heads, inter) = match preset {
+        "tiny" => (2, 128, 2, 512),
+        "minilm" => (6, 384, 12, 1536),
+        other => anyhow::bail!("unknown preset {other:?} (tiny, minilm)"),
+    };
+    let p = if dropout { 0.1 } else { 0.0 };
+    let cfg = worker::bert_config::BertConfig::from_json_str(&format!(
+        r#"{{"vocab_size": 30522, "hidden_size": {hidden}, "num_hidden_layers": {layers}, "num_attention_heads": {heads},
+            "intermediate_size": {inter}, "max_position_embeddings": 512, "type_vocab_size": 2,
+            "hidden_dropout_prob": {p}, "attention_probs_dropout_prob": {p}, "pad_token_id": 0}}"#
+    ))?;
+    let mut model = checkpoint::init_model(cfg, Head::Classification { num_labels: 2 }, 1);
+    let batch = Batch {
+        b,
+        t,
+        input_ids: (0..b * t).map(|i| 1000 + (i as u32 * 7919) % 20000).collect(),
+        token_type_ids: vec![0; b * t],
+        attention_mask: vec![1; b * t],
+        example_ids: (0..b as u32).collect(),
+        labels: (0..b as i64).map(|i| i % 2).collect(),
+    };
+    let mut times = Vec::new();
+    for s in 0..steps + 1 {
+        let start = Instant::now();
+        model.zero_grads();
+        let out = model.forward(&batch, Some(DropoutCtx { seed: 1, step: s as u32 }))?;
+        model.backward(&batch, 1.0 / out.count as f32);
+        if s > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{{\"impl\": \"tandem\", \"preset\": \"{preset}\", \"batch\": {b}, \"seq\": {t}, \"threads\": {}, \"step_s\": {median:.4}, \"tokens_per_s\": {:.1}}}",
+        rayon::current_num_threads(),
+        (b * t) as f64 / median
+    );
+    Ok(())
+}

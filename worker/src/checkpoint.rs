@@ -1,0 +1,262 @@
+//! Hugging Face checkpoint directories: `config.json` + `model.safetensors`.
+//!
+//! Loading maps every tensor of the file onto the layout: names with or without the `bert.`
+//! prefix, f32 (or f16/bf16, widened). Buffers such as `embeddings.position_ids` and the tied
+//! decoder weight are skipped, and so are the tensors of heads this model does not have (the
+//! NSP head, a classifier when fine-tuning for masked LM, ...). A tensor the layout does not
+//! know, or one of the wrong shape, is an error that names it; so is a missing body tensor.
+//! Missing head tensors are initialised as `transformers` does: normal(0, initializer_range) for
+//! weights, zeros for biases, ones/zeros for layer norms, from the seed.
+//!
+//! Saving writes a directory that `transformers.BertForSequenceClassification.from_pretrained`
+//! (or `BertForMaskedLM`) loads: the keys it expects, `config.json` with the architecture and
+//! the label names, and the tokenizer files copied alongside.
+
+use crate::bert_config::BertConfig;
+use crate::layout::{Head, Init, Layout};
+use crate::model::Bert;
+use crate::ModelError;
+use kernels::philox;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+
+/// What a load did besides copying tensors: which tensors it initialised and which it skipped.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub initialized: Vec<String>,
+    pub skipped: Vec<String>,
+}
+
+/// Tensors that are never parameters of ours: buffers and the tied decoder copy.
+fn is_ignored_buffer(name: &str) -> bool {
+    name.ends_with("position_ids")
+        || name == "cls.predictions.decoder.weight"
+        || name == "cls.predictions.decoder.bias"
+        || name.starts_with("cls.seq_relationship.")
+}
+
+/// Tensors that belong to a head this model does not have.
+fn is_other_head(name: &str, head: &Head) -> bool {
+    match head {
+        Head::Classification { .. } => name.starts_with("cls."),
+        Head::MaskedLm => name.starts_with("classifier.") || name.starts_with("pooler."),
+    }
+}
+
+fn to_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, ModelError> {
+    let data = view.data();
+    let out = match view.dtype() {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => {
+            data.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)).collect()
+        }
+        Dtype::F16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        other => {
+            return Err(ModelError::Tensor {
+                file: path.to_owned(),
+                name: name.to_owned(),
+                msg: format!("dtype {other:?} is not a floating-point type we read (F32, F16, BF16)"),
+            })
+        }
+    };
+    Ok(out)
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let frac = u32::from(h & 0x3ff);
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // subnormal: normalise
+            let shift = f.leading_zeros() - 21;
+            sign | ((113 - shift) << 23) | (((f << shift) & 0x3ff) << 13)
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 112) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Fills the tensors named in `names` from their `Init`, keyed by `seed` and the tensor's index
+/// in the layout, so that the same seed always gives the same head.
+pub fn init_tensors(model: &mut Bert, names: &[String], seed: u64) {
+    let std = model.cfg.initializer_range as f32;
+    let pad = model.cfg.pad_token_id;
+    for (idx, e) in model.layout.entries.iter().enumerate() {
+        if !names.contains(&e.name) {
+            continue;
+        }
+        let dst = &mut model.params[e.range()];
+        match e.init {
+            Init::Zeros => dst.fill(0.0),
+            Init::Ones => dst.fill(1.0),
+            Init::Normal => {
+                for (i, v) in dst.iter_mut().enumerate() {
+                    *v = philox::normal(seed, idx as u32, i as u64) * std;
+                }
+                // `nn.Embedding(padding_idx=...)` rows start at zero.
+                if e.name == "embeddings.word_embeddings.weight" {
+                    if let Some(p) = pad {
+                        let c = e.shape[1];
+                        dst[p as usize * c..(p as usize + 1) * c].fill(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A model with every tensor initialised from `seed` (pretraining from scratch, tests).
+pub fn init_model(cfg: BertConfig, head: Head, seed: u64) -> Bert {
+    let mut m = Bert::zeros(cfg, head);
+    let names: Vec<String> = m.layout.entries.iter().map(|e| e.name.clone()).collect();
+    init_tensors(&mut m, &names, seed);
+    m
+}
+
+/// Loads `dir/config.json` and `dir/model.safetensors` into a model with the given head.
+pub fn load(dir: &Path, head: Head, seed: u64) -> Result<(Bert, LoadReport), ModelError> {
+    let cfg = BertConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| ModelError::Io(path.clone(), e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ModelError::Safetensors(path.clone(), format!("{e} (is the file complete?)")))?;
+    let mut model = Bert::zeros(cfg, head.clone());
+    let mut report = LoadReport::default();
+    let mut loaded = BTreeSet::new();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    for key in names {
+        let name = key.strip_prefix("bert.").unwrap_or(&key).to_owned();
+        if is_ignored_buffer(&name) || is_other_head(&name, &head) {
+            report.skipped.push(key.clone());
+            continue;
+        }
+        let entry = model.layout.get(&name).ok_or_else(|| ModelError::Tensor {
+            file: path.clone(),
+            name: key.clone(),
+            msg: "is not a tensor of a BERT model with this config and head".into(),
+        })?;
+        let view = st.tensor(&key).map_err(|e| ModelError::Safetensors(path.clone(), e.to_string()))?;
+        if view.shape() != entry.shape.as_slice() {
+            return Err(ModelError::Tensor {
+                file: path.clone(),
+                name: key.clone(),
+                msg: format!("has shape {:?} in the file but the model expects {:?}", view.shape(), entry.shape),
+            });
+        }
+        if !loaded.insert(name.clone()) {
+            return Err(ModelError::Tensor {
+                file: path.clone(),
+                name: key.clone(),
+                msg: "appears twice (with and without the `bert.` prefix)".into(),
+            });
+        }
+        let range = entry.range();
+        let data = to_f32(&path, &key, &view)?;
+        model.params[range].copy_from_slice(&data);
+    }
+    let missing: Vec<_> = model.layout.entries.iter().filter(|e| !loaded.contains(&e.name)).collect();
+    if let Some(e) = missing.iter().find(|e| !e.head) {
+        return Err(ModelError::Tensor {
+            file: path.clone(),
+            name: e.name.clone(),
+            msg: "is missing from the checkpoint (only head tensors may be missing)".into(),
+        });
+    }
+    report.initialized = missing.iter().map(|e| e.name.clone()).collect();
+    init_tensors(&mut model, &report.initialized, seed);
+    Ok((model, report))
+}
+
+/// Label names, index = class id, written into `config.json` as `id2label` / `label2id`.
+pub fn save(
+    model: &Bert,
+    dir: &Path,
+    labels: Option<&[String]>,
+    tokenizer_from: Option<&Path>,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io(dir.to_owned(), e))?;
+    let bytes: Vec<Vec<u8>> = model
+        .layout
+        .entries
+        .iter()
+        .map(|e| model.params[e.range()].iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::new();
+    for (e, b) in model.layout.entries.iter().zip(&bytes) {
+        let v = TensorView::new(Dtype::F32, e.shape.clone(), b)
+            .map_err(|err| ModelError::Safetensors(dir.join(WEIGHTS_FILE), err.to_string()))?;
+        views.push((Layout::hf_key(&e.name), v));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights = dir.join(WEIGHTS_FILE);
+    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| ModelError::Safetensors(tmp.clone(), e.to_string()))?;
+    std::fs::rename(&tmp, &weights).map_err(|e| ModelError::Io(weights.clone(), e))?;
+
+    let mut cfg = model.cfg.raw.clone();
+    let arch = match model.layout.head {
+        Head::Classification { .. } => "BertForSequenceClassification",
+        Head::MaskedLm => "BertForMaskedLM",
+    };
+    cfg.insert("architectures".into(), serde_json::json!([arch]));
+    cfg.insert("model_type".into(), serde_json::json!("bert"));
+    if let Head::Classification { num_labels } = model.layout.head {
+        let names: Vec<String> = match labels {
+            Some(l) => l.to_vec(),
+            None => (0..num_labels).map(|i| format!("LABEL_{i}")).collect(),
+        };
+        let id2label: serde_json::Map<_, _> =
+            names.iter().enumerate().map(|(i, n)| (i.to_string(), serde_json::json!(n))).collect();
+        let label2id: serde_json::Map<_, _> =
+            names.iter().enumerate().map(|(i, n)| (n.clone(), serde_json::json!(i))).collect();
+        cfg.insert("id2label".into(), id2label.into());
+        cfg.insert("label2id".into(), label2id.into());
+        cfg.insert("problem_type".into(), serde_json::json!("single_label_classification"));
+    }
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).expect("config serialises");
+    std::fs::write(&cfg_path, text + "\n").map_err(|e| ModelError::Io(cfg_path.clone(), e))?;
+
+    if let Some(src) = tokenizer_from {
+        for f in ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+            let from = src.join(f);
+            if from.exists() {
+                std::fs::copy(&from, dir.join(f)).map_err(|e| ModelError::Io(from.clone(), e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The directory a checkpoint path names (a `model.safetensors` file or its folder).
+pub fn checkpoint_dir(path: &Path) -> PathBuf {
+    if path.is_file() {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        path.to_path_buf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f16_to_f32;
+
+    #[test]
+    fn f16_widening() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+}

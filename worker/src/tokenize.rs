@@ -1,0 +1,77 @@
+//! Tokenization with the `tokenizers` crate from a `tokenizer.json`, and padding into batches.
+//!
+//! The packaged MiniLM `tokenizer.json` fixes truncation and padding at 128; we replace both:
+//! truncation to the job's `max_seq_len` (special tokens included), and no padding in the
+//! tokenizer, because batches are padded by [`collate`] to their longest member, which keeps CPU
+//! work proportional to the real tokens.
+
+use crate::model::Batch;
+use crate::ModelError;
+use std::path::{Path, PathBuf};
+use tokenizers::{Tokenizer, TruncationParams};
+
+/// One tokenized example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+pub struct TextEncoder {
+    tok: Tokenizer,
+    path: PathBuf,
+    pub max_len: usize,
+    pub pad_id: u32,
+}
+
+impl TextEncoder {
+    pub fn from_file(path: &Path, max_len: usize) -> Result<Self, ModelError> {
+        let err = |msg: String| ModelError::Tokenizer(path.to_owned(), msg);
+        if max_len < 2 {
+            return Err(err(format!("max_seq_len {max_len} leaves no room for [CLS] and [SEP]")));
+        }
+        let mut tok = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        tok.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(|e| err(e.to_string()))?;
+        tok.with_padding(None);
+        let pad_id = tok.token_to_id("[PAD]").unwrap_or(0);
+        Ok(TextEncoder { tok, path: path.to_owned(), max_len, pad_id })
+    }
+
+    pub fn encode(&self, text: &str, pair: Option<&str>) -> Result<Encoded, ModelError> {
+        let enc = match pair {
+            Some(p) => self.tok.encode((text, p), true),
+            None => self.tok.encode(text, true),
+        }
+        .map_err(|e| ModelError::Tokenizer(self.path.clone(), e.to_string()))?;
+        Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
+    }
+
+    /// Encodes many texts (in parallel inside `tokenizers`), in order.
+    pub fn encode_all(&self, texts: &[(&str, Option<&str>)]) -> Result<Vec<Encoded>, ModelError> {
+        texts.iter().map(|(t, p)| self.encode(t, *p)).collect()
+    }
+}
+
+/// Pads `examples` to the longest of them. `example_ids` key the dropout masks; `labels` is
+/// copied as is (one per example for classification).
+pub fn collate(examples: &[&Encoded], example_ids: &[u32], labels: &[i64], pad_id: u32) -> Batch {
+    let b = examples.len();
+    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let mut batch = Batch {
+        b,
+        t,
+        input_ids: vec![pad_id; b * t],
+        token_type_ids: vec![0; b * t],
+        attention_mask: vec![0; b * t],
+        example_ids: example_ids.to_vec(),
+        labels: labels.to_vec(),
+    };
+    for (i, e) in examples.iter().enumerate() {
+        let n = e.ids.len();
+        batch.input_ids[i * t..i * t + n].copy_from_slice(&e.ids);
+        batch.token_type_ids[i * t..i * t + n].copy_from_slice(&e.type_ids);
+        batch.attention_mask[i * t..i * t + n].fill(1);
+    }
+    batch
+}

@@ -1,0 +1,255 @@
+//! Single-process fine-tuning of a sequence classifier (`worker train`), top to bottom:
+//! read data, tokenize, load the checkpoint, then for each step: shuffle-ordered batch, forward,
+//! backward, global-norm clip, schedule, AdamW, log; evaluate on dev; save; test.
+
+use crate::checkpoint;
+use crate::data::{self, DataSpec, LabelSet};
+use crate::job::JobConfig;
+use crate::layout::Head;
+use crate::model::{Bert, DropoutCtx};
+use crate::optim::{linear_schedule, AdamW};
+use crate::tokenize::{collate, Encoded, TextEncoder};
+use anyhow::Context;
+use kernels::{gradnorm, philox};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A tokenized, labelled split.
+pub struct Split {
+    pub path: PathBuf,
+    pub examples: Vec<Encoded>,
+    pub labels: Vec<i64>,
+}
+
+/// Reads, labels and tokenizes one dataset file.
+pub fn load_split(job: &JobConfig, path: &Path, labels: &LabelSet, enc: &TextEncoder) -> anyhow::Result<Split> {
+    let rows = data::read(&data_spec(job, path))?;
+    let ids = rows.iter().map(|r| labels.id(r, path)).collect::<Result<Vec<_>, _>>()?;
+    let texts: Vec<(&str, Option<&str>)> = rows.iter().map(|r| (r.text.as_str(), r.text_pair.as_deref())).collect();
+    let examples = enc.encode_all(&texts)?;
+    Ok(Split { path: path.to_owned(), examples, labels: ids })
+}
+
+pub fn data_spec(job: &JobConfig, path: &Path) -> DataSpec {
+    DataSpec {
+        path: path.to_owned(),
+        format: job.data.format,
+        text_column: job.data.text_column.clone(),
+        text_pair_column: job.data.text_pair_column.clone(),
+        label_column: job.data.label_column.clone(),
+        skip_rows_after_header: job.data.skip_rows_after_header,
+    }
+}
+
+/// The order in which epoch `epoch` visits `n` examples: a Fisher-Yates shuffle driven by
+/// Philox, a pure function of (seed, epoch).
+pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let r = philox::philox4x32_10([i as u32, epoch, 0x5348_5546, 0], philox::key_from_seed(seed));
+        let x = (u64::from(r[0]) << 32) | u64::from(r[1]);
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalMetrics {
+    pub examples: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+}
+
+/// Evaluates without dropout: mean loss, accuracy and macro-F1 over the whole split.
+pub fn evaluate(model: &mut Bert, split: &Split, batch_size: usize, pad_id: u32) -> anyhow::Result<EvalMetrics> {
+    let classes = match model.layout.head {
+        Head::Classification { num_labels } => num_labels,
+        Head::MaskedLm => anyhow::bail!("evaluate needs a classification head"),
+    };
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    let mut confusion = vec![vec![0usize; classes]; classes];
+    for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
+        let exs: Vec<&Encoded> = idx.iter().map(|&i| &split.examples[i]).collect();
+        let labels: Vec<i64> = idx.iter().map(|&i| split.labels[i]).collect();
+        let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+        let batch = collate(&exs, &ids, &labels, pad_id);
+        let out = model.forward(&batch, None).with_context(|| format!("evaluating batch {chunk_i}"))?;
+        loss += out.loss_sum;
+        for (row, &y) in model.acts.logits.chunks(classes).zip(&labels) {
+            let pred = argmax(row);
+            confusion[y as usize][pred] += 1;
+            correct += usize::from(pred == y as usize);
+        }
+    }
+    let n = split.examples.len();
+    let mut f1_sum = 0.0;
+    for k in 0..classes {
+        let tp = confusion[k][k] as f64;
+        let predicted: usize = (0..classes).map(|y| confusion[y][k]).sum();
+        let actual: usize = confusion[k].iter().sum();
+        let denom = predicted as f64 + actual as f64;
+        f1_sum += if denom > 0.0 { 2.0 * tp / denom } else { 0.0 };
+    }
+    Ok(EvalMetrics {
+        examples: n,
+        loss: loss / n as f64,
+        accuracy: correct as f64 / n as f64,
+        macro_f1: f1_sum / classes as f64,
+    })
+}
+
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_train_loss: f64,
+    pub dev: Option<EvalMetrics>,
+    pub test: Option<EvalMetrics>,
+    pub model_dir: PathBuf,
+    pub train_seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+/// Runs the whole job; `progress` draws a progress bar on stderr.
+pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
+    let t = &job.train;
+    let enc = TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?;
+    let train_rows = data::read(&data_spec(job, &job.data.train))?;
+    let labels = match &job.data.labels {
+        Some(names) => LabelSet::new(names.clone()).map_err(|e| anyhow::anyhow!("data.labels: {e}"))?,
+        None => LabelSet::infer(&train_rows)
+            .map_err(|e| anyhow::anyhow!("{}: labels inferred from the data: {e}", job.data.train.display()))?,
+    };
+    drop(train_rows);
+    let train = load_split(job, &job.data.train, &labels, &enc)?;
+    let dev = job.data.dev.as_deref().map(|p| load_split(job, p, &labels, &enc)).transpose()?;
+    let test = job.data.test.as_deref().map(|p| load_split(job, p, &labels, &enc)).transpose()?;
+    tracing::info!(
+        train = train.examples.len(),
+        dev = dev.as_ref().map(|s| s.examples.len()),
+        test = test.as_ref().map(|s| s.examples.len()),
+        labels = ?labels.names,
+        "data loaded"
+    );
+
+    let head = Head::Classification { num_labels: labels.names.len() };
+    let (mut model, report) = checkpoint::load(&job.model.path, head, t.seed)
+        .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
+    tracing::info!(initialized = ?report.initialized, skipped = ?report.skipped, params = model.layout.total, "checkpoint loaded");
+    if !t.dropout {
+        model.cfg.hidden_dropout_prob = 0.0;
+        model.cfg.attention_probs_dropout_prob = 0.0;
+        model.cfg.classifier_dropout = Some(0.0);
+    }
+
+    let n = train.examples.len();
+    let per_epoch = n.div_ceil(t.batch_size) as u64;
+    let mut total = per_epoch * u64::from(t.epochs);
+    if t.max_steps > 0 && (total == 0 || t.max_steps < total) {
+        total = t.max_steps;
+    }
+    let warmup = (total as f64 * t.warmup_ratio).ceil() as u64;
+    let mut opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
+
+    let bar = if progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let started = Instant::now();
+    let (mut step, mut tokens, mut ema_loss) = (0u64, 0usize, f64::NAN);
+    let mut last_dev = None;
+    'epochs: for epoch in 0.. {
+        let order = epoch_order(n, t.seed, epoch);
+        for idx in order.chunks(t.batch_size) {
+            if step >= total {
+                break 'epochs;
+            }
+            let exs: Vec<&Encoded> = idx.iter().map(|&i| &train.examples[i]).collect();
+            let ys: Vec<i64> = idx.iter().map(|&i| train.labels[i]).collect();
+            let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+            let batch = collate(&exs, &ids, &ys, enc.pad_id);
+            model.zero_grads();
+            let out = model.forward(&batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
+            model.backward(&batch, 1.0 / out.count as f32);
+            let norm = gradnorm::global_norm(&model.grads);
+            if t.max_grad_norm > 0.0 {
+                gradnorm::clip_grad_norm(&mut model.grads, norm, t.max_grad_norm as f32);
+            }
+            let lr = linear_schedule(t.lr, step, warmup, total);
+            opt.step(&model.layout, &mut model.params, &model.grads, lr);
+            step += 1;
+            tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
+            let loss = out.loss_sum / out.count as f64;
+            ema_loss = if ema_loss.is_nan() { loss } else { 0.95 * ema_loss + 0.05 * loss };
+            let tps = tokens as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!("epoch {epoch}  loss {ema_loss:.4}  lr {lr:.2e}  |g| {norm:.2}  {tps:.0} tok/s"));
+            bar.inc(1);
+            if !progress && (step % 50 == 0 || step == total) {
+                tracing::info!(step, epoch, loss = ema_loss, lr, grad_norm = norm, tokens_per_s = tps as u64, "train");
+            }
+            let end_of_epoch = step % per_epoch == 0;
+            let due = if t.eval_every > 0 { step % t.eval_every == 0 } else { end_of_epoch };
+            if let (true, Some(d)) = (due || step == total, dev.as_ref()) {
+                let m = evaluate(&mut model, d, t.eval_batch_size, enc.pad_id)?;
+                bar.println(format!(
+                    "step {step}: dev loss {:.4}  accuracy {:.4}  macro-F1 {:.4}  ({} examples)",
+                    m.loss, m.accuracy, m.macro_f1, m.examples
+                ));
+                last_dev = Some(m);
+            }
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let model_dir = job.output.dir.join("model");
+    checkpoint::save(&model, &model_dir, Some(&labels.names), job.tokenizer_path().parent())
+        .with_context(|| format!("saving the model to {}", model_dir.display()))?;
+    let test_metrics = test.as_ref().map(|s| evaluate(&mut model, s, t.eval_batch_size, enc.pad_id)).transpose()?;
+    let summary = Summary {
+        steps: step,
+        final_train_loss: ema_loss,
+        dev: last_dev,
+        test: test_metrics,
+        model_dir,
+        train_seconds,
+        tokens_per_second: tokens as f64 / train_seconds,
+    };
+    let metrics_path = job.output.dir.join("metrics.json");
+    std::fs::write(&metrics_path, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", metrics_path.display()))?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epoch_order;
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(1000, 1, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(1000, 1, 0));
+        assert_ne!(a, epoch_order(1000, 1, 1));
+        assert_ne!(a, epoch_order(1000, 2, 0));
+    }
+}
