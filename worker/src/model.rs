@@ -122,7 +122,11 @@ fn disjoint_mut<const N: usize>(buf: &mut [f32], ranges: [Range<usize>; N]) -> [
         rest = tail;
         base = r.end;
     }
-    out.into_iter().map(|o| o.expect("every range assigned")).collect::<Vec<_>>().try_into().ok().expect("N views")
+    let views: Vec<&mut [f32]> = out.into_iter().map(|o| o.expect("every range assigned")).collect();
+    match views.try_into() {
+        Ok(arr) => arr,
+        Err(_) => unreachable!("exactly N views"),
+    }
 }
 
 /// Gradient scratch for backward, reused across steps.

@@ -1,0 +1,278 @@
+//! `worker train` / `worker predict` as a user runs them: the real binary, real files, the tiny
+//! fixture model (tests/fixtures/tiny-cls: a 3-way classifier with a 250-token WordPiece
+//! tokenizer) on small CSV and JSON Lines files. Bad input must give a non-zero exit and a message naming the file, line,
+//! tensor or key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+fn fixture_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-cls")
+}
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tandem-cli-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn write(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const POSITIVE: [&str; 4] =
+    ["a good and funny film", "the best movie of the year", "great fun", "a beautiful story, well worth it"];
+const NEGATIVE: [&str; 4] =
+    ["a bad and boring film", "the worst movie of the year", "dull and too long", "nothing works in this mess"];
+
+fn csv_rows(n: usize) -> String {
+    let mut s = String::from("text,label\n");
+    for i in 0..n {
+        let (t, l) = if i % 2 == 0 { (POSITIVE[i / 2 % 4], "positive") } else { (NEGATIVE[i / 2 % 4], "negative") };
+        s.push_str(&format!("\"{t}\",{l}\n"));
+    }
+    s
+}
+
+fn job(dir: &TempDir, model: &Path, train: &Path, extra: &str) -> PathBuf {
+    dir.write(
+        "job.toml",
+        &format!(
+            "[model]\npath = {:?}\nmax_seq_len = 32\n\n[data]\ntrain = {:?}\ndev = {:?}\ntest = {:?}\nlabels = [\"negative\", \"positive\", \"neutral\"]\n\n[train]\nepochs = 1\nbatch_size = 8\nlr = 1e-3\n\n[output]\ndir = {:?}\n{extra}",
+            model,
+            train,
+            train,
+            train,
+            dir.path().join("out")
+        ),
+    )
+}
+
+fn worker(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_worker")).args(args).env_remove("RUST_LOG").output().expect("worker runs")
+}
+
+fn train(job: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--config", job.to_str().unwrap(), "--no-progress"];
+    args.extend_from_slice(extra);
+    worker(&args)
+}
+
+fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "a panic is not a clear error:\n{err}");
+}
+
+#[test]
+fn trains_saves_and_predicts_the_tiny_model() {
+    let dir = TempDir::new("train");
+    let train_csv = dir.write("train.csv", &csv_rows(32));
+    let cfg = job(&dir, &fixture_model(), &train_csv, "");
+    let out = train(&cfg, &["--set", "train.epochs=3"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "train failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("trained 12 steps"), "{stdout}");
+    assert!(stdout.contains("test accuracy"), "{stdout}");
+    let model_dir = dir.path().join("out/model");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(model_dir.join(f).exists(), "{f} not saved");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["steps"], 12);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(cfg["id2label"]["1"], "positive");
+
+    let out = worker(&["predict", "--model", model_dir.to_str().unwrap(), "--text", "great fun", "--text", "dull"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["logits"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn reads_json_lines_and_the_environment_layer() {
+    let dir = TempDir::new("jsonl");
+    let mut body = String::new();
+    for i in 0..16 {
+        let (t, l) = if i % 2 == 0 { (POSITIVE[i % 4], "positive") } else { (NEGATIVE[i % 4], "negative") };
+        body.push_str(&serde_json::json!({"text": t, "label": l}).to_string());
+        body.push('\n');
+    }
+    let train_jsonl = dir.write("train.jsonl", &body);
+    let cfg = job(&dir, &fixture_model(), &train_jsonl, "");
+    // The environment overrides the file (8 -> 4 per batch: 16 examples = 4 steps), flags override both.
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--no-progress", "--set", "train.max_steps=3"])
+        .env("TANDEM_TRAIN__BATCH_SIZE", "4")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("trained 3 steps"), "{stdout}");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--print-config"])
+        .env("TANDEM_TRAIN__BATCH_SIZE", "4")
+        .output()
+        .unwrap();
+    let resolved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(resolved["train"]["batch_size"], 4);
+    assert_eq!(resolved["train"]["lr"], 1e-3);
+}
+
+#[test]
+fn missing_config_file() {
+    let out = worker(&["train", "--config", "/nonexistent/job.toml"]);
+    assert_fails_with(&out, &["/nonexistent/job.toml", "no such config file"]);
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let dir = TempDir::new("key");
+    let train_csv = dir.write("train.csv", &csv_rows(8));
+    let cfg = job(&dir, &fixture_model(), &train_csv, "");
+    let body = std::fs::read_to_string(&cfg).unwrap().replace("lr = 1e-3", "lr = 1e-3\nlearning_rte = 2e-5");
+    std::fs::write(&cfg, body).unwrap();
+    assert_fails_with(&train(&cfg, &[]), &["learning_rte", "job.toml"]);
+    // The same from a flag and from the environment.
+    let cfg = job(&dir, &fixture_model(), &train_csv, "");
+    assert_fails_with(&train(&cfg, &["--set", "train.bogus=1"]), &["bogus"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("TANDEM_DATA__TEXT_COLUM", "x")
+        .output()
+        .unwrap();
+    assert_fails_with(&out, &["text_colum"]);
+}
+
+#[test]
+fn missing_data_file() {
+    let dir = TempDir::new("nodata");
+    let cfg = job(&dir, &fixture_model(), &dir.path().join("absent.csv"), "");
+    assert_fails_with(&train(&cfg, &[]), &["absent.csv"]);
+}
+
+#[test]
+fn data_row_without_label_names_file_and_line() {
+    let dir = TempDir::new("nolabel");
+    let train_csv = dir.write("train.csv", "text,label\n\"fine\",positive\n\"no label here\",\n\"ok\",negative\n");
+    let cfg = job(&dir, &fixture_model(), &train_csv, "");
+    assert_fails_with(&train(&cfg, &[]), &["train.csv:3", "no label"]);
+
+    let train_jsonl =
+        dir.write("train.jsonl", "{\"text\": \"fine\", \"label\": \"positive\"}\n{\"text\": \"no label\"}\n");
+    let cfg = job(&dir, &fixture_model(), &train_jsonl, "");
+    assert_fails_with(&train(&cfg, &[]), &["train.jsonl:2", "no label"]);
+}
+
+#[test]
+fn label_outside_the_declared_set() {
+    let dir = TempDir::new("badlabel");
+    let train_csv = dir.write("train.csv", "text,label\n\"fine\",positive\n\"meh\",mixed\n");
+    let cfg = job(&dir, &fixture_model(), &train_csv, "");
+    assert_fails_with(&train(&cfg, &[]), &["train.csv:3", "`mixed`", "negative, positive, neutral"]);
+}
+
+fn copy_model(dir: &TempDir) -> PathBuf {
+    let m = dir.path().join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture_model().join(f), m.join(f)).unwrap();
+    }
+    m
+}
+
+#[test]
+fn truncated_safetensors_file() {
+    let dir = TempDir::new("trunc");
+    let model = copy_model(&dir);
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let train_csv = dir.write("train.csv", &csv_rows(8));
+    let cfg = job(&dir, &model, &train_csv, "");
+    assert_fails_with(&train(&cfg, &[]), &["model.safetensors", "not a readable safetensors file"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_shape_names_tensor_and_shapes() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = TempDir::new("shape");
+    let model = copy_model(&dir);
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let wrong = vec![0u8; 64 * 32 * 4];
+    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
+    for name in st.names() {
+        if name == "bert.pooler.dense.weight" {
+            views.push((name.to_string(), TensorView::new(Dtype::F32, vec![64, 32], &wrong).unwrap()));
+        } else {
+            views.push((name.to_string(), st.tensor(name).unwrap()));
+        }
+    }
+    let out_bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&weights, out_bytes).unwrap();
+    let train_csv = dir.write("train.csv", &csv_rows(8));
+    let cfg = job(&dir, &model, &train_csv, "");
+    assert_fails_with(&train(&cfg, &[]), &["bert.pooler.dense.weight", "[64, 32]", "[64, 64]"]);
+}
+
+#[test]
+fn unknown_tensor_and_missing_body_tensor() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = TempDir::new("unknown");
+    let model = copy_model(&dir);
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let extra = vec![0u8; 4 * 4];
+    let mut views: Vec<(String, TensorView<'_>)> =
+        st.names().into_iter().map(|n| (n.to_string(), st.tensor(n).unwrap())).collect();
+    views.push((
+        "bert.encoder.layer.7.output.dense.weight".into(),
+        TensorView::new(Dtype::F32, vec![2, 2], &extra).unwrap(),
+    ));
+    std::fs::write(&weights, safetensors::serialize(views, None).unwrap()).unwrap();
+    let train_csv = dir.write("train.csv", &csv_rows(8));
+    let cfg = job(&dir, &model, &train_csv, "");
+    assert_fails_with(&train(&cfg, &[]), &["bert.encoder.layer.7.output.dense.weight", "is not a tensor"]);
+
+    let views: Vec<(String, TensorView<'_>)> = st
+        .names()
+        .into_iter()
+        .filter(|n| *n != "bert.encoder.layer.1.intermediate.dense.bias")
+        .map(|n| (n.to_string(), st.tensor(n).unwrap()))
+        .collect();
+    std::fs::write(&weights, safetensors::serialize(views, None).unwrap()).unwrap();
+    assert_fails_with(&train(&cfg, &[]), &["encoder.layer.1.intermediate.dense.bias", "missing"]);
+}
