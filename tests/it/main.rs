@@ -1,6 +1,7 @@
 //! Integration tests over the public API of `kernels` and `worker`, against fixtures written by
 //! `transformers` (scripts/make_fixtures.py) and the real packaged checkpoint.
 
+mod data;
 mod minilm;
 mod parity;
 mod support;
