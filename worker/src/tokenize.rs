@@ -47,7 +47,7 @@ impl TextEncoder {
         Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
     }
 
-    /// Encodes many texts (in parallel inside `tokenizers`), in order.
+    /// Encodes many texts, in order.
     pub fn encode_all(&self, texts: &[(&str, Option<&str>)]) -> Result<Vec<Encoded>, ModelError> {
         texts.iter().map(|(t, p)| self.encode(t, *p)).collect()
     }
