@@ -2,6 +2,7 @@
 //! `transformers` (scripts/make_fixtures.py) and the real packaged checkpoint.
 
 mod data;
+mod determinism;
 mod minilm;
 mod parity;
 mod support;

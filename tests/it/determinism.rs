@@ -1,0 +1,90 @@
+//! Training steps are bit-reproducible: the same steps give the same parameters whatever the
+//! number of threads, and dropout masks depend on the example, not on its batch.
+
+use crate::support::fixtures;
+use kernels::gradnorm;
+use worker::checkpoint;
+use worker::layout::Head;
+use worker::model::{Batch, Bert, DropoutCtx};
+use worker::optim::AdamW;
+
+fn batch(ids: &[u32], t: usize) -> Batch {
+    let b = ids.len();
+    let mut input_ids = vec![0u32; b * t];
+    let mut attention_mask = vec![0u8; b * t];
+    for (i, &ex) in ids.iter().enumerate() {
+        let len = (3 + (ex as usize * 5) % 15).min(t);
+        for j in 0..len {
+            input_ids[i * t + j] = 5 + ((ex as usize * 31 + j * 7) % 240) as u32;
+            attention_mask[i * t + j] = 1;
+        }
+    }
+    Batch {
+        b,
+        t,
+        input_ids,
+        token_type_ids: vec![0; b * t],
+        attention_mask,
+        example_ids: ids.to_vec(),
+        labels: ids.iter().map(|&x| i64::from(x % 3)).collect(),
+    }
+}
+
+fn dropout_model() -> Bert {
+    let (mut m, _) = checkpoint::load(&fixtures().join("tiny-cls"), Head::Classification { num_labels: 3 }, 0).unwrap();
+    m.cfg.hidden_dropout_prob = 0.1;
+    m.cfg.attention_probs_dropout_prob = 0.1;
+    m
+}
+
+fn train(threads: usize) -> (Vec<f32>, Vec<f64>) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        let mut m = dropout_model();
+        let mut opt = AdamW::new(m.layout.total, 0.9, 0.999, 1e-8, 0.01);
+        let mut losses = Vec::new();
+        for step in 0..4u32 {
+            let ids: Vec<u32> = (0..16).map(|i| (i * 7 + step * 3) % 50).collect();
+            let b = batch(&ids, 20);
+            m.zero_grads();
+            let out = m.forward(&b, Some(DropoutCtx { seed: 11, step })).unwrap();
+            m.backward(&b, 1.0 / out.count as f32);
+            let norm = gradnorm::global_norm(&m.grads);
+            gradnorm::clip_grad_norm(&mut m.grads, norm, 1.0);
+            opt.step(&m.layout, &mut m.params, &m.grads, 1e-3);
+            losses.push(out.loss_sum / out.count as f64);
+        }
+        (m.params, losses)
+    })
+}
+
+#[test]
+fn training_is_bit_identical_across_thread_counts() {
+    let (p1, l1) = train(1);
+    let (p2, l2) = train(2);
+    let (p3, l3) = train(3);
+    assert_eq!(l1, l2);
+    assert_eq!(l1, l3);
+    assert!(p1 == p2 && p1 == p3, "parameters differ with the thread count");
+    assert!(l1.iter().all(|l| l.is_finite()));
+}
+
+#[test]
+fn an_examples_outputs_do_not_depend_on_its_batch() {
+    // Example 7 alone (padded to its own length) and inside a longer-padded batch: with dropout
+    // on, its logits agree to rounding, since its masks are keyed by its index, not its place.
+    let mut m = dropout_model();
+    let ctx = Some(DropoutCtx { seed: 3, step: 5 });
+    let alone = batch(&[7], 20);
+    m.forward(&alone, ctx).unwrap();
+    let a = m.acts.logits.clone();
+    let mixed = batch(&[2, 7, 9, 4], 24);
+    m.forward(&mixed, ctx).unwrap();
+    let b = m.acts.logits[3..6].to_vec();
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{a:?} vs {b:?}");
+    }
+    // A different step draws different masks.
+    m.forward(&alone, Some(DropoutCtx { seed: 3, step: 6 })).unwrap();
+    assert_ne!(m.acts.logits, a);
+}
