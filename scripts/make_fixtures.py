@@ -22,9 +22,10 @@ its WordPiece vocabulary cut to the tiny model's 250 entries (special tokens, si
 and their `##` continuations, then the most frequent Rotten Tomatoes words), so that CLI tests can
 train the tiny model on text without the real checkpoint.
 
-`check-saved DIR` loads DIR with BertForSequenceClassification.from_pretrained, runs it on a few
-sentences, runs `worker predict --model DIR` on the same sentences, and prints the largest
-absolute difference of the logits.
+`check-saved DIR [CSV]` loads DIR with BertForSequenceClassification.from_pretrained, runs it on a
+few sentences, runs `worker predict --model DIR` on the same sentences, and prints the largest
+absolute difference of the logits; with CSV (text,label columns) it also prints the accuracy that
+transformers gets with the saved model on that file.
 """
 import json
 import os
@@ -111,12 +112,15 @@ def run_reference(model, name, labels, gather_rows=None):
     print(f"{name}: loss {out.loss.item():.6f}, grad norms {[round(n.item(), 6) for n in norms]}")
 
 
-def encode(tokenizer_json, texts):
-    """Tokenizes with the `tokenizers` library (no truncation), padding to the longest."""
+def encode(tokenizer_json, texts, max_len=None):
+    """Tokenizes with the `tokenizers` library (truncating to max_len tokens, special tokens
+    included, when given), padding to the longest."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(tokenizer_json)
     tok.no_padding()
     tok.no_truncation()
+    if max_len:
+        tok.enable_truncation(max_len)
     encs = tok.encode_batch(texts)
     t = max(len(e.ids) for e in encs)
     out = {k: torch.zeros(len(encs), t, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -192,7 +196,7 @@ def tiny_tokenizer():
     print(f"tiny tokenizer: {len(vocab)} tokens, e.g. {vocab[-5:]}")
 
 
-def check_saved(model_dir):
+def check_saved(model_dir, eval_csv=None):
     model = BertForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
     worker = os.environ.get("WORKER", os.path.join(ROOT, "target", "release", "worker"))
     args = [worker, "predict", "--model", model_dir]
@@ -209,6 +213,17 @@ def check_saved(model_dir):
         print(f"{s[:40]!r:44} transformers {[round(x, 6) for x in ref]}  tandem {[round(x, 6) for x in mine]}  |diff| {diff:.2e}")
     print(f"transformers {transformers.__version__}, torch {torch.__version__}: largest |logit difference| {worst:.3e}")
     print(f"labels: {model.config.id2label}")
+    if eval_csv:
+        import csv
+        rows = list(csv.DictReader(open(eval_csv, newline="", encoding="utf-8")))
+        correct = 0
+        for i in range(0, len(rows), 64):
+            chunk = rows[i:i + 64]
+            enc = encode(os.path.join(model_dir, "tokenizer.json"), [r["text"] for r in chunk], max_len=64)
+            with torch.no_grad():
+                pred = model(**enc).logits.argmax(-1).tolist()
+            correct += sum(model.config.id2label[p] == r["label"] for p, r in zip(pred, chunk))
+        print(f"transformers accuracy on {eval_csv}: {correct / len(rows):.4f} ({len(rows)} examples, truncated to 64 tokens as the job was)")
     sys.exit(0 if worst < 1e-5 else 1)
 
 
@@ -217,7 +232,7 @@ if __name__ == "__main__":
         fixtures()
     elif len(sys.argv) == 2 and sys.argv[1] == "tiny-tokenizer":
         tiny_tokenizer()
-    elif len(sys.argv) == 3 and sys.argv[1] == "check-saved":
-        check_saved(sys.argv[2])
+    elif len(sys.argv) in (3, 4) and sys.argv[1] == "check-saved":
+        check_saved(*sys.argv[2:])
     else:
         sys.exit(__doc__)

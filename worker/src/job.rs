@@ -41,9 +41,9 @@ pub struct DataSection {
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
-            train: "data/rotten_tomatoes/train.csv".into(),
-            dev: Some("data/rotten_tomatoes/dev.csv".into()),
-            test: Some("data/rotten_tomatoes/test.csv".into()),
+            train: PathBuf::new(),
+            dev: None,
+            test: None,
             format: None,
             text_column: "text".into(),
             text_pair_column: None,
@@ -110,7 +110,7 @@ pub struct OutputSection {
 
 impl Default for OutputSection {
     fn default() -> Self {
-        OutputSection { dir: "runs/rotten-tomatoes".into() }
+        OutputSection { dir: "runs/job".into() }
     }
 }
 
@@ -174,6 +174,9 @@ impl JobConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.data.train.as_os_str().is_empty() {
+            return Err("data.train is not set: give the training file in [data] train = \"...\"".into());
+        }
         let t = &self.train;
         if t.batch_size == 0 || t.eval_batch_size == 0 {
             return Err("train.batch_size and train.eval_batch_size must be at least 1".into());

@@ -101,8 +101,14 @@ pub struct Acts {
     losses: Vec<f32>,
 }
 
+/// Resizes to `n` zeros: for accumulators, which backward adds into.
 fn sized(v: &mut Vec<f32>, n: usize) {
     v.clear();
+    v.resize(n, 0.0);
+}
+
+/// Resizes to `n` without clearing: for forward outputs, which their op overwrites entirely.
+fn shaped(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
@@ -232,16 +238,16 @@ impl Bert {
         a.shape = (b, t);
         a.dropout = dropout;
 
-        sized(&mut a.mask_add, bt);
+        shaped(&mut a.mask_add, bt);
         for (m, &am) in a.mask_add.iter_mut().zip(&batch.attention_mask) {
             *m = if am != 0 { 0.0 } else { f32::MIN };
         }
 
         // Embeddings.
-        sized(&mut a.emb_sum, bt * c);
-        sized(&mut a.emb_mean, bt);
-        sized(&mut a.emb_rstd, bt);
-        sized(&mut a.x0, bt * c);
+        shaped(&mut a.emb_sum, bt * c);
+        shaped(&mut a.emb_mean, bt);
+        shaped(&mut a.emb_rstd, bt);
+        shaped(&mut a.x0, bt * c);
         embedding::embedding_forward(
             &mut a.emb_sum,
             &batch.input_ids,
@@ -275,8 +281,8 @@ impl Bert {
 
         // Encoder.
         a.layers.resize_with(nl, LayerActs::default);
-        sized(&mut a.tmp, bt * c);
-        sized(&mut a.tmp2, bt * c);
+        shaped(&mut a.tmp, bt * c);
+        shaped(&mut a.tmp2, bt * c);
         for l in 0..nl {
             let lp = lay.layer(l);
             let (prev, rest) = a.layers.split_at_mut(l);
@@ -286,12 +292,12 @@ impl Bert {
                 [(&mut la.qh, &lp.q_w, &lp.q_b), (&mut la.kh, &lp.k_w, &lp.k_b), (&mut la.vh, &lp.v_w, &lp.v_b)]
             {
                 matmul::matmul_forward(&mut a.tmp, x, &p[w.clone()], Some(&p[bias.clone()]), bt, c, c);
-                sized(dst, bt * c);
+                shaped(dst, bt * c);
                 attention::split_heads(dst, &a.tmp, dims);
             }
-            sized(&mut la.probs, b * nh * t * t);
+            shaped(&mut la.probs, b * nh * t * t);
             let attn_spec = spec(1 + 3 * l as u32, ap);
-            sized(&mut la.probs_drop, if attn_spec.is_some() { b * nh * t * t } else { 0 });
+            shaped(&mut la.probs_drop, if attn_spec.is_some() { b * nh * t * t } else { 0 });
             let attn_drop =
                 attn_spec.map(|s| AttnDropout { spec: s, example_ids: &batch.example_ids, logical: attn_logical });
             attention::attention_forward(
@@ -305,17 +311,17 @@ impl Bert {
                 dims,
                 attn_drop.as_ref(),
             );
-            sized(&mut la.ctx, bt * c);
+            shaped(&mut la.ctx, bt * c);
             attention::merge_heads(&mut la.ctx, &a.tmp2, dims);
             matmul::matmul_forward(&mut a.tmp, &la.ctx, &p[lp.ao_w.clone()], Some(&p[lp.ao_b.clone()]), bt, c, c);
             if let Some(s) = spec(2 + 3 * l as u32, hp) {
                 dropout::dropout_forward(&mut a.tmp, &batch.example_ids, 1, t, c, hid, &s);
             }
-            sized(&mut la.res1, bt * c);
+            shaped(&mut la.res1, bt * c);
             residual::residual_forward(&mut la.res1, &a.tmp, x);
-            sized(&mut la.ln1, bt * c);
-            sized(&mut la.ln1_mean, bt);
-            sized(&mut la.ln1_rstd, bt);
+            shaped(&mut la.ln1, bt * c);
+            shaped(&mut la.ln1_mean, bt);
+            shaped(&mut la.ln1_rstd, bt);
             layernorm::layernorm_forward(
                 &mut la.ln1,
                 &mut la.ln1_mean,
@@ -327,8 +333,8 @@ impl Bert {
                 c,
                 eps,
             );
-            sized(&mut la.inter, bt * inter_size);
-            sized(&mut la.act, bt * inter_size);
+            shaped(&mut la.inter, bt * inter_size);
+            shaped(&mut la.act, bt * inter_size);
             matmul::matmul_forward(
                 &mut la.inter,
                 &la.ln1,
@@ -351,11 +357,11 @@ impl Bert {
             if let Some(s) = spec(3 + 3 * l as u32, hp) {
                 dropout::dropout_forward(&mut a.tmp, &batch.example_ids, 1, t, c, hid, &s);
             }
-            sized(&mut la.res2, bt * c);
+            shaped(&mut la.res2, bt * c);
             residual::residual_forward(&mut la.res2, &a.tmp, &la.ln1);
-            sized(&mut la.ln2, bt * c);
-            sized(&mut la.ln2_mean, bt);
-            sized(&mut la.ln2_rstd, bt);
+            shaped(&mut la.ln2, bt * c);
+            shaped(&mut la.ln2_mean, bt);
+            shaped(&mut la.ln2_rstd, bt);
             layernorm::layernorm_forward(
                 &mut la.ln2,
                 &mut la.ln2_mean,
@@ -383,12 +389,12 @@ impl Bert {
                 (a.rows.len(), cfg.vocab_size)
             }
         };
-        sized(&mut a.head_in, rows_n * c);
-        sized(&mut a.head_pre, rows_n * c);
-        sized(&mut a.head_act, rows_n * c);
-        sized(&mut a.head_out, rows_n * c);
-        sized(&mut a.logits, rows_n * classes);
-        sized(&mut a.losses, rows_n);
+        shaped(&mut a.head_in, rows_n * c);
+        shaped(&mut a.head_pre, rows_n * c);
+        shaped(&mut a.head_act, rows_n * c);
+        shaped(&mut a.head_out, rows_n * c);
+        shaped(&mut a.logits, rows_n * classes);
+        shaped(&mut a.losses, rows_n);
         gather::gather_rows_forward(&mut a.head_in, h, &a.rows, c);
         match lay.head {
             Head::Classification { num_labels } => {
@@ -417,8 +423,8 @@ impl Bert {
                 );
             }
             Head::MaskedLm => {
-                sized(&mut a.head_mean, rows_n);
-                sized(&mut a.head_rstd, rows_n);
+                shaped(&mut a.head_mean, rows_n);
+                shaped(&mut a.head_rstd, rows_n);
                 matmul::matmul_forward(
                     &mut a.head_pre,
                     &a.head_in,

@@ -198,17 +198,23 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             let tps = tokens as f64 / started.elapsed().as_secs_f64();
             bar.set_message(format!("epoch {epoch}  loss {ema_loss:.4}  lr {lr:.2e}  |g| {norm:.2}  {tps:.0} tok/s"));
             bar.inc(1);
-            if !progress && (step % 50 == 0 || step == total) {
+            if bar.is_hidden() && (step % 50 == 0 || step == total) {
                 tracing::info!(step, epoch, loss = ema_loss, lr, grad_norm = norm, tokens_per_s = tps as u64, "train");
             }
             let end_of_epoch = step % per_epoch == 0;
             let due = if t.eval_every > 0 { step % t.eval_every == 0 } else { end_of_epoch };
             if let (true, Some(d)) = (due || step == total, dev.as_ref()) {
                 let m = evaluate(&mut model, d, t.eval_batch_size, enc.pad_id)?;
-                bar.println(format!(
+                let line = format!(
                     "step {step}: dev loss {:.4}  accuracy {:.4}  macro-F1 {:.4}  ({} examples)",
                     m.loss, m.accuracy, m.macro_f1, m.examples
-                ));
+                );
+                // A hidden bar (no terminal, or --no-progress) drops its println.
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 last_dev = Some(m);
             }
         }

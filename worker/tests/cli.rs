@@ -156,6 +156,13 @@ fn missing_config_file() {
 }
 
 #[test]
+fn a_job_without_training_data_says_so() {
+    let dir = TempDir::new("notrain");
+    let cfg = dir.write("job.toml", "[train]\nepochs = 1\n");
+    assert_fails_with(&train(&cfg, &[]), &["data.train is not set"]);
+}
+
+#[test]
 fn unknown_config_key_is_named() {
     let dir = TempDir::new("key");
     let train_csv = dir.write("train.csv", &csv_rows(8));
