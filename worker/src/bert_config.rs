@@ -14,6 +14,9 @@ fn default_init() -> f64 {
 fn default_act() -> String {
     "gelu".into()
 }
+fn default_type_vocab() -> usize {
+    2
+}
 fn default_pos() -> String {
     "absolute".into()
 }
@@ -34,7 +37,7 @@ pub struct BertConfig {
     #[serde(default)]
     pub attention_probs_dropout_prob: f32,
     pub max_position_embeddings: usize,
-    #[serde(default = "crate::bert_config::two")]
+    #[serde(default = "default_type_vocab")]
     pub type_vocab_size: usize,
     #[serde(default = "default_init")]
     pub initializer_range: f64,
@@ -48,10 +51,6 @@ pub struct BertConfig {
     pub position_embedding_type: String,
     #[serde(skip)]
     pub raw: serde_json::Map<String, serde_json::Value>,
-}
-
-pub(crate) fn two() -> usize {
-    2
 }
 
 impl BertConfig {

@@ -20,7 +20,7 @@ use kernels::philox;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
@@ -236,15 +236,6 @@ pub fn save(
         }
     }
     Ok(())
-}
-
-/// The directory a checkpoint path names (a `model.safetensors` file or its folder).
-pub fn checkpoint_dir(path: &Path) -> PathBuf {
-    if path.is_file() {
-        path.parent().map(Path::to_path_buf).unwrap_or_default()
-    } else {
-        path.to_path_buf()
-    }
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ enum Cmd {
         /// Override one config key, e.g. `--set train.lr=3e-5` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Print the resolved config and exit.
+        /// Print the resolved config (as JSON) and exit.
         #[arg(long)]
         print_config: bool,
         /// No progress bar (log lines instead).
@@ -94,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Train { config, set, print_config, no_progress } => {
             let job = JobConfig::load(config.as_deref(), &set)?;
             if print_config {
-                println!("{}", toml_like(&job)?);
+                println!("{}", serde_json::to_string_pretty(&job)?);
                 return Ok(());
             }
             if job.train.threads > 0 {
@@ -121,10 +121,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Predict { model, text, input, max_seq_len } => predict(&model, text, input, max_seq_len),
         Cmd::Bench { preset, batch, seq, steps, dropout } => bench(&preset, batch, seq, steps, dropout),
     }
-}
-
-fn toml_like(job: &JobConfig) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(job)?)
 }
 
 fn predict(
