@@ -4,6 +4,7 @@
 
 pub mod bert_config;
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
 pub mod job;
 pub mod layout;

@@ -1,0 +1,227 @@
+//! Collectives between the workers of a job: the sum all-reduce of gradients.
+//!
+//! `Collective` is the interface the training loop sees; `Solo` is the world of one, `TcpRing`
+//! the CPU path (the role gloo plays for PyTorch), and NCCL slots in behind the same trait with
+//! the CUDA backend.
+//!
+//! `TcpRing` is the classic bandwidth-optimal ring: the buffer is cut into N chunks; in N-1
+//! reduce-scatter steps each rank sends one chunk to its successor and adds the chunk it receives
+//! from its predecessor, after which rank r holds the complete sum of chunk (r+1) mod N; N-1
+//! all-gather steps then pass the finished chunks around the ring. Every rank sends and receives
+//! 2(N-1)/N of the buffer.
+//!
+//! **Determinism:** chunk c is summed in ring order starting at rank c, `((x_c + x_c+1) + ...)`,
+//! always the same order for a given world size, and every rank ends with a copy of the same
+//! bits. So ranks never drift apart, and a run is reproducible bit for bit.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("ring peer rank {rank} ({addr}): {source}")]
+    Peer { rank: usize, addr: String, source: std::io::Error },
+    #[error("ring setup: {0}")]
+    Setup(String),
+}
+
+/// A sum all-reduce over the ranks of a job.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Replaces `buf` on every rank with the elementwise sum over all ranks. Every rank must call
+    /// it with buffers of the same length, in the same order.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+}
+
+/// The world of one: the sum is the buffer itself.
+#[derive(Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+const MAGIC: &[u8; 8] = b"TANDRING";
+
+/// The chunk boundaries of a buffer of `len` elements cut into `n` nearly equal parts.
+pub fn chunk_ranges(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+    let (base, extra) = (len / n, len % n);
+    let mut start = 0;
+    (0..n)
+        .map(|i| {
+            let size = base + usize::from(i < extra);
+            let r = start..start + size;
+            start += size;
+            r
+        })
+        .collect()
+}
+
+/// The CPU ring over TCP. Each rank connects to its successor and accepts its predecessor.
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    next: TcpStream,
+    prev: TcpStream,
+    next_addr: String,
+    prev_addr: String,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+}
+
+impl TcpRing {
+    /// Joins the ring: `listener` is this rank's own (already bound to `peers[rank]`), `peers`
+    /// every rank's address. Waits up to `timeout` for the neighbours; every later read and write
+    /// has the same deadline.
+    pub fn connect(rank: usize, peers: &[SocketAddr], listener: TcpListener, timeout: Duration) -> Result<Self, CollectiveError> {
+        let world = peers.len();
+        if rank >= world || world < 2 {
+            return Err(CollectiveError::Setup(format!("rank {rank} in a ring of {world}: a ring needs 2 or more ranks")));
+        }
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let deadline = Instant::now() + timeout;
+        let next_addr = peers[next_rank];
+        // Connect to the successor (retrying while it starts listening) and accept the predecessor.
+        let connector = std::thread::spawn(move || -> Result<TcpStream, std::io::Error> {
+            loop {
+                match TcpStream::connect_timeout(&next_addr, Duration::from_millis(500)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        let prev = accept_before(&listener, deadline).map_err(|source| CollectiveError::Peer {
+            rank: prev_rank,
+            addr: peers[prev_rank].to_string(),
+            source,
+        })?;
+        let mut next = connector
+            .join()
+            .map_err(|_| CollectiveError::Setup("connector thread panicked".into()))?
+            .map_err(|source| CollectiveError::Peer { rank: next_rank, addr: next_addr.to_string(), source })?;
+        let peer_err = |r: usize, source| CollectiveError::Peer { rank: r, addr: peers[r].to_string(), source };
+        for s in [&next, &prev] {
+            s.set_nodelay(true).ok();
+            s.set_read_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
+            s.set_write_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
+        }
+        // Handshake: say who we are to the successor; check who the predecessor says it is.
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(world as u32).to_le_bytes());
+        next.write_all(&hello).map_err(|e| peer_err(next_rank, e))?;
+        let mut got = [0u8; 16];
+        let mut prev_stream = prev;
+        prev_stream.read_exact(&mut got).map_err(|e| peer_err(prev_rank, e))?;
+        let their_rank = u32::from_le_bytes(got[8..12].try_into().expect("4 bytes")) as usize;
+        let their_world = u32::from_le_bytes(got[12..16].try_into().expect("4 bytes")) as usize;
+        if &got[..8] != MAGIC || their_rank != prev_rank || their_world != world {
+            return Err(CollectiveError::Setup(format!(
+                "rank {rank} expected rank {prev_rank} of {world} as predecessor, got a peer claiming rank {their_rank} of {their_world}"
+            )));
+        }
+        Ok(TcpRing {
+            rank,
+            world,
+            next,
+            prev: prev_stream,
+            next_addr: peers[next_rank].to_string(),
+            prev_addr: peers[prev_rank].to_string(),
+            send_buf: Vec::new(),
+            recv_buf: Vec::new(),
+        })
+    }
+
+    /// Sends `send` to the successor while receiving `recv_len` floats from the predecessor.
+    fn exchange(&mut self, send: &[f32], recv_len: usize) -> Result<(), CollectiveError> {
+        self.send_buf.clear();
+        self.send_buf.extend(send.iter().flat_map(|x| x.to_le_bytes()));
+        self.recv_buf.resize(recv_len * 4, 0);
+        let (next, prev) = (&mut self.next, &mut self.prev);
+        let (send_buf, recv_buf) = (&self.send_buf, &mut self.recv_buf);
+        let (sent, received) = std::thread::scope(|s| {
+            let h = s.spawn(|| next.write_all(send_buf));
+            let r = prev.read_exact(recv_buf);
+            (h.join().unwrap_or_else(|_| Err(std::io::Error::other("send thread panicked"))), r)
+        });
+        let world = self.world;
+        sent.map_err(|source| CollectiveError::Peer { rank: (self.rank + 1) % world, addr: self.next_addr.clone(), source })?;
+        received.map_err(|source| CollectiveError::Peer {
+            rank: (self.rank + world - 1) % world,
+            addr: self.prev_addr.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    fn received(&self) -> impl Iterator<Item = f32> + '_ {
+        self.recv_buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+fn accept_before(listener: &TcpListener, deadline: Instant) -> std::io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "predecessor did not connect in time"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let n = self.world;
+        let chunks = chunk_ranges(buf.len(), n);
+        // Reduce-scatter: step s sends chunk (rank - s) and accumulates chunk (rank - s - 1).
+        for s in 0..n - 1 {
+            let send = chunks[(self.rank + n - s) % n].clone();
+            let recv = chunks[(self.rank + 2 * n - s - 1) % n].clone();
+            self.exchange(&buf[send], recv.len())?;
+            let incoming: Vec<f32> = self.received().collect();
+            for (x, y) in buf[recv].iter_mut().zip(incoming) {
+                *x = y + *x;
+            }
+        }
+        // All-gather: step s sends chunk (rank + 1 - s), which is complete, and stores chunk (rank - s).
+        for s in 0..n - 1 {
+            let send = chunks[(self.rank + 1 + n - s) % n].clone();
+            let recv = chunks[(self.rank + n - s) % n].clone();
+            self.exchange(&buf[send], recv.len())?;
+            let incoming: Vec<f32> = self.received().collect();
+            buf[recv].copy_from_slice(&incoming);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! The TCP ring all-reduce between real sockets on loopback: every rank ends with the same bits,
+//! equal to the sum taken in ring order, for world sizes 2..5 and buffers shorter than, equal to
+//! and longer than the world; a dead peer is an error within the timeout, never a hang.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+use worker::collective::{chunk_ranges, Collective, CollectiveError, TcpRing};
+
+fn value(rank: usize, i: usize) -> f32 {
+    // Values of mixed magnitude, so that the order of the sum shows in the bits.
+    let x = ((rank * 7919 + i * 104_729) % 1000) as f32 / 7.0 - 60.0;
+    if i % 3 == 0 {
+        x * 1e-3
+    } else {
+        x
+    }
+}
+
+fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
+    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    (ls, addrs)
+}
+
+fn run_ring(n: usize, len: usize) -> Vec<Vec<f32>> {
+    let (ls, addrs) = listeners(n);
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(10)).unwrap();
+                let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+                ring.all_reduce_sum(&mut buf).unwrap();
+                // A second call on the same ring works too (the streams stay in step).
+                let mut again: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+                ring.all_reduce_sum(&mut again).unwrap();
+                assert_eq!(buf, again);
+                buf
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn all_ranks_get_the_ring_ordered_sum() {
+    for n in 2..=5 {
+        for &len in &[0usize, 1, 3, n, 7, 1000, 100_003] {
+            let results = run_ring(n, len);
+            let chunks = chunk_ranges(len, n);
+            let mut expected = vec![0.0f32; len];
+            for (c, range) in chunks.iter().enumerate() {
+                for i in range.clone() {
+                    let mut acc = value(c, i);
+                    for k in 1..n {
+                        acc += value((c + k) % n, i);
+                    }
+                    expected[i] = acc;
+                }
+            }
+            for (rank, r) in results.iter().enumerate() {
+                assert!(r == &expected, "world {n}, len {len}: rank {rank} differs from the ring-ordered sum");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_dead_peer_is_an_error_not_a_hang() {
+    let (mut ls, addrs) = listeners(3);
+    let l2 = ls.pop().unwrap();
+    drop(l2); // rank 2 never comes
+    let l1 = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let start = Instant::now();
+    let a = {
+        let addrs = addrs.clone();
+        std::thread::spawn(move || TcpRing::connect(0, &addrs, l0, Duration::from_millis(800)).map(|_| ()))
+    };
+    let b = std::thread::spawn(move || TcpRing::connect(1, &addrs, l1, Duration::from_millis(800)).map(|_| ()));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert!(matches!(a, Err(CollectiveError::Peer { rank: 2, .. })), "{a:?}");
+    assert!(matches!(b, Err(CollectiveError::Peer { rank: 2, .. })), "{b:?}");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+}
