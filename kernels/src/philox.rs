@@ -58,6 +58,20 @@ pub fn normal(seed: u64, stream: u32, index: u64) -> f32 {
     z as f32
 }
 
+/// A permutation of `0..n` that is a pure function of (seed, stream): a Fisher-Yates shuffle
+/// whose swap at position `i` draws from Philox counter `(i, stream, "SHUF", 0)`. Training uses
+/// `stream = epoch`, so every process derives the same epoch order from the job's seed.
+pub fn permutation(n: usize, seed: u64, stream: u32) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let key = key_from_seed(seed);
+    for i in (1..n).rev() {
+        let r = philox4x32_10([i as u32, stream, 0x5348_5546, 0], key);
+        let x = (u64::from(r[0]) << 32) | u64::from(r[1]);
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +85,18 @@ mod tests {
             philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
+    }
+
+    #[test]
+    fn permutation_is_a_seeded_permutation() {
+        let a = permutation(1000, 1, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, permutation(1000, 1, 0));
+        assert_ne!(a, permutation(1000, 1, 1));
+        assert_ne!(a, permutation(1000, 2, 0));
+        assert!(permutation(0, 1, 0).is_empty());
     }
 
     #[test]

@@ -83,10 +83,17 @@ impl TcpRing {
     /// Joins the ring: `listener` is this rank's own (already bound to `peers[rank]`), `peers`
     /// every rank's address. Waits up to `timeout` for the neighbours; every later read and write
     /// has the same deadline.
-    pub fn connect(rank: usize, peers: &[SocketAddr], listener: TcpListener, timeout: Duration) -> Result<Self, CollectiveError> {
+    pub fn connect(
+        rank: usize,
+        peers: &[SocketAddr],
+        listener: TcpListener,
+        timeout: Duration,
+    ) -> Result<Self, CollectiveError> {
         let world = peers.len();
         if rank >= world || world < 2 {
-            return Err(CollectiveError::Setup(format!("rank {rank} in a ring of {world}: a ring needs 2 or more ranks")));
+            return Err(CollectiveError::Setup(format!(
+                "rank {rank} in a ring of {world}: a ring needs 2 or more ranks"
+            )));
         }
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
@@ -160,7 +167,11 @@ impl TcpRing {
             (h.join().unwrap_or_else(|_| Err(std::io::Error::other("send thread panicked"))), r)
         });
         let world = self.world;
-        sent.map_err(|source| CollectiveError::Peer { rank: (self.rank + 1) % world, addr: self.next_addr.clone(), source })?;
+        sent.map_err(|source| CollectiveError::Peer {
+            rank: (self.rank + 1) % world,
+            addr: self.next_addr.clone(),
+            source,
+        })?;
         received.map_err(|source| CollectiveError::Peer {
             rank: (self.rank + world - 1) % world,
             addr: self.prev_addr.clone(),
@@ -211,7 +222,7 @@ impl Collective for TcpRing {
             self.exchange(&buf[send], recv.len())?;
             let incoming: Vec<f32> = self.received().collect();
             for (x, y) in buf[recv].iter_mut().zip(incoming) {
-                *x = y + *x;
+                *x += y; // (sum of ranks c..r-1) + x_r: ring order, as commutative addition gives the same bits
             }
         }
         // All-gather: step s sends chunk (rank + 1 - s), which is complete, and stores chunk (rank - s).

@@ -42,18 +42,6 @@ pub fn data_spec(job: &JobConfig, path: &Path) -> DataSpec {
     }
 }
 
-/// The order in which epoch `epoch` visits `n` examples: a Fisher-Yates shuffle driven by
-/// Philox, a pure function of (seed, epoch).
-pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let r = philox::philox4x32_10([i as u32, epoch, 0x5348_5546, 0], philox::key_from_seed(seed));
-        let x = (u64::from(r[0]) << 32) | u64::from(r[1]);
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    order
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalMetrics {
     pub examples: usize,
@@ -173,7 +161,7 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
     let (mut step, mut tokens, mut ema_loss) = (0u64, 0usize, f64::NAN);
     let mut last_dev = None;
     'epochs: for epoch in 0.. {
-        let order = epoch_order(n, t.seed, epoch);
+        let order = philox::permutation(n, t.seed, epoch);
         for idx in order.chunks(t.batch_size) {
             if step >= total {
                 break 'epochs;
@@ -242,20 +230,4 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
     std::fs::write(&metrics_path, serde_json::to_string_pretty(&summary)? + "\n")
         .with_context(|| format!("writing {}", metrics_path.display()))?;
     Ok(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::epoch_order;
-
-    #[test]
-    fn epoch_order_is_a_seeded_permutation() {
-        let a = epoch_order(1000, 1, 0);
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
-        assert_eq!(a, epoch_order(1000, 1, 0));
-        assert_ne!(a, epoch_order(1000, 1, 1));
-        assert_ne!(a, epoch_order(1000, 2, 0));
-    }
 }
