@@ -9,7 +9,7 @@ use worker::collective::{chunk_ranges, Collective, CollectiveError, TcpRing};
 fn value(rank: usize, i: usize) -> f32 {
     // Values of mixed magnitude, so that the order of the sum shows in the bits.
     let x = ((rank * 7919 + i * 104_729) % 1000) as f32 / 7.0 - 60.0;
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         x * 1e-3
     } else {
         x
