@@ -61,7 +61,11 @@ pub struct TrainSection {
     pub epochs: u32,
     /// Stop after this many optimizer steps (0: run all epochs).
     pub max_steps: u64,
+    /// Examples per optimizer step (the global batch).
     pub batch_size: usize,
+    /// Examples per forward/backward pass; gradients of the micro-batches of one step are
+    /// accumulated (0: the whole batch at once). Memory follows this, the result does not.
+    pub micro_batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
     /// Fraction of the steps spent in linear warmup, then linear decay to 0.
@@ -86,6 +90,7 @@ impl Default for TrainSection {
             epochs: 2,
             max_steps: 0,
             batch_size: 32,
+            micro_batch_size: 0,
             lr: 5e-5,
             weight_decay: 0.01,
             warmup_ratio: 0.1,
@@ -180,6 +185,12 @@ impl JobConfig {
         let t = &self.train;
         if t.batch_size == 0 || t.eval_batch_size == 0 {
             return Err("train.batch_size and train.eval_batch_size must be at least 1".into());
+        }
+        if t.micro_batch_size > t.batch_size {
+            return Err(format!(
+                "train.micro_batch_size = {} exceeds train.batch_size = {}",
+                t.micro_batch_size, t.batch_size
+            ));
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return Err(format!("train.lr = {} must be positive", t.lr));

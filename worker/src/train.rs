@@ -148,6 +148,7 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
         total = t.max_steps;
     }
     let warmup = (total as f64 * t.warmup_ratio).ceil() as u64;
+    let micro = if t.micro_batch_size == 0 { t.batch_size } else { t.micro_batch_size };
     let mut opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
 
     let bar = if progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
@@ -166,13 +167,19 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             if step >= total {
                 break 'epochs;
             }
-            let exs: Vec<&Encoded> = idx.iter().map(|&i| &train.examples[i]).collect();
-            let ys: Vec<i64> = idx.iter().map(|&i| train.labels[i]).collect();
-            let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-            let batch = collate(&exs, &ids, &ys, enc.pad_id);
+            // Micro-steps: each adds its share of d(mean loss over the whole batch) to the gradients.
             model.zero_grads();
-            let out = model.forward(&batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
-            model.backward(&batch, 1.0 / out.count as f32);
+            let mut loss_sum = 0.0;
+            for micro_idx in idx.chunks(micro) {
+                let exs: Vec<&Encoded> = micro_idx.iter().map(|&i| &train.examples[i]).collect();
+                let ys: Vec<i64> = micro_idx.iter().map(|&i| train.labels[i]).collect();
+                let ids: Vec<u32> = micro_idx.iter().map(|&i| i as u32).collect();
+                let batch = collate(&exs, &ids, &ys, enc.pad_id);
+                let out = model.forward(&batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
+                model.backward(&batch, 1.0 / idx.len() as f32);
+                loss_sum += out.loss_sum;
+                tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
+            }
             let norm = gradnorm::global_norm(&model.grads);
             if t.max_grad_norm > 0.0 {
                 gradnorm::clip_grad_norm(&mut model.grads, norm, t.max_grad_norm as f32);
@@ -180,8 +187,7 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             let lr = linear_schedule(t.lr, step, warmup, total);
             opt.step(&model.layout, &mut model.params, &model.grads, lr);
             step += 1;
-            tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
-            let loss = out.loss_sum / out.count as f64;
+            let loss = loss_sum / idx.len() as f64;
             ema_loss = if ema_loss.is_nan() { loss } else { 0.95 * ema_loss + 0.05 * loss };
             let tps = tokens as f64 / started.elapsed().as_secs_f64();
             bar.set_message(format!("epoch {epoch}  loss {ema_loss:.4}  lr {lr:.2e}  |g| {norm:.2}  {tps:.0} tok/s"));

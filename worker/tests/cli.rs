@@ -120,6 +120,28 @@ fn trains_saves_and_predicts_the_tiny_model() {
 }
 
 #[test]
+fn micro_batches_give_the_same_training() {
+    let dir = TempDir::new("micro");
+    let train_csv = dir.write("train.csv", &csv_rows(32));
+    let metrics = |extra: &[&str], out: &str| -> serde_json::Value {
+        let cfg = job(&dir, &fixture_model(), &train_csv, "");
+        let mut args = vec!["--set", "train.epochs=2"];
+        let out_set = format!("output.dir={}", dir.path().join(out).display());
+        args.extend_from_slice(&["--set", &out_set]);
+        args.extend_from_slice(extra);
+        let o = train(&cfg, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(out).join("metrics.json")).unwrap()).unwrap()
+    };
+    let whole = metrics(&[], "whole");
+    let micro = metrics(&["--set", "train.micro_batch_size=3"], "micro");
+    assert_eq!(whole["steps"], micro["steps"]);
+    let (a, b) = (whole["test"]["loss"].as_f64().unwrap(), micro["test"]["loss"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "test loss {a} vs {b}");
+    assert_eq!(whole["test"]["accuracy"], micro["test"]["accuracy"]);
+}
+
+#[test]
 fn reads_json_lines_and_the_environment_layer() {
     let dir = TempDir::new("jsonl");
     let mut body = String::new();
