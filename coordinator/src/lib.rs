@@ -2,4 +2,5 @@
 //! multi-worker job. Being built (the distributed-training issue); what is here is plain logic,
 //! unit-tested without a network.
 
+pub mod rendezvous;
 pub mod shard;

@@ -1,2 +1,9 @@
-//! The Tandem gRPC API (rendezvous, data streams, checkpoints, heartbeats), generated with tonic
-//! and prost. Empty until the coordinator issue defines it.
+//! The Tandem gRPC API, generated from `proto/tandem.proto` at build time (see `build.rs`).
+//! Only the coordinator's service module and the worker's client module use these types.
+
+/// Bumped on every incompatible change of the protocol; a worker of another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub mod v1 {
+    tonic::include_proto!("tandem.v1");
+}
