@@ -3,4 +3,5 @@
 //! unit-tested without a network.
 
 pub mod rendezvous;
+pub mod service;
 pub mod shard;
