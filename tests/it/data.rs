@@ -1,8 +1,8 @@
 //! The real datasets as scripts/fetch-assets.sh lays them out.
 
 use crate::support::repo_root;
+use coordinator::data::{read, DataSpec, LabelSet};
 use std::collections::{BTreeSet, HashSet};
-use worker::data::{read, DataSpec, LabelSet};
 
 fn spec(rel: &str, text: &str, label: &str, skip: usize) -> DataSpec {
     let path = repo_root().join(rel);

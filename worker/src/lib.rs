@@ -1,12 +1,10 @@
 //! One Tandem training process: BERT over flat parameter and gradient buffers on the kernels
-//! crate, Hugging Face checkpoint and tokenizer interop, datasets, the job config and the
-//! single-process training loop.
+//! crate, Hugging Face checkpoint and tokenizer interop, the collectives and the training loop.
+//! The job config and the dataset readers live in the coordinator crate, which owns the job.
 
 pub mod bert_config;
 pub mod checkpoint;
 pub mod collective;
-pub mod data;
-pub mod job;
 pub mod layout;
 pub mod model;
 pub mod optim;

@@ -12,10 +12,10 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use coordinator::job::JobConfig;
 use std::path::PathBuf;
 use std::time::Instant;
 use worker::checkpoint;
-use worker::job::JobConfig;
 use worker::layout::Head;
 use worker::model::{Batch, DropoutCtx};
 use worker::tokenize::{collate, TextEncoder};

@@ -3,13 +3,13 @@
 //! backward, global-norm clip, schedule, AdamW, log; evaluate on dev; save; test.
 
 use crate::checkpoint;
-use crate::data::{self, DataSpec, LabelSet};
-use crate::job::JobConfig;
 use crate::layout::Head;
 use crate::model::{Bert, DropoutCtx};
 use crate::optim::{linear_schedule, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
+use coordinator::data::{self, DataSpec, LabelSet};
+use coordinator::job::JobConfig;
 use kernels::{gradnorm, philox};
 use serde::Serialize;
 use std::path::{Path, PathBuf};

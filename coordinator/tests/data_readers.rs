@@ -1,7 +1,7 @@
 //! The dataset readers on small hand-written files: quoting, columns, line numbers, errors.
 
+use coordinator::data::{read, DataError, DataSpec, Format};
 use std::path::PathBuf;
-use worker::data::{read, DataError, DataSpec, Format};
 
 fn write(name: &str, body: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tandem-data-{}", std::process::id()));
