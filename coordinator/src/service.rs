@@ -3,8 +3,9 @@
 //! machines such as [`Rendezvous`].
 
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
+use crate::shard;
 use proto::v1::coordinator_server::Coordinator;
-use proto::v1::{JoinReply, JoinRequest};
+use proto::v1::{Example, ExampleBatch, JoinReply, JoinRequest, ShardRequest, Split};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -16,21 +17,45 @@ pub struct JobInfo {
     /// The resolved job config as JSON.
     pub config_json: String,
     pub nccl_id: Vec<u8>,
+    /// The seed of the epoch shuffles.
+    pub seed: u64,
 }
+
+/// One labelled example as the coordinator read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub text: String,
+    pub text_pair: Option<String>,
+    pub label: i64,
+}
+
+/// The job's datasets, read once by the coordinator.
+#[derive(Clone, Debug, Default)]
+pub struct Datasets {
+    pub train: Vec<Record>,
+    pub dev: Option<Vec<Record>>,
+    pub test: Option<Vec<Record>>,
+}
+
+/// Examples per streamed message, and messages read ahead of the worker.
+const STREAM_BATCH: usize = 256;
+const READ_AHEAD: usize = 4;
 
 pub struct CoordinatorService {
     rdv: Arc<Mutex<Rendezvous>>,
     changed: Arc<Notify>,
     job: JobInfo,
+    data: Arc<Datasets>,
     join_timeout: Duration,
 }
 
 impl CoordinatorService {
-    pub fn new(world: usize, job: JobInfo, join_timeout: Duration) -> Self {
+    pub fn new(world: usize, job: JobInfo, data: Datasets, join_timeout: Duration) -> Self {
         CoordinatorService {
             rdv: Arc::new(Mutex::new(Rendezvous::new(world, proto::PROTOCOL_VERSION))),
             changed: Arc::new(Notify::new()),
             job,
+            data: Arc::new(data),
             join_timeout,
         }
     }
@@ -47,6 +72,62 @@ impl CoordinatorService {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
+    type StreamShardStream = tokio_stream::wrappers::ReceiverStream<Result<ExampleBatch, Status>>;
+
+    async fn stream_shard(&self, request: Request<ShardRequest>) -> Result<Response<Self::StreamShardStream>, Status> {
+        let r = request.into_inner();
+        let world = self.rdv.lock().expect("rendezvous lock").world_size();
+        let rank = r.rank as usize;
+        if rank >= world {
+            return Err(Status::invalid_argument(format!("rank {rank} is outside the world of {world}")));
+        }
+        let split =
+            Split::try_from(r.split).map_err(|_| Status::invalid_argument(format!("unknown split {}", r.split)))?;
+        let records = match split {
+            Split::Train => Some(&self.data.train),
+            Split::Dev => self.data.dev.as_ref(),
+            Split::Test => self.data.test.as_ref(),
+        }
+        .ok_or_else(|| Status::not_found(format!("the job has no {} split", split.as_str_name().to_lowercase())))?;
+        let n = records.len();
+        let indices = match split {
+            Split::Train => shard::train_indices(n, world, rank, self.job.seed, r.epoch),
+            Split::Dev | Split::Test => shard::eval_indices(n, world, rank),
+        };
+        let start = usize::try_from(r.start).unwrap_or(usize::MAX);
+        if start > indices.len() {
+            return Err(Status::out_of_range(format!("start {start} is past the shard's {} examples", indices.len())));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let data = Arc::clone(&self.data);
+        tokio::spawn(async move {
+            let records = match split {
+                Split::Train => &data.train,
+                Split::Dev => data.dev.as_ref().expect("checked above"),
+                Split::Test => data.test.as_ref().expect("checked above"),
+            };
+            for (k, chunk) in indices[start..].chunks(STREAM_BATCH).enumerate() {
+                let examples = chunk
+                    .iter()
+                    .map(|&i| {
+                        let rec = &records[i];
+                        Example {
+                            index: i as u64,
+                            text: rec.text.clone(),
+                            text_pair: rec.text_pair.clone(),
+                            label: rec.label,
+                        }
+                    })
+                    .collect();
+                let batch = ExampleBatch { examples, position: (start + k * STREAM_BATCH) as u64 };
+                if tx.send(Ok(batch)).await.is_err() {
+                    return; // the worker went away
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let r = request.into_inner();
         let joiner = Joiner {
