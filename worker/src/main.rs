@@ -73,6 +73,19 @@ enum Cmd {
         #[arg(long)]
         dropout: bool,
     },
+    /// Time the CPU ring all-reduce between processes (run one per rank; see scripts/bench-ring.sh).
+    BenchRing {
+        #[arg(long)]
+        rank: usize,
+        /// Every rank's ring address, comma-separated, in rank order.
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<std::net::SocketAddr>,
+        /// Buffer sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        sizes_mib: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
 }
 
 fn main() {
@@ -120,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Predict { model, text, input, max_seq_len } => predict(&model, text, input, max_seq_len),
         Cmd::Bench { preset, batch, seq, steps, dropout } => bench(&preset, batch, seq, steps, dropout),
+        Cmd::BenchRing { rank, peers, sizes_mib, iters } => bench_ring(rank, &peers, &sizes_mib, iters),
     }
 }
 
@@ -186,5 +200,34 @@ fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool) -> anyho
         rayon::current_num_threads(),
         (b * t) as f64 / median
     );
+    Ok(())
+}
+
+fn bench_ring(rank: usize, peers: &[std::net::SocketAddr], sizes_mib: &[usize], iters: usize) -> anyhow::Result<()> {
+    use worker::collective::{Collective, TcpRing};
+    let addr = *peers.get(rank).with_context(|| format!("no peer address for rank {rank}"))?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let mut ring = TcpRing::connect(rank, peers, listener, std::time::Duration::from_secs(60))?;
+    let n = peers.len() as f64;
+    for &mib in sizes_mib {
+        let len = mib * (1 << 20) / 4;
+        let mut buf: Vec<f32> = (0..len).map(|i| (i % 97) as f32 + rank as f32).collect();
+        ring.all_reduce_sum(&mut buf)?; // warm-up
+        let mut times = Vec::new();
+        for _ in 0..iters {
+            let start = Instant::now();
+            ring.all_reduce_sum(&mut buf)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        let bytes = (len * 4) as f64;
+        if rank == 0 {
+            println!(
+                "{{\"impl\": \"tandem-ring\", \"world\": {n}, \"mib\": {mib}, \"seconds\": {t:.4}, \"bus_gb_per_s\": {:.3}}}",
+                2.0 * (n - 1.0) / n * bytes / t / 1e9
+            );
+        }
+    }
     Ok(())
 }
