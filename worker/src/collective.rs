@@ -75,9 +75,12 @@ pub struct TcpRing {
     prev: TcpStream,
     next_addr: String,
     prev_addr: String,
-    send_buf: Vec<u8>,
-    recv_buf: Vec<u8>,
+    recv_buf: Vec<f32>,
 }
+
+// The wire format is the buffers' own bytes: little-endian f32.
+#[cfg(target_endian = "big")]
+compile_error!("the ring all-reduce sends native f32 bytes and assumes a little-endian machine");
 
 impl TcpRing {
     /// Joins the ring: `listener` is this rank's own (already bound to `peers[rank]`), `peers`
@@ -149,21 +152,19 @@ impl TcpRing {
             prev: prev_stream,
             next_addr: peers[next_rank].to_string(),
             prev_addr: peers[prev_rank].to_string(),
-            send_buf: Vec::new(),
             recv_buf: Vec::new(),
         })
     }
 
-    /// Sends `send` to the successor while receiving `recv_len` floats from the predecessor.
+    /// Sends `send` to the successor while receiving `recv_len` floats from the predecessor into
+    /// `self.recv_buf`.
     fn exchange(&mut self, send: &[f32], recv_len: usize) -> Result<(), CollectiveError> {
-        self.send_buf.clear();
-        self.send_buf.extend(send.iter().flat_map(|x| x.to_le_bytes()));
-        self.recv_buf.resize(recv_len * 4, 0);
+        self.recv_buf.resize(recv_len, 0.0);
         let (next, prev) = (&mut self.next, &mut self.prev);
-        let (send_buf, recv_buf) = (&self.send_buf, &mut self.recv_buf);
+        let recv: &mut [u8] = bytemuck::cast_slice_mut(&mut self.recv_buf[..]);
         let (sent, received) = std::thread::scope(|s| {
-            let h = s.spawn(|| next.write_all(send_buf));
-            let r = prev.read_exact(recv_buf);
+            let h = s.spawn(|| next.write_all(bytemuck::cast_slice(send)));
+            let r = prev.read_exact(recv);
             (h.join().unwrap_or_else(|_| Err(std::io::Error::other("send thread panicked"))), r)
         });
         let world = self.world;
@@ -178,10 +179,6 @@ impl TcpRing {
             source,
         })?;
         Ok(())
-    }
-
-    fn received(&self) -> impl Iterator<Item = f32> + '_ {
-        self.recv_buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 }
 
@@ -220,8 +217,7 @@ impl Collective for TcpRing {
             let send = chunks[(self.rank + n - s) % n].clone();
             let recv = chunks[(self.rank + 2 * n - s - 1) % n].clone();
             self.exchange(&buf[send], recv.len())?;
-            let incoming: Vec<f32> = self.received().collect();
-            for (x, y) in buf[recv].iter_mut().zip(incoming) {
+            for (x, &y) in buf[recv].iter_mut().zip(&self.recv_buf) {
                 *x += y; // (sum of ranks c..r-1) + x_r: ring order, as commutative addition gives the same bits
             }
         }
@@ -230,8 +226,7 @@ impl Collective for TcpRing {
             let send = chunks[(self.rank + 1 + n - s) % n].clone();
             let recv = chunks[(self.rank + n - s) % n].clone();
             self.exchange(&buf[send], recv.len())?;
-            let incoming: Vec<f32> = self.received().collect();
-            buf[recv].copy_from_slice(&incoming);
+            buf[recv].copy_from_slice(&self.recv_buf);
         }
         Ok(())
     }
