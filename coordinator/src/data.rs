@@ -193,3 +193,58 @@ impl LabelSet {
         })
     }
 }
+
+/// One labelled example, its label resolved to a class id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub text: String,
+    pub text_pair: Option<String>,
+    pub label: i64,
+}
+
+/// A job's datasets, read once, labels resolved against the job's label set.
+#[derive(Clone, Debug)]
+pub struct Datasets {
+    pub labels: LabelSet,
+    pub train: Vec<Record>,
+    pub dev: Option<Vec<Record>>,
+    pub test: Option<Vec<Record>>,
+}
+
+/// How the job reads the file at `path`.
+pub fn spec_for(job: &crate::job::JobConfig, path: &Path) -> DataSpec {
+    DataSpec {
+        path: path.to_owned(),
+        format: job.data.format,
+        text_column: job.data.text_column.clone(),
+        text_pair_column: job.data.text_pair_column.clone(),
+        label_column: job.data.label_column.clone(),
+        skip_rows_after_header: job.data.skip_rows_after_header,
+    }
+}
+
+/// Reads the job's train, dev and test files. The label set is `data.labels`, or else the sorted
+/// labels of the training file; a row whose label is outside it is an error naming file:line.
+pub fn load(job: &crate::job::JobConfig) -> Result<Datasets, DataError> {
+    let train_rows = read(&spec_for(job, &job.data.train))?;
+    let labels = match &job.data.labels {
+        Some(names) => LabelSet::new(names.clone())
+            .map_err(|msg| DataError::File { file: "data.labels (job config)".into(), msg })?,
+        None => LabelSet::infer(&train_rows).map_err(|msg| DataError::File {
+            file: job.data.train.clone(),
+            msg: format!("labels inferred from the data: {msg}; declare them in data.labels"),
+        })?,
+    };
+    let resolve = |rows: Vec<Example>, path: &Path| -> Result<Vec<Record>, DataError> {
+        rows.into_iter()
+            .map(|r| Ok(Record { label: labels.id(&r, path)?, text: r.text, text_pair: r.text_pair }))
+            .collect()
+    };
+    let train = resolve(train_rows, &job.data.train)?;
+    let split = |p: &Option<PathBuf>| -> Result<Option<Vec<Record>>, DataError> {
+        p.as_deref().map(|p| read(&spec_for(job, p)).and_then(|rows| resolve(rows, p))).transpose()
+    };
+    let dev = split(&job.data.dev)?;
+    let test = split(&job.data.test)?;
+    Ok(Datasets { labels: labels.clone(), train, dev, test })
+}

@@ -2,6 +2,7 @@
 //! client) sees the generated proto types and `tonic::Status`; the logic lives in plain state
 //! machines such as [`Rendezvous`].
 
+use crate::data::Datasets;
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use crate::shard;
 use proto::v1::coordinator_server::Coordinator;
@@ -19,22 +20,6 @@ pub struct JobInfo {
     pub nccl_id: Vec<u8>,
     /// The seed of the epoch shuffles.
     pub seed: u64,
-}
-
-/// One labelled example as the coordinator read it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub text: String,
-    pub text_pair: Option<String>,
-    pub label: i64,
-}
-
-/// The job's datasets, read once by the coordinator.
-#[derive(Clone, Debug, Default)]
-pub struct Datasets {
-    pub train: Vec<Record>,
-    pub dev: Option<Vec<Record>>,
-    pub test: Option<Vec<Record>>,
 }
 
 /// Examples per streamed message, and messages read ahead of the worker.

@@ -2,7 +2,8 @@
 //! ranks, the one job config and every ring address; late, mismatched and lonely workers get
 //! clear errors.
 
-use coordinator::service::{CoordinatorService, Datasets, JobInfo};
+use coordinator::data::{Datasets, LabelSet};
+use coordinator::service::{CoordinatorService, JobInfo};
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::coordinator_server::CoordinatorServer;
 use proto::v1::JoinRequest;
@@ -13,7 +14,12 @@ async fn serve(world: usize, timeout: Duration) -> (String, tokio::sync::oneshot
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let job = JobInfo { config_json: "{\"job\":1}".into(), nccl_id: vec![], seed: 0 };
-    let svc = CoordinatorService::new(world, job, Datasets::default(), timeout);
+    let svc = CoordinatorService::new(
+        world,
+        job,
+        Datasets { labels: LabelSet::new(vec!["a".into(), "b".into()]).unwrap(), train: vec![], dev: None, test: None },
+        timeout,
+    );
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         tonic::transport::Server::builder()

@@ -1,7 +1,8 @@
 //! Data shards streamed over real gRPC: each rank receives exactly its DistributedSampler shard,
 //! in order, resumable from a position; bad requests get clear errors.
 
-use coordinator::service::{CoordinatorService, Datasets, JobInfo, Record};
+use coordinator::data::{Datasets, LabelSet, Record};
+use coordinator::service::{CoordinatorService, JobInfo};
 use coordinator::shard;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::coordinator_server::CoordinatorServer;
@@ -49,7 +50,12 @@ async fn fetch(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_rank_streams_its_shard_and_can_resume() {
-    let data = Datasets { train: records(1000), dev: None, test: Some(records(101)) };
+    let data = Datasets {
+        labels: LabelSet::new(vec!["a".into(), "b".into(), "c".into()]).unwrap(),
+        train: records(1000),
+        dev: None,
+        test: Some(records(101)),
+    };
     let url = serve(3, data).await;
     for epoch in 0..2 {
         for rank in 0..3u32 {
@@ -71,7 +77,16 @@ async fn each_rank_streams_its_shard_and_can_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_shard_requests_are_refused() {
-    let url = serve(2, Datasets { train: records(10), dev: None, test: None }).await;
+    let url = serve(
+        2,
+        Datasets {
+            labels: LabelSet::new(vec!["a".into(), "b".into(), "c".into()]).unwrap(),
+            train: records(10),
+            dev: None,
+            test: None,
+        },
+    )
+    .await;
     let e = fetch(&url, 2, Split::Train, 0, 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let e = fetch(&url, 0, Split::Dev, 0, 0).await.unwrap_err();

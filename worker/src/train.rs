@@ -8,7 +8,7 @@ use crate::model::{Bert, DropoutCtx};
 use crate::optim::{linear_schedule, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
-use coordinator::data::{self, DataSpec, LabelSet};
+use coordinator::data::{self, Record};
 use coordinator::job::JobConfig;
 use kernels::{gradnorm, philox};
 use serde::Serialize;
@@ -22,24 +22,11 @@ pub struct Split {
     pub labels: Vec<i64>,
 }
 
-/// Reads, labels and tokenizes one dataset file.
-pub fn load_split(job: &JobConfig, path: &Path, labels: &LabelSet, enc: &TextEncoder) -> anyhow::Result<Split> {
-    let rows = data::read(&data_spec(job, path))?;
-    let ids = rows.iter().map(|r| labels.id(r, path)).collect::<Result<Vec<_>, _>>()?;
-    let texts: Vec<(&str, Option<&str>)> = rows.iter().map(|r| (r.text.as_str(), r.text_pair.as_deref())).collect();
-    let examples = enc.encode_all(&texts)?;
-    Ok(Split { path: path.to_owned(), examples, labels: ids })
-}
-
-pub fn data_spec(job: &JobConfig, path: &Path) -> DataSpec {
-    DataSpec {
-        path: path.to_owned(),
-        format: job.data.format,
-        text_column: job.data.text_column.clone(),
-        text_pair_column: job.data.text_pair_column.clone(),
-        label_column: job.data.label_column.clone(),
-        skip_rows_after_header: job.data.skip_rows_after_header,
-    }
+/// Tokenizes a labelled split.
+pub fn tokenize_split(path: &Path, records: &[Record], enc: &TextEncoder) -> anyhow::Result<Split> {
+    let texts: Vec<(&str, Option<&str>)> = records.iter().map(|r| (r.text.as_str(), r.text_pair.as_deref())).collect();
+    let examples = enc.encode_all(&texts).with_context(|| format!("tokenizing {}", path.display()))?;
+    Ok(Split { path: path.to_owned(), examples, labels: records.iter().map(|r| r.label).collect() })
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -113,16 +100,17 @@ pub struct Summary {
 pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
     let t = &job.train;
     let enc = TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?;
-    let train_rows = data::read(&data_spec(job, &job.data.train))?;
-    let labels = match &job.data.labels {
-        Some(names) => LabelSet::new(names.clone()).map_err(|e| anyhow::anyhow!("data.labels: {e}"))?,
-        None => LabelSet::infer(&train_rows)
-            .map_err(|e| anyhow::anyhow!("{}: labels inferred from the data: {e}", job.data.train.display()))?,
+    let data = data::load(job)?;
+    let labels = data.labels.clone();
+    let train = tokenize_split(&job.data.train, &data.train, &enc)?;
+    let dev = match (&job.data.dev, &data.dev) {
+        (Some(p), Some(r)) => Some(tokenize_split(p, r, &enc)?),
+        _ => None,
     };
-    drop(train_rows);
-    let train = load_split(job, &job.data.train, &labels, &enc)?;
-    let dev = job.data.dev.as_deref().map(|p| load_split(job, p, &labels, &enc)).transpose()?;
-    let test = job.data.test.as_deref().map(|p| load_split(job, p, &labels, &enc)).transpose()?;
+    let test = match (&job.data.test, &data.test) {
+        (Some(p), Some(r)) => Some(tokenize_split(p, r, &enc)?),
+        _ => None,
+    };
     tracing::info!(
         train = train.examples.len(),
         dev = dev.as_ref().map(|s| s.examples.len()),
