@@ -5,6 +5,7 @@
 //! without a network, behind the gRPC service module.
 
 pub mod data;
+pub mod eval;
 pub mod job;
 pub mod rendezvous;
 pub mod service;

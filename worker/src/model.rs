@@ -470,6 +470,11 @@ impl Bert {
         }
     }
 
+    /// The per-target losses of the last forward (0 for ignored targets).
+    pub fn losses(&self) -> &[f32] {
+        &self.acts.losses
+    }
+
     /// The pooled `[CLS]` outputs `[B, C]` of the last forward (classification head only).
     pub fn pooled(&self) -> &[f32] {
         &self.acts.head_act

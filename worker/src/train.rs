@@ -9,6 +9,7 @@ use crate::optim::{linear_schedule, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
 use coordinator::data::{self, Record};
+use coordinator::eval::{EvalCounts, EvalMetrics};
 use coordinator::job::JobConfig;
 use kernels::{gradnorm, philox};
 use serde::Serialize;
@@ -29,50 +30,35 @@ pub fn tokenize_split(path: &Path, records: &[Record], enc: &TextEncoder) -> any
     Ok(Split { path: path.to_owned(), examples, labels: records.iter().map(|r| r.label).collect() })
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct EvalMetrics {
-    pub examples: usize,
-    pub loss: f64,
-    pub accuracy: f64,
-    pub macro_f1: f64,
-}
-
 /// Evaluates without dropout: mean loss, accuracy and macro-F1 over the whole split.
 pub fn evaluate(model: &mut Bert, split: &Split, batch_size: usize, pad_id: u32) -> anyhow::Result<EvalMetrics> {
     let classes = match model.layout.head {
         Head::Classification { num_labels } => num_labels,
         Head::MaskedLm => anyhow::bail!("evaluate needs a classification head"),
     };
-    let (mut loss, mut correct) = (0.0f64, 0usize);
-    let mut confusion = vec![vec![0usize; classes]; classes];
+    Ok(count_split(model, split, batch_size, pad_id, classes)?.metrics())
+}
+
+/// The evaluation counts of a split (or of one worker's shard of it).
+pub fn count_split(
+    model: &mut Bert,
+    split: &Split,
+    batch_size: usize,
+    pad_id: u32,
+    classes: usize,
+) -> anyhow::Result<EvalCounts> {
+    let mut counts = EvalCounts::new(classes);
     for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
         let exs: Vec<&Encoded> = idx.iter().map(|&i| &split.examples[i]).collect();
         let labels: Vec<i64> = idx.iter().map(|&i| split.labels[i]).collect();
         let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
         let batch = collate(&exs, &ids, &labels, pad_id);
-        let out = model.forward(&batch, None).with_context(|| format!("evaluating batch {chunk_i}"))?;
-        loss += out.loss_sum;
-        for (row, &y) in model.acts.logits.chunks(classes).zip(&labels) {
-            let pred = argmax(row);
-            confusion[y as usize][pred] += 1;
-            correct += usize::from(pred == y as usize);
+        model.forward(&batch, None).with_context(|| format!("evaluating batch {chunk_i}"))?;
+        for ((row, &y), &loss) in model.acts.logits.chunks(classes).zip(&labels).zip(model.losses()) {
+            counts.add(y as usize, argmax(row), f64::from(loss));
         }
     }
-    let n = split.examples.len();
-    let mut f1_sum = 0.0;
-    for k in 0..classes {
-        let tp = confusion[k][k] as f64;
-        let predicted: usize = (0..classes).map(|y| confusion[y][k]).sum();
-        let actual: usize = confusion[k].iter().sum();
-        let denom = predicted as f64 + actual as f64;
-        f1_sum += if denom > 0.0 { 2.0 * tp / denom } else { 0.0 };
-    }
-    Ok(EvalMetrics {
-        examples: n,
-        loss: loss / n as f64,
-        accuracy: correct as f64 / n as f64,
-        macro_f1: f1_sum / classes as f64,
-    })
+    Ok(counts)
 }
 
 pub fn argmax(row: &[f32]) -> usize {

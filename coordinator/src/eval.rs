@@ -1,0 +1,119 @@
+//! Evaluation as exact counts: each worker counts its shard of the split (a confusion matrix and
+//! the sum of the per-example losses), the coordinator adds the counts in rank order, and the
+//! metrics come from the total. No example is counted twice (evaluation shards are unpadded) and
+//! no average of averages is taken.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalCounts {
+    pub classes: usize,
+    /// `confusion[actual * classes + predicted]`.
+    pub confusion: Vec<u64>,
+    pub loss_sum: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub examples: u64,
+    /// Mean cross-entropy per example.
+    pub loss: f64,
+    pub accuracy: f64,
+    /// The mean of the per-class F1 over the classes that occur as a label or as a prediction
+    /// (scikit-learn's `f1_score(average="macro")`).
+    pub macro_f1: f64,
+}
+
+impl EvalCounts {
+    pub fn new(classes: usize) -> Self {
+        EvalCounts { classes, confusion: vec![0; classes * classes], loss_sum: 0.0 }
+    }
+
+    pub fn add(&mut self, actual: usize, predicted: usize, loss: f64) {
+        assert!(actual < self.classes && predicted < self.classes, "class outside 0..{}", self.classes);
+        self.confusion[actual * self.classes + predicted] += 1;
+        self.loss_sum += loss;
+    }
+
+    /// Adds another worker's counts.
+    pub fn merge(&mut self, other: &EvalCounts) -> Result<(), String> {
+        if other.classes != self.classes || other.confusion.len() != self.confusion.len() {
+            return Err(format!("counts for {} classes cannot be added to counts for {}", other.classes, self.classes));
+        }
+        for (a, b) in self.confusion.iter_mut().zip(&other.confusion) {
+            *a += b;
+        }
+        self.loss_sum += other.loss_sum;
+        Ok(())
+    }
+
+    pub fn examples(&self) -> u64 {
+        self.confusion.iter().sum()
+    }
+
+    pub fn metrics(&self) -> EvalMetrics {
+        let k = self.classes;
+        let n = self.examples();
+        let correct: u64 = (0..k).map(|c| self.confusion[c * k + c]).sum();
+        let (mut f1_sum, mut present) = (0.0, 0usize);
+        for c in 0..k {
+            let actual: u64 = self.confusion[c * k..(c + 1) * k].iter().sum();
+            let predicted: u64 = (0..k).map(|a| self.confusion[a * k + c]).sum();
+            if actual + predicted > 0 {
+                f1_sum += 2.0 * self.confusion[c * k + c] as f64 / (actual + predicted) as f64;
+                present += 1;
+            }
+        }
+        let per = |x: f64| if n == 0 { 0.0 } else { x / n as f64 };
+        EvalMetrics {
+            examples: n,
+            loss: per(self.loss_sum),
+            accuracy: per(correct as f64),
+            macro_f1: if present == 0 { 0.0 } else { f1_sum / present as f64 },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_from_counts() {
+        // actual: 0 0 0 1 1 2 ; predicted: 0 0 1 1 0 2
+        let mut c = EvalCounts::new(3);
+        for (a, p) in [(0, 0), (0, 0), (0, 1), (1, 1), (1, 0), (2, 2)] {
+            c.add(a, p, 0.5);
+        }
+        let m = c.metrics();
+        assert_eq!(m.examples, 6);
+        assert!((m.accuracy - 4.0 / 6.0).abs() < 1e-12);
+        assert!((m.loss - 0.5).abs() < 1e-12);
+        // F1: class 0 = 2*2/(3+3) = 2/3, class 1 = 2*1/(2+2) = 1/2, class 2 = 1.
+        assert!((m.macro_f1 - (2.0 / 3.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn merged_shards_equal_the_whole() {
+        let pairs: Vec<(usize, usize)> = (0..101).map(|i| (i % 4, (i * 7) % 4)).collect();
+        let mut whole = EvalCounts::new(4);
+        pairs.iter().for_each(|&(a, p)| whole.add(a, p, 1.0));
+        let mut merged = EvalCounts::new(4);
+        for rank in 0..3 {
+            let mut part = EvalCounts::new(4);
+            pairs.iter().skip(rank).step_by(3).for_each(|&(a, p)| part.add(a, p, 1.0));
+            merged.merge(&part).unwrap();
+        }
+        assert_eq!(merged, whole);
+        assert!(merged.merge(&EvalCounts::new(2)).is_err());
+    }
+
+    #[test]
+    fn absent_classes_do_not_count_in_macro_f1() {
+        let mut c = EvalCounts::new(5);
+        c.add(0, 0, 0.0);
+        c.add(1, 1, 0.0);
+        assert_eq!(c.metrics().macro_f1, 1.0);
+        assert_eq!(EvalCounts::new(2).metrics().accuracy, 0.0);
+    }
+}
