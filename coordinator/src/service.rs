@@ -3,10 +3,11 @@
 //! machines such as [`Rendezvous`].
 
 use crate::data::Datasets;
+use crate::eval::{EvalBoard, EvalCounts};
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use crate::shard;
 use proto::v1::coordinator_server::Coordinator;
-use proto::v1::{Example, ExampleBatch, JoinReply, JoinRequest, ShardRequest, Split};
+use proto::v1::{EvalReport, EvalResult, Example, ExampleBatch, JoinReply, JoinRequest, ShardRequest, Split};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -26,22 +27,30 @@ pub struct JobInfo {
 const STREAM_BATCH: usize = 256;
 const READ_AHEAD: usize = 4;
 
+/// The largest class count an evaluation report may carry (a bound on message-driven allocation).
+const MAX_CLASSES: u32 = 4096;
+
 pub struct CoordinatorService {
     rdv: Arc<Mutex<Rendezvous>>,
     changed: Arc<Notify>,
+    evals: Arc<Mutex<EvalBoard>>,
+    evals_changed: Arc<Notify>,
     job: JobInfo,
     data: Arc<Datasets>,
-    join_timeout: Duration,
+    /// How long a call that waits for every rank (Join, ReportEval) waits.
+    gather_timeout: Duration,
 }
 
 impl CoordinatorService {
-    pub fn new(world: usize, job: JobInfo, data: Datasets, join_timeout: Duration) -> Self {
+    pub fn new(world: usize, job: JobInfo, data: Datasets, gather_timeout: Duration) -> Self {
         CoordinatorService {
             rdv: Arc::new(Mutex::new(Rendezvous::new(world, proto::PROTOCOL_VERSION))),
             changed: Arc::new(Notify::new()),
+            evals: Arc::new(Mutex::new(EvalBoard::new(world))),
+            evals_changed: Arc::new(Notify::new()),
             job,
             data: Arc::new(data),
-            join_timeout,
+            gather_timeout,
         }
     }
 
@@ -113,6 +122,55 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
+    async fn report_eval(&self, request: Request<EvalReport>) -> Result<Response<EvalResult>, Status> {
+        let r = request.into_inner();
+        if r.classes == 0 || r.classes > MAX_CLASSES {
+            return Err(Status::invalid_argument(format!("classes = {} is outside 1..={MAX_CLASSES}", r.classes)));
+        }
+        let split =
+            Split::try_from(r.split).map_err(|_| Status::invalid_argument(format!("unknown split {}", r.split)))?;
+        let counts = EvalCounts { classes: r.classes as usize, confusion: r.confusion, loss_sum: r.loss_sum };
+        let key = (split as i32, r.step);
+        let done = self
+            .evals
+            .lock()
+            .expect("eval lock")
+            .report(r.rank as usize, key.0, key.1, counts)
+            .map_err(Status::invalid_argument)?;
+        if let Some(m) = done {
+            tracing::info!(
+                split = split.as_str_name(),
+                step = r.step,
+                examples = m.examples,
+                loss = m.loss,
+                accuracy = m.accuracy,
+                macro_f1 = m.macro_f1,
+                "evaluation"
+            );
+            self.evals_changed.notify_waiters();
+        }
+        let deadline = tokio::time::Instant::now() + self.gather_timeout;
+        loop {
+            let notified = self.evals_changed.notified();
+            if let Some(m) = self.evals.lock().expect("eval lock").result(key.0, key.1) {
+                return Ok(Response::new(EvalResult {
+                    examples: m.examples,
+                    loss: m.loss,
+                    accuracy: m.accuracy,
+                    macro_f1: m.macro_f1,
+                }));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "evaluation of {} at step {} did not complete within {:?}: not every rank reported",
+                    split.as_str_name(),
+                    r.step,
+                    self.gather_timeout
+                )));
+            }
+        }
+    }
+
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let r = request.into_inner();
         let joiner = Joiner {
@@ -132,7 +190,7 @@ impl Coordinator for CoordinatorService {
             rank
         };
         self.changed.notify_waiters();
-        let deadline = tokio::time::Instant::now() + self.join_timeout;
+        let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
             let notified = self.changed.notified();
             {
@@ -151,7 +209,7 @@ impl Coordinator for CoordinatorService {
                 let missing = self.rdv.lock().expect("rendezvous lock").missing();
                 return Err(Status::deadline_exceeded(format!(
                     "rendezvous timed out after {:?}: ranks {missing:?} never joined",
-                    self.join_timeout
+                    self.gather_timeout
                 )));
             }
         }

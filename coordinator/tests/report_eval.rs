@@ -1,0 +1,81 @@
+//! Evaluation counts reported over real gRPC: every rank receives the metrics of the whole split
+//! once all have reported; malformed reports are refused.
+
+use coordinator::data::{Datasets, LabelSet};
+use coordinator::eval::EvalCounts;
+use coordinator::service::{CoordinatorService, JobInfo};
+use proto::v1::coordinator_client::CoordinatorClient;
+use proto::v1::coordinator_server::CoordinatorServer;
+use proto::v1::{EvalReport, Split};
+use std::time::Duration;
+use tonic::transport::server::TcpIncoming;
+
+async fn serve(world: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let job = JobInfo { config_json: "{}".into(), nccl_id: vec![], seed: 0 };
+    let data =
+        Datasets { labels: LabelSet::new(vec!["a".into(), "b".into()]).unwrap(), train: vec![], dev: None, test: None };
+    let svc = CoordinatorService::new(world, job, data, Duration::from_secs(5));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(CoordinatorServer::new(svc))
+            .serve_with_incoming(TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    format!("http://{addr}")
+}
+
+fn report(rank: u32, counts: &EvalCounts) -> EvalReport {
+    EvalReport {
+        rank,
+        split: Split::Test as i32,
+        step: 20,
+        classes: counts.classes as u32,
+        confusion: counts.confusion.clone(),
+        loss_sum: counts.loss_sum,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rank_gets_the_metrics_of_the_whole_split() {
+    let url = serve(3).await;
+    let pairs: Vec<(usize, usize)> = (0..50).map(|i| (i % 3 % 2, (i / 7) % 2)).collect();
+    let mut whole = EvalCounts::new(2);
+    pairs.iter().for_each(|&(a, p)| whole.add(a, p, 0.25));
+    let mut handles = Vec::new();
+    for rank in 0..3u32 {
+        let mut part = EvalCounts::new(2);
+        pairs.iter().skip(rank as usize).step_by(3).for_each(|&(a, p)| part.add(a, p, 0.25));
+        let url = url.clone();
+        handles.push(tokio::spawn(async move {
+            let mut c = CoordinatorClient::connect(url).await.unwrap();
+            c.report_eval(report(rank, &part)).await.unwrap().into_inner()
+        }));
+    }
+    let want = whole.metrics();
+    for h in handles {
+        let got = h.await.unwrap();
+        assert_eq!(
+            (got.examples, got.accuracy, got.macro_f1, got.loss),
+            (want.examples, want.accuracy, want.macro_f1, want.loss)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_reports_are_refused() {
+    let url = serve(2).await;
+    let mut c = CoordinatorClient::connect(url).await.unwrap();
+    let mut r = report(0, &EvalCounts::new(2));
+    r.confusion.pop();
+    let e = c.report_eval(r).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("needs 4 entries"), "{}", e.message());
+    let mut r = report(0, &EvalCounts::new(2));
+    r.classes = 1_000_000;
+    assert_eq!(c.report_eval(r).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let e = c.report_eval(report(7, &EvalCounts::new(2))).await.unwrap_err();
+    assert!(e.message().contains("outside the world"), "{}", e.message());
+}
