@@ -1,11 +1,149 @@
-//! `coordinator --world-size N --config job.toml`: rendezvous, data sharding, checkpoints and
-//! evaluation for a multi-worker job. Not built yet (the distributed-training issue); until then
-//! this binary says so and exits non-zero rather than pretending to run a job.
+//! `coordinator`: runs a Tandem job of N workers.
+//!
+//! ```text
+//! coordinator --world-size 2 --config configs/rotten-tomatoes.toml --spawn-local
+//! coordinator --world-size 4 --config job.toml --listen 0.0.0.0:29400     # workers elsewhere:
+//! worker --coordinator http://HOST:29400                                  # on each worker
+//! ```
+//!
+//! It reads the job config and the datasets, admits N workers (rendezvous), streams each its
+//! data shard, gathers their evaluation counts, and ends when every worker has finished. With
+//! `--spawn-local` it starts the N workers on this machine itself.
+//!
+//! Not yet: checkpoints and resume, heartbeats, restarts (the distributed and failure issues).
+
+use anyhow::Context;
+use clap::Parser;
+use coordinator::job::JobConfig;
+use coordinator::service::{CoordinatorService, JobInfo};
+use proto::v1::coordinator_server::CoordinatorServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "coordinator", version, about = "Runs a Tandem training job of N workers")]
+struct Cli {
+    /// How many workers the job has.
+    #[arg(long, env = "TANDEM_WORLD_SIZE")]
+    world_size: usize,
+    /// The job config (TOML). Layers: defaults < this file < TANDEM_* environment < --set.
+    #[arg(long, env = "TANDEM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override one config key, e.g. `--set train.lr=3e-5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// The gRPC address to serve on.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:29400")]
+    listen: SocketAddr,
+    /// Start the N workers on this machine (the `worker` binary beside this one).
+    #[arg(long)]
+    spawn_local: bool,
+    /// How long rendezvous and evaluation gathers wait for every worker, in seconds.
+    #[arg(long, env = "TANDEM_GATHER_TIMEOUT_S", default_value_t = 600)]
+    gather_timeout_s: u64,
+}
 
 fn main() {
-    eprintln!(
-        "coordinator: not implemented yet; multi-worker training arrives with the coordinator issue. \
-         Train in one process with `worker train --config job.toml`."
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    anyhow::ensure!(cli.world_size >= 1, "--world-size must be at least 1");
+    let job = JobConfig::load(cli.config.as_deref(), &cli.set)?;
+    anyhow::ensure!(
+        job.train.batch_size.is_multiple_of(cli.world_size),
+        "train.batch_size = {} is not a multiple of --world-size {}: every worker takes an equal share of each batch",
+        job.train.batch_size,
+        cli.world_size
     );
-    std::process::exit(2);
+    let data = coordinator::data::load(&job)?;
+    anyhow::ensure!(!data.train.is_empty(), "{}: the training split is empty", job.data.train.display());
+    tracing::info!(config = %serde_json::to_string(&job)?, world = cli.world_size, "resolved job config");
+    let info = JobInfo { config_json: serde_json::to_string(&job)?, nccl_id: Vec::new(), seed: job.train.seed };
+    let svc = Arc::new(CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s)));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let listener =
+        rt.block_on(tokio::net::TcpListener::bind(cli.listen)).with_context(|| format!("binding {}", cli.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "coordinator listening");
+    let mut children = Vec::new();
+    if cli.spawn_local {
+        let exe = std::env::current_exe()?.with_file_name("worker");
+        anyhow::ensure!(exe.exists(), "{} not found: build the worker (cargo build -p worker)", exe.display());
+        // Share the cores: each local worker gets cores / N compute threads unless told otherwise.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads =
+            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / cli.world_size).max(1).to_string());
+        for rank in 0..cli.world_size {
+            let child = std::process::Command::new(&exe)
+                .env("RAYON_NUM_THREADS", &threads)
+                .args(["--coordinator", &format!("http://{addr}"), "--rank-hint", &rank.to_string()])
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?;
+            children.push(child);
+        }
+    }
+    // With --spawn-local, a worker that dies ends the job at once rather than at a timeout.
+    let children = Arc::new(std::sync::Mutex::new(children));
+    let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    if cli.spawn_local {
+        let (children, failure, done) = (Arc::clone(&children), Arc::clone(&failure), Arc::clone(&svc.all_finished));
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut kids = children.lock().expect("children lock");
+                let dead = kids.iter_mut().enumerate().find_map(|(i, c)| match c.try_wait() {
+                    Ok(Some(status)) if !status.success() => Some(format!("worker {i} exited with {status}")),
+                    Err(e) => Some(format!("worker {i}: {e}")),
+                    _ => None,
+                });
+                if let Some(msg) = dead {
+                    for c in kids.iter_mut() {
+                        let _ = c.kill();
+                    }
+                    *failure.lock().expect("failure lock") = Some(msg);
+                    done.notify_one();
+                    return;
+                }
+            }
+        });
+    }
+    let done = Arc::clone(&svc.all_finished);
+    let server = tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::from_arc(Arc::clone(&svc)))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
+            done.notified().await;
+        });
+    rt.block_on(server).context("serving gRPC")?;
+    if let Some(msg) = failure.lock().expect("failure lock").take() {
+        anyhow::bail!("{msg}; the job is stopped");
+    }
+    for c in children.lock().expect("children lock").iter_mut() {
+        let status = c.wait()?;
+        anyhow::ensure!(status.success(), "a worker exited with {status}");
+    }
+    for ((split, step), m) in svc.eval_results() {
+        let name = proto::v1::Split::try_from(split).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default();
+        println!(
+            "step {step}: {name} accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
+            m.accuracy, m.macro_f1, m.loss, m.examples
+        );
+    }
+    if let Some(Some(r0)) = svc.finish_reports().first() {
+        println!("trained {} steps on {} workers; model saved to {}", r0.steps, cli.world_size, r0.model_dir);
+    }
+    Ok(())
 }

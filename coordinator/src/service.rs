@@ -7,7 +7,10 @@ use crate::eval::{EvalBoard, EvalCounts};
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use crate::shard;
 use proto::v1::coordinator_server::Coordinator;
-use proto::v1::{EvalReport, EvalResult, Example, ExampleBatch, JoinReply, JoinRequest, ShardRequest, Split};
+use proto::v1::{
+    EvalReport, EvalResult, Example, ExampleBatch, FinishReply, FinishRequest, JoinReply, JoinRequest, ShardRequest,
+    Split,
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -35,6 +38,9 @@ pub struct CoordinatorService {
     changed: Arc<Notify>,
     evals: Arc<Mutex<EvalBoard>>,
     evals_changed: Arc<Notify>,
+    finished: Arc<Mutex<Vec<Option<FinishRequest>>>>,
+    /// Notified once every rank has finished.
+    pub all_finished: Arc<Notify>,
     job: JobInfo,
     data: Arc<Datasets>,
     /// How long a call that waits for every rank (Join, ReportEval) waits.
@@ -48,10 +54,22 @@ impl CoordinatorService {
             changed: Arc::new(Notify::new()),
             evals: Arc::new(Mutex::new(EvalBoard::new(world))),
             evals_changed: Arc::new(Notify::new()),
+            finished: Arc::new(Mutex::new(vec![None; world])),
+            all_finished: Arc::new(Notify::new()),
             job,
             data: Arc::new(data),
             gather_timeout,
         }
+    }
+
+    /// What the ranks reported when they finished (rank 0's model directory among it).
+    pub fn finish_reports(&self) -> Vec<Option<FinishRequest>> {
+        self.finished.lock().expect("finish lock").clone()
+    }
+
+    /// The finished evaluations: (split, step) -> metrics.
+    pub fn eval_results(&self) -> Vec<((i32, u64), crate::eval::EvalMetrics)> {
+        self.evals.lock().expect("eval lock").done.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     fn status(e: &JoinError) -> Status {
@@ -120,6 +138,21 @@ impl Coordinator for CoordinatorService {
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
+        let r = request.into_inner();
+        let mut f = self.finished.lock().expect("finish lock");
+        let rank = r.rank as usize;
+        if rank >= f.len() {
+            return Err(Status::invalid_argument(format!("rank {rank} is outside the world of {}", f.len())));
+        }
+        tracing::info!(rank, steps = r.steps, model_dir = r.model_dir, "worker finished");
+        f[rank] = Some(r);
+        if f.iter().all(Option::is_some) {
+            self.all_finished.notify_one();
+        }
+        Ok(Response::new(FinishReply {}))
     }
 
     async fn report_eval(&self, request: Request<EvalReport>) -> Result<Response<EvalResult>, Status> {
@@ -202,6 +235,8 @@ impl Coordinator for CoordinatorService {
                         job_config_json: self.job.config_json.clone(),
                         ring_peers: members.iter().map(|m| m.ring_addr.clone()).collect(),
                         nccl_id: self.job.nccl_id.clone(),
+                        labels: self.data.labels.names.clone(),
+                        train_examples: self.data.train.len() as u64,
                     }));
                 }
             }

@@ -3,6 +3,7 @@
 
 mod data;
 mod determinism;
+mod distributed;
 mod minilm;
 mod parity;
 mod support;

@@ -5,6 +5,7 @@
 pub mod bert_config;
 pub mod checkpoint;
 pub mod collective;
+pub mod distributed;
 pub mod layout;
 pub mod model;
 pub mod optim;

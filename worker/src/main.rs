@@ -6,9 +6,11 @@
 //! TANDEM_TRAIN__BATCH_SIZE=16 worker train --config job.toml    # environment layer
 //! worker predict --model runs/rotten-tomatoes/model --text "a gem of a film"
 //! worker bench --preset minilm                                  # forward+backward tokens/s
+//! worker --coordinator http://127.0.0.1:29400                   # one rank of a distributed job
 //! ```
 //!
-//! The distributed mode (`worker --coordinator URL`) arrives with the coordinator.
+//! In a distributed job the coordinator hands every worker its rank, the job config and its ring
+//! peers (see `coordinator --help`); `coordinator --spawn-local` starts the workers itself.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -23,8 +25,23 @@ use worker::tokenize::{collate, TextEncoder};
 #[derive(Parser)]
 #[command(name = "worker", version, about = "A Tandem BERT training process")]
 struct Cli {
+    /// Join the job run by this coordinator (e.g. http://127.0.0.1:29400) as one rank.
+    #[arg(long, env = "TANDEM_COORDINATOR")]
+    coordinator: Option<String>,
+    /// The rank to ask for (Kubernetes sets JOB_COMPLETION_INDEX in an Indexed Job).
+    #[arg(long, env = "JOB_COMPLETION_INDEX")]
+    rank_hint: Option<u32>,
+    /// Where this worker accepts its ring predecessor.
+    #[arg(long, env = "TANDEM_RING_LISTEN", default_value = "127.0.0.1:0")]
+    ring_listen: std::net::SocketAddr,
+    /// The ring address to announce to the peers (default: the bound address).
+    #[arg(long, env = "TANDEM_RING_ADVERTISE")]
+    ring_advertise: Option<String>,
+    /// Deadline for the coordinator, the rendezvous and every ring peer, in seconds.
+    #[arg(long, env = "TANDEM_TIMEOUT_S", default_value_t = 600)]
+    timeout_s: u64,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
@@ -103,7 +120,17 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.cmd {
+    let Some(cmd) = cli.cmd else {
+        let coordinator = cli.coordinator.context("give --coordinator URL to join a job, or a command (see --help)")?;
+        return worker::distributed::run(worker::distributed::WorkerOpts {
+            coordinator,
+            rank_hint: cli.rank_hint,
+            ring_listen: cli.ring_listen,
+            ring_advertise: cli.ring_advertise,
+            timeout: std::time::Duration::from_secs(cli.timeout_s),
+        });
+    };
+    match cmd {
         Cmd::Train { config, set, print_config, no_progress } => {
             let job = JobConfig::load(config.as_deref(), &set)?;
             if print_config {
