@@ -11,13 +11,12 @@
 use crate::checkpoint;
 use crate::collective::{Collective, Solo, TcpRing};
 use crate::layout::Head;
-use crate::model::DropoutCtx;
+use crate::model::Batch;
 use crate::optim::{linear_schedule, AdamW};
-use crate::tokenize::{collate, Encoded, TextEncoder};
-use crate::train::Split;
+use crate::tokenize::TextEncoder;
+use crate::train::{batch_of, optimizer_step, Split};
 use anyhow::Context;
 use coordinator::job::JobConfig;
-use kernels::gradnorm;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{EvalReport, FinishRequest, JoinRequest, ShardRequest, Split as WireSplit};
 use std::net::{SocketAddr, TcpListener};
@@ -134,25 +133,11 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
             if step >= total {
                 break 'epochs;
             }
-            let global_count = (local.len() * world) as f32;
-            model.zero_grads();
-            let mut loss_sum = 0.0;
-            for m in local.chunks(micro) {
-                let exs: Vec<&Encoded> = m.iter().map(|&i| &shard.examples[i]).collect();
-                let ys: Vec<i64> = m.iter().map(|&i| shard.labels[i]).collect();
-                let ex_ids: Vec<u32> = m.iter().map(|&i| ids[i]).collect();
-                let batch = collate(&exs, &ex_ids, &ys, enc.pad_id);
-                let out = model.forward(&batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
-                model.backward(&batch, 1.0 / global_count);
-                loss_sum += out.loss_sum;
-            }
-            ring.all_reduce_sum(&mut model.grads).context("all-reducing gradients")?;
-            let norm = gradnorm::global_norm(&model.grads);
-            if t.max_grad_norm > 0.0 {
-                gradnorm::clip_grad_norm(&mut model.grads, norm, t.max_grad_norm as f32);
-            }
             let lr = linear_schedule(t.lr, step, warmup, total);
-            opt.step(&model.layout, &mut model.params, &model.grads, lr);
+            let batches: Vec<Batch> =
+                local.chunks(micro).map(|m| batch_of(&shard, m, |i| ids[i], enc.pad_id)).collect();
+            let r = optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, local.len() * world, t, step, lr)?;
+            let (loss_sum, norm) = (r.loss_sum, r.grad_norm);
             step += 1;
             if rank == 0 && (step.is_multiple_of(50) || step == total) {
                 tracing::info!(step, epoch, local_loss = loss_sum / local.len() as f64, lr, grad_norm = norm, "train");

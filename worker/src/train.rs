@@ -3,14 +3,15 @@
 //! backward, global-norm clip, schedule, AdamW, log; evaluate on dev; save; test.
 
 use crate::checkpoint;
+use crate::collective::{Collective, Solo};
 use crate::layout::Head;
-use crate::model::{Bert, DropoutCtx};
+use crate::model::{Batch, Bert, DropoutCtx};
 use crate::optim::{linear_schedule, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
 use coordinator::data::{self, Record};
 use coordinator::eval::{EvalCounts, EvalMetrics};
-use coordinator::job::JobConfig;
+use coordinator::job::{JobConfig, TrainSection};
 use kernels::{gradnorm, philox};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,56 @@ pub struct Split {
     pub path: PathBuf,
     pub examples: Vec<Encoded>,
     pub labels: Vec<i64>,
+}
+
+/// The batch of the examples at `positions` of `split`; `index` gives each one's dataset index.
+pub fn batch_of(split: &Split, positions: &[usize], index: impl Fn(usize) -> u32, pad_id: u32) -> Batch {
+    let exs: Vec<&Encoded> = positions.iter().map(|&i| &split.examples[i]).collect();
+    let ys: Vec<i64> = positions.iter().map(|&i| split.labels[i]).collect();
+    let ids: Vec<u32> = positions.iter().map(|&i| index(i)).collect();
+    collate(&exs, &ids, &ys, pad_id)
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// Sum of this rank's per-example losses.
+    pub loss_sum: f64,
+    pub grad_norm: f32,
+    /// Real (unpadded) tokens this rank processed.
+    pub tokens: usize,
+}
+
+/// One optimizer step, as single-process and distributed training both run it: forward and
+/// backward over this rank's micro-batches, each backward scaled by `1 / global_count` so that
+/// the summed gradient is that of the mean loss over the global batch; one sum all-reduce of the
+/// flat gradient buffer (a no-op for `Solo`); clipping by the global norm, after the all-reduce;
+/// AdamW at `lr`.
+pub fn optimizer_step(
+    model: &mut Bert,
+    opt: &mut AdamW,
+    coll: &mut dyn Collective,
+    micro_batches: &[Batch],
+    global_count: usize,
+    t: &TrainSection,
+    step: u64,
+    lr: f64,
+) -> anyhow::Result<StepReport> {
+    model.zero_grads();
+    let (mut loss_sum, mut tokens) = (0.0, 0);
+    for batch in micro_batches {
+        let out = model.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
+        model.backward(batch, 1.0 / global_count as f32);
+        loss_sum += out.loss_sum;
+        tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
+    }
+    coll.all_reduce_sum(&mut model.grads).context("all-reducing gradients")?;
+    let grad_norm = gradnorm::global_norm(&model.grads);
+    if t.max_grad_norm > 0.0 {
+        gradnorm::clip_grad_norm(&mut model.grads, grad_norm, t.max_grad_norm as f32);
+    }
+    opt.step(&model.layout, &mut model.params, &model.grads, lr);
+    Ok(StepReport { loss_sum, grad_norm, tokens })
 }
 
 /// Tokenizes a labelled split.
@@ -49,12 +100,9 @@ pub fn count_split(
 ) -> anyhow::Result<EvalCounts> {
     let mut counts = EvalCounts::new(classes);
     for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
-        let exs: Vec<&Encoded> = idx.iter().map(|&i| &split.examples[i]).collect();
-        let labels: Vec<i64> = idx.iter().map(|&i| split.labels[i]).collect();
-        let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-        let batch = collate(&exs, &ids, &labels, pad_id);
+        let batch = batch_of(split, idx, |i| i as u32, pad_id);
         model.forward(&batch, None).with_context(|| format!("evaluating batch {chunk_i}"))?;
-        for ((row, &y), &loss) in model.acts.logits.chunks(classes).zip(&labels).zip(model.losses()) {
+        for ((row, &y), &loss) in model.acts.logits.chunks(classes).zip(&batch.labels).zip(model.losses()) {
             counts.add(y as usize, argmax(row), f64::from(loss));
         }
     }
@@ -141,25 +189,12 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             if step >= total {
                 break 'epochs;
             }
-            // Micro-steps: each adds its share of d(mean loss over the whole batch) to the gradients.
-            model.zero_grads();
-            let mut loss_sum = 0.0;
-            for micro_idx in idx.chunks(micro) {
-                let exs: Vec<&Encoded> = micro_idx.iter().map(|&i| &train.examples[i]).collect();
-                let ys: Vec<i64> = micro_idx.iter().map(|&i| train.labels[i]).collect();
-                let ids: Vec<u32> = micro_idx.iter().map(|&i| i as u32).collect();
-                let batch = collate(&exs, &ids, &ys, enc.pad_id);
-                let out = model.forward(&batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
-                model.backward(&batch, 1.0 / idx.len() as f32);
-                loss_sum += out.loss_sum;
-                tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
-            }
-            let norm = gradnorm::global_norm(&model.grads);
-            if t.max_grad_norm > 0.0 {
-                gradnorm::clip_grad_norm(&mut model.grads, norm, t.max_grad_norm as f32);
-            }
             let lr = linear_schedule(t.lr, step, warmup, total);
-            opt.step(&model.layout, &mut model.params, &model.grads, lr);
+            let batches: Vec<Batch> =
+                idx.chunks(micro).map(|m| batch_of(&train, m, |i| i as u32, enc.pad_id)).collect();
+            let r = optimizer_step(&mut model, &mut opt, &mut Solo, &batches, idx.len(), t, step, lr)?;
+            let (loss_sum, norm) = (r.loss_sum, r.grad_norm);
+            tokens += r.tokens;
             step += 1;
             let loss = loss_sum / idx.len() as f64;
             ema_loss = if ema_loss.is_nan() { loss } else { 0.95 * ema_loss + 0.05 * loss };
