@@ -10,3 +10,19 @@ pub mod job;
 pub mod rendezvous;
 pub mod service;
 pub mod shard;
+
+/// The `main` of Tandem's binaries: logs (`RUST_LOG`, default `info`) to stderr, runs `run`, and
+/// turns an error into `error: ...` (with its causes) and exit status 1.
+pub fn main_with(run: impl FnOnce() -> anyhow::Result<()>) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

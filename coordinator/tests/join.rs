@@ -2,36 +2,12 @@
 //! ranks, the one job config and every ring address; late, mismatched and lonely workers get
 //! clear errors.
 
-use coordinator::data::{Datasets, LabelSet};
-use coordinator::service::{CoordinatorService, JobInfo};
+mod common;
+
+use common::{empty_data, serve};
 use proto::v1::coordinator_client::CoordinatorClient;
-use proto::v1::coordinator_server::CoordinatorServer;
 use proto::v1::JoinRequest;
 use std::time::Duration;
-use tonic::transport::server::TcpIncoming;
-
-async fn serve(world: usize, timeout: Duration) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let job = JobInfo { config_json: "{\"job\":1}".into(), nccl_id: vec![], seed: 0 };
-    let svc = CoordinatorService::new(
-        world,
-        job,
-        Datasets { labels: LabelSet::new(vec!["a".into(), "b".into()]).unwrap(), train: vec![], dev: None, test: None },
-        timeout,
-    );
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(CoordinatorServer::new(svc))
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                rx.await.ok();
-            })
-            .await
-            .unwrap();
-    });
-    (format!("http://{addr}"), tx)
-}
 
 fn req(hint: Option<u32>, port: u16) -> JoinRequest {
     JoinRequest {
@@ -44,7 +20,7 @@ fn req(hint: Option<u32>, port: u16) -> JoinRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_rendezvous_and_receive_ranks_config_and_peers() {
-    let (url, stop) = serve(3, Duration::from_secs(10)).await;
+    let url = serve(3, empty_data(2), Duration::from_secs(10)).await;
     let mut handles = Vec::new();
     for (hint, port) in [(None, 1001), (Some(2), 1002), (None, 1003)] {
         let url = url.clone();
@@ -72,27 +48,24 @@ async fn workers_rendezvous_and_receive_ranks_config_and_peers() {
     let e = c.join(req(None, 1004)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     assert!(e.message().contains("already has all 3 workers"), "{}", e.message());
-    stop.send(()).ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_different_protocol_version_is_refused() {
-    let (url, stop) = serve(2, Duration::from_secs(10)).await;
+    let url = serve(2, empty_data(2), Duration::from_secs(10)).await;
     let mut c = CoordinatorClient::connect(url).await.unwrap();
     let mut r = req(None, 2001);
     r.protocol_version += 1;
     let e = c.join(r).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("protocol version"), "{}", e.message());
-    stop.send(()).ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendezvous_that_never_completes_names_the_missing_ranks() {
-    let (url, stop) = serve(3, Duration::from_millis(300)).await;
+    let url = serve(3, empty_data(2), Duration::from_millis(300)).await;
     let mut c = CoordinatorClient::connect(url).await.unwrap();
     let e = c.join(req(Some(1), 3001)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
     assert!(e.message().contains("ranks [0, 2] never joined"), "{}", e.message());
-    stop.send(()).ok();
 }

@@ -1,31 +1,13 @@
 //! Evaluation counts reported over real gRPC: every rank receives the metrics of the whole split
 //! once all have reported; malformed reports are refused.
 
-use coordinator::data::{Datasets, LabelSet};
+mod common;
+
+use common::{empty_data, serve};
 use coordinator::eval::EvalCounts;
-use coordinator::service::{CoordinatorService, JobInfo};
 use proto::v1::coordinator_client::CoordinatorClient;
-use proto::v1::coordinator_server::CoordinatorServer;
 use proto::v1::{EvalReport, Split};
 use std::time::Duration;
-use tonic::transport::server::TcpIncoming;
-
-async fn serve(world: usize) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let job = JobInfo { config_json: "{}".into(), nccl_id: vec![], seed: 0 };
-    let data =
-        Datasets { labels: LabelSet::new(vec!["a".into(), "b".into()]).unwrap(), train: vec![], dev: None, test: None };
-    let svc = CoordinatorService::new(world, job, data, Duration::from_secs(5));
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(CoordinatorServer::new(svc))
-            .serve_with_incoming(TcpIncoming::from(listener))
-            .await
-            .unwrap();
-    });
-    format!("http://{addr}")
-}
 
 fn report(rank: u32, counts: &EvalCounts) -> EvalReport {
     EvalReport {
@@ -40,7 +22,7 @@ fn report(rank: u32, counts: &EvalCounts) -> EvalReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rank_gets_the_metrics_of_the_whole_split() {
-    let url = serve(3).await;
+    let url = serve(3, empty_data(2), Duration::from_secs(5)).await;
     let pairs: Vec<(usize, usize)> = (0..50).map(|i| (i % 3 % 2, (i / 7) % 2)).collect();
     let mut whole = EvalCounts::new(2);
     pairs.iter().for_each(|&(a, p)| whole.add(a, p, 0.25));
@@ -66,7 +48,7 @@ async fn every_rank_gets_the_metrics_of_the_whole_split() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_reports_are_refused() {
-    let url = serve(2).await;
+    let url = serve(2, empty_data(2), Duration::from_secs(5)).await;
     let mut c = CoordinatorClient::connect(url).await.unwrap();
     let mut r = report(0, &EvalCounts::new(2));
     r.confusion.pop();

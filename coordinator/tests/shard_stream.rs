@@ -1,32 +1,17 @@
 //! Data shards streamed over real gRPC: each rank receives exactly its DistributedSampler shard,
 //! in order, resumable from a position; bad requests get clear errors.
 
+mod common;
+
+use common::serve;
 use coordinator::data::{Datasets, LabelSet, Record};
-use coordinator::service::{CoordinatorService, JobInfo};
 use coordinator::shard;
 use proto::v1::coordinator_client::CoordinatorClient;
-use proto::v1::coordinator_server::CoordinatorServer;
 use proto::v1::{ShardRequest, Split};
 use std::time::Duration;
-use tonic::transport::server::TcpIncoming;
 
 fn records(n: usize) -> Vec<Record> {
     (0..n).map(|i| Record { text: format!("example {i}"), text_pair: None, label: (i % 3) as i64 }).collect()
-}
-
-async fn serve(world: usize, data: Datasets) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let job = JobInfo { config_json: "{}".into(), nccl_id: vec![], seed: 17 };
-    let svc = CoordinatorService::new(world, job, data, Duration::from_secs(5));
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(CoordinatorServer::new(svc))
-            .serve_with_incoming(TcpIncoming::from(listener))
-            .await
-            .unwrap();
-    });
-    format!("http://{addr}")
 }
 
 async fn fetch(
@@ -56,7 +41,7 @@ async fn each_rank_streams_its_shard_and_can_resume() {
         dev: None,
         test: Some(records(101)),
     };
-    let url = serve(3, data).await;
+    let url = serve(3, data, Duration::from_secs(5)).await;
     for epoch in 0..2 {
         for rank in 0..3u32 {
             let got = fetch(&url, rank, Split::Train, epoch, 0).await.unwrap();
@@ -85,6 +70,7 @@ async fn bad_shard_requests_are_refused() {
             dev: None,
             test: None,
         },
+        Duration::from_secs(5),
     )
     .await;
     let e = fetch(&url, 2, Split::Train, 0, 0).await.unwrap_err();

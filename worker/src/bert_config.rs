@@ -100,6 +100,13 @@ impl BertConfig {
         Ok(())
     }
 
+    /// Turns every dropout of the model off (the job's `train.dropout = false`).
+    pub fn disable_dropout(&mut self) {
+        self.hidden_dropout_prob = 0.0;
+        self.attention_probs_dropout_prob = 0.0;
+        self.classifier_dropout = Some(0.0);
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }

@@ -12,7 +12,7 @@ use crate::checkpoint;
 use crate::collective::{Collective, Solo, TcpRing};
 use crate::layout::Head;
 use crate::model::Batch;
-use crate::optim::{linear_schedule, AdamW};
+use crate::optim::{linear_schedule, schedule_steps, AdamW};
 use crate::tokenize::TextEncoder;
 use crate::train::{batch_of, optimizer_step, Split};
 use anyhow::Context;
@@ -104,9 +104,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let (mut model, _) = checkpoint::load(&job.model.path, head, t.seed)
         .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
     if !t.dropout {
-        model.cfg.hidden_dropout_prob = 0.0;
-        model.cfg.attention_probs_dropout_prob = 0.0;
-        model.cfg.classifier_dropout = Some(0.0);
+        model.cfg.disable_dropout();
     }
     anyhow::ensure!(
         t.batch_size.is_multiple_of(world),
@@ -117,11 +115,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let micro = if t.micro_batch_size == 0 { local_batch } else { t.micro_batch_size.min(local_batch) };
     let shard_len = (reply.train_examples as usize).div_ceil(world);
     let per_epoch = shard_len.div_ceil(local_batch) as u64;
-    let mut total = per_epoch * u64::from(t.epochs);
-    if t.max_steps > 0 && (total == 0 || t.max_steps < total) {
-        total = t.max_steps;
-    }
-    let warmup = (total as f64 * t.warmup_ratio).ceil() as u64;
+    let (total, warmup) = schedule_steps(per_epoch, t);
     let mut opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
 
     let started = Instant::now();

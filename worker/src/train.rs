@@ -6,7 +6,7 @@ use crate::checkpoint;
 use crate::collective::{Collective, Solo};
 use crate::layout::Head;
 use crate::model::{Batch, Bert, DropoutCtx};
-use crate::optim::{linear_schedule, AdamW};
+use crate::optim::{linear_schedule, schedule_steps, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
 use coordinator::data::{self, Record};
@@ -158,18 +158,12 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
         .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
     tracing::info!(initialized = ?report.initialized, skipped = ?report.skipped, params = model.layout.total, "checkpoint loaded");
     if !t.dropout {
-        model.cfg.hidden_dropout_prob = 0.0;
-        model.cfg.attention_probs_dropout_prob = 0.0;
-        model.cfg.classifier_dropout = Some(0.0);
+        model.cfg.disable_dropout();
     }
 
     let n = train.examples.len();
     let per_epoch = n.div_ceil(t.batch_size) as u64;
-    let mut total = per_epoch * u64::from(t.epochs);
-    if t.max_steps > 0 && (total == 0 || t.max_steps < total) {
-        total = t.max_steps;
-    }
-    let warmup = (total as f64 * t.warmup_ratio).ceil() as u64;
+    let (total, warmup) = schedule_steps(per_epoch, t);
     let micro = if t.micro_batch_size == 0 { t.batch_size } else { t.micro_batch_size };
     let mut opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
 
