@@ -119,6 +119,30 @@ impl Default for OutputSection {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Where the coordinator writes checkpoints (default: `<output.dir>/checkpoints`).
+    pub dir: Option<PathBuf>,
+    /// Save every this many optimizer steps (0: only at the end). The end is always saved.
+    pub every: u64,
+    /// How many of the most recent checkpoints to keep (at least 1).
+    pub keep_last: usize,
+    /// Also keep the checkpoint with the best value of this evaluation metric, `<split>/<metric>`
+    /// with split dev or test and metric accuracy, macro_f1 or loss (lower is better); "" keeps
+    /// no best.
+    pub best_metric: String,
+    /// Resume from the latest complete checkpoint in `dir` when there is one. When false and
+    /// `dir` already holds checkpoints, the job refuses to start rather than overwrite them.
+    pub resume: bool,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection { dir: None, every: 500, keep_last: 2, best_metric: "dev/accuracy".into(), resume: true }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobConfig {
@@ -126,6 +150,7 @@ pub struct JobConfig {
     pub data: DataSection,
     pub train: TrainSection,
     pub output: OutputSection,
+    pub checkpoint: CheckpointSection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +226,61 @@ impl JobConfig {
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("train.epochs and train.max_steps are both 0: nothing to train".into());
         }
+        let c = &self.checkpoint;
+        if c.keep_last == 0 {
+            return Err("checkpoint.keep_last = 0: at least the latest checkpoint must be kept".into());
+        }
+        if !c.best_metric.is_empty() {
+            let ok = c.best_metric.split_once('/').is_some_and(|(split, metric)| {
+                matches!(split, "dev" | "test") && matches!(metric, "accuracy" | "macro_f1" | "loss")
+            });
+            if !ok {
+                return Err(format!(
+                    "checkpoint.best_metric = {:?}: expected <dev|test>/<accuracy|macro_f1|loss>, or \"\" for none",
+                    c.best_metric
+                ));
+            }
+        }
         Ok(())
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.checkpoint.dir.clone().unwrap_or_else(|| self.output.dir.join("checkpoints"))
+    }
+
+    /// The keys whose values differ between two configs, ignoring those a resumed job may change
+    /// without changing what it computes (where it writes, how often it saves or evaluates, how
+    /// many threads it uses).
+    pub fn differences_that_matter(&self, other: &JobConfig) -> Vec<String> {
+        fn flat(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeMap<String, String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        flat(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let ignored = |k: &str| {
+            k.starts_with("output.")
+                || k.starts_with("checkpoint.")
+                || matches!(k, "train.threads" | "train.eval_every" | "train.eval_batch_size")
+        };
+        let (mut a, mut b) = (Default::default(), Default::default());
+        flat("", &serde_json::to_value(self).expect("config serialises"), &mut a);
+        flat("", &serde_json::to_value(other).expect("config serialises"), &mut b);
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| !ignored(k) && a.get(*k) != b.get(*k))
+            .map(|k| {
+                let show = |m: &std::collections::BTreeMap<String, String>| m.get(k).cloned().unwrap_or("unset".into());
+                format!("{k}: {} then, {} now", show(&b), show(&a))
+            })
+            .collect()
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {

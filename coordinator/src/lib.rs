@@ -4,9 +4,11 @@
 //! Being built (the distributed-training issue); the logic is plain state machines, unit-tested
 //! without a network, behind the gRPC service module.
 
+pub mod checkpoints;
 pub mod data;
 pub mod eval;
 pub mod job;
+pub mod progress;
 pub mod rendezvous;
 pub mod service;
 pub mod shard;

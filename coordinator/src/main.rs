@@ -10,12 +10,18 @@
 //! data shard, gathers their evaluation counts, and ends when every worker has finished. With
 //! `--spawn-local` it starts the N workers on this machine itself.
 //!
-//! Not yet: checkpoints and resume, heartbeats, restarts (the distributed and failure issues).
+//! Checkpoints go to `checkpoint.dir` (default `<output.dir>/checkpoints`); a job whose
+//! checkpoint directory holds a complete checkpoint resumes from the newest one. The final
+//! model is published as `<output.dir>/model`.
+//!
+//! Not yet: heartbeats and restarts after a failure (the failure-recovery issue).
 
 use anyhow::Context;
 use clap::Parser;
+use coordinator::checkpoints::Store;
 use coordinator::job::JobConfig;
-use coordinator::service::{CoordinatorService, JobInfo};
+use coordinator::progress::ProgressBoard;
+use coordinator::service::{CheckpointSetup, CoordinatorService, JobInfo};
 use proto::v1::coordinator_server::CoordinatorServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +49,47 @@ struct Cli {
     /// How long rendezvous and evaluation gathers wait for every worker, in seconds.
     #[arg(long, env = "TANDEM_GATHER_TIMEOUT_S", default_value_t = 600)]
     gather_timeout_s: u64,
+    /// Never draw a progress bar (log a line every 50 steps instead, as without a terminal).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// The checkpoint directory, and the checkpoint to resume from when there is one that this job
+/// may continue.
+fn checkpoint_setup(job: &JobConfig, world: usize) -> anyhow::Result<CheckpointSetup> {
+    let c = &job.checkpoint;
+    let store = Store::open(&job.checkpoint_dir(), c.keep_last, &c.best_metric)?;
+    let latest = store.latest()?;
+    let resume = match latest {
+        None => None,
+        Some((dir, _)) if !c.resume => anyhow::bail!(
+            "{} holds checkpoints of an earlier run (newest: {}); set checkpoint.resume = true to continue it, or \
+             choose another checkpoint.dir or output.dir",
+            store.dir().display(),
+            dir.display()
+        ),
+        Some((dir, m)) => {
+            let then: JobConfig = serde_json::from_value(m.config.clone())
+                .with_context(|| format!("the job config recorded in {}", dir.display()))?;
+            let diff = job.differences_that_matter(&then);
+            anyhow::ensure!(
+                diff.is_empty(),
+                "cannot resume from {}: it was written by a job with another config ({}); use another output.dir \
+                 (or checkpoint.dir) for a new job",
+                dir.display(),
+                diff.join("; ")
+            );
+            anyhow::ensure!(
+                m.cursor.world_size as usize == world,
+                "cannot resume from {}: it was written by a world of {} workers and this job has {world}",
+                dir.display(),
+                m.cursor.world_size
+            );
+            tracing::info!(checkpoint = %dir.display(), step = m.step, epoch = m.cursor.epoch, "resuming");
+            Some((dir, m))
+        }
+    };
+    Ok(CheckpointSetup { store, resume, model_dir: job.output.dir.join("model"), config: serde_json::to_value(job)? })
 }
 
 fn main() {
@@ -61,8 +108,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let data = coordinator::data::load(&job)?;
     anyhow::ensure!(!data.train.is_empty(), "{}: the training split is empty", job.data.train.display());
     tracing::info!(config = %serde_json::to_string(&job)?, world = cli.world_size, "resolved job config");
+    let setup = checkpoint_setup(&job, cli.world_size)?;
     let info = JobInfo { config_json: serde_json::to_string(&job)?, nccl_id: Vec::new(), seed: job.train.seed };
-    let svc = Arc::new(CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s)));
+    let board = ProgressBoard::new(
+        !cli.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        Some(job.output.dir.join("loss.jsonl")),
+    )
+    .with_context(|| format!("opening {}", job.output.dir.join("loss.jsonl").display()))?;
+    let svc = Arc::new(
+        CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s))
+            .with_checkpoints(setup)
+            .with_progress(board),
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener =
@@ -118,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             done.notified().await;
         });
     rt.block_on(server).context("serving gRPC")?;
+    svc.finish_progress();
     if let Some(msg) = failure.lock().expect("failure lock").take() {
         anyhow::bail!("{msg}; the job is stopped");
     }
@@ -133,7 +191,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     if let Some(Some(r0)) = svc.finish_reports().first() {
-        println!("trained {} steps on {} workers; model saved to {}", r0.steps, cli.world_size, r0.model_dir);
+        let model = svc.final_model().map(|p| p.display().to_string()).unwrap_or_else(|| "(not saved)".into());
+        println!("trained {} steps on {} workers; model saved to {model}", r0.steps, cli.world_size);
     }
     Ok(())
 }

@@ -2,15 +2,20 @@
 //! client) sees the generated proto types and `tonic::Status`; the logic lives in plain state
 //! machines such as [`Rendezvous`].
 
+use crate::checkpoints::{self, Manifest, Partial, Store};
 use crate::data::Datasets;
 use crate::eval::{EvalBoard, EvalCounts};
+use crate::progress::{ProgressBoard, StepRecord};
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use crate::shard;
+use proto::v1::checkpoint_part::Part;
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::{
-    EvalReport, EvalResult, Example, ExampleBatch, FinishReply, FinishRequest, JoinReply, JoinRequest, ShardRequest,
-    Split,
+    CheckpointPart, CheckpointSaved, EvalReport, EvalResult, Example, ExampleBatch, FetchCheckpointRequest, FileChunk,
+    FinishReply, FinishRequest, JoinReply, JoinRequest, Progress, ProgressReply, ResumePoint, ShardRequest, Split,
 };
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -29,6 +34,20 @@ pub struct JobInfo {
 /// Examples per streamed message, and messages read ahead of the worker.
 const STREAM_BATCH: usize = 256;
 const READ_AHEAD: usize = 4;
+/// Bytes per message when a checkpoint file is streamed to a worker.
+const FILE_CHUNK: usize = 1 << 20;
+
+/// Where checkpoints go and where the job resumes from.
+#[derive(Debug)]
+pub struct CheckpointSetup {
+    pub store: Store,
+    /// The checkpoint every worker starts from: its directory and manifest.
+    pub resume: Option<(PathBuf, Manifest)>,
+    /// Where the final checkpoint's model is published (`<output.dir>/model`).
+    pub model_dir: PathBuf,
+    /// The resolved job config (recorded in every manifest).
+    pub config: serde_json::Value,
+}
 
 /// The largest class count an evaluation report may carry (a bound on message-driven allocation).
 const MAX_CLASSES: u32 = 4096;
@@ -45,6 +64,11 @@ pub struct CoordinatorService {
     data: Arc<Datasets>,
     /// How long a call that waits for every rank (Join, ReportEval) waits.
     gather_timeout: Duration,
+    ckpt: Option<Arc<CheckpointSetup>>,
+    /// Checkpoints written, by step, and the final model's directory once published.
+    saved: Arc<Mutex<BTreeMap<u64, PathBuf>>>,
+    final_model: Arc<Mutex<Option<PathBuf>>>,
+    progress: Arc<Mutex<Option<ProgressBoard>>>,
 }
 
 impl CoordinatorService {
@@ -59,7 +83,62 @@ impl CoordinatorService {
             job,
             data: Arc::new(data),
             gather_timeout,
+            ckpt: None,
+            saved: Arc::default(),
+            final_model: Arc::default(),
+            progress: Arc::default(),
         }
+    }
+
+    /// Accepts checkpoints from rank 0 (without, SaveCheckpoint is refused) and resumes from one.
+    pub fn with_checkpoints(mut self, setup: CheckpointSetup) -> Self {
+        self.ckpt = Some(Arc::new(setup));
+        self
+    }
+
+    /// Shows rank 0's progress reports.
+    pub fn with_progress(self, board: ProgressBoard) -> Self {
+        *self.progress.lock().expect("progress lock") = Some(board);
+        self
+    }
+
+    /// The checkpoints this run wrote, by step.
+    pub fn saved_checkpoints(&self) -> BTreeMap<u64, PathBuf> {
+        self.saved.lock().expect("saved lock").clone()
+    }
+
+    /// The final model's directory, once the final checkpoint is published.
+    pub fn final_model(&self) -> Option<PathBuf> {
+        self.final_model.lock().expect("final lock").clone()
+    }
+
+    pub fn finish_progress(&self) {
+        if let Some(p) = self.progress.lock().expect("progress lock").as_ref() {
+            p.finish();
+        }
+    }
+
+    fn checkpoint_setup(&self) -> Result<Arc<CheckpointSetup>, Status> {
+        self.ckpt.clone().ok_or_else(|| Status::failed_precondition("this coordinator keeps no checkpoints"))
+    }
+
+    /// The metrics recorded in the manifest of the checkpoint of `step`.
+    fn metrics_at(&self, step: u64, train_loss: f64) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        if train_loss.is_finite() {
+            out.insert("train/loss".to_string(), train_loss);
+        }
+        let evals = self.evals.lock().expect("eval lock");
+        for ((split, s), m) in &evals.done {
+            if *s != step {
+                continue;
+            }
+            let name = Split::try_from(*split).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default();
+            out.insert(format!("{name}/accuracy"), m.accuracy);
+            out.insert(format!("{name}/macro_f1"), m.macro_f1);
+            out.insert(format!("{name}/loss"), m.loss);
+        }
+        out
     }
 
     /// What the ranks reported when they finished (rank 0's model directory among it).
@@ -85,6 +164,153 @@ impl CoordinatorService {
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     type StreamShardStream = tokio_stream::wrappers::ReceiverStream<Result<ExampleBatch, Status>>;
+    type FetchCheckpointStream = tokio_stream::wrappers::ReceiverStream<Result<FileChunk, Status>>;
+
+    async fn save_checkpoint(
+        &self,
+        request: Request<tonic::Streaming<CheckpointPart>>,
+    ) -> Result<Response<CheckpointSaved>, Status> {
+        let setup = self.checkpoint_setup()?;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(CheckpointPart { part: Some(Part::Header(h)) }) => h,
+            _ => return Err(Status::invalid_argument("a checkpoint stream starts with its header")),
+        };
+        if header.rank != 0 {
+            return Err(Status::permission_denied(format!(
+                "rank {} sent a checkpoint: only rank 0 saves",
+                header.rank
+            )));
+        }
+        // The files go to disk on a blocking thread; a stream that breaks off drops the
+        // partial checkpoint, which deletes itself.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(8);
+        let writer_setup = Arc::clone(&setup);
+        let step = header.step;
+        let writer = tokio::task::spawn_blocking(move || -> Result<Partial, checkpoints::CheckpointError> {
+            let mut p = writer_setup.store.begin(step)?;
+            while let Some((name, data)) = rx.blocking_recv() {
+                p.write(&name, &data)?;
+            }
+            Ok(p)
+        });
+        while let Some(part) = stream.message().await? {
+            match part.part {
+                Some(Part::Chunk(c)) => {
+                    if tx.send((c.name, c.data)).await.is_err() {
+                        break; // the writer failed; its error is returned below
+                    }
+                }
+                _ => return Err(Status::invalid_argument("a checkpoint stream has one header, then file chunks")),
+            }
+        }
+        drop(tx);
+        let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
+        let partial = writer.await.map_err(|e| internal(&e))?.map_err(|e| match e {
+            checkpoints::CheckpointError::BadName(_) => Status::invalid_argument(e.to_string()),
+            e => internal(&e),
+        })?;
+        let world = self.rdv.lock().expect("rendezvous lock").world_size() as u32;
+        let manifest = Manifest {
+            format: checkpoints::FORMAT_VERSION,
+            step,
+            cursor: checkpoints::Cursor { epoch: header.epoch, position: header.position, world_size: world },
+            rng: checkpoints::Rng { seed: self.job.seed, step, epoch: header.epoch },
+            is_final: header.r#final,
+            config: setup.config.clone(),
+            metrics: self.metrics_at(step, header.train_loss),
+            files: BTreeMap::new(),
+            created_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let is_final = header.r#final;
+        let commit_setup = Arc::clone(&setup);
+        let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, checkpoints::CheckpointError> {
+            let path = commit_setup.store.commit(partial, manifest)?;
+            if is_final {
+                checkpoints::publish_model(&path, &commit_setup.model_dir)?;
+            }
+            Ok(path)
+        })
+        .await
+        .map_err(|e| internal(&e))?
+        .map_err(|e| internal(&e))?;
+        tracing::info!(step, path = %path.display(), is_final, "checkpoint saved");
+        self.saved.lock().expect("saved lock").insert(step, path.clone());
+        if is_final {
+            *self.final_model.lock().expect("final lock") = Some(setup.model_dir.clone());
+        }
+        Ok(Response::new(CheckpointSaved { path: path.display().to_string() }))
+    }
+
+    async fn fetch_checkpoint(
+        &self,
+        request: Request<FetchCheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        let setup = self.checkpoint_setup()?;
+        let r = request.into_inner();
+        let (dir, _) = setup
+            .resume
+            .as_ref()
+            .filter(|(dir, _)| dir.file_name().is_some_and(|n| n.to_string_lossy() == r.checkpoint))
+            .ok_or_else(|| {
+                Status::not_found(format!("{:?} is not the checkpoint this job resumes from", r.checkpoint))
+            })?;
+        let dir = dir.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            for name in ["model.safetensors", "optimizer.safetensors"] {
+                let path = dir.join(name);
+                let mut f = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("{}: {e}", path.display()))));
+                        return;
+                    }
+                };
+                loop {
+                    let mut data = vec![0u8; FILE_CHUNK];
+                    let n = match f.read(&mut data) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(Status::internal(format!("{}: {e}", path.display()))));
+                            return;
+                        }
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    data.truncate(n);
+                    if tx.blocking_send(Ok(FileChunk { name: name.to_string(), data })).is_err() {
+                        return; // the worker went away
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn report_progress(&self, request: Request<Progress>) -> Result<Response<ProgressReply>, Status> {
+        let r = request.into_inner();
+        if r.rank != 0 {
+            return Err(Status::permission_denied(format!("rank {} reported progress: only rank 0 does", r.rank)));
+        }
+        let rec = StepRecord {
+            step: r.step,
+            epoch: r.epoch,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            tokens: r.tokens,
+        };
+        if let Some(board) = self.progress.lock().expect("progress lock").as_mut() {
+            board.record(&rec, r.total_steps);
+        }
+        Ok(Response::new(ProgressReply {}))
+    }
 
     async fn stream_shard(&self, request: Request<ShardRequest>) -> Result<Response<Self::StreamShardStream>, Status> {
         let r = request.into_inner();
@@ -237,6 +463,12 @@ impl Coordinator for CoordinatorService {
                         nccl_id: self.job.nccl_id.clone(),
                         labels: self.data.labels.names.clone(),
                         train_examples: self.data.train.len() as u64,
+                        resume: self.ckpt.as_ref().and_then(|c| c.resume.as_ref()).map(|(dir, m)| ResumePoint {
+                            step: m.step,
+                            epoch: m.cursor.epoch,
+                            position: m.cursor.position,
+                            checkpoint: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        }),
                     }));
                 }
             }

@@ -91,6 +91,32 @@ fn params(model_dir: &Path) -> Vec<f32> {
         .collect()
 }
 
+/// The loss curve a run wrote to `loss.jsonl`: the loss of each step, by step (a resumed run
+/// appends the steps it repeats; the last record of a step wins).
+fn loss_by_step(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    let text = std::fs::read_to_string(out.join("loss.jsonl")).unwrap();
+    let mut by_step = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        by_step.insert(v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap());
+    }
+    by_step
+}
+
+fn loss_curve(out: &Path) -> Vec<f64> {
+    let by_step = loss_by_step(out);
+    assert_eq!(by_step.keys().copied().collect::<Vec<_>>(), (1..=by_step.len() as u64).collect::<Vec<_>>());
+    by_step.into_values().collect()
+}
+
+fn coordinator(cfg: &Path, world: usize, out: &Path) -> Command {
+    let mut c = Command::new(bin("coordinator"));
+    c.args(["--world-size", &world.to_string(), "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["--spawn-local", "--gather-timeout-s", "60"])
+        .args(["--set", &format!("output.dir={}", out.display())]);
+    c
+}
+
 fn run_distributed(cfg: &Path, world: usize, out: &Path) -> Vec<f32> {
     let o = Command::new(bin("coordinator"))
         .args([
@@ -113,6 +139,13 @@ fn run_distributed(cfg: &Path, world: usize, out: &Path) -> Vec<f32> {
     params(&out.join("model"))
 }
 
+/// Asserts bit-for-bit equality without printing a million floats when it fails.
+fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let differing = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert!(differing == 0, "{what}: {differing} values differ, relative difference {:.2e}", rel_diff(want, got));
+}
+
 fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
@@ -132,16 +165,29 @@ fn equivalence(p_drop: f64) {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let single = params(&single_out.join("model"));
+    let single_curve = loss_curve(&single_out);
+    assert_eq!(single_curve.len(), 20);
     let initial = params(&fixtures().join("tiny-cls"));
     assert!(rel_diff(&initial, &single) > 1e-3, "training moved the parameters");
     for world in 1..=3 {
-        let got = run_distributed(&cfg, world, &dir.join(format!("w{world}")));
+        let out = dir.join(format!("w{world}"));
+        let got = run_distributed(&cfg, world, &out);
         let d = rel_diff(&single, &got);
-        println!("dropout {p_drop}: {world} worker(s) vs single process: relative difference {d:.2e}");
+        let curve = loss_curve(&out);
+        let worst_loss = curve.iter().zip(&single_curve).map(|(a, b)| (a - b).abs() / b.abs()).fold(0.0, f64::max);
+        println!(
+            "dropout {p_drop}: {world} worker(s) vs single process: parameters {d:.2e}, loss curve {worst_loss:.2e} \
+             (relative)"
+        );
         if world == 1 {
-            assert_eq!(got, single, "one worker through the coordinator is bit-identical to worker train");
+            assert_bits_eq(&got, &single, "one worker through the coordinator vs worker train");
+            assert_eq!(curve, single_curve, "and so is its loss curve");
         }
         assert!(d < 1e-5, "world {world}: relative difference {d}");
+        assert_eq!(curve.len(), single_curve.len());
+        assert!(worst_loss < 1e-5, "world {world}: the loss curves differ by {worst_loss} (relative)");
+        // The loss went down: the curve is a real training curve, not a constant.
+        assert!(curve[15..].iter().sum::<f64>() < curve[..5].iter().sum::<f64>(), "{curve:?}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -171,5 +217,149 @@ fn a_worker_that_fails_stops_the_job_with_a_clear_error() {
     assert!(err.contains("no-such-model"), "the worker's own error names the missing model:\n{err}");
     assert!(err.contains("exited with") && err.contains("the job is stopped"), "{err}");
     assert!(start.elapsed() < std::time::Duration::from_secs(30), "took {:?}", start.elapsed());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The job of `job`, with a checkpoint every 5 steps (all kept), dropout on, `steps` steps.
+fn checkpointed_job(dir: &Path, steps: u64) -> PathBuf {
+    let data = write_data(dir);
+    let model = model_with_dropout(dir, 0.1);
+    let cfg = job(dir, &model, &data);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text = text.replace("epochs = 1\nmax_steps = 20", &format!("epochs = 20\nmax_steps = {steps}"));
+    text.push_str("[checkpoint]\nevery = 5\nkeep_last = 1000\nbest_metric = \"test/accuracy\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn run_ok(mut c: Command) -> (String, String) {
+    let o = c.output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    assert!(o.status.success(), "{err}");
+    (out, err)
+}
+
+fn checkpoint_steps(out: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(out.join("checkpoints"))
+        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok()).collect())
+        .unwrap_or_default();
+    steps.sort();
+    steps
+}
+
+#[test]
+fn a_resumed_run_ends_bit_identical_to_the_uninterrupted_one() {
+    let dir = scratch("resume");
+    // 20 steps per epoch (240 examples, 12 per step): the resumed run crosses an epoch boundary.
+    let cfg = checkpointed_job(&dir, 30);
+    let full = dir.join("full");
+    run_ok(coordinator(&cfg, 2, &full));
+    assert_eq!(checkpoint_steps(&full), vec![5, 10, 15, 20, 25, 30]);
+    let want = params(&full.join("model"));
+    assert_bits_eq(&params(&full.join("checkpoints/step-00000030")), &want, "the final model vs the final checkpoint");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("checkpoints/step-00000010/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["step"], 10);
+    // Each rank's shard holds 120 examples, 6 per step: step 10 is half way through epoch 0.
+    assert_eq!(manifest["cursor"], serde_json::json!({"epoch": 0, "position": 60, "world_size": 2}));
+    assert_eq!(manifest["config"]["train"]["seed"], 5);
+    assert!(manifest["metrics"]["test/accuracy"].as_f64().is_some(), "{manifest}");
+    assert!(manifest["metrics"]["train/loss"].as_f64().is_some(), "{manifest}");
+
+    // Only the checkpoint of step 10 in a fresh output directory: the job resumes from it.
+    let resumed = dir.join("resumed");
+    let from = resumed.join("checkpoints/step-00000010");
+    std::fs::create_dir_all(&from).unwrap();
+    for f in std::fs::read_dir(full.join("checkpoints/step-00000010")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), from.join(f.file_name())).unwrap();
+    }
+    let (_, err) = run_ok(coordinator(&cfg, 2, &resumed));
+    assert!(err.contains("resuming") && err.contains("step-00000010"), "{err}");
+    assert_eq!(checkpoint_steps(&resumed), vec![10, 15, 20, 25, 30]);
+    assert_bits_eq(&params(&resumed.join("model")), &want, "the resumed run vs the uninterrupted run");
+    let full_curve = loss_by_step(&full);
+    let tail: std::collections::BTreeMap<u64, f64> = full_curve.range(11..).map(|(k, v)| (*k, *v)).collect();
+    assert_eq!(loss_by_step(&resumed), tail, "the resumed run logs steps 11..=30, bit for bit");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_job_killed_after_a_checkpoint_resumes_where_it_stopped() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch("kill");
+    let cfg = checkpointed_job(&dir, 200);
+    let full = dir.join("full");
+    run_ok(coordinator(&cfg, 2, &full));
+    let want = params(&full.join("model"));
+
+    // The same job, killed (SIGKILL, coordinator and workers together) once its first
+    // checkpoint is on disk; then the same command again.
+    let out = dir.join("killed");
+    let mut c = coordinator(&cfg, 2, &out);
+    let mut child =
+        c.process_group(0).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while checkpoint_steps(&out).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status().unwrap();
+    child.wait().unwrap();
+    let at_kill = checkpoint_steps(&out);
+    assert!(!out.join("model").exists() && *at_kill.last().unwrap() < 200, "killed too late: {at_kill:?}");
+    let (_, err) = run_ok(coordinator(&cfg, 2, &out));
+    assert!(err.contains("resuming"), "{err}");
+    assert_bits_eq(&params(&out.join("model")), &want, "killed and resumed vs uninterrupted");
+    let left: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("step-"))
+        .collect();
+    assert!(left.is_empty(), "leftovers in the checkpoint directory: {left:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn run_err(mut c: Command) -> String {
+    let o = c.output().unwrap();
+    assert!(!o.status.success(), "expected a failure:\n{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn checkpoints_are_never_overwritten_by_another_job() {
+    let dir = scratch("guard");
+    let cfg = checkpointed_job(&dir, 10);
+    let out = dir.join("out");
+    run_ok(coordinator(&cfg, 2, &out));
+    let before = std::fs::read(out.join("checkpoints/step-00000010/model.safetensors")).unwrap();
+
+    let mut c = coordinator(&cfg, 2, &out);
+    c.args(["--set", "train.lr=1e-3"]);
+    let err = run_err(c);
+    assert!(err.contains("cannot resume from") && err.contains("train.lr: 0.002 then, 0.001 now"), "{err}");
+
+    let mut c = coordinator(&cfg, 2, &out);
+    c.args(["--set", "checkpoint.resume=false"]);
+    let err = run_err(c);
+    assert!(err.contains("holds checkpoints of an earlier run") && err.contains("checkpoint.resume"), "{err}");
+
+    let mut c = coordinator(&cfg, 3, &out);
+    c.args(["--set", "train.batch_size=12"]);
+    let err = run_err(c);
+    assert!(err.contains("written by a world of 2 workers and this job has 3"), "{err}");
+
+    assert_eq!(std::fs::read(out.join("checkpoints/step-00000010/model.safetensors")).unwrap(), before);
+
+    // A checkpoint directory that cannot be created: refused before any worker joins.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let mut c = coordinator(&cfg, 2, &dir.join("other"));
+    c.args(["--set", &format!("checkpoint.dir={}", file.join("ckpt").display())]);
+    let start = std::time::Instant::now();
+    let err = run_err(c);
+    assert!(err.contains(&format!("checkpoint directory {} is not writable", file.join("ckpt").display())), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -22,6 +22,10 @@ use safetensors::SafeTensors;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
+// Tensors are written as their in-memory bytes; safetensors is little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("checkpoints are written in native byte order, which must be little-endian");
+
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 
@@ -126,9 +130,19 @@ pub fn load(dir: &Path, head: Head, seed: u64) -> Result<(Bert, LoadReport), Mod
     let cfg = BertConfig::from_file(&dir.join(CONFIG_FILE))?;
     let path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).map_err(|e| ModelError::Io(path.clone(), e))?;
-    let st = SafeTensors::deserialize(&bytes)
+    let mut model = Bert::zeros(cfg, head);
+    let report = load_weights(&mut model, &bytes, &path)?;
+    init_tensors(&mut model, &report.initialized, seed);
+    Ok((model, report))
+}
+
+/// Copies the tensors of a safetensors file (`bytes`, read from `path`) into `model`. Returns
+/// which head tensors were missing (not initialised here) and which tensors were skipped.
+pub fn load_weights(model: &mut Bert, bytes: &[u8], path: &Path) -> Result<LoadReport, ModelError> {
+    let path = path.to_owned();
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::Safetensors(path.clone(), format!("{e} (is the file complete?)")))?;
-    let mut model = Bert::zeros(cfg, head.clone());
+    let head = model.layout.head.clone();
     let mut report = LoadReport::default();
     let mut loaded = BTreeSet::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
@@ -172,37 +186,38 @@ pub fn load(dir: &Path, head: Head, seed: u64) -> Result<(Bert, LoadReport), Mod
         });
     }
     report.initialized = missing.iter().map(|e| e.name.clone()).collect();
-    init_tensors(&mut model, &report.initialized, seed);
-    Ok((model, report))
+    Ok(report)
 }
 
-/// Label names, index = class id, written into `config.json` as `id2label` / `label2id`.
-pub fn save(
-    model: &Bert,
-    dir: &Path,
-    labels: Option<&[String]>,
-    tokenizer_from: Option<&Path>,
-) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io(dir.to_owned(), e))?;
-    let bytes: Vec<Vec<u8>> = model
+fn serialize(
+    tensors: Vec<(String, Vec<usize>, &[f32])>,
+    meta: HashMap<String, String>,
+    path: &Path,
+) -> Result<Vec<u8>, ModelError> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| bytemuck::cast_slice::<f32, u8>(d).to_vec()).collect();
+    let mut views = Vec::new();
+    for ((name, shape, _), b) in tensors.into_iter().zip(&bytes) {
+        let v = TensorView::new(Dtype::F32, shape, b)
+            .map_err(|err| ModelError::Safetensors(path.to_owned(), err.to_string()))?;
+        views.push((name, v));
+    }
+    safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Safetensors(path.to_owned(), e.to_string()))
+}
+
+/// `model.safetensors`: every parameter under its Hugging Face key, f32.
+pub fn weights_bytes(model: &Bert) -> Result<Vec<u8>, ModelError> {
+    let tensors = model
         .layout
         .entries
         .iter()
-        .map(|e| model.params[e.range()].iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|e| (Layout::hf_key(&e.name), e.shape.clone(), &model.params[e.range()]))
         .collect();
-    let mut views = Vec::new();
-    for (e, b) in model.layout.entries.iter().zip(&bytes) {
-        let v = TensorView::new(Dtype::F32, e.shape.clone(), b)
-            .map_err(|err| ModelError::Safetensors(dir.join(WEIGHTS_FILE), err.to_string()))?;
-        views.push((Layout::hf_key(&e.name), v));
-    }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let weights = dir.join(WEIGHTS_FILE);
-    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| ModelError::Safetensors(tmp.clone(), e.to_string()))?;
-    std::fs::rename(&tmp, &weights).map_err(|e| ModelError::Io(weights.clone(), e))?;
+    serialize(tensors, HashMap::from([("format".to_string(), "pt".to_string())]), Path::new(WEIGHTS_FILE))
+}
 
+/// `config.json` for `transformers`: the checkpoint's config with the architecture and, for a
+/// classifier, the label names (index = class id) as `id2label` / `label2id`.
+pub fn config_json(model: &Bert, labels: Option<&[String]>) -> String {
     let mut cfg = model.cfg.raw.clone();
     let arch = match model.layout.head {
         Head::Classification { .. } => "BertForSequenceClassification",
@@ -223,18 +238,89 @@ pub fn save(
         cfg.insert("label2id".into(), label2id.into());
         cfg.insert("problem_type".into(), serde_json::json!("single_label_classification"));
     }
-    let cfg_path = dir.join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).expect("config serialises");
-    std::fs::write(&cfg_path, text + "\n").map_err(|e| ModelError::Io(cfg_path.clone(), e))?;
+    serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).expect("config serialises") + "\n"
+}
 
+/// The tokenizer files a model directory carries, as found in `dir`.
+pub const TOKENIZER_FILES: &[&str] =
+    &["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
+
+/// Writes a model directory that `transformers.BertForSequenceClassification.from_pretrained`
+/// (or `BertForMaskedLM`) loads, with the tokenizer files of `tokenizer_from` copied alongside.
+pub fn save(
+    model: &Bert,
+    dir: &Path,
+    labels: Option<&[String]>,
+    tokenizer_from: Option<&Path>,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io(dir.to_owned(), e))?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
+    std::fs::write(&tmp, weights_bytes(model)?).map_err(|e| ModelError::Io(tmp.clone(), e))?;
+    std::fs::rename(&tmp, &weights).map_err(|e| ModelError::Io(weights.clone(), e))?;
+    let cfg_path = dir.join(CONFIG_FILE);
+    std::fs::write(&cfg_path, config_json(model, labels)).map_err(|e| ModelError::Io(cfg_path.clone(), e))?;
     if let Some(src) = tokenizer_from {
-        for f in ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        for f in TOKENIZER_FILES {
             let from = src.join(f);
             if from.exists() {
                 std::fs::copy(&from, dir.join(f)).map_err(|e| ModelError::Io(from.clone(), e))?;
             }
         }
     }
+    Ok(())
+}
+
+/// `optimizer.safetensors`: AdamW's first and second moments per tensor (`<hf key>.exp_avg`,
+/// `<hf key>.exp_avg_sq`), and the completed step count in the metadata.
+pub fn optimizer_bytes(layout: &Layout, opt: &crate::optim::AdamW) -> Result<Vec<u8>, ModelError> {
+    let mut tensors = Vec::new();
+    for e in &layout.entries {
+        let key = Layout::hf_key(&e.name);
+        tensors.push((format!("{key}.exp_avg"), e.shape.clone(), &opt.m[e.range()]));
+        tensors.push((format!("{key}.exp_avg_sq"), e.shape.clone(), &opt.v[e.range()]));
+    }
+    let meta =
+        HashMap::from([("format".to_string(), "tandem-adamw-1".to_string()), ("step".to_string(), opt.t.to_string())]);
+    serialize(tensors, meta, Path::new(OPTIMIZER_FILE))
+}
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Restores AdamW's state from `optimizer_bytes` output: every tensor must be there, f32, with
+/// the layout's shape.
+pub fn load_optimizer(
+    layout: &Layout,
+    opt: &mut crate::optim::AdamW,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(), ModelError> {
+    let bad = |name: &str, msg: String| ModelError::Tensor { file: path.to_owned(), name: name.to_owned(), msg };
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| ModelError::Safetensors(path.to_owned(), format!("{e} (is the file complete?)")))?;
+    let step = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| ModelError::Safetensors(path.to_owned(), "no step count in the metadata".into()))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(path.to_owned(), e.to_string()))?;
+    for e in &layout.entries {
+        let key = Layout::hf_key(&e.name);
+        for (suffix, dst) in [("exp_avg", &mut opt.m), ("exp_avg_sq", &mut opt.v)] {
+            let name = format!("{key}.{suffix}");
+            let view = st.tensor(&name).map_err(|_| bad(&name, "is missing from the optimizer state".into()))?;
+            if view.dtype() != Dtype::F32 || view.shape() != e.shape.as_slice() {
+                return Err(bad(
+                    &name,
+                    format!("is {:?} {:?}; expected F32 {:?}", view.dtype(), view.shape(), e.shape),
+                ));
+            }
+            let data = to_f32(path, &name, &view)?;
+            dst[e.range()].copy_from_slice(&data);
+        }
+    }
+    opt.t = step;
     Ok(())
 }
 

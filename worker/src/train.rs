@@ -12,8 +12,10 @@ use anyhow::Context;
 use coordinator::data::{self, Record};
 use coordinator::eval::{EvalCounts, EvalMetrics};
 use coordinator::job::{JobConfig, TrainSection};
+use coordinator::progress::StepRecord;
 use kernels::{gradnorm, philox};
 use serde::Serialize;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -32,20 +34,21 @@ pub fn batch_of(split: &Split, positions: &[usize], index: impl Fn(usize) -> u32
     collate(&exs, &ids, &ys, pad_id)
 }
 
-/// What one optimizer step did.
+/// What one optimizer step did, over all ranks.
 #[derive(Clone, Debug)]
 pub struct StepReport {
-    /// Sum of this rank's per-example losses.
+    /// Sum of the per-example losses of the global batch.
     pub loss_sum: f64,
     pub grad_norm: f32,
-    /// Real (unpadded) tokens this rank processed.
+    /// Real (unpadded) tokens of the global batch.
     pub tokens: usize,
 }
 
 /// One optimizer step, as single-process and distributed training both run it: forward and
 /// backward over this rank's micro-batches, each backward scaled by `1 / global_count` so that
 /// the summed gradient is that of the mean loss over the global batch; one sum all-reduce of the
-/// flat gradient buffer (a no-op for `Solo`); clipping by the global norm, after the all-reduce;
+/// flat gradient buffer (a no-op for `Solo`), and one of the loss and token counts, so that every
+/// rank reports the loss of the global batch; clipping by the global norm, after the all-reduce;
 /// AdamW at `lr`.
 pub fn optimizer_step(
     model: &mut Bert,
@@ -66,6 +69,11 @@ pub fn optimizer_step(
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
     }
     coll.all_reduce_sum(&mut model.grads).context("all-reducing gradients")?;
+    if coll.world_size() > 1 {
+        let mut sums = [loss_sum as f32, tokens as f32];
+        coll.all_reduce_sum(&mut sums).context("all-reducing the loss")?;
+        (loss_sum, tokens) = (f64::from(sums[0]), sums[1] as usize);
+    }
     let grad_norm = gradnorm::global_norm(&model.grads);
     if t.max_grad_norm > 0.0 {
         gradnorm::clip_grad_norm(&mut model.grads, grad_norm, t.max_grad_norm as f32);
@@ -174,6 +182,10 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
         )
         .expect("valid template"),
     );
+    std::fs::create_dir_all(&job.output.dir).with_context(|| format!("creating {}", job.output.dir.display()))?;
+    let loss_log_path = job.output.dir.join("loss.jsonl");
+    let mut loss_log =
+        std::fs::File::create(&loss_log_path).with_context(|| format!("creating {}", loss_log_path.display()))?;
     let started = Instant::now();
     let (mut step, mut tokens, mut ema_loss) = (0u64, 0usize, f64::NAN);
     let mut last_dev = None;
@@ -191,6 +203,9 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             tokens += r.tokens;
             step += 1;
             let loss = loss_sum / idx.len() as f64;
+            let rec = StepRecord { step, epoch, loss, lr, grad_norm: f64::from(norm), tokens: r.tokens as u64 };
+            writeln!(loss_log, "{}", serde_json::to_string(&rec)?)
+                .with_context(|| format!("writing {}", loss_log_path.display()))?;
             ema_loss = if ema_loss.is_nan() { loss } else { 0.95 * ema_loss + 0.05 * loss };
             let tps = tokens as f64 / started.elapsed().as_secs_f64();
             bar.set_message(format!("epoch {epoch}  loss {ema_loss:.4}  lr {lr:.2e}  |g| {norm:.2}  {tps:.0} tok/s"));

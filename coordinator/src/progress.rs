@@ -1,0 +1,109 @@
+//! The job's progress as the coordinator shows it: one progress bar on stderr (step, loss,
+//! tokens/s, ETA) when stderr is a terminal, a `tracing` line every few steps otherwise, and the
+//! loss curve appended to `loss.jsonl` (one JSON object per step) in the output directory.
+//!
+//! Rank 0 reports after every step; its loss is the mean over the global batch (the ranks
+//! all-reduce it with the gradients), so the curve does not depend on the world size.
+
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub epoch: u32,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+}
+
+pub struct ProgressBoard {
+    bar: indicatif::ProgressBar,
+    log: Option<(PathBuf, std::fs::File)>,
+    started: Option<(Instant, u64)>,
+    tokens: u64,
+    ema: f64,
+    /// Log a line every this many steps when the bar is hidden.
+    log_every: u64,
+}
+
+impl ProgressBoard {
+    /// `loss_log`: the file the loss curve is appended to (None: keep no file).
+    pub fn new(show_bar: bool, loss_log: Option<PathBuf>) -> std::io::Result<Self> {
+        let bar = if show_bar {
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        let log = match loss_log {
+            Some(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(&p)?;
+                Some((p, f))
+            }
+            None => None,
+        };
+        Ok(ProgressBoard { bar, log, started: None, tokens: 0, ema: f64::NAN, log_every: 50 })
+    }
+
+    pub fn record(&mut self, r: &StepRecord, total_steps: u64) {
+        let (t0, step0) = *self.started.get_or_insert((Instant::now(), r.step.saturating_sub(1)));
+        self.tokens += r.tokens;
+        self.ema = if self.ema.is_nan() { r.loss } else { 0.95 * self.ema + 0.05 * r.loss };
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let tps = self.tokens as f64 / secs;
+        if self.bar.length() != Some(total_steps) {
+            self.bar.set_length(total_steps);
+        }
+        self.bar.set_position(r.step);
+        self.bar.set_message(format!(
+            "epoch {}  loss {:.4}  lr {:.2e}  |g| {:.2}  {tps:.0} tok/s",
+            r.epoch, self.ema, r.lr, r.grad_norm
+        ));
+        if self.bar.is_hidden() && (r.step.is_multiple_of(self.log_every) || r.step == total_steps) {
+            let done = r.step.saturating_sub(step0).max(1);
+            let eta_s = secs / done as f64 * total_steps.saturating_sub(r.step) as f64;
+            tracing::info!(
+                step = r.step,
+                total_steps,
+                epoch = r.epoch,
+                loss = self.ema,
+                lr = r.lr,
+                grad_norm = r.grad_norm,
+                tokens_per_s = tps as u64,
+                eta_s = eta_s as u64,
+                "train"
+            );
+        }
+        if let Some((path, f)) = &mut self.log {
+            let line = serde_json::to_string(r).expect("record serialises") + "\n";
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot append to the loss log");
+            }
+        }
+    }
+
+    /// Prints a line above the bar (or plainly, when there is no bar).
+    pub fn println(&self, line: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
