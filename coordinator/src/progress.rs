@@ -18,6 +18,9 @@ pub struct StepRecord {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: u64,
+    /// Seconds in gradient all-reduces, and the part the step waited for after backward.
+    pub allreduce_s: f64,
+    pub allreduce_wait_s: f64,
 }
 
 pub struct ProgressBoard {
@@ -68,8 +71,13 @@ impl ProgressBoard {
         }
         self.bar.set_position(r.step);
         self.bar.set_message(format!(
-            "epoch {}  loss {:.4}  lr {:.2e}  |g| {:.2}  {tps:.0} tok/s",
-            r.epoch, self.ema, r.lr, r.grad_norm
+            "epoch {}  loss {:.4}  lr {:.2e}  |g| {:.2}  {tps:.0} tok/s  all-reduce {:.0} ms ({:.0} ms exposed)",
+            r.epoch,
+            self.ema,
+            r.lr,
+            r.grad_norm,
+            r.allreduce_s * 1e3,
+            r.allreduce_wait_s * 1e3
         ));
         if self.bar.is_hidden() && (r.step.is_multiple_of(self.log_every) || r.step == total_steps) {
             let done = r.step.saturating_sub(step0).max(1);
@@ -82,6 +90,8 @@ impl ProgressBoard {
                 lr = r.lr,
                 grad_norm = r.grad_norm,
                 tokens_per_s = tps as u64,
+                allreduce_ms = (r.allreduce_s * 1e3) as u64,
+                allreduce_exposed_ms = (r.allreduce_wait_s * 1e3) as u64,
                 eta_s = eta_s as u64,
                 "train"
             );

@@ -305,6 +305,8 @@ impl Coordinator for CoordinatorService {
             lr: r.lr,
             grad_norm: r.grad_norm,
             tokens: r.tokens,
+            allreduce_s: r.allreduce_s,
+            allreduce_wait_s: r.allreduce_wait_s,
         };
         if let Some(board) = self.progress.lock().expect("progress lock").as_mut() {
             board.record(&rec, r.total_steps);

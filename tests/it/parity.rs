@@ -118,3 +118,26 @@ fn save_then_load_round_trips_every_tensor() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+/// The all-reduce overlapped with backward sends each segment of the gradient buffer as soon as
+/// backward reports it done: so a reported segment must never change afterwards, and the
+/// segments must cover the whole buffer, once, for both heads, with dropout on.
+#[test]
+fn backward_reports_each_gradient_segment_once_and_final() {
+    for (name, head) in [("tiny-cls", Head::Classification { num_labels: 3 }), ("tiny-mlm", Head::MaskedLm)] {
+        let exp = Expected::open(&format!("{name}.expected.safetensors"));
+        let (mut model, _) = checkpoint::load(&fixtures().join(name), head.clone(), 0).unwrap();
+        let batch = batch(&exp, &head);
+        model.zero_grads();
+        let out = model.forward(&batch, Some(DropoutCtx { seed: 3, step: 1 })).unwrap();
+        let mut seen: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();
+        model.backward_with(&batch, 1.0 / out.count as f32, &mut |r, g| seen.push((r, g.to_vec())));
+        let mut covered = vec![0u8; model.layout.total];
+        for (r, g) in &seen {
+            assert_eq!(&model.grads[r.clone()], &g[..], "{name}: segment {r:?} changed after it was reported");
+            covered[r.clone()].iter_mut().for_each(|c| *c += 1);
+        }
+        assert!(covered.iter().all(|&c| c == 1), "{name}: the segments do not tile the buffer");
+        assert_eq!(seen.len(), model.cfg.num_hidden_layers + 2, "{name}: head, each layer, embeddings");
+    }
+}

@@ -231,3 +231,94 @@ impl Collective for TcpRing {
         Ok(())
     }
 }
+
+/// A collective on its own thread, so that gradient sums run while backward computes the rest:
+/// the training loop hands over each segment of the gradient buffer as backward finishes it
+/// ([`Overlapped::start`]), and collects the sums once backward is done ([`Overlapped::finish`]).
+/// Every rank starts the same segments in the same order (backward's order), so the ring's
+/// messages pair up; a bucket's sum is deterministic, like every ring sum.
+pub struct Overlapped {
+    rank: usize,
+    world: usize,
+    to_comm: std::sync::mpsc::Sender<Bucket>,
+    from_comm: std::sync::mpsc::Receiver<Result<Bucket, CollectiveError>>,
+    in_flight: usize,
+    /// Time the comm thread spent in all-reduces since the last `take_busy`.
+    busy: std::sync::Arc<std::sync::Mutex<Duration>>,
+}
+
+/// One segment of the gradient buffer on its way through the all-reduce.
+pub struct Bucket {
+    pub range: std::ops::Range<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Overlapped {
+    pub fn new(mut coll: Box<dyn Collective + Send>) -> Self {
+        let (rank, world) = (coll.rank(), coll.world_size());
+        let (to_comm, comm_rx) = std::sync::mpsc::channel::<Bucket>();
+        let (comm_tx, from_comm) = std::sync::mpsc::channel();
+        let busy = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let busy_comm = std::sync::Arc::clone(&busy);
+        // Not joined: it ends when `to_comm` closes, or with the process after an error.
+        std::thread::Builder::new()
+            .name("all-reduce".into())
+            .spawn(move || {
+                for mut b in comm_rx {
+                    let t0 = Instant::now();
+                    let r = coll.all_reduce_sum(&mut b.data).map(|()| b);
+                    *busy_comm.lock().expect("busy lock") += t0.elapsed();
+                    let failed = r.is_err();
+                    if comm_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawning the all-reduce thread");
+        Overlapped { rank, world, to_comm, from_comm, in_flight: 0, busy }
+    }
+
+    /// Starts summing `data`, the gradients of `range` of the flat buffer.
+    pub fn start(&mut self, range: std::ops::Range<usize>, data: &[f32]) {
+        // A send fails only when the thread has stopped after an error, which `finish` reports.
+        if self.to_comm.send(Bucket { range, data: data.to_vec() }).is_ok() {
+            self.in_flight += 1;
+        }
+    }
+
+    /// Waits for every started sum and writes it into `grads`.
+    pub fn finish(&mut self, grads: &mut [f32]) -> Result<(), CollectiveError> {
+        while self.in_flight > 0 {
+            let b = self
+                .from_comm
+                .recv()
+                .map_err(|_| CollectiveError::Setup("the all-reduce thread stopped after an error".into()))??;
+            self.in_flight -= 1;
+            grads[b.range].copy_from_slice(&b.data);
+        }
+        Ok(())
+    }
+
+    /// The time the all-reduce thread spent summing since the last call.
+    pub fn take_busy(&mut self) -> Duration {
+        std::mem::take(&mut *self.busy.lock().expect("busy lock"))
+    }
+}
+
+impl Collective for Overlapped {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    /// A blocking sum through the same thread; only between steps (no buckets in flight).
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        if self.in_flight > 0 {
+            return Err(CollectiveError::Setup("all_reduce_sum with gradient buckets in flight".into()));
+        }
+        let whole = 0..buf.len();
+        self.start(whole, buf);
+        self.finish(buf)
+    }
+}

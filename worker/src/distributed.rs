@@ -17,7 +17,7 @@
 //! That is why a resumed run continues bit for bit.
 
 use crate::checkpoint;
-use crate::collective::{Collective, Solo, TcpRing};
+use crate::collective::{Overlapped, TcpRing};
 use crate::layout::Head;
 use crate::model::Batch;
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
@@ -274,8 +274,12 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.parse().with_context(|| format!("ring peer address {p:?}")))
         .collect::<anyhow::Result<_>>()?;
-    let mut ring: Box<dyn Collective> =
-        if world == 1 { Box::new(Solo) } else { Box::new(TcpRing::connect(rank, &peers, listener, opts.timeout)?) };
+    // The ring runs on its own thread, overlapped with backward; a world of one needs none.
+    let mut ring: Option<Overlapped> = if world == 1 {
+        None
+    } else {
+        Some(Overlapped::new(Box::new(TcpRing::connect(rank, &peers, listener, opts.timeout)?)))
+    };
 
     let t = &job.train;
     if t.threads > 0 {
@@ -407,6 +411,8 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
                 lr,
                 grad_norm: f64::from(r.grad_norm),
                 tokens: r.tokens as u64,
+                allreduce_s: r.allreduce.as_secs_f64(),
+                allreduce_wait_s: r.allreduce_wait.as_secs_f64(),
             });
         }
         if step == total {

@@ -161,6 +161,27 @@ impl Layout {
         }
     }
 
+    /// The flat buffer cut where backward finishes with a group of tensors, in the order backward
+    /// finishes them: the head, the last encoder layer, ..., the first, then the embeddings. The
+    /// segments tile `0..total`; a segment's gradient is final once backward has passed it (the
+    /// masked-LM head's tied decoder writes into the word embeddings, which come last).
+    pub fn backward_segments(&self, num_layers: usize) -> Vec<Range<usize>> {
+        let layer_start = |l: usize| self.range(&format!("encoder.layer.{l}.attention.self.query.weight")).start;
+        let head_start = if num_layers == 0 {
+            self.range("embeddings.LayerNorm.bias").end
+        } else {
+            self.range(&format!("encoder.layer.{}.output.LayerNorm.bias", num_layers - 1)).end
+        };
+        let mut out = Vec::with_capacity(num_layers + 2);
+        out.push(head_start..self.total);
+        for l in (0..num_layers).rev() {
+            let end = if l + 1 == num_layers { head_start } else { layer_start(l + 1) };
+            out.push(layer_start(l)..end);
+        }
+        out.push(0..if num_layers == 0 { head_start } else { layer_start(0) });
+        out
+    }
+
     /// The key under which `transformers` stores a tensor in a `BertFor*` checkpoint.
     pub fn hf_key(name: &str) -> String {
         if name.starts_with("classifier.") || name.starts_with("cls.") {

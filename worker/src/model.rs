@@ -483,6 +483,15 @@ impl Bert {
     /// Backward of the last [`Bert::forward`] for the loss `sum(per-target losses) * loss_scale`
     /// (`loss_scale = 1 / count` gives the mean). Accumulates into `self.grads`.
     pub fn backward(&mut self, batch: &Batch, loss_scale: f32) {
+        self.backward_with(batch, loss_scale, &mut |_, _| {});
+    }
+
+    /// `backward`, calling `ready(range, grads)` each time the gradients of a segment of the flat
+    /// buffer are final (`Layout::backward_segments`, in that order): the hook that lets the
+    /// all-reduce of the layers already done run while backward continues with the rest.
+    pub fn backward_with(&mut self, batch: &Batch, loss_scale: f32, ready: &mut dyn FnMut(Range<usize>, &[f32])) {
+        let segments = self.layout.backward_segments(self.cfg.num_hidden_layers);
+        let mut segments = segments.into_iter();
         let cfg = &self.cfg;
         let (b, t) = self.acts.shape;
         assert_eq!((b, t), (batch.b, batch.t), "backward: batch differs from the last forward");
@@ -602,6 +611,8 @@ impl Bert {
         }
         sized(&mut s.dy, bt * c);
         gather::gather_rows_backward(&mut s.dy, &s.d_head_c, &a.rows, c);
+        let head = segments.next().expect("a head segment");
+        ready(head.clone(), &g[head]);
 
         // Encoder, last layer first. `dy` is the gradient of the layer's output.
         for buf in [&mut s.dx, &mut s.d_res, &mut s.d_ln1, &mut s.d_tmp, &mut s.d_ctx, &mut s.d_ctxh] {
@@ -711,13 +722,31 @@ impl Bert {
                 dims,
                 attn_drop.as_ref(),
             );
-            for (dh, w, bias) in [(&s.dqh, &lp.q_w, &lp.q_b), (&s.dkh, &lp.k_w, &lp.k_b), (&s.dvh, &lp.v_w, &lp.v_b)] {
+            // The key bias gets no gradient, exactly: it adds `q_i . b_k` to every score of row i,
+            // which the softmax cancels, so its gradient `sum_i (sum_j dS_ij) q_i` is identically
+            // zero (each row of the softmax backward sums to zero, dropout and padding included).
+            // Computed, it is rounding noise (~1e-11) that Adam's normalisation turns into
+            // steps of up to `lr` that depend on the order of float sums, and so on the world
+            // size. Leaving it at zero is the exact gradient and keeps the key bias where it was.
+            for (dh, w, bias) in
+                [(&s.dqh, &lp.q_w, Some(&lp.q_b)), (&s.dkh, &lp.k_w, None), (&s.dvh, &lp.v_w, Some(&lp.v_b))]
+            {
                 zero(&mut s.d_tmp);
                 attention::split_heads_backward(&mut s.d_tmp, dh, dims);
-                let [dw, db] = disjoint_mut(g, [w.clone(), bias.clone()]);
-                matmul::matmul_backward(&mut s.dx, dw, Some(db), &s.d_tmp, x, &p[w.clone()], bt, c, c);
+                match bias {
+                    Some(bias) => {
+                        let [dw, db] = disjoint_mut(g, [w.clone(), bias.clone()]);
+                        matmul::matmul_backward(&mut s.dx, dw, Some(db), &s.d_tmp, x, &p[w.clone()], bt, c, c);
+                    }
+                    None => {
+                        let dw = &mut g[w.clone()];
+                        matmul::matmul_backward(&mut s.dx, dw, None, &s.d_tmp, x, &p[w.clone()], bt, c, c);
+                    }
+                }
             }
             std::mem::swap(&mut s.dy, &mut s.dx);
+            let done = segments.next().expect("a segment per layer");
+            ready(done.clone(), &g[done]);
         }
 
         // Embeddings: `dy` now holds the gradient of x0.
@@ -759,5 +788,7 @@ impl Bert {
             t,
             c,
         );
+        let emb = segments.next().expect("an embeddings segment");
+        ready(emb.clone(), &g[emb]);
     }
 }

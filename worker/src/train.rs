@@ -3,7 +3,7 @@
 //! backward, global-norm clip, schedule, AdamW, log; evaluate on dev; save; test.
 
 use crate::checkpoint;
-use crate::collective::{Collective, Solo};
+use crate::collective::{Collective, Overlapped};
 use crate::layout::Head;
 use crate::model::{Batch, Bert, DropoutCtx};
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
@@ -17,7 +17,7 @@ use kernels::{gradnorm, philox};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A tokenized, labelled split.
 pub struct Split {
@@ -42,18 +42,23 @@ pub struct StepReport {
     pub grad_norm: f32,
     /// Real (unpadded) tokens of the global batch.
     pub tokens: usize,
+    /// Time spent in gradient all-reduces (on the all-reduce thread, mostly hidden behind
+    /// backward), and the part of it the step waited for after backward.
+    pub allreduce: Duration,
+    pub allreduce_wait: Duration,
 }
 
 /// One optimizer step, as single-process and distributed training both run it: forward and
 /// backward over this rank's micro-batches, each backward scaled by `1 / global_count` so that
-/// the summed gradient is that of the mean loss over the global batch; one sum all-reduce of the
-/// flat gradient buffer (a no-op for `Solo`), and one of the loss and token counts, so that every
-/// rank reports the loss of the global batch; clipping by the global norm, after the all-reduce;
-/// AdamW at `lr`.
+/// the summed gradient is that of the mean loss over the global batch. With other ranks
+/// (`sync`), the last micro-batch's backward hands each finished segment of the gradient buffer
+/// to the all-reduce thread as it goes (earlier micro-batches only accumulate), the step waits
+/// for the sums, then sums the loss and token counts, so that every rank reports the loss of the
+/// global batch. Then clipping by the global norm, after the all-reduce, and AdamW at `lr`.
 pub fn optimizer_step(
     model: &mut Bert,
     opt: &mut AdamW,
-    coll: &mut dyn Collective,
+    mut sync: Option<&mut Overlapped>,
     micro_batches: &[Batch],
     global_count: usize,
     t: &TrainSection,
@@ -62,16 +67,25 @@ pub fn optimizer_step(
 ) -> anyhow::Result<StepReport> {
     model.zero_grads();
     let (mut loss_sum, mut tokens) = (0.0, 0);
-    for batch in micro_batches {
+    let (mut allreduce, mut allreduce_wait) = (Duration::ZERO, Duration::ZERO);
+    for (i, batch) in micro_batches.iter().enumerate() {
         let out = model.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
-        model.backward(batch, 1.0 / global_count as f32);
+        match sync.as_deref_mut() {
+            Some(ov) if i + 1 == micro_batches.len() => {
+                model.backward_with(batch, 1.0 / global_count as f32, &mut |range, g| ov.start(range, g))
+            }
+            _ => model.backward(batch, 1.0 / global_count as f32),
+        }
         loss_sum += out.loss_sum;
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
     }
-    coll.all_reduce_sum(&mut model.grads).context("all-reducing gradients")?;
-    if coll.world_size() > 1 {
+    if let Some(ov) = sync {
+        let t0 = Instant::now();
+        ov.finish(&mut model.grads).context("all-reducing gradients")?;
+        allreduce_wait = t0.elapsed();
+        allreduce = ov.take_busy();
         let mut sums = [loss_sum as f32, tokens as f32];
-        coll.all_reduce_sum(&mut sums).context("all-reducing the loss")?;
+        ov.all_reduce_sum(&mut sums).context("all-reducing the loss")?;
         (loss_sum, tokens) = (f64::from(sums[0]), sums[1] as usize);
     }
     let grad_norm = gradnorm::global_norm(&model.grads);
@@ -79,7 +93,7 @@ pub fn optimizer_step(
         gradnorm::clip_grad_norm(&mut model.grads, grad_norm, t.max_grad_norm as f32);
     }
     opt.step(&model.layout, &mut model.params, &model.grads, lr);
-    Ok(StepReport { loss_sum, grad_norm, tokens })
+    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce, allreduce_wait })
 }
 
 /// Tokenizes a labelled split.
@@ -198,12 +212,21 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             let lr = linear_schedule(t.lr, step, warmup, total);
             let batches: Vec<Batch> =
                 idx.chunks(micro).map(|m| batch_of(&train, m, |i| i as u32, enc.pad_id)).collect();
-            let r = optimizer_step(&mut model, &mut opt, &mut Solo, &batches, idx.len(), t, step, lr)?;
+            let r = optimizer_step(&mut model, &mut opt, None, &batches, idx.len(), t, step, lr)?;
             let (loss_sum, norm) = (r.loss_sum, r.grad_norm);
             tokens += r.tokens;
             step += 1;
             let loss = loss_sum / idx.len() as f64;
-            let rec = StepRecord { step, epoch, loss, lr, grad_norm: f64::from(norm), tokens: r.tokens as u64 };
+            let rec = StepRecord {
+                step,
+                epoch,
+                loss,
+                lr,
+                grad_norm: f64::from(norm),
+                tokens: r.tokens as u64,
+                allreduce_s: 0.0,
+                allreduce_wait_s: 0.0,
+            };
             writeln!(loss_log, "{}", serde_json::to_string(&rec)?)
                 .with_context(|| format!("writing {}", loss_log_path.display()))?;
             ema_loss = if ema_loss.is_nan() { loss } else { 0.95 * ema_loss + 0.05 * loss };
