@@ -21,11 +21,14 @@ pub struct StepRecord {
     /// Seconds in gradient all-reduces, and the part the step waited for after backward.
     pub allreduce_s: f64,
     pub allreduce_wait_s: f64,
+    /// When the coordinator received the report: seconds since the job started.
+    pub time_s: f64,
 }
 
 pub struct ProgressBoard {
     bar: indicatif::ProgressBar,
     log: Option<(PathBuf, std::fs::File)>,
+    created: Instant,
     started: Option<(Instant, u64)>,
     tokens: u64,
     ema: f64,
@@ -57,7 +60,12 @@ impl ProgressBoard {
             }
             None => None,
         };
-        Ok(ProgressBoard { bar, log, started: None, tokens: 0, ema: f64::NAN, log_every: 50 })
+        Ok(ProgressBoard { bar, log, created: Instant::now(), started: None, tokens: 0, ema: f64::NAN, log_every: 50 })
+    }
+
+    /// Seconds since the board was made (the job's start).
+    pub fn now_s(&self) -> f64 {
+        self.created.elapsed().as_secs_f64()
     }
 
     pub fn record(&mut self, r: &StepRecord, total_steps: u64) {

@@ -307,9 +307,10 @@ impl Coordinator for CoordinatorService {
             tokens: r.tokens,
             allreduce_s: r.allreduce_s,
             allreduce_wait_s: r.allreduce_wait_s,
+            time_s: 0.0,
         };
         if let Some(board) = self.progress.lock().expect("progress lock").as_mut() {
-            board.record(&rec, r.total_steps);
+            board.record(&StepRecord { time_s: board.now_s(), ..rec }, r.total_steps);
         }
         Ok(Response::new(ProgressReply {}))
     }

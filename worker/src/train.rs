@@ -226,6 +226,7 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
                 tokens: r.tokens as u64,
                 allreduce_s: 0.0,
                 allreduce_wait_s: 0.0,
+                time_s: started.elapsed().as_secs_f64(),
             };
             writeln!(loss_log, "{}", serde_json::to_string(&rec)?)
                 .with_context(|| format!("writing {}", loss_log_path.display()))?;
