@@ -232,6 +232,32 @@ impl Collective for TcpRing {
     }
 }
 
+/// The sum of a buffer of rows of `width` floats of which most are zero on every rank, such as the
+/// word-embedding gradient of a classifier (only the rows of the batch's tokens are non-zero):
+/// the ranks first sum a one-float-per-row indicator of their non-zero rows, then sum only the
+/// rows that are non-zero somewhere, packed in row order; every other row is zero on every rank
+/// and is set to +0.0. Each rank ends with the same bits. For BERT's 30522-row vocabulary and a
+/// batch of short texts that is a few percent of the dense traffic.
+pub fn all_reduce_rows(coll: &mut dyn Collective, data: &mut [f32], width: usize) -> Result<(), CollectiveError> {
+    if width == 0 || !data.len().is_multiple_of(width) {
+        return Err(CollectiveError::Setup(format!("{} floats are not rows of {width}", data.len())));
+    }
+    let mut touched: Vec<f32> =
+        data.chunks(width).map(|r| if r.iter().any(|&x| x != 0.0) { 1.0 } else { 0.0 }).collect();
+    coll.all_reduce_sum(&mut touched)?;
+    let rows: Vec<usize> = (0..touched.len()).filter(|&i| touched[i] > 0.0).collect();
+    let mut packed = Vec::with_capacity(rows.len() * width);
+    for &i in &rows {
+        packed.extend_from_slice(&data[i * width..(i + 1) * width]);
+    }
+    coll.all_reduce_sum(&mut packed)?;
+    data.fill(0.0);
+    for (k, &i) in rows.iter().enumerate() {
+        data[i * width..(i + 1) * width].copy_from_slice(&packed[k * width..(k + 1) * width]);
+    }
+    Ok(())
+}
+
 /// A collective on its own thread, so that gradient sums run while backward computes the rest:
 /// the training loop hands over each segment of the gradient buffer as backward finishes it
 /// ([`Overlapped::start`]), and collects the sums once backward is done ([`Overlapped::finish`]).
@@ -251,6 +277,8 @@ pub struct Overlapped {
 pub struct Bucket {
     pub range: std::ops::Range<usize>,
     pub data: Vec<f32>,
+    /// Sum as mostly-zero rows of this many floats ([`all_reduce_rows`]).
+    pub row_width: Option<usize>,
 }
 
 impl Overlapped {
@@ -266,7 +294,11 @@ impl Overlapped {
             .spawn(move || {
                 for mut b in comm_rx {
                     let t0 = Instant::now();
-                    let r = coll.all_reduce_sum(&mut b.data).map(|()| b);
+                    let r = match b.row_width {
+                        Some(w) => all_reduce_rows(coll.as_mut(), &mut b.data, w),
+                        None => coll.all_reduce_sum(&mut b.data),
+                    }
+                    .map(|()| b);
                     *busy_comm.lock().expect("busy lock") += t0.elapsed();
                     let failed = r.is_err();
                     if comm_tx.send(r).is_err() || failed {
@@ -280,8 +312,17 @@ impl Overlapped {
 
     /// Starts summing `data`, the gradients of `range` of the flat buffer.
     pub fn start(&mut self, range: std::ops::Range<usize>, data: &[f32]) {
+        self.send(Bucket { range, data: data.to_vec(), row_width: None });
+    }
+
+    /// Starts summing `data` as mostly-zero rows of `width` floats ([`all_reduce_rows`]).
+    pub fn start_rows(&mut self, range: std::ops::Range<usize>, data: &[f32], width: usize) {
+        self.send(Bucket { range, data: data.to_vec(), row_width: Some(width) });
+    }
+
+    fn send(&mut self, b: Bucket) {
         // A send fails only when the thread has stopped after an error, which `finish` reports.
-        if self.to_comm.send(Bucket { range, data: data.to_vec() }).is_ok() {
+        if self.to_comm.send(b).is_ok() {
             self.in_flight += 1;
         }
     }

@@ -203,27 +203,41 @@ fn checkpoint_files(
     Ok(files)
 }
 
-/// Uploads a checkpoint to the coordinator and waits until it is complete on disk.
-fn upload_checkpoint(
-    rt: &tokio::runtime::Runtime,
-    client: &mut Client,
+/// Uploads a checkpoint to the coordinator; resolves once it is complete on disk, to its path
+/// there. The future owns its data: rank 0 spawns it on the runtime thread and trains on while
+/// the bytes go out.
+async fn upload_checkpoint(
+    mut client: Client,
     header: CheckpointHeader,
     files: Vec<(String, Vec<u8>)>,
 ) -> anyhow::Result<String> {
     let step = header.step;
-    let mut parts = vec![CheckpointPart { part: Some(Part::Header(header)) }];
-    for (name, bytes) in &files {
-        for chunk in bytes.chunks(UPLOAD_CHUNK) {
-            parts.push(CheckpointPart {
-                part: Some(Part::Chunk(FileChunk { name: name.clone(), data: chunk.to_vec() })),
-            });
-        }
-    }
-    let saved = rt
-        .block_on(client.save_checkpoint(tokio_stream::iter(parts)))
+    let head = std::iter::once(CheckpointPart { part: Some(Part::Header(header)) });
+    let chunks = files.into_iter().flat_map(|(name, bytes)| {
+        let n = bytes.len().div_ceil(UPLOAD_CHUNK).max(1);
+        (0..n).map(move |i| {
+            let data = bytes[i * UPLOAD_CHUNK..((i + 1) * UPLOAD_CHUNK).min(bytes.len())].to_vec();
+            CheckpointPart { part: Some(Part::Chunk(FileChunk { name: name.clone(), data })) }
+        })
+    });
+    let saved = client
+        .save_checkpoint(tokio_stream::iter(head.chain(chunks)))
+        .await
         .map_err(|s| anyhow::anyhow!("the coordinator could not save the checkpoint of step {step}: {}", s.message()))?
         .into_inner();
     Ok(saved.path)
+}
+
+/// Waits for the checkpoint upload in flight, if any, and reports how it went.
+fn wait_upload(
+    rt: &tokio::runtime::Runtime,
+    pending: &mut Option<(u64, tokio::task::JoinHandle<anyhow::Result<String>>)>,
+) -> anyhow::Result<()> {
+    if let Some((step, handle)) = pending.take() {
+        let path = rt.block_on(handle).context("the checkpoint upload task")??;
+        tracing::info!(step, path, "checkpoint saved");
+    }
+    Ok(())
 }
 
 /// Downloads the weights and optimizer state of the checkpoint a resumed job starts from.
@@ -376,6 +390,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let mut feed = spawn_feed(&rt, client.clone(), rank as u32, Arc::clone(&enc), cursor_of(step));
     let started = Instant::now();
     let mut last_loss = f64::NAN;
+    let mut pending_upload = None;
     while step < total {
         // The next local batch: up to `local_batch` examples, fewer at the end of an epoch.
         let mut local: Vec<Fed> = Vec::with_capacity(local_batch);
@@ -435,11 +450,14 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         if ckpt_due && rank == 0 {
             let (epoch, position) = cursor_of(step);
             let header = CheckpointHeader { rank: 0, step, epoch, position, train_loss: last_loss, r#final: false };
+            // A snapshot of the state now; the upload runs on the runtime thread while the next
+            // steps compute. At most one is in flight: the previous one must have landed.
+            wait_upload(&rt, &mut pending_upload)?;
             let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
-            let path = upload_checkpoint(&rt, &mut client, header, files)?;
-            tracing::info!(step, path, "checkpoint saved");
+            pending_upload = Some((step, rt.spawn(upload_checkpoint(client.clone(), header, files))));
         }
     }
+    wait_upload(&rt, &mut pending_upload)?;
     drop(feed);
     let train_seconds = started.elapsed().as_secs_f64();
 
@@ -453,7 +471,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         let (epoch, position) = cursor_of(step);
         let header = CheckpointHeader { rank: 0, step, epoch, position, train_loss: last_loss, r#final: true };
         let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
-        model_dir = upload_checkpoint(&rt, &mut client, header, files)?;
+        model_dir = rt.block_on(upload_checkpoint(client.clone(), header, files))?;
     }
     drop(progress_tx);
     rt.block_on(client.finish(FinishRequest { rank: rank as u32, model_dir, steps: step }))?;

@@ -68,11 +68,26 @@ pub fn optimizer_step(
     model.zero_grads();
     let (mut loss_sum, mut tokens) = (0.0, 0);
     let (mut allreduce, mut allreduce_wait) = (Duration::ZERO, Duration::ZERO);
+    // The word embeddings lead the buffer and the last segment backward reports; their gradient
+    // is zero outside the batch's tokens (unless a tied decoder fills it), so they are summed as
+    // sparse rows.
+    let words = model.layout.range("embeddings.word_embeddings.weight");
+    let width = model.cfg.hidden_size;
     for (i, batch) in micro_batches.iter().enumerate() {
         let out = model.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
         match sync.as_deref_mut() {
             Some(ov) if i + 1 == micro_batches.len() => {
-                model.backward_with(batch, 1.0 / global_count as f32, &mut |range, g| ov.start(range, g))
+                model.backward_with(batch, 1.0 / global_count as f32, &mut |range, g| {
+                    if range.start == words.start && range.end >= words.end {
+                        let (w, rest) = g.split_at(words.len());
+                        ov.start_rows(words.clone(), w, width);
+                        if !rest.is_empty() {
+                            ov.start(words.end..range.end, rest);
+                        }
+                    } else {
+                        ov.start(range, g);
+                    }
+                })
             }
             _ => model.backward(batch, 1.0 / global_count as f32),
         }

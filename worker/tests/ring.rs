@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
-use worker::collective::{chunk_ranges, Collective, CollectiveError, TcpRing};
+use worker::collective::{all_reduce_rows, chunk_ranges, Collective, CollectiveError, TcpRing};
 
 fn value(rank: usize, i: usize) -> f32 {
     // Values of mixed magnitude, so that the order of the sum shows in the bits.
@@ -84,4 +84,51 @@ fn a_dead_peer_is_an_error_not_a_hang() {
     assert!(matches!(a, Err(CollectiveError::Peer { rank: 2, .. })), "{a:?}");
     assert!(matches!(b, Err(CollectiveError::Peer { rank: 2, .. })), "{b:?}");
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+}
+
+/// The sparse-rows sum equals the dense sum, row for row, when each rank has its own few
+/// non-zero rows (some shared, some not), and every rank gets the same bits.
+#[test]
+fn sparse_rows_sum_equals_the_dense_sum() {
+    let (rows, width) = (1000, 7);
+    let local = move |rank: usize| -> Vec<f32> {
+        let mut v = vec![0.0f32; rows * width];
+        for r in [3, 17 + rank, 500, 999 - 2 * rank] {
+            for j in 0..width {
+                v[r * width + j] = value(rank, r * width + j);
+            }
+        }
+        v
+    };
+    for n in [2usize, 3] {
+        let (ls, addrs) = listeners(n);
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || {
+                    let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(10)).unwrap();
+                    let mut sparse = local(rank);
+                    all_reduce_rows(&mut ring, &mut sparse, width).unwrap();
+                    sparse
+                })
+            })
+            .collect();
+        let got: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut want = vec![0.0f32; rows * width];
+        for rank in 0..n {
+            for (w, x) in want.iter_mut().zip(local(rank)) {
+                *w += x;
+            }
+        }
+        for (rank, g) in got.iter().enumerate() {
+            assert_eq!(g, &got[0], "world {n}: rank {rank} differs from rank 0");
+            for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * b.abs(), "world {n}: element {i}: {a} vs {b}");
+            }
+        }
+        let nonzero_rows = got[0].chunks(width).filter(|r| r.iter().any(|&x| x != 0.0)).count();
+        assert_eq!(nonzero_rows, 2 + 2 * n, "world {n}: rows 3 and 500, and two of each rank's own");
+    }
 }
