@@ -404,16 +404,19 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
             }
         }
         let lr = linear_schedule(t.lr, step, warmup, total);
-        let shard = Split {
-            path: "train".into(),
-            examples: local.iter().map(|f| f.example.clone()).collect(),
-            labels: local.iter().map(|f| f.label).collect(),
-        };
-        let positions: Vec<usize> = (0..local.len()).collect();
+        let count = local.len();
+        let mut shard = Split { path: "train".into(), examples: Vec::with_capacity(count), labels: Vec::new() };
+        let mut ids = Vec::with_capacity(count);
+        for f in local {
+            ids.push(f.index);
+            shard.examples.push(f.example);
+            shard.labels.push(f.label);
+        }
+        let positions: Vec<usize> = (0..count).collect();
         let batches: Vec<Batch> =
-            positions.chunks(micro).map(|m| batch_of(&shard, m, |i| local[i].index, enc.pad_id)).collect();
-        let r = optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, local.len() * world, t, step, lr)?;
-        last_loss = r.loss_sum / (local.len() * world) as f64;
+            positions.chunks(micro).map(|m| batch_of(&shard, m, |i| ids[i], enc.pad_id)).collect();
+        let r = optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, count * world, t, step, lr)?;
+        last_loss = r.loss_sum / (count * world) as f64;
         let epoch = cursor_of(step).0;
         step += 1;
         if progress_task {

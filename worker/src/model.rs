@@ -733,16 +733,14 @@ impl Bert {
             {
                 zero(&mut s.d_tmp);
                 attention::split_heads_backward(&mut s.d_tmp, dh, dims);
-                match bias {
+                let (dw, db) = match bias {
                     Some(bias) => {
                         let [dw, db] = disjoint_mut(g, [w.clone(), bias.clone()]);
-                        matmul::matmul_backward(&mut s.dx, dw, Some(db), &s.d_tmp, x, &p[w.clone()], bt, c, c);
+                        (dw, Some(db))
                     }
-                    None => {
-                        let dw = &mut g[w.clone()];
-                        matmul::matmul_backward(&mut s.dx, dw, None, &s.d_tmp, x, &p[w.clone()], bt, c, c);
-                    }
-                }
+                    None => (&mut g[w.clone()], None),
+                };
+                matmul::matmul_backward(&mut s.dx, dw, db, &s.d_tmp, x, &p[w.clone()], bt, c, c);
             }
             std::mem::swap(&mut s.dy, &mut s.dx);
             let done = segments.next().expect("a segment per layer");

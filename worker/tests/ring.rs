@@ -22,26 +22,34 @@ fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
     (ls, addrs)
 }
 
-fn run_ring(n: usize, len: usize) -> Vec<Vec<f32>> {
+/// Runs `f(rank, ring)` on every rank of a real ring of `n` (one thread each); the results by rank.
+fn on_ring<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut TcpRing) -> T + Send + Sync + 'static) -> Vec<T> {
     let (ls, addrs) = listeners(n);
+    let f = std::sync::Arc::new(f);
     let handles: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let addrs = addrs.clone();
+            let (addrs, f) = (addrs.clone(), std::sync::Arc::clone(&f));
             std::thread::spawn(move || {
                 let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(10)).unwrap();
-                let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
-                ring.all_reduce_sum(&mut buf).unwrap();
-                // A second call on the same ring works too (the streams stay in step).
-                let mut again: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
-                ring.all_reduce_sum(&mut again).unwrap();
-                assert_eq!(buf, again);
-                buf
+                f(rank, &mut ring)
             })
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn run_ring(n: usize, len: usize) -> Vec<Vec<f32>> {
+    on_ring(n, move |rank, ring| {
+        let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+        ring.all_reduce_sum(&mut buf).unwrap();
+        // A second call on the same ring works too (the streams stay in step).
+        let mut again: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+        ring.all_reduce_sum(&mut again).unwrap();
+        assert_eq!(buf, again);
+        buf
+    })
 }
 
 #[test]
@@ -101,21 +109,11 @@ fn sparse_rows_sum_equals_the_dense_sum() {
         v
     };
     for n in [2usize, 3] {
-        let (ls, addrs) = listeners(n);
-        let handles: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || {
-                    let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(10)).unwrap();
-                    let mut sparse = local(rank);
-                    all_reduce_rows(&mut ring, &mut sparse, width).unwrap();
-                    sparse
-                })
-            })
-            .collect();
-        let got: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let got = on_ring(n, move |rank, ring| {
+            let mut sparse = local(rank);
+            all_reduce_rows(ring, &mut sparse, width).unwrap();
+            sparse
+        });
         let mut want = vec![0.0f32; rows * width];
         for rank in 0..n {
             for (w, x) in want.iter_mut().zip(local(rank)) {
