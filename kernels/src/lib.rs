@@ -17,6 +17,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
+pub mod cuda;
 pub mod dropout;
 pub mod embedding;
 pub mod gather;

@@ -40,8 +40,20 @@ struct Cli {
     /// Deadline for the coordinator, the rendezvous and every ring peer, in seconds.
     #[arg(long, env = "TANDEM_TIMEOUT_S", default_value_t = 600)]
     timeout_s: u64,
+    /// Where to compute: cpu, or cuda (an NVIDIA GPU: --gpu picks which).
+    #[arg(long, env = "TANDEM_DEVICE", value_enum, default_value_t = Device::Cpu, global = true)]
+    device: Device,
+    /// The GPU to use with --device cuda (an index among the visible ones; one worker per GPU).
+    #[arg(long, env = "TANDEM_GPU", default_value_t = 0, global = true)]
+    gpu: usize,
     #[command(subcommand)]
     cmd: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +122,16 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.device == Device::Cuda {
+        if let Some(why) = kernels::cuda::cuda_unavailable(cli.gpu) {
+            anyhow::bail!("{why}");
+        }
+        anyhow::bail!(
+            "GPU {} is there, but this build's CUDA backend is not complete yet: the kernels compile (NVRTC) and \
+             the training path is being built (ARCHITECTURE.md); use --device cpu",
+            cli.gpu
+        );
+    }
     let Some(cmd) = cli.cmd else {
         let coordinator = cli.coordinator.context("give --coordinator URL to join a job, or a command (see --help)")?;
         return worker::distributed::run(worker::distributed::WorkerOpts {

@@ -305,3 +305,28 @@ fn unknown_tensor_and_missing_body_tensor() {
     std::fs::write(&weights, safetensors::serialize(views, None).unwrap()).unwrap();
     assert_fails_with(&train(&cfg, &[]), &["encoder.layer.1.intermediate.dense.bias", "missing"]);
 }
+
+#[test]
+fn device_cuda_without_a_driver_is_a_clear_error() {
+    let start = std::time::Instant::now();
+    for args in [
+        &["--device", "cuda", "train", "--config", "no-such.toml"][..],
+        &["--device", "cuda", "--coordinator", "http://127.0.0.1:9"],
+    ] {
+        let out = worker(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        if kernels::cuda::driver_available() {
+            // A machine with a driver: no panic, and a message about the GPU, not a stack trace.
+            assert!(err.contains("GPU") || err.contains("CUDA"), "{err}");
+        } else {
+            assert!(err.contains("error: no CUDA driver found (libcuda.so.1 cannot be loaded)"), "{err}");
+            assert!(err.contains("--device cpu"), "{err}");
+        }
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(10), "took {:?}", start.elapsed());
+    // The CPU path is unaffected by the flag's existence.
+    let out = worker(&["--device", "cpu", "train", "--config", "no-such.toml"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.toml: no such config file"));
+}
