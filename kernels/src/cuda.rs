@@ -25,6 +25,13 @@ pub const SOURCES: &[(&str, &[&str], &str)] = &[
     ("residual", &[], include_str!("residual.cu")),
     ("adamw", &[], include_str!("adamw.cu")),
     ("dropout", &[PHILOX_CUH], include_str!("dropout.cu")),
+    ("tanh", &[], include_str!("tanh.cu")),
+    ("gather", &[], include_str!("gather.cu")),
+    ("embedding", &[], include_str!("embedding.cu")),
+    ("crossentropy", &[], include_str!("crossentropy.cu")),
+    ("gradnorm", &[], include_str!("gradnorm.cu")),
+    ("cast", &[], include_str!("cast.cu")),
+    ("attention", &[], include_str!("attention.cu")),
 ];
 
 /// Kernels on the hot path of a training step: the compile check fails if any of them spills
@@ -41,6 +48,20 @@ pub const HOT_KERNELS: &[&str] = &[
     "adamw_update_f32",
     "dropout_forward_f32",
     "dropout_backward_f32",
+    "embedding_forward_f32",
+    "scatter_add_rows_f32",
+    "crossentropy_forward_f32",
+    "crossentropy_backward_f32",
+    "sumsq_partials_f64",
+    "scale_f32",
+    "cast_f32_to_bf16",
+    "cast_bf16_to_f32",
+    "split_heads_f32",
+    "merge_heads_f32",
+    "split_heads_backward_f32",
+    "merge_heads_backward_f32",
+    "softmax_forward_f32",
+    "softmax_backward_f32",
 ];
 
 #[derive(Debug, thiserror::Error)]
