@@ -22,6 +22,7 @@ pub mod dropout;
 pub mod embedding;
 pub mod gather;
 pub mod gelu;
+pub mod gpu;
 pub mod gradnorm;
 pub mod layernorm;
 pub mod matmul;

@@ -102,6 +102,14 @@ enum Cmd {
         #[arg(long)]
         dropout: bool,
     },
+    /// On a machine with an NVIDIA GPU: run every CUDA kernel against its CPU twin on random
+    /// inputs and print the table (scripts/gpu-check.sh). Exits 1 if any kernel fails.
+    GpuCheck {
+        /// Where cuda_bf16.h is, for NVRTC (default: $TANDEM_CUDA_INCLUDE, then
+        /// /usr/local/cuda/include).
+        #[arg(long)]
+        cuda_include: Option<String>,
+    },
     /// Time the CPU ring all-reduce between processes (run one per rank; see scripts/bench-ring.sh).
     BenchRing {
         #[arg(long)]
@@ -122,6 +130,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Cmd::GpuCheck { cuda_include }) = &cli.cmd {
+        return gpu_check(cli.gpu, cuda_include.clone());
+    }
     if cli.device == Device::Cuda {
         if let Some(why) = kernels::cuda::cuda_unavailable(cli.gpu) {
             anyhow::bail!("{why}");
@@ -173,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Predict { model, text, input, max_seq_len } => predict(&model, text, input, max_seq_len),
         Cmd::Bench { preset, batch, seq, steps, dropout } => bench(&preset, batch, seq, steps, dropout),
         Cmd::BenchRing { rank, peers, sizes_mib, iters } => bench_ring(rank, &peers, &sizes_mib, iters),
+        Cmd::GpuCheck { .. } => unreachable!("handled above"),
     }
 }
 
@@ -239,6 +251,35 @@ fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool) -> anyho
         rayon::current_num_threads(),
         (b * t) as f64 / median
     );
+    Ok(())
+}
+
+fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {
+    let include = include
+        .or_else(|| std::env::var("TANDEM_CUDA_INCLUDE").ok())
+        .unwrap_or_else(|| "/usr/local/cuda/include".to_string());
+    let gpu = kernels::gpu::Gpu::open(ordinal, vec![include])?;
+    println!("GPU {ordinal}: {} ({})", gpu.name, gpu.arch);
+    let rows = kernels::gpu::kernel_parity(&gpu)?;
+    println!("{:<34} {:>10} {:>12} {:>10}  result", "kernel vs CPU twin", "elements", "rel. error", "tolerance");
+    for r in &rows {
+        println!(
+            "{:<34} {:>10} {:>12.2e} {:>10.0e}  {}",
+            r.kernel,
+            r.elements,
+            r.rel_error,
+            r.tolerance,
+            if r.nan {
+                "FAIL (NaN)"
+            } else if r.passed() {
+                "ok"
+            } else {
+                "FAIL"
+            }
+        );
+    }
+    let failed = rows.iter().filter(|r| !r.passed()).count();
+    anyhow::ensure!(failed == 0, "{failed} kernel(s) differ from their CPU twins");
     Ok(())
 }
 

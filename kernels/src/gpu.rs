@@ -1,0 +1,435 @@
+//! The GPU at run time: a context and stream on one device, the kernel modules compiled by NVRTC
+//! for its architecture once per process and cached, and the kernel parity check that
+//! `worker gpu-check` prints: every CUDA kernel against its CPU twin on random inputs.
+//!
+//! Checked on a machine without a GPU only as far as it compiles; scripts/gpu-check.sh runs it
+//! where there is one.
+#![allow(unsafe_code)] // kernel launches: each argument list matches its kernel's signature
+
+use crate::cuda::{self, compile, full_source, CudaError, SOURCES};
+use crate::philox;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Compile(#[from] CudaError),
+    #[error("CUDA: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("no kernel family {0} in kernels::cuda::SOURCES")]
+    NoFamily(String),
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// `sm_XY` of the device.
+    pub arch: String,
+    pub name: String,
+    include_dirs: Vec<String>,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({}, {})", self.name, self.arch)
+    }
+}
+
+/// Threads per block of the elementwise kernels, and the most blocks a grid-stride launch uses.
+const THREADS: u32 = 256;
+const MAX_BLOCKS: u32 = 1 << 16;
+
+/// A launch for a grid-stride kernel over `n` elements.
+pub fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = (n.div_ceil(THREADS as usize) as u32).clamp(1, MAX_BLOCKS);
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A launch with one warp per row, 4 rows per block.
+pub fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.div_ceil(4).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`; `include_dirs` hold `cuda_bf16.h` for NVRTC (`TANDEM_CUDA_INCLUDE`,
+    /// or the CUDA toolkit's include folder).
+    pub fn open(ordinal: usize, include_dirs: Vec<String>) -> Result<Self, GpuError> {
+        if let Some(why) = cuda::cuda_unavailable(ordinal) {
+            return Err(GpuError::Unavailable(why));
+        }
+        if !cuda::nvrtc_available() {
+            return Err(CudaError::NoNvrtc.into());
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let name = ctx.name()?;
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            name,
+            include_dirs,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The kernel `kernel` of the op family `family`, compiling the family on first use.
+    pub fn function(&self, family: &str, kernel: &str) -> Result<CudaFunction, GpuError> {
+        let mut modules = self.modules.lock().expect("module cache lock");
+        let module = match modules.get(family) {
+            Some(m) => Arc::clone(m),
+            None => {
+                let (_, headers, src) =
+                    SOURCES.iter().find(|(f, _, _)| *f == family).ok_or_else(|| GpuError::NoFamily(family.into()))?;
+                let compiled = compile(family, &full_source(headers, src), &self.arch, &self.include_dirs)?;
+                let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))?;
+                modules.insert(family.to_string(), Arc::clone(&m));
+                m
+            }
+        };
+        Ok(module.load_function(kernel)?)
+    }
+
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
+        Ok(self.stream.clone_htod(host)?)
+    }
+
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        dev: &CudaSlice<T>,
+    ) -> Result<Vec<T>, GpuError> {
+        Ok(self.stream.clone_dtoh(dev)?)
+    }
+}
+
+/// One line of the kernel parity table.
+#[derive(Clone, Debug)]
+pub struct ParityRow {
+    pub kernel: &'static str,
+    pub elements: usize,
+    /// max |gpu - cpu| / (|cpu| + rms(cpu)): a relative error floored at the tensor's scale.
+    pub rel_error: f64,
+    pub tolerance: f64,
+    pub nan: bool,
+}
+
+impl ParityRow {
+    pub fn passed(&self) -> bool {
+        !self.nan && self.rel_error <= self.tolerance
+    }
+}
+
+fn compare(kernel: &'static str, gpu: &[f32], cpu: &[f32], tolerance: f64) -> ParityRow {
+    assert_eq!(gpu.len(), cpu.len(), "{kernel}: lengths differ");
+    let rms = (cpu.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / cpu.len().max(1) as f64).sqrt();
+    let mut worst = 0.0f64;
+    let mut nan = false;
+    for (&g, &c) in gpu.iter().zip(cpu) {
+        if !g.is_finite() || !c.is_finite() {
+            nan = true;
+            continue;
+        }
+        let (g, c) = (f64::from(g), f64::from(c));
+        worst = worst.max((g - c).abs() / (c.abs() + rms).max(f64::MIN_POSITIVE));
+    }
+    ParityRow { kernel, elements: cpu.len(), rel_error: worst, tolerance, nan }
+}
+
+fn randn(n: usize, stream: u32, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| philox::normal(7, stream, i as u64) * scale).collect()
+}
+
+/// Runs every CUDA kernel on random inputs (BERT-base-like shapes) and compares it with its CPU
+/// twin: fp32 tolerance 1e-5 relative; a NaN never passes.
+pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
+    use crate::{adamw, crossentropy, dropout, embedding, gelu, gradnorm, layernorm, residual, tanh};
+    const TOL: f64 = 1e-5;
+    let s = &gpu.stream;
+    let mut rows = Vec::new();
+    let (n_rows, c) = (8 * 128, 768);
+    let n = n_rows * c;
+
+    // Elementwise: gelu, tanh, residual, add_inplace.
+    let x = randn(n, 1, 2.0);
+    let g = randn(n, 2, 1.0);
+    let dx = gpu.upload(&x)?;
+    let dg = gpu.upload(&g)?;
+    {
+        let mut out = s.alloc_zeros::<f32>(n)?;
+        let f = gpu.function("gelu", "gelu_forward_f32")?;
+        let nn = n as i64;
+        unsafe { s.launch_builder(&f).arg(&mut out).arg(&dx).arg(&nn).launch(elementwise(n)) }?;
+        let mut want = vec![0.0; n];
+        gelu::gelu_forward(&mut want, &x);
+        rows.push(compare("gelu_forward_f32", &gpu.download(&out)?, &want, TOL));
+
+        let init = randn(n, 3, 0.5);
+        let mut din = gpu.upload(&init)?;
+        let f = gpu.function("gelu", "gelu_backward_f32")?;
+        unsafe { s.launch_builder(&f).arg(&mut din).arg(&dx).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        let mut want = init.clone();
+        gelu::gelu_backward(&mut want, &x, &g);
+        rows.push(compare("gelu_backward_f32", &gpu.download(&din)?, &want, TOL));
+
+        let f = gpu.function("tanh", "tanh_forward_f32")?;
+        unsafe { s.launch_builder(&f).arg(&mut out).arg(&dx).arg(&nn).launch(elementwise(n)) }?;
+        let mut want_t = vec![0.0; n];
+        tanh::tanh_forward(&mut want_t, &x);
+        rows.push(compare("tanh_forward_f32", &gpu.download(&out)?, &want_t, TOL));
+
+        let dy = gpu.upload(&want_t)?;
+        let mut din = gpu.upload(&init)?;
+        let f = gpu.function("tanh", "tanh_backward_f32")?;
+        unsafe { s.launch_builder(&f).arg(&mut din).arg(&dy).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        let mut want = init.clone();
+        tanh::tanh_backward(&mut want, &want_t, &g);
+        rows.push(compare("tanh_backward_f32", &gpu.download(&din)?, &want, TOL));
+
+        let f = gpu.function("residual", "residual_forward_f32")?;
+        unsafe { s.launch_builder(&f).arg(&mut out).arg(&dx).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        let mut want = vec![0.0; n];
+        residual::residual_forward(&mut want, &x, &g);
+        rows.push(compare("residual_forward_f32", &gpu.download(&out)?, &want, TOL));
+
+        let mut acc = gpu.upload(&init)?;
+        let f = gpu.function("residual", "add_inplace_f32")?;
+        unsafe { s.launch_builder(&f).arg(&mut acc).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        let mut want = init.clone();
+        residual::add_inplace(&mut want, &g);
+        rows.push(compare("add_inplace_f32", &gpu.download(&acc)?, &want, TOL));
+    }
+
+    // Layer norm forward and backward (input and parameter gradients).
+    {
+        let w = randn(c, 4, 0.2).iter().map(|v| 1.0 + v).collect::<Vec<f32>>();
+        let b = randn(c, 5, 0.1);
+        let (dw_, db_) = (gpu.upload(&w)?, gpu.upload(&b)?);
+        let mut out = s.alloc_zeros::<f32>(n)?;
+        let mut mean = s.alloc_zeros::<f32>(n_rows)?;
+        let mut rstd = s.alloc_zeros::<f32>(n_rows)?;
+        let (ni, ci, eps) = (n_rows as i32, c as i32, 1e-12f32);
+        let f = gpu.function("layernorm", "layernorm_forward_f32")?;
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut out)
+                .arg(&mut mean)
+                .arg(&mut rstd)
+                .arg(&dx)
+                .arg(&dw_)
+                .arg(&db_)
+                .arg(&ni)
+                .arg(&ci)
+                .arg(&eps)
+                .launch(warp_per_row(n_rows))
+        }?;
+        let (mut want, mut wm, mut wr) = (vec![0.0; n], vec![0.0; n_rows], vec![0.0; n_rows]);
+        layernorm::layernorm_forward(&mut want, &mut wm, &mut wr, &x, &w, &b, n_rows, c, eps);
+        rows.push(compare("layernorm_forward_f32", &gpu.download(&out)?, &want, TOL));
+
+        let init = randn(n, 6, 0.5);
+        let mut din = gpu.upload(&init)?;
+        let f = gpu.function("layernorm", "layernorm_backward_f32")?;
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut din)
+                .arg(&dg)
+                .arg(&dx)
+                .arg(&dw_)
+                .arg(&mean)
+                .arg(&rstd)
+                .arg(&ni)
+                .arg(&ci)
+                .launch(warp_per_row(n_rows))
+        }?;
+        let blocks = n_rows.div_ceil(64);
+        let mut scratch = s.alloc_zeros::<f32>(blocks * 2 * c)?;
+        let f = gpu.function("layernorm", "layernorm_param_partials_f32")?;
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(256) as u32, blocks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe {
+            s.launch_builder(&f).arg(&mut scratch).arg(&dg).arg(&dx).arg(&mean).arg(&rstd).arg(&ni).arg(&ci).launch(cfg)
+        }?;
+        let (dw_init, db_init) = (randn(c, 7, 0.1), randn(c, 8, 0.1));
+        let (mut ddw, mut ddb) = (gpu.upload(&dw_init)?, gpu.upload(&db_init)?);
+        let f = gpu.function("layernorm", "layernorm_param_reduce_f32")?;
+        let bi = blocks as i32;
+        let cfg =
+            LaunchConfig { grid_dim: (c.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { s.launch_builder(&f).arg(&mut ddw).arg(&mut ddb).arg(&scratch).arg(&bi).arg(&ci).launch(cfg) }?;
+        let (mut want_dx, mut want_dw, mut want_db) = (init.clone(), dw_init.clone(), db_init.clone());
+        layernorm::layernorm_backward(&mut want_dx, &mut want_dw, &mut want_db, &g, &x, &w, &wm, &wr, n_rows, c);
+        rows.push(compare("layernorm_backward_f32", &gpu.download(&din)?, &want_dx, TOL));
+        rows.push(compare("layernorm_param (dweight)", &gpu.download(&ddw)?, &want_dw, TOL));
+        rows.push(compare("layernorm_param (dbias)", &gpu.download(&ddb)?, &want_db, TOL));
+    }
+
+    // AdamW, one step with weight decay.
+    {
+        let hp = adamw::AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let t = 3u64;
+        let (p0, m0) = (randn(n, 9, 0.05), randn(n, 10, 1e-3));
+        let v0: Vec<f32> = randn(n, 11, 1e-3).iter().map(|v| v * v).collect();
+        let (mut dp, mut dm, mut dv) = (gpu.upload(&p0)?, gpu.upload(&m0)?, gpu.upload(&v0)?);
+        let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+        let apply = 1i32;
+        let (omb1, b2, omb2) = ((1.0 - hp.beta1) as f32, hp.beta2 as f32, (1.0 - hp.beta2) as f32);
+        let step_size = (hp.lr / (1.0 - hp.beta1.powi(t as i32))) as f32;
+        let bc2 = (1.0 - hp.beta2.powi(t as i32)).sqrt() as f32;
+        let eps = hp.eps as f32;
+        let nn = n as i64;
+        let f = gpu.function("adamw", "adamw_update_f32")?;
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut dp)
+                .arg(&dg)
+                .arg(&mut dm)
+                .arg(&mut dv)
+                .arg(&decay)
+                .arg(&apply)
+                .arg(&omb1)
+                .arg(&b2)
+                .arg(&omb2)
+                .arg(&step_size)
+                .arg(&bc2)
+                .arg(&eps)
+                .arg(&nn)
+                .launch(elementwise(n))
+        }?;
+        let (mut wp, mut wm, mut wv) = (p0.clone(), m0.clone(), v0.clone());
+        adamw::adamw_update(&mut wp, &g, &mut wm, &mut wv, &hp, t);
+        rows.push(compare("adamw_update_f32 (params)", &gpu.download(&dp)?, &wp, TOL));
+        rows.push(compare("adamw_update_f32 (exp_avg_sq)", &gpu.download(&dv)?, &wv, TOL));
+    }
+
+    // Dropout on hidden states [B, 1, T, C]: the same mask as the CPU, bit for bit.
+    {
+        let (b, t) = (8usize, 128usize);
+        let ids: Vec<u32> = (0..b as u32).map(|i| 1000 + 7 * i).collect();
+        let spec = dropout::DropoutSpec { p: 0.1, seed: 0x1234_5678_9abc, step: 17, site: 4 };
+        let logical = dropout::LogicalDims { t_max: 512, w_max: c };
+        let mut dxx = gpu.upload(&x)?;
+        let dids = gpu.upload(&ids)?;
+        let (h, ti, wi, tm, wm) = (1i32, t as i32, c as i32, 512i32, c as i32);
+        let (sl, sh) = (spec.seed as u32, (spec.seed >> 32) as u32);
+        let nn = n as i64;
+        let f = gpu.function("dropout", "dropout_forward_f32")?;
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut dxx)
+                .arg(&dids)
+                .arg(&h)
+                .arg(&ti)
+                .arg(&wi)
+                .arg(&tm)
+                .arg(&wm)
+                .arg(&spec.p)
+                .arg(&sl)
+                .arg(&sh)
+                .arg(&spec.step)
+                .arg(&spec.site)
+                .arg(&nn)
+                .launch(elementwise(n))
+        }?;
+        let mut want = x.clone();
+        dropout::dropout_forward(&mut want, &ids, 1, t, c, logical, &spec);
+        let got = gpu.download(&dxx)?;
+        let mismatched = got.iter().zip(&want).filter(|(a, b)| (**a == 0.0) != (**b == 0.0)).count();
+        let mut row = compare("dropout_forward_f32", &got, &want, TOL);
+        if mismatched > 0 {
+            row.rel_error = f64::INFINITY; // a different mask is a failure whatever the values
+        }
+        rows.push(row);
+    }
+
+    // Embedding forward.
+    {
+        let (b, t, v, p, tt) = (8usize, 128usize, 30522usize, 512usize, 2usize);
+        let ids: Vec<u32> =
+            (0..b * t).map(|i| philox::philox4x32_10([i as u32, 0, 0, 0], [1, 2])[0] % v as u32).collect();
+        let types: Vec<u32> = (0..b * t).map(|i| ((i % t) >= t / 2) as u32).collect();
+        let (wte, wpe, wtt) = (randn(v * c, 12, 0.02), randn(p * c, 13, 0.02), randn(tt * c, 14, 0.02));
+        let mut out = s.alloc_zeros::<f32>(b * t * c)?;
+        let (di, dt, de, dpp, dtt) =
+            (gpu.upload(&ids)?, gpu.upload(&types)?, gpu.upload(&wte)?, gpu.upload(&wpe)?, gpu.upload(&wtt)?);
+        let (bi, ti, ci) = (b as i32, t as i32, c as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(256) as u32, (b * t) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = gpu.function("embedding", "embedding_forward_f32")?;
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut out)
+                .arg(&di)
+                .arg(&dt)
+                .arg(&de)
+                .arg(&dpp)
+                .arg(&dtt)
+                .arg(&bi)
+                .arg(&ti)
+                .arg(&ci)
+                .launch(cfg)
+        }?;
+        let mut want = vec![0.0; b * t * c];
+        embedding::embedding_forward(&mut want, &ids, &types, &wte, &wpe, &wtt, b, t, c);
+        rows.push(compare("embedding_forward_f32", &gpu.download(&out)?, &want, TOL));
+    }
+
+    // Cross-entropy over a masked-LM-sized vocabulary, with ignored rows.
+    {
+        let (rows_n, v) = (64usize, 30522usize);
+        let logits = randn(rows_n * v, 15, 3.0);
+        let targets: Vec<i64> =
+            (0..rows_n).map(|i| if i % 5 == 0 { crossentropy::IGNORE_INDEX } else { (i * 977 % v) as i64 }).collect();
+        let (dl, dt) = (gpu.upload(&logits)?, gpu.upload(&targets)?);
+        let mut losses = s.alloc_zeros::<f32>(rows_n)?;
+        let (ni, vi) = (rows_n as i32, v as i32);
+        let cfg = LaunchConfig { grid_dim: (rows_n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let f = gpu.function("crossentropy", "crossentropy_forward_f32")?;
+        unsafe { s.launch_builder(&f).arg(&mut losses).arg(&dl).arg(&dt).arg(&ni).arg(&vi).launch(cfg) }?;
+        let mut want = vec![0.0; rows_n];
+        crossentropy::crossentropy_forward(&mut want, &logits, &targets, rows_n, v);
+        rows.push(compare("crossentropy_forward_f32", &gpu.download(&losses)?, &want, TOL));
+
+        let init = randn(rows_n * v, 16, 1e-4);
+        let mut dlog = gpu.upload(&init)?;
+        let scale = 1.0f32 / 51.0;
+        let f = gpu.function("crossentropy", "crossentropy_backward_f32")?;
+        unsafe { s.launch_builder(&f).arg(&mut dlog).arg(&dl).arg(&dt).arg(&scale).arg(&ni).arg(&vi).launch(cfg) }?;
+        let mut want = init.clone();
+        crossentropy::crossentropy_backward(&mut want, &logits, &targets, scale, rows_n, v);
+        rows.push(compare("crossentropy_backward_f32", &gpu.download(&dlog)?, &want, TOL));
+    }
+
+    // Global gradient norm (f64 partials in a fixed order).
+    {
+        let big = randn(3_000_001, 17, 1e-2);
+        let dbig = gpu.upload(&big)?;
+        let blocks = big.len().div_ceil(16384);
+        let mut partials = s.alloc_zeros::<f64>(blocks)?;
+        let mut total = s.alloc_zeros::<f64>(1)?;
+        let nn = big.len() as i64;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let f = gpu.function("gradnorm", "sumsq_partials_f64")?;
+        unsafe { s.launch_builder(&f).arg(&mut partials).arg(&dbig).arg(&nn).launch(cfg) }?;
+        let bi = blocks as i32;
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        let f = gpu.function("gradnorm", "sumsq_reduce_f64")?;
+        unsafe { s.launch_builder(&f).arg(&mut total).arg(&partials).arg(&bi).launch(one) }?;
+        let got = gpu.download(&total)?[0].sqrt() as f32;
+        rows.push(compare("sumsq_partials_f64 (global norm)", &[got], &[gradnorm::global_norm(&big)], TOL));
+    }
+
+    s.synchronize()?;
+    Ok(rows)
+}
