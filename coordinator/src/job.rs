@@ -178,8 +178,16 @@ impl JobConfig {
             }
             b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
         }
+        // Only `TANDEM_<SECTION>__<KEY>` variables are config: the binaries' own flags read
+        // `TANDEM_LISTEN`, `TANDEM_WORLD_SIZE`, ... (one underscore), which are not config keys.
+        let config_vars: config::Map<String, String> = std::env::vars()
+            .filter(|(k, _)| {
+                k.strip_prefix(ENV_PREFIX).and_then(|r| r.strip_prefix('_')).is_some_and(|r| r.contains("__"))
+            })
+            .collect();
         b = b.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
+                .source(Some(config_vars))
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)

@@ -330,3 +330,28 @@ fn device_cuda_without_a_driver_is_a_clear_error() {
     let out = worker(&["--device", "cpu", "train", "--config", "no-such.toml"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.toml: no such config file"));
 }
+
+#[test]
+fn the_binaries_own_environment_variables_are_not_config_keys() {
+    // TANDEM_LISTEN, TANDEM_DEVICE, ... are flags of the binaries (one underscore); only
+    // TANDEM_<SECTION>__<KEY> is config, and an unknown one of those is still an error.
+    let dir = TempDir::new("env-flags");
+    let train = dir.write("train.csv", &csv_rows(12));
+    let cfg = job(&dir, &fixture_model(), &train, "");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["train", "--print-config", "--config", cfg.to_str().unwrap()])
+        .env("TANDEM_LISTEN", "127.0.0.1:0")
+        .env("TANDEM_GPU", "0")
+        .env("TANDEM_TRAIN__LR", "0.25")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"lr\": 0.25"), "{stdout}");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["train", "--print-config", "--config", cfg.to_str().unwrap()])
+        .env("TANDEM_TRAIN__LEARNING_RATE", "0.25")
+        .output()
+        .unwrap();
+    assert_fails_with(&out, &["learning_rate"]);
+}
