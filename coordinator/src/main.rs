@@ -49,6 +49,14 @@ struct Cli {
     /// How long rendezvous and evaluation gathers wait for every worker, in seconds.
     #[arg(long, env = "TANDEM_GATHER_TIMEOUT_S", default_value_t = 600)]
     gather_timeout_s: u64,
+    /// A file holding the job token that every worker must present (default: the
+    /// TANDEM_JOB_TOKEN environment variable). With --spawn-local and no token, one is made up
+    /// and handed to the workers through their environment.
+    #[arg(long, env = "TANDEM_JOB_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve without a job token on a non-loopback address (anyone who can reach it can join).
+    #[arg(long)]
+    insecure: bool,
     /// Never draw a progress bar (log a line every 50 steps instead, as without a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -108,6 +116,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let data = coordinator::data::load(&job)?;
     anyhow::ensure!(!data.train.is_empty(), "{}: the training split is empty", job.data.train.display());
     tracing::info!(config = %serde_json::to_string(&job)?, world = cli.world_size, "resolved job config");
+    let mut token = proto::auth::JobToken::from_file_or_env(cli.token_file.as_deref()).map_err(anyhow::Error::msg)?;
+    if token.is_none() && cli.spawn_local {
+        token = Some(proto::auth::JobToken::generate().context("making a job token")?);
+    }
+    anyhow::ensure!(
+        token.is_some() || cli.listen.ip().is_loopback() || cli.insecure,
+        "--listen {} is reachable from other machines: give the job a token (TANDEM_JOB_TOKEN or --token-file, the \
+         same for every worker), or pass --insecure",
+        cli.listen
+    );
     let setup = checkpoint_setup(&job, cli.world_size)?;
     let info = JobInfo { config_json: serde_json::to_string(&job)?, nccl_id: Vec::new(), seed: job.train.seed };
     let board = ProgressBoard::new(
@@ -135,11 +153,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let threads =
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / cli.world_size).max(1).to_string());
         for rank in 0..cli.world_size {
-            let child = std::process::Command::new(&exe)
-                .env("RAYON_NUM_THREADS", &threads)
-                .args(["--coordinator", &format!("http://{addr}"), "--rank-hint", &rank.to_string()])
-                .spawn()
-                .with_context(|| format!("starting {}", exe.display()))?;
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.env("RAYON_NUM_THREADS", &threads).env_remove("TANDEM_JOB_TOKEN_FILE").args([
+                "--coordinator",
+                &format!("http://{addr}"),
+                "--rank-hint",
+                &rank.to_string(),
+            ]);
+            // The token goes through the environment, which `ps` does not show.
+            if let Some(t) = &token {
+                cmd.env(proto::auth::TOKEN_ENV, t.expose());
+            }
+            let child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
             children.push(child);
         }
     }
@@ -170,7 +195,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let done = Arc::clone(&svc.all_finished);
     let server = tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::from_arc(Arc::clone(&svc)))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            CoordinatorServer::from_arc(Arc::clone(&svc)),
+            proto::auth::ServerAuth::new(token),
+        ))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
             done.notified().await;
         });

@@ -383,3 +383,58 @@ fn checkpoints_are_never_overwritten_by_another_job() {
     assert!(start.elapsed() < std::time::Duration::from_secs(20));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_worker_without_the_job_token_is_refused_and_the_job_goes_on() {
+    use std::io::{BufRead, BufReader};
+    let dir = scratch("token");
+    let data = write_data(&dir);
+    let model = model_with_dropout(&dir, 0.0);
+    let cfg = job(&dir, &model, &data);
+    let token = "job-token-for-this-test-0123456789";
+    // The coordinator reads the token from a file; the workers from the environment.
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let mut coord = Command::new(bin("coordinator"))
+        .args(["--world-size", "1", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["--token-file", token_file.to_str().unwrap(), "--gather-timeout-s", "60"])
+        .args(["--set", &format!("output.dir={}", dir.join("out").display())])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Find the port in the coordinator's log.
+    let mut err = BufReader::new(coord.stderr.take().unwrap());
+    let mut log = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "coordinator exited:\n{log}");
+        log.push_str(&line);
+        if let Some(rest) = line.split("coordinator listening addr=").nth(1) {
+            break rest.trim().to_string();
+        }
+    };
+    let url = format!("http://{addr}");
+    for (what, tok) in [("no token", None), ("a wrong token", Some("not-the-job-token-0123456789"))] {
+        let mut w = Command::new(bin("worker"));
+        w.args(["--coordinator", &url, "--timeout-s", "20"]).env_remove("TANDEM_JOB_TOKEN");
+        if let Some(t) = tok {
+            w.env("TANDEM_JOB_TOKEN", t);
+        }
+        let o = w.output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "a worker with {what} got in");
+        assert!(e.contains("the coordinator refused this worker") && e.contains("token"), "{what}: {e}");
+        assert!(!e.contains(token), "the job token leaked into a worker's log");
+    }
+    let o = Command::new(bin("worker")).args(["--coordinator", &url]).env("TANDEM_JOB_TOKEN", token).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let status = coord.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    log.push_str(&rest);
+    assert!(status.success(), "{log}");
+    assert!(!log.contains(token), "the job token leaked into the coordinator's log");
+    assert!(dir.join("out/model/model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

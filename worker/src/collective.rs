@@ -91,6 +91,7 @@ impl TcpRing {
         peers: &[SocketAddr],
         listener: TcpListener,
         timeout: Duration,
+        token: Option<&proto::auth::JobToken>,
     ) -> Result<Self, CollectiveError> {
         let world = peers.len();
         if rank >= world || world < 2 {
@@ -130,12 +131,14 @@ impl TcpRing {
             s.set_read_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
             s.set_write_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         }
-        // Handshake: say who we are to the successor; check who the predecessor says it is.
+        // Handshake: say who we are to the successor; check who the predecessor says it is, and
+        // that both sides agree on whether the job has a token.
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
+        hello.push(u8::from(token.is_some()));
         next.write_all(&hello).map_err(|e| peer_err(next_rank, e))?;
-        let mut got = [0u8; 16];
+        let mut got = [0u8; 17];
         let mut prev_stream = prev;
         prev_stream.read_exact(&mut got).map_err(|e| peer_err(prev_rank, e))?;
         let their_rank = u32::from_le_bytes(got[8..12].try_into().expect("4 bytes")) as usize;
@@ -144,6 +147,30 @@ impl TcpRing {
             return Err(CollectiveError::Setup(format!(
                 "rank {rank} expected rank {prev_rank} of {world} as predecessor, got a peer claiming rank {their_rank} of {their_world}"
             )));
+        }
+        if got[16] != u8::from(token.is_some()) {
+            return Err(CollectiveError::Setup(format!(
+                "rank {rank} and its predecessor disagree on whether the job has a token"
+            )));
+        }
+        // With a token: challenge the predecessor with a random nonce; answer the successor's
+        // challenge with a proof (a hash of the token with the nonce and the ranks), so the
+        // token itself never crosses the ring and a peer without it is refused.
+        if let Some(token) = token {
+            let nonce = ring_nonce().map_err(|e| CollectiveError::Setup(format!("random nonce: {e}")))?;
+            prev_stream.write_all(&nonce).map_err(|e| peer_err(prev_rank, e))?;
+            let mut challenge = [0u8; 16];
+            next.read_exact(&mut challenge).map_err(|e| peer_err(next_rank, e))?;
+            let ctx = |from: usize, to: usize| format!("ring {from} -> {to} of {world}");
+            next.write_all(&token.proof(&ctx(rank, next_rank), &challenge)).map_err(|e| peer_err(next_rank, e))?;
+            let mut proof = [0u8; 32];
+            prev_stream.read_exact(&mut proof).map_err(|e| peer_err(prev_rank, e))?;
+            if proof != token.proof(&ctx(prev_rank, rank), &nonce) {
+                return Err(CollectiveError::Setup(format!(
+                    "rank {rank}: the peer at {} does not hold the job token",
+                    peers[prev_rank]
+                )));
+            }
         }
         Ok(TcpRing {
             rank,
@@ -180,6 +207,12 @@ impl TcpRing {
         })?;
         Ok(())
     }
+}
+
+fn ring_nonce() -> std::io::Result<[u8; 16]> {
+    let mut n = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
+    Ok(n)
 }
 
 fn accept_before(listener: &TcpListener, deadline: Instant) -> std::io::Result<TcpStream> {

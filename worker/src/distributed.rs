@@ -25,6 +25,7 @@ use crate::tokenize::{Encoded, TextEncoder};
 use crate::train::{batch_of, optimizer_step, Split};
 use anyhow::Context;
 use coordinator::job::JobConfig;
+use proto::auth::ClientAuth;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{
     checkpoint_part::Part, CheckpointHeader, CheckpointPart, EvalReport, EvalResult, FetchCheckpointRequest, FileChunk,
@@ -34,8 +35,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tonic::service::interceptor::InterceptedService;
 
 pub struct WorkerOpts {
+    /// The job token, sent with every RPC and proven to the ring peers.
+    pub token: Option<proto::auth::JobToken>,
     pub coordinator: String,
     pub rank_hint: Option<u32>,
     pub ring_listen: SocketAddr,
@@ -43,18 +47,24 @@ pub struct WorkerOpts {
     pub timeout: Duration,
 }
 
-type Client = CoordinatorClient<tonic::transport::Channel>;
+type Client = CoordinatorClient<InterceptedService<tonic::transport::Channel, ClientAuth>>;
 
 /// Bytes per message of a checkpoint upload (tonic's default message limit is 4 MiB).
 const UPLOAD_CHUNK: usize = 1 << 20;
 /// Training examples the data feed holds ready beyond the current step's.
 const PREFETCH_EXAMPLES: usize = 1024;
 
-async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Client> {
+async fn connect(url: &str, timeout: Duration, token: Option<&proto::auth::JobToken>) -> anyhow::Result<Client> {
     let deadline = Instant::now() + timeout;
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("coordinator address {url:?}"))?;
     loop {
-        match CoordinatorClient::connect(url.to_string()).await {
-            Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
+        match endpoint.connect().await {
+            Ok(ch) => {
+                return Ok(
+                    CoordinatorClient::with_interceptor(ch, ClientAuth::new(token)).max_decoding_message_size(64 << 20)
+                )
+            }
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "coordinator not up yet");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -267,7 +277,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let listener = TcpListener::bind(opts.ring_listen).with_context(|| format!("binding {}", opts.ring_listen))?;
     let ring_addr = opts.ring_advertise.clone().unwrap_or(listener.local_addr()?.to_string());
-    let mut client = rt.block_on(connect(&opts.coordinator, opts.timeout))?;
+    let mut client = rt.block_on(connect(&opts.coordinator, opts.timeout, opts.token.as_ref()))?;
     let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
     let reply = rt
         .block_on(client.join(JoinRequest {
@@ -292,7 +302,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let mut ring: Option<Overlapped> = if world == 1 {
         None
     } else {
-        Some(Overlapped::new(Box::new(TcpRing::connect(rank, &peers, listener, opts.timeout)?)))
+        Some(Overlapped::new(Box::new(TcpRing::connect(rank, &peers, listener, opts.timeout, opts.token.as_ref())?)))
     };
 
     let t = &job.train;

@@ -40,6 +40,10 @@ struct Cli {
     /// Deadline for the coordinator, the rendezvous and every ring peer, in seconds.
     #[arg(long, env = "TANDEM_TIMEOUT_S", default_value_t = 600)]
     timeout_s: u64,
+    /// A file holding the job token (default: the TANDEM_JOB_TOKEN environment variable; never a
+    /// flag, which `ps` would show).
+    #[arg(long, env = "TANDEM_JOB_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Where to compute: cpu, or cuda (an NVIDIA GPU: --gpu picks which).
     #[arg(long, env = "TANDEM_DEVICE", value_enum, default_value_t = Device::Cpu, global = true)]
     device: Device,
@@ -145,7 +149,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let Some(cmd) = cli.cmd else {
         let coordinator = cli.coordinator.context("give --coordinator URL to join a job, or a command (see --help)")?;
+        let token = proto::auth::JobToken::from_file_or_env(cli.token_file.as_deref()).map_err(anyhow::Error::msg)?;
         return worker::distributed::run(worker::distributed::WorkerOpts {
+            token,
             coordinator,
             rank_hint: cli.rank_hint,
             ring_listen: cli.ring_listen,
@@ -287,7 +293,7 @@ fn bench_ring(rank: usize, peers: &[std::net::SocketAddr], sizes_mib: &[usize], 
     use worker::collective::{Collective, TcpRing};
     let addr = *peers.get(rank).with_context(|| format!("no peer address for rank {rank}"))?;
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-    let mut ring = TcpRing::connect(rank, peers, listener, std::time::Duration::from_secs(60))?;
+    let mut ring = TcpRing::connect(rank, peers, listener, std::time::Duration::from_secs(60), None)?;
     let n = peers.len() as f64;
     for &mib in sizes_mib {
         let len = mib * (1 << 20) / 4;

@@ -32,7 +32,7 @@ fn on_ring<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut TcpRing) -> T + S
         .map(|(rank, l)| {
             let (addrs, f) = (addrs.clone(), std::sync::Arc::clone(&f));
             std::thread::spawn(move || {
-                let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(10)).unwrap();
+                let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(10), None).unwrap();
                 f(rank, &mut ring)
             })
         })
@@ -85,9 +85,9 @@ fn a_dead_peer_is_an_error_not_a_hang() {
     let start = Instant::now();
     let a = {
         let addrs = addrs.clone();
-        std::thread::spawn(move || TcpRing::connect(0, &addrs, l0, Duration::from_millis(800)).map(|_| ()))
+        std::thread::spawn(move || TcpRing::connect(0, &addrs, l0, Duration::from_millis(800), None).map(|_| ()))
     };
-    let b = std::thread::spawn(move || TcpRing::connect(1, &addrs, l1, Duration::from_millis(800)).map(|_| ()));
+    let b = std::thread::spawn(move || TcpRing::connect(1, &addrs, l1, Duration::from_millis(800), None).map(|_| ()));
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     assert!(matches!(a, Err(CollectiveError::Peer { rank: 2, .. })), "{a:?}");
     assert!(matches!(b, Err(CollectiveError::Peer { rank: 2, .. })), "{b:?}");
@@ -128,5 +128,52 @@ fn sparse_rows_sum_equals_the_dense_sum() {
         }
         let nonzero_rows = got[0].chunks(width).filter(|r| r.iter().any(|&x| x != 0.0)).count();
         assert_eq!(nonzero_rows, 2 + 2 * n, "world {n}: rows 3 and 500, and two of each rank's own");
+    }
+}
+
+/// With a job token, peers prove they hold it without sending it; a peer with another token, or
+/// none, is refused at the handshake, with an error, not a hang.
+#[test]
+fn ring_peers_must_hold_the_job_token() {
+    use proto::auth::JobToken;
+    let good = JobToken::new("ring-token-0123456789").unwrap();
+    let other = JobToken::new("another-token-0123456789").unwrap();
+    for (tokens, ok) in [
+        (vec![Some(good.clone()), Some(good.clone()), Some(good.clone())], true),
+        (vec![Some(good.clone()), Some(other.clone()), Some(good.clone())], false),
+        (vec![Some(good.clone()), None, Some(good.clone())], false),
+    ] {
+        let (ls, addrs) = listeners(3);
+        let handles: Vec<_> = ls
+            .into_iter()
+            .zip(tokens)
+            .enumerate()
+            .map(|(rank, (l, tok))| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || {
+                    let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(5), tok.as_ref())?;
+                    let mut buf = vec![rank as f32; 10];
+                    ring.all_reduce_sum(&mut buf)?;
+                    Ok::<_, CollectiveError>(buf)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        if ok {
+            for r in results {
+                assert_eq!(r.unwrap(), vec![3.0; 10]);
+            }
+        } else {
+            let errs: Vec<String> = results.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()).collect();
+            assert!(!errs.is_empty(), "a ring with a wrong or missing token formed");
+            assert!(
+                errs.iter().any(|e| e.contains("does not hold the job token")
+                    || e.contains("disagree on whether the job has a token")),
+                "{errs:?}"
+            );
+            for e in &errs {
+                assert!(!e.contains("ring-token") && !e.contains("another-token"), "a token leaked into an error: {e}");
+            }
+        }
     }
 }

@@ -1,0 +1,148 @@
+//! The job token: a shared secret that every RPC carries (`authorization: Bearer <token>`), so
+//! that nobody on the network who lacks it can join a job, read its data or send it anything.
+//!
+//! The token comes from a file (`--token-file`) or the environment (`TANDEM_JOB_TOKEN`), never
+//! from a command-line argument (which `ps` shows), and is never logged: `JobToken`'s `Debug`
+//! prints `JobToken(<redacted>)`. The server compares SHA-256 digests in constant time.
+
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::{Request, Status};
+
+/// The environment variable that carries the token.
+pub const TOKEN_ENV: &str = "TANDEM_JOB_TOKEN";
+
+#[derive(Clone)]
+pub struct JobToken(Arc<str>);
+
+impl std::fmt::Debug for JobToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobToken(<redacted>)")
+    }
+}
+
+impl JobToken {
+    /// Checks a token's form: 16 to 4096 printable ASCII characters, no spaces.
+    pub fn new(token: &str) -> Result<Self, String> {
+        let t = token.trim();
+        if t.len() < 16 || t.len() > 4096 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("a job token must be 16 to 4096 printable ASCII characters without spaces".into());
+        }
+        Ok(JobToken(t.into()))
+    }
+
+    /// The token from `file` if given, else from `TANDEM_JOB_TOKEN`, else none.
+    pub fn from_file_or_env(file: Option<&Path>) -> Result<Option<Self>, String> {
+        if let Some(f) = file {
+            let text = std::fs::read_to_string(f).map_err(|e| format!("job token file {}: {e}", f.display()))?;
+            return JobToken::new(&text).map(Some).map_err(|e| format!("job token file {}: {e}", f.display()));
+        }
+        match std::env::var(TOKEN_ENV) {
+            Ok(t) => JobToken::new(&t).map(Some).map_err(|e| format!("{TOKEN_ENV}: {e}")),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A fresh random token (32 bytes from the OS, hex): for jobs whose workers the coordinator
+    /// starts itself.
+    pub fn generate() -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(JobToken(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>().into()))
+    }
+
+    /// The token itself, to hand to a child process through its environment.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn digest(s: &[u8]) -> [u8; 32] {
+        Sha256::digest(s).into()
+    }
+
+    /// Whether `presented` is this token, in time independent of where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let (a, b) = (Self::digest(self.0.as_bytes()), Self::digest(presented));
+        a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// A proof of the token for a ring peer: SHA-256 over a context string, the challenge and
+    /// the token, so that the token itself never crosses the ring's sockets.
+    pub fn proof(&self, context: &str, challenge: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"tandem-ring-v1\0");
+        h.update(context.as_bytes());
+        h.update([0]);
+        h.update(challenge);
+        h.update(self.0.as_bytes());
+        h.finalize().into()
+    }
+}
+
+/// Adds the token to every outgoing request (no token: adds nothing).
+#[derive(Clone, Debug, Default)]
+pub struct ClientAuth(Option<MetadataValue<Ascii>>);
+
+impl ClientAuth {
+    pub fn new(token: Option<&JobToken>) -> Self {
+        ClientAuth(token.map(|t| format!("Bearer {}", t.0).parse().expect("a checked token is valid metadata")))
+    }
+}
+
+impl tonic::service::Interceptor for ClientAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Refuses every request that does not carry the job token (no token configured: accepts all).
+#[derive(Clone, Debug, Default)]
+pub struct ServerAuth(Option<JobToken>);
+
+impl ServerAuth {
+    pub fn new(token: Option<JobToken>) -> Self {
+        ServerAuth(token)
+    }
+}
+
+impl tonic::service::Interceptor for ServerAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.0 else { return Ok(req) };
+        let presented =
+            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(p) if token.matches(p.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong job token")),
+            None => {
+                Err(Status::unauthenticated(format!("this job requires its job token ({TOKEN_ENV} or --token-file)")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_and_never_printed() {
+        assert!(JobToken::new("short").is_err());
+        assert!(JobToken::new("has a space in the middle!").is_err());
+        let t = JobToken::new("0123456789abcdef-secret\n").unwrap();
+        assert_eq!(format!("{t:?}"), "JobToken(<redacted>)");
+        assert!(t.matches(b"0123456789abcdef-secret"));
+        assert!(!t.matches(b"0123456789abcdef-secreT"));
+        assert!(!t.matches(b""));
+        let g = JobToken::generate().unwrap();
+        assert_eq!(g.expose().len(), 64);
+        assert_ne!(g.expose(), JobToken::generate().unwrap().expose());
+        assert_ne!(t.proof("a", b"x"), t.proof("b", b"x"));
+        assert_ne!(t.proof("a", b"x"), g.proof("a", b"x"));
+    }
+}
