@@ -415,6 +415,13 @@ fn a_worker_without_the_job_token_is_refused_and_the_job_goes_on() {
         }
     };
     let url = format!("http://{addr}");
+    // Raw TCP clients sending garbage, and an HTTP/2 preface followed by garbage: refused by the
+    // transport, and the coordinator carries on.
+    for junk in [vec![0xa5u8; 65536], [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice(), &[0xff; 4096]].concat()] {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let _ = s.write_all(&junk);
+    }
     for (what, tok) in [("no token", None), ("a wrong token", Some("not-the-job-token-0123456789"))] {
         let mut w = Command::new(bin("worker"));
         w.args(["--coordinator", &url, "--timeout-s", "20"]).env_remove("TANDEM_JOB_TOKEN");

@@ -103,75 +103,77 @@ impl TcpRing {
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + timeout;
         let next_addr = peers[next_rank];
-        // Connect to the successor (retrying while it starts listening) and accept the predecessor.
-        let connector = std::thread::spawn(move || -> Result<TcpStream, std::io::Error> {
-            loop {
+        let token = token.cloned();
+        // The successor side, on its own thread: connect (retrying while it starts listening),
+        // introduce ourselves, answer its challenge, and wait for its verdict.
+        let hello = hello(rank, world, token.is_some());
+        let proof_token = token.clone();
+        let connector = std::thread::spawn(move || -> Result<TcpStream, String> {
+            let mut s = loop {
                 match TcpStream::connect_timeout(&next_addr, Duration::from_millis(500)) {
-                    Ok(s) => return Ok(s),
-                    Err(e) if Instant::now() < deadline => {
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(e),
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    Err(e) => return Err(format!("connecting: {e}")),
                 }
+            };
+            s.set_read_timeout(Some(timeout))
+                .and_then(|()| s.set_write_timeout(Some(timeout)))
+                .map_err(|e| e.to_string())?;
+            s.write_all(&hello).map_err(|e| format!("sending our hello: {e}"))?;
+            if let Some(t) = &proof_token {
+                let mut challenge = [0u8; 16];
+                s.read_exact(&mut challenge).map_err(|e| format!("reading its challenge: {e}"))?;
+                s.write_all(&t.proof(&ring_context(rank, next_rank, world), &challenge))
+                    .map_err(|e| format!("sending our proof: {e}"))?;
+            }
+            let mut verdict = [0u8; 1];
+            match s.read_exact(&mut verdict) {
+                Ok(()) if verdict[0] == 1 => Ok(s),
+                _ => Err("it refused this rank (another job, world size or job token?)".into()),
             }
         });
-        let prev = accept_before(&listener, deadline).map_err(|source| CollectiveError::Peer {
-            rank: prev_rank,
-            addr: peers[prev_rank].to_string(),
-            source,
-        })?;
-        let mut next = connector
-            .join()
-            .map_err(|_| CollectiveError::Setup("connector thread panicked".into()))?
-            .map_err(|source| CollectiveError::Peer { rank: next_rank, addr: next_addr.to_string(), source })?;
-        let peer_err = |r: usize, source| CollectiveError::Peer { rank: r, addr: peers[r].to_string(), source };
+        // The predecessor side: accept connections until one proves to be the predecessor. A
+        // connection that is not (garbage, a stray client, a wrong token) is dropped and
+        // logged, and does not stop the ring from forming.
+        let mut last_refusal = String::from("nobody connected");
+        let prev = loop {
+            let (mut s, from) = match accept_before(&listener, deadline) {
+                Ok(x) => x,
+                Err(e) => {
+                    return Err(CollectiveError::Peer {
+                        rank: prev_rank,
+                        addr: peers[prev_rank].to_string(),
+                        source: std::io::Error::new(
+                            e.kind(),
+                            format!(
+                                "rank {rank} found no valid predecessor within {timeout:?} ({e}); last refused \
+                                 connection: {last_refusal}"
+                            ),
+                        ),
+                    })
+                }
+            };
+            match admit_predecessor(&mut s, rank, prev_rank, world, token.as_ref(), deadline) {
+                Ok(()) => break s,
+                Err(why) => {
+                    tracing::warn!(rank, %from, reason = %why, "refused a ring connection");
+                    last_refusal = format!("{from}: {why}");
+                }
+            }
+        };
+        let next = connector.join().map_err(|_| CollectiveError::Setup("connector thread panicked".into()))?.map_err(
+            |why| CollectiveError::Peer {
+                rank: next_rank,
+                addr: next_addr.to_string(),
+                source: std::io::Error::other(format!("rank {rank}'s successor: {why}")),
+            },
+        )?;
         for s in [&next, &prev] {
             s.set_nodelay(true).ok();
             s.set_read_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
             s.set_write_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         }
-        // Handshake: say who we are to the successor; check who the predecessor says it is, and
-        // that both sides agree on whether the job has a token.
-        let mut hello = MAGIC.to_vec();
-        hello.extend_from_slice(&(rank as u32).to_le_bytes());
-        hello.extend_from_slice(&(world as u32).to_le_bytes());
-        hello.push(u8::from(token.is_some()));
-        next.write_all(&hello).map_err(|e| peer_err(next_rank, e))?;
-        let mut got = [0u8; 17];
-        let mut prev_stream = prev;
-        prev_stream.read_exact(&mut got).map_err(|e| peer_err(prev_rank, e))?;
-        let their_rank = u32::from_le_bytes(got[8..12].try_into().expect("4 bytes")) as usize;
-        let their_world = u32::from_le_bytes(got[12..16].try_into().expect("4 bytes")) as usize;
-        if &got[..8] != MAGIC || their_rank != prev_rank || their_world != world {
-            return Err(CollectiveError::Setup(format!(
-                "rank {rank} expected rank {prev_rank} of {world} as predecessor, got a peer claiming rank {their_rank} of {their_world}"
-            )));
-        }
-        if got[16] != u8::from(token.is_some()) {
-            return Err(CollectiveError::Setup(format!(
-                "rank {rank} and its predecessor disagree on whether the job has a token"
-            )));
-        }
-        // With a token: challenge the predecessor with a random nonce; answer the successor's
-        // challenge with a proof (a hash of the token with the nonce and the ranks), so the
-        // token itself never crosses the ring and a peer without it is refused.
-        if let Some(token) = token {
-            let nonce = ring_nonce().map_err(|e| CollectiveError::Setup(format!("random nonce: {e}")))?;
-            prev_stream.write_all(&nonce).map_err(|e| peer_err(prev_rank, e))?;
-            let mut challenge = [0u8; 16];
-            next.read_exact(&mut challenge).map_err(|e| peer_err(next_rank, e))?;
-            let ctx = |from: usize, to: usize| format!("ring {from} -> {to} of {world}");
-            next.write_all(&token.proof(&ctx(rank, next_rank), &challenge)).map_err(|e| peer_err(next_rank, e))?;
-            let mut proof = [0u8; 32];
-            prev_stream.read_exact(&mut proof).map_err(|e| peer_err(prev_rank, e))?;
-            if proof != token.proof(&ctx(prev_rank, rank), &nonce) {
-                return Err(CollectiveError::Setup(format!(
-                    "rank {rank}: the peer at {} does not hold the job token",
-                    peers[prev_rank]
-                )));
-            }
-        }
+        let prev_stream = prev;
         Ok(TcpRing {
             rank,
             world,
@@ -209,19 +211,73 @@ impl TcpRing {
     }
 }
 
+/// What a rank says first to its successor: magic, rank, world, and whether it has a token.
+fn hello(rank: usize, world: usize, has_token: bool) -> Vec<u8> {
+    let mut h = MAGIC.to_vec();
+    h.extend_from_slice(&(rank as u32).to_le_bytes());
+    h.extend_from_slice(&(world as u32).to_le_bytes());
+    h.push(u8::from(has_token));
+    h
+}
+
+fn ring_context(from: usize, to: usize, world: usize) -> String {
+    format!("ring {from} -> {to} of {world}")
+}
+
+/// Checks that the peer on `s` is our predecessor of this job: its hello, and with a token, its
+/// proof of the token for a fresh nonce. Reads a bounded number of bytes with a short deadline,
+/// so garbage or silence costs at most a few seconds. Answers 1 when admitted.
+fn admit_predecessor(
+    s: &mut TcpStream,
+    rank: usize,
+    prev_rank: usize,
+    world: usize,
+    token: Option<&proto::auth::JobToken>,
+    deadline: Instant,
+) -> Result<(), String> {
+    let wait =
+        deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    s.set_read_timeout(Some(wait)).and_then(|()| s.set_write_timeout(Some(wait))).map_err(|e| e.to_string())?;
+    let mut got = [0u8; 17];
+    s.read_exact(&mut got).map_err(|e| format!("no hello: {e}"))?;
+    if &got[..8] != MAGIC {
+        return Err("not a Tandem ring peer (bad magic)".into());
+    }
+    let their_rank = u32::from_le_bytes(got[8..12].try_into().expect("4 bytes")) as usize;
+    let their_world = u32::from_le_bytes(got[12..16].try_into().expect("4 bytes")) as usize;
+    if their_rank != prev_rank || their_world != world {
+        return Err(format!(
+            "claims rank {their_rank} of {their_world}; rank {rank} expects rank {prev_rank} of {world}"
+        ));
+    }
+    if got[16] != u8::from(token.is_some()) {
+        return Err("disagrees on whether the job has a token".into());
+    }
+    if let Some(token) = token {
+        let nonce = ring_nonce().map_err(|e| format!("random nonce: {e}"))?;
+        s.write_all(&nonce).map_err(|e| e.to_string())?;
+        let mut proof = [0u8; 32];
+        s.read_exact(&mut proof).map_err(|e| format!("no proof: {e}"))?;
+        if proof != token.proof(&ring_context(prev_rank, rank, world), &nonce) {
+            return Err("does not hold the job token".into());
+        }
+    }
+    s.write_all(&[1]).map_err(|e| e.to_string())
+}
+
 fn ring_nonce() -> std::io::Result<[u8; 16]> {
     let mut n = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
     Ok(n)
 }
 
-fn accept_before(listener: &TcpListener, deadline: Instant) -> std::io::Result<TcpStream> {
+fn accept_before(listener: &TcpListener, deadline: Instant) -> std::io::Result<(TcpStream, SocketAddr)> {
     listener.set_nonblocking(true)?;
     loop {
         match listener.accept() {
-            Ok((s, _)) => {
+            Ok((s, from)) => {
                 s.set_nonblocking(false)?;
-                return Ok(s);
+                return Ok((s, from));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));

@@ -151,7 +151,7 @@ fn ring_peers_must_hold_the_job_token() {
             .map(|(rank, (l, tok))| {
                 let addrs = addrs.clone();
                 std::thread::spawn(move || {
-                    let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(5), tok.as_ref())?;
+                    let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(3), tok.as_ref())?;
                     let mut buf = vec![rank as f32; 10];
                     ring.all_reduce_sum(&mut buf)?;
                     Ok::<_, CollectiveError>(buf)
@@ -168,12 +168,40 @@ fn ring_peers_must_hold_the_job_token() {
             assert!(!errs.is_empty(), "a ring with a wrong or missing token formed");
             assert!(
                 errs.iter().any(|e| e.contains("does not hold the job token")
-                    || e.contains("disagree on whether the job has a token")),
+                    || e.contains("disagrees on whether the job has a token")),
                 "{errs:?}"
             );
             for e in &errs {
                 assert!(!e.contains("ring-token") && !e.contains("another-token"), "a token leaked into an error: {e}");
             }
         }
+    }
+}
+
+/// A stray client that connects to a rank's ring port first and sends garbage (or nothing) is
+/// dropped; the real ring still forms and sums correctly.
+#[test]
+fn garbage_on_a_ring_port_does_not_stop_the_ring() {
+    use std::io::Write;
+    let (ls, addrs) = listeners(2);
+    // Before the real peers start: one client sends garbage, one says nothing and stays.
+    let mut junk = std::net::TcpStream::connect(addrs[0]).unwrap();
+    junk.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(4096)).unwrap();
+    let _silent = std::net::TcpStream::connect(addrs[1]).unwrap();
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(20), None).unwrap();
+                let mut buf = vec![1.0f32 + rank as f32; 1000];
+                ring.all_reduce_sum(&mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), vec![3.0; 1000]);
     }
 }
