@@ -89,6 +89,22 @@ impl Rendezvous {
         Ok(rank)
     }
 
+    /// Frees `rank` again when the worker holding it goes away (its Join timed out or it hung
+    /// up) before the world was complete. Once the world is complete, membership is fixed and
+    /// this does nothing; returns whether the slot was freed.
+    pub fn leave(&mut self, rank: usize, hostname: &str) -> bool {
+        if self.members().is_some() {
+            return false;
+        }
+        match self.slots.get(rank) {
+            Some(Some(j)) if j.hostname == hostname => {
+                self.slots[rank] = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The ranks still missing.
     pub fn missing(&self) -> Vec<usize> {
         self.slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(r, _)| r).collect()
@@ -137,5 +153,17 @@ mod tests {
         r.join(joiner(None, "b")).unwrap();
         assert_eq!(r.join(joiner(None, "late")), Err(JoinError::WorldFull { world: 2 }));
         assert!(JoinError::WorldFull { world: 2 }.to_string().contains("all 2 workers"));
+    }
+
+    #[test]
+    fn a_worker_that_leaves_before_the_world_is_complete_frees_its_rank() {
+        let mut r = Rendezvous::new(2, 1);
+        assert_eq!(r.join(joiner(Some(1), "gone")), Ok(1));
+        assert!(!r.leave(1, "someone-else"), "only the holder frees a slot");
+        assert!(r.leave(1, "gone"));
+        assert_eq!(r.join(joiner(Some(1), "back")), Ok(1));
+        assert_eq!(r.join(joiner(None, "a")), Ok(0));
+        assert!(!r.leave(1, "back"), "a complete world keeps its members");
+        assert_eq!(r.members().unwrap().len(), 2);
     }
 }

@@ -161,6 +161,32 @@ impl CoordinatorService {
     }
 }
 
+/// A rank taken by a Join that is still waiting for the world; freed on drop unless kept.
+struct SlotGuard {
+    rdv: Arc<Mutex<Rendezvous>>,
+    changed: Arc<Notify>,
+    rank: usize,
+    host: String,
+    kept: bool,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let freed = self.rdv.lock().map(|mut r| r.leave(self.rank, &self.host)).unwrap_or(false);
+        if freed {
+            tracing::warn!(
+                host = self.host,
+                rank = self.rank,
+                "a worker left before the world was complete; its rank is free again"
+            );
+            self.changed.notify_waiters();
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     type StreamShardStream = tokio_stream::wrappers::ReceiverStream<Result<ExampleBatch, Status>>;
@@ -452,12 +478,17 @@ impl Coordinator for CoordinatorService {
             rank
         };
         self.changed.notify_waiters();
+        // Until the world is complete, a worker that times out or hangs up gives its rank back
+        // (dropping this guard), so that its restarted self or a replacement can take it.
+        let mut slot =
+            SlotGuard { rdv: Arc::clone(&self.rdv), changed: Arc::clone(&self.changed), rank, host, kept: false };
         let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
             let notified = self.changed.notified();
             {
                 let rdv = self.rdv.lock().expect("rendezvous lock");
                 if let Some(members) = rdv.members() {
+                    slot.kept = true;
                     return Ok(Response::new(JoinReply {
                         rank: rank as u32,
                         world_size: rdv.world_size() as u32,

@@ -69,3 +69,26 @@ async fn a_rendezvous_that_never_completes_names_the_missing_ranks() {
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
     assert!(e.message().contains("ranks [0, 2] never joined"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_times_out_or_hangs_up_frees_its_rank() {
+    let url = serve(2, empty_data(2), Duration::from_millis(400)).await;
+    // Rank 1 joins, nobody else comes: its Join times out, and rank 1 is free again.
+    let mut c = CoordinatorClient::connect(url.clone()).await.unwrap();
+    let e = c.join(req(Some(1), 2001)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+    // Rank 0 joins and hangs up while waiting: rank 0 is free again too.
+    let u = url.clone();
+    let waiting =
+        tokio::spawn(async move { CoordinatorClient::connect(u).await.unwrap().join(req(Some(0), 2002)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    waiting.abort();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Their restarted selves take the same ranks and complete the world.
+    let (u0, u1) = (url.clone(), url.clone());
+    let a = tokio::spawn(async move { CoordinatorClient::connect(u0).await.unwrap().join(req(Some(0), 2003)).await });
+    let b = tokio::spawn(async move { CoordinatorClient::connect(u1).await.unwrap().join(req(Some(1), 2004)).await });
+    let (a, b) = (a.await.unwrap().unwrap().into_inner(), b.await.unwrap().unwrap().into_inner());
+    assert_eq!((a.rank, b.rank), (0, 1));
+    assert_eq!(a.ring_peers, vec!["127.0.0.1:2003".to_string(), "127.0.0.1:2004".to_string()]);
+}
