@@ -23,58 +23,46 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// The [B, T, NH*HD] offset of element i of a [B, NH, T, HD] tensor.
+__device__ __forceinline__ long long btc_of_bhtd(long long i, int nh, int t, int hd) {
+    int d = (int)(i % hd);
+    int ti = (int)((i / hd) % t);
+    int h = (int)((i / ((long long)hd * t)) % nh);
+    long long bi = i / ((long long)hd * t * nh);
+    return (bi * t + ti) * (long long)(nh * hd) + h * hd + d;
+}
+
+// The [B, NH, T, HD] offset of element i of a [B, T, NH*HD] tensor.
+__device__ __forceinline__ long long bhtd_of_btc(long long i, int nh, int t, int hd) {
+    int col = (int)(i % (nh * hd));
+    long long bt = i / (nh * hd);
+    int h = col / hd, d = col % hd;
+    long long bi = bt / t;
+    int ti = (int)(bt % t);
+    return ((bi * nh + h) * t + ti) * (long long)hd + d;
+}
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
 // dst[b, h, t, d] = src[b, t, h * HD + d]. One thread per element of dst, grid-stride.
 extern "C" __global__ void split_heads_f32(float* dst, const float* src, int b, int nh, int t, int hd) {
-    long long n = (long long)b * nh * t * hd;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        int d = (int)(i % hd);
-        int ti = (int)((i / hd) % t);
-        int h = (int)((i / ((long long)hd * t)) % nh);
-        long long bi = i / ((long long)hd * t * nh);
-        dst[i] = src[(bi * t + ti) * (long long)(nh * hd) + h * hd + d];
-    }
+    GRID_STRIDE(i, (long long)b * nh * t * hd) dst[i] = src[btc_of_bhtd(i, nh, t, hd)];
 }
 
 // dst[b, t, h * HD + d] = src[b, h, t, d]. One thread per element of dst.
 extern "C" __global__ void merge_heads_f32(float* dst, const float* src, int b, int nh, int t, int hd) {
-    long long n = (long long)b * nh * t * hd;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        int col = (int)(i % (nh * hd));
-        long long bt = i / (nh * hd);
-        int h = col / hd, d = col % hd;
-        long long bi = bt / t;
-        int ti = (int)(bt % t);
-        dst[i] = src[((bi * nh + h) * t + ti) * (long long)hd + d];
-    }
+    GRID_STRIDE(i, (long long)b * nh * t * hd) dst[i] = src[bhtd_of_btc(i, nh, t, hd)];
 }
 
 // dsrc[b, t, h * HD + d] += ddst[b, h, t, d]
 extern "C" __global__ void split_heads_backward_f32(float* dsrc, const float* ddst, int b, int nh, int t, int hd) {
-    long long n = (long long)b * nh * t * hd;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        int col = (int)(i % (nh * hd));
-        long long bt = i / (nh * hd);
-        int h = col / hd, d = col % hd;
-        long long bi = bt / t;
-        int ti = (int)(bt % t);
-        dsrc[i] += ddst[((bi * nh + h) * t + ti) * (long long)hd + d];
-    }
+    GRID_STRIDE(i, (long long)b * nh * t * hd) dsrc[i] += ddst[bhtd_of_btc(i, nh, t, hd)];
 }
 
 // dsrc[b, h, t, d] += ddst[b, t, h * HD + d]
 extern "C" __global__ void merge_heads_backward_f32(float* dsrc, const float* ddst, int b, int nh, int t, int hd) {
-    long long n = (long long)b * nh * t * hd;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        int d = (int)(i % hd);
-        int ti = (int)((i / hd) % t);
-        int h = (int)((i / ((long long)hd * t)) % nh);
-        long long bi = i / ((long long)hd * t * nh);
-        dsrc[i] += ddst[(bi * t + ti) * (long long)(nh * hd) + h * hd + d];
-    }
+    GRID_STRIDE(i, (long long)b * nh * t * hd) dsrc[i] += ddst[btc_of_bhtd(i, nh, t, hd)];
 }
 
 // In place: each row s of S [B, NH, T, T] becomes softmax(s + mask[b, :]).

@@ -10,7 +10,8 @@
 //
 // One thread per element; a grid-stride loop covers any size.
 
-extern "C" __global__ void dropout_forward_f32(
+// x[i] *= mask(i) over all n elements: forward on activations, backward on their gradients.
+__device__ __forceinline__ void dropout_apply(
     float* x, const unsigned int* example_ids,
     int h, int t, int w, int t_max, int w_max,
     float p, unsigned int seed_lo, unsigned int seed_hi, unsigned int step, unsigned int site,
@@ -33,25 +34,20 @@ extern "C" __global__ void dropout_forward_f32(
     }
 }
 
+extern "C" __global__ void dropout_forward_f32(
+    float* x, const unsigned int* example_ids,
+    int h, int t, int w, int t_max, int w_max,
+    float p, unsigned int seed_lo, unsigned int seed_hi, unsigned int step, unsigned int site,
+    long long n)
+{
+    dropout_apply(x, example_ids, h, t, w, t_max, w_max, p, seed_lo, seed_hi, step, site, n);
+}
+
 extern "C" __global__ void dropout_backward_f32(
     float* dx, const unsigned int* example_ids,
     int h, int t, int w, int t_max, int w_max,
     float p, unsigned int seed_lo, unsigned int seed_hi, unsigned int step, unsigned int site,
     long long n)
 {
-    const float scale = 1.0f / (1.0f - p);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long row = i / w;
-        int wi = (int)(i % w);
-        int ti = (int)(row % t);
-        int hi = (int)((row / t) % h);
-        long long bi = row / ((long long)h * t);
-        unsigned long long idx = ((unsigned long long)hi * t_max + ti) * (unsigned long long)w_max + wi;
-        Philox4 c = { (unsigned int)(idx >> 2), example_ids[bi], step, site };
-        Philox4 r = philox4x32_10(c, seed_lo, seed_hi);
-        unsigned int word = (idx & 3) == 0 ? r.x : (idx & 3) == 1 ? r.y : (idx & 3) == 2 ? r.z : r.w;
-        float u = u32_to_unit_f32(word);
-        dx[i] = dx[i] * (u >= p ? scale : 0.0f);
-    }
+    dropout_apply(dx, example_ids, h, t, w, t_max, w_max, p, seed_lo, seed_hi, step, site, n);
 }
