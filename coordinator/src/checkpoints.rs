@@ -191,7 +191,12 @@ impl Store {
         std::fs::remove_file(&probe).map_err(not_writable)?;
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let entry = entry.map_err(io(dir))?;
-            if entry.file_name().to_string_lossy().starts_with(".partial-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".coordinator.json.") {
+                let _ = std::fs::remove_file(entry.path()); // a state file whose write was cut off
+                continue;
+            }
+            if name.starts_with(".partial-") || name.starts_with(".replaced-") {
                 tracing::info!(path = %entry.path().display(), "removing an incomplete checkpoint");
                 std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
             }

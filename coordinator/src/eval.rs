@@ -109,8 +109,9 @@ impl EvalBoard {
                 counts.confusion.len()
             ));
         }
-        if self.done.contains_key(&(split, step)) {
-            return Err(format!("evaluation of split {split} at step {step} is already complete"));
+        // A restarted job evaluates a step again: the new counts replace the old result.
+        if !self.pending.contains_key(&(split, step)) {
+            self.done.remove(&(split, step));
         }
         let slots = self.pending.entry((split, step)).or_insert_with(|| vec![None; self.world]);
         if let Some(other) = slots.iter().flatten().next() {
@@ -133,6 +134,17 @@ impl EvalBoard {
         let m = total.metrics();
         self.done.insert((split, step), m.clone());
         Ok(Some(m))
+    }
+
+    /// A new generation of the job: reports in flight are dropped (the finished ones are kept).
+    pub fn restart(&mut self) {
+        self.pending.clear();
+    }
+
+    /// The world of the generation that reports from now on.
+    pub fn set_world(&mut self, world: usize) {
+        self.pending.clear();
+        self.world = world;
     }
 
     /// The metrics of a finished evaluation.
@@ -200,6 +212,8 @@ mod tests {
         let m = b.report(0, 2, 10, c0).unwrap().unwrap();
         assert_eq!((m.examples, m.accuracy, m.loss), (2, 0.5, 2.0));
         assert_eq!(b.result(2, 10), Some(&m));
-        assert!(b.report(0, 2, 10, EvalCounts::new(2)).unwrap_err().contains("already complete"));
+        // Evaluated again (a restarted generation): the new counts replace the old result.
+        assert_eq!(b.report(0, 2, 10, EvalCounts::new(2)), Ok(None));
+        assert_eq!(b.result(2, 10), None);
     }
 }

@@ -143,6 +143,57 @@ impl Default for CheckpointSection {
     }
 }
 
+/// Failure detection and recovery (the torchrun-elastic knobs). None of these change what a step
+/// computes, so a resumed job may change them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElasticSection {
+    /// The fewest workers the job may continue with after a failure (0: the full world,
+    /// `--world-size`, which is also the most). With fewer than `--world-size`, each worker takes
+    /// a larger share of the same global batch (`train.batch_size` must divide evenly).
+    pub min_workers: usize,
+    /// Restarts from the last checkpoint after failures before the job gives up.
+    pub max_restarts: u32,
+    /// How often workers heartbeat to the coordinator.
+    pub heartbeat_interval_s: f64,
+    /// A worker (or the coordinator, seen from a worker) silent this long has failed.
+    pub heartbeat_timeout_s: f64,
+    /// A worker whose step and phase have not changed for this long has stalled (0: never).
+    pub progress_timeout_s: f64,
+    /// Every ring read and write, and ring setup, gives up after this long.
+    pub collective_timeout_s: f64,
+    /// After a failure, how long the coordinator waits for at least `min_workers` to rejoin, and
+    /// how long a worker keeps trying to reach its coordinator, before giving up.
+    pub rejoin_timeout_s: f64,
+    /// With at least `min_workers` but fewer than `--world-size` rejoined, how long to wait for
+    /// the rest before continuing without them.
+    pub last_call_s: f64,
+    /// Compare a checksum of every worker's parameters every this many steps (0: never).
+    pub checksum_every: u64,
+}
+
+impl Default for ElasticSection {
+    fn default() -> Self {
+        ElasticSection {
+            min_workers: 0,
+            max_restarts: 3,
+            heartbeat_interval_s: 1.0,
+            heartbeat_timeout_s: 15.0,
+            progress_timeout_s: 1800.0,
+            collective_timeout_s: 300.0,
+            rejoin_timeout_s: 600.0,
+            last_call_s: 30.0,
+            checksum_every: 100,
+        }
+    }
+}
+
+impl ElasticSection {
+    pub fn secs(s: f64) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(s.max(0.0))
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobConfig {
@@ -151,6 +202,7 @@ pub struct JobConfig {
     pub train: TrainSection,
     pub output: OutputSection,
     pub checkpoint: CheckpointSection,
+    pub elastic: ElasticSection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +286,26 @@ impl JobConfig {
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("train.epochs and train.max_steps are both 0: nothing to train".into());
         }
+        let e = &self.elastic;
+        for (name, v) in [
+            ("heartbeat_interval_s", e.heartbeat_interval_s),
+            ("heartbeat_timeout_s", e.heartbeat_timeout_s),
+            ("collective_timeout_s", e.collective_timeout_s),
+            ("rejoin_timeout_s", e.rejoin_timeout_s),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(format!("elastic.{name} = {v} must be a positive number of seconds"));
+            }
+        }
+        if e.heartbeat_timeout_s < 2.0 * e.heartbeat_interval_s {
+            return Err(format!(
+                "elastic.heartbeat_timeout_s = {} must be at least twice elastic.heartbeat_interval_s = {}",
+                e.heartbeat_timeout_s, e.heartbeat_interval_s
+            ));
+        }
+        if !(e.last_call_s >= 0.0 && e.progress_timeout_s >= 0.0) {
+            return Err("elastic.last_call_s and elastic.progress_timeout_s must not be negative".into());
+        }
         let c = &self.checkpoint;
         if c.keep_last == 0 {
             return Err("checkpoint.keep_last = 0: at least the latest checkpoint must be kept".into());
@@ -276,6 +348,7 @@ impl JobConfig {
         let ignored = |k: &str| {
             k.starts_with("output.")
                 || k.starts_with("checkpoint.")
+                || k.starts_with("elastic.")
                 || matches!(k, "train.threads" | "train.eval_every" | "train.eval_batch_size")
         };
         let (mut a, mut b) = (Default::default(), Default::default());

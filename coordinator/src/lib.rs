@@ -7,6 +7,7 @@
 pub mod checkpoints;
 pub mod data;
 pub mod eval;
+pub mod fault;
 pub mod job;
 pub mod progress;
 pub mod rendezvous;

@@ -14,7 +14,10 @@
 //! checkpoint directory holds a complete checkpoint resumes from the newest one. The final
 //! model is published as `<output.dir>/model`.
 //!
-//! Not yet: heartbeats and restarts after a failure (the failure-recovery issue).
+//! Failures: workers heartbeat; a worker that dies, stalls or reports a failure stops the step
+//! everywhere, and the job restarts from its last complete checkpoint once the world is whole
+//! again (or, with `elastic.min_workers`, large enough); see the README's failure section.
+//! With `--spawn-local` the coordinator starts replacements for local workers that die.
 
 use anyhow::Context;
 use clap::Parser;
@@ -31,7 +34,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "coordinator", version, about = "Runs a Tandem training job of N workers")]
 struct Cli {
-    /// How many workers the job has.
+    /// How many workers the job has (the most it runs with: with `elastic.min_workers` it may
+    /// continue with fewer after a failure).
     #[arg(long, env = "TANDEM_WORLD_SIZE")]
     world_size: usize,
     /// The job config (TOML). Layers: defaults < this file < TANDEM_* environment < --set.
@@ -64,7 +68,7 @@ struct Cli {
 
 /// The checkpoint directory, and the checkpoint to resume from when there is one that this job
 /// may continue.
-fn checkpoint_setup(job: &JobConfig, world: usize) -> anyhow::Result<CheckpointSetup> {
+fn checkpoint_setup(job: &JobConfig, worlds: std::ops::RangeInclusive<usize>) -> anyhow::Result<CheckpointSetup> {
     let c = &job.checkpoint;
     let store = Store::open(&job.checkpoint_dir(), c.keep_last, &c.best_metric)?;
     let latest = store.latest()?;
@@ -88,10 +92,15 @@ fn checkpoint_setup(job: &JobConfig, world: usize) -> anyhow::Result<CheckpointS
                 diff.join("; ")
             );
             anyhow::ensure!(
-                m.cursor.world_size as usize == world,
-                "cannot resume from {}: it was written by a world of {} workers and this job has {world}",
+                worlds.contains(&(m.cursor.world_size as usize)),
+                "cannot resume from {}: it was written by a world of {} workers and this job has {}",
                 dir.display(),
-                m.cursor.world_size
+                m.cursor.world_size,
+                if worlds.start() == worlds.end() {
+                    worlds.start().to_string()
+                } else {
+                    format!("{}..={}", worlds.start(), worlds.end())
+                }
             );
             tracing::info!(checkpoint = %dir.display(), step = m.step, epoch = m.cursor.epoch, "resuming");
             Some((dir, m))
@@ -126,25 +135,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
          same for every worker), or pass --insecure",
         cli.listen
     );
-    let setup = checkpoint_setup(&job, cli.world_size)?;
+    let min_workers = if job.elastic.min_workers == 0 { cli.world_size } else { job.elastic.min_workers };
+    anyhow::ensure!(
+        min_workers <= cli.world_size,
+        "elastic.min_workers = {min_workers} exceeds --world-size {}",
+        cli.world_size
+    );
+    let setup = checkpoint_setup(&job, min_workers..=cli.world_size)?;
+    // A restarted coordinator continues the generation numbers (so that nothing of an earlier
+    // generation is mistaken for current); its restart budget starts afresh.
+    let mut restarts = coordinator::service::read_state(setup.store.dir())?;
+    if setup.resume.is_some() || restarts.generation > 0 {
+        restarts.generation += 1;
+    }
+    restarts.restarts = 0;
     let info = JobInfo { config_json: serde_json::to_string(&job)?, nccl_id: Vec::new(), seed: job.train.seed };
     let board = ProgressBoard::new(
         !cli.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         Some(job.output.dir.join("loss.jsonl")),
     )
     .with_context(|| format!("opening {}", job.output.dir.join("loss.jsonl").display()))?;
-    let svc = Arc::new(
-        CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s))
-            .with_checkpoints(setup)
-            .with_progress(board),
-    );
+    coordinator::service::write_state(setup.store.dir(), &restarts)
+        .with_context(|| format!("writing {}", setup.store.dir().join(coordinator::service::STATE_FILE).display()))?;
+    let svc = CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s))
+        .with_elastic(job.elastic.clone(), job.train.batch_size, restarts)
+        .with_checkpoints(setup)
+        .with_progress(board);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener =
         rt.block_on(tokio::net::TcpListener::bind(cli.listen)).with_context(|| format!("binding {}", cli.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening");
-    let mut children = Vec::new();
+    {
+        let _guard = rt.enter();
+        svc.spawn_monitor();
+    }
+    let children = Arc::new(std::sync::Mutex::new(Vec::new()));
     if cli.spawn_local {
         let exe = std::env::current_exe()?.with_file_name("worker");
         anyhow::ensure!(exe.exists(), "{} not found: build the worker (cargo build -p worker)", exe.display());
@@ -152,7 +179,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let threads =
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / cli.world_size).max(1).to_string());
-        for rank in 0..cli.world_size {
+        let child_token = token.clone();
+        let spawn = move |rank: usize| -> anyhow::Result<std::process::Child> {
             let mut cmd = std::process::Command::new(&exe);
             cmd.env("RAYON_NUM_THREADS", &threads).env_remove("TANDEM_JOB_TOKEN_FILE").args([
                 "--coordinator",
@@ -161,51 +189,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &rank.to_string(),
             ]);
             // The token goes through the environment, which `ps` does not show.
-            if let Some(t) = &token {
+            if let Some(t) = &child_token {
                 cmd.env(proto::auth::TOKEN_ENV, t.expose());
             }
-            let child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
-            children.push(child);
+            cmd.spawn().with_context(|| format!("starting {}", exe.display()))
+        };
+        for rank in 0..cli.world_size {
+            children.lock().expect("children lock").push(spawn(rank)?);
         }
-    }
-    // With --spawn-local, a worker that dies ends the job at once rather than at a timeout.
-    let children = Arc::new(std::sync::Mutex::new(children));
-    let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    if cli.spawn_local {
-        let (children, failure, done) = (Arc::clone(&children), Arc::clone(&failure), Arc::clone(&svc.all_finished));
+        // Like Kubernetes restarting a pod: a local worker that dies is replaced (same rank
+        // hint), as long as the job has restarts left; the job itself restarts from its last
+        // checkpoint when it notices the loss.
+        let (children, svc, max) = (Arc::clone(&children), svc.clone(), job.elastic.max_restarts);
         rt.spawn(async move {
-            loop {
+            let mut replaced = 0u32;
+            while svc.outcome().is_none() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let mut kids = children.lock().expect("children lock");
-                let dead = kids.iter_mut().enumerate().find_map(|(i, c)| match c.try_wait() {
-                    Ok(Some(status)) if !status.success() => Some(format!("worker {i} exited with {status}")),
-                    Err(e) => Some(format!("worker {i}: {e}")),
-                    _ => None,
-                });
-                if let Some(msg) = dead {
-                    for c in kids.iter_mut() {
-                        let _ = c.kill();
+                for (rank, c) in kids.iter_mut().enumerate() {
+                    let status = match c.try_wait() {
+                        Ok(Some(status)) if !status.success() => status.to_string(),
+                        Err(e) => e.to_string(),
+                        _ => continue,
+                    };
+                    if svc.outcome().is_some() {
+                        break;
                     }
-                    *failure.lock().expect("failure lock") = Some(msg);
-                    done.notify_one();
-                    return;
+                    if replaced >= max {
+                        svc.end(Err(format!(
+                            "worker {rank} exited with {status}, and {max} replacements were started already \
+                             (elastic.max_restarts)"
+                        )));
+                        break;
+                    }
+                    replaced += 1;
+                    tracing::warn!(rank, %status, "a local worker exited; starting a replacement");
+                    match spawn(rank) {
+                        Ok(child) => *c = child,
+                        Err(e) => svc.end(Err(format!("worker {rank} exited with {status}; replacing it: {e:#}"))),
+                    }
                 }
             }
         });
     }
-    let done = Arc::clone(&svc.all_finished);
+    let done = svc.clone();
     let server = tonic::transport::Server::builder()
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            CoordinatorServer::from_arc(Arc::clone(&svc)),
+            CoordinatorServer::new(svc.clone()),
             proto::auth::ServerAuth::new(token),
         ))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
-            done.notified().await;
+            done.all_finished.notified().await;
+            // Let the last replies (Finish, the STOP of the heartbeats) go out.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         });
     rt.block_on(server).context("serving gRPC")?;
     svc.finish_progress();
-    if let Some(msg) = failure.lock().expect("failure lock").take() {
-        anyhow::bail!("{msg}; the job is stopped");
+    if let Some(Err(why)) = svc.outcome() {
+        for c in children.lock().expect("children lock").iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        anyhow::bail!("{why}; the job is stopped");
     }
     for c in children.lock().expect("children lock").iter_mut() {
         let status = c.wait()?;
@@ -220,7 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(Some(r0)) = svc.finish_reports().first() {
         let model = svc.final_model().map(|p| p.display().to_string()).unwrap_or_else(|| "(not saved)".into());
-        println!("trained {} steps on {} workers; model saved to {model}", r0.steps, cli.world_size);
+        println!("trained {} steps on {} workers; model saved to {model}", r0.steps, svc.world_size());
     }
     Ok(())
 }

@@ -5,19 +5,21 @@
 use crate::checkpoints::{self, Manifest, Partial, Store};
 use crate::data::Datasets;
 use crate::eval::{EvalBoard, EvalCounts};
+use crate::job::ElasticSection;
 use crate::progress::{ProgressBoard, StepRecord};
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use crate::shard;
 use proto::v1::checkpoint_part::Part;
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::{
-    CheckpointPart, CheckpointSaved, EvalReport, EvalResult, Example, ExampleBatch, FetchCheckpointRequest, FileChunk,
-    FinishReply, FinishRequest, JoinReply, JoinRequest, Progress, ProgressReply, ResumePoint, ShardRequest, Split,
+    beat_reply, Beat, BeatReply, CheckpointPart, CheckpointSaved, ChecksumReport, ChecksumResult, EvalReport,
+    EvalResult, Example, ExampleBatch, FetchCheckpointRequest, FileChunk, FinishReply, FinishRequest, JoinReply,
+    JoinRequest, Progress, ProgressReply, ResumePoint, ShardRequest, Split,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
@@ -52,56 +54,160 @@ pub struct CheckpointSetup {
 /// The largest class count an evaluation report may carry (a bound on message-driven allocation).
 const MAX_CLASSES: u32 = 4096;
 
-pub struct CoordinatorService {
-    rdv: Arc<Mutex<Rendezvous>>,
-    changed: Arc<Notify>,
-    evals: Arc<Mutex<EvalBoard>>,
-    evals_changed: Arc<Notify>,
-    finished: Arc<Mutex<Vec<Option<FinishRequest>>>>,
-    /// Notified once every rank has finished.
-    pub all_finished: Arc<Notify>,
+/// What the job's generations say to the heartbeat streams: the current generation, and the
+/// end of the job once it is decided (Ok: finished; Err: why it failed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Signal {
+    pub generation: u64,
+    pub end: Option<Result<(), String>>,
+}
+
+/// What the coordinator last heard from a rank of the running generation.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    step: u64,
+    phase: String,
+    /// Since when `(step, phase)` has not changed.
+    unchanged_since: Instant,
+}
+
+/// The coordinator's restart bookkeeping, kept in `<checkpoint dir>/coordinator.json` so that a
+/// restarted coordinator continues the count (and the generation numbers).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Restarts {
+    pub generation: u64,
+    pub restarts: u32,
+}
+
+pub const STATE_FILE: &str = "coordinator.json";
+
+pub struct Inner {
+    rdv: Mutex<Rendezvous>,
+    changed: Notify,
+    evals: Mutex<EvalBoard>,
+    evals_changed: Notify,
+    finished: Mutex<Vec<Option<FinishRequest>>>,
+    /// Notified once the job has ended (see [`Inner::outcome`]).
+    pub all_finished: Notify,
     job: JobInfo,
-    data: Arc<Datasets>,
+    data: Datasets,
     /// How long a call that waits for every rank (Join, ReportEval) waits.
     gather_timeout: Duration,
-    ckpt: Option<Arc<CheckpointSetup>>,
+    elastic: ElasticSection,
+    ckpt: Option<CheckpointSetup>,
+    /// The checkpoint the current generation starts from.
+    resume: Mutex<Option<(PathBuf, Manifest)>>,
     /// Checkpoints written, by step, and the final model's directory once published.
-    saved: Arc<Mutex<BTreeMap<u64, PathBuf>>>,
-    final_model: Arc<Mutex<Option<PathBuf>>>,
-    progress: Arc<Mutex<Option<ProgressBoard>>>,
+    saved: Mutex<BTreeMap<u64, PathBuf>>,
+    final_model: Mutex<Option<PathBuf>>,
+    progress: Mutex<Option<ProgressBoard>>,
+    signal: tokio::sync::watch::Sender<Signal>,
+    seen: Mutex<Vec<Option<Seen>>>,
+    restarts: Mutex<Restarts>,
+    checksums: Mutex<BTreeMap<u64, Vec<Option<u64>>>>,
+    /// The generation this coordinator process started with (its gathering may take the
+    /// gather timeout; later ones the rejoin timeout).
+    first_generation: u64,
+}
+
+/// The gRPC service; clones share one job.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for CoordinatorService {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
 }
 
 impl CoordinatorService {
     pub fn new(world: usize, job: JobInfo, data: Datasets, gather_timeout: Duration) -> Self {
+        let (signal, _) = tokio::sync::watch::channel(Signal { generation: 0, end: None });
         CoordinatorService {
-            rdv: Arc::new(Mutex::new(Rendezvous::new(world, proto::PROTOCOL_VERSION))),
-            changed: Arc::new(Notify::new()),
-            evals: Arc::new(Mutex::new(EvalBoard::new(world))),
-            evals_changed: Arc::new(Notify::new()),
-            finished: Arc::new(Mutex::new(vec![None; world])),
-            all_finished: Arc::new(Notify::new()),
-            job,
-            data: Arc::new(data),
-            gather_timeout,
-            ckpt: None,
-            saved: Arc::default(),
-            final_model: Arc::default(),
-            progress: Arc::default(),
+            inner: Arc::new(Inner {
+                rdv: Mutex::new(Rendezvous::new(world, proto::PROTOCOL_VERSION)),
+                changed: Notify::new(),
+                evals: Mutex::new(EvalBoard::new(world)),
+                evals_changed: Notify::new(),
+                finished: Mutex::new(vec![None; world]),
+                all_finished: Notify::new(),
+                job,
+                data,
+                gather_timeout,
+                elastic: ElasticSection::default(),
+                ckpt: None,
+                resume: Mutex::new(None),
+                saved: Mutex::default(),
+                final_model: Mutex::default(),
+                progress: Mutex::default(),
+                signal,
+                seen: Mutex::new(Vec::new()),
+                restarts: Mutex::default(),
+                checksums: Mutex::default(),
+                first_generation: 0,
+            }),
         }
+    }
+
+    fn setup_mut(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("the service is configured before it serves")
+    }
+
+    /// Failure detection and recovery: `min_workers` of `elastic` up to the world given to
+    /// [`CoordinatorService::new`], restarts, timeouts; `restarts` continues an earlier count.
+    pub fn with_elastic(mut self, elastic: ElasticSection, batch_size: usize, restarts: Restarts) -> Self {
+        let inner = self.setup_mut();
+        let max = inner.rdv.get_mut().expect("rendezvous lock").max_workers();
+        let min = if elastic.min_workers == 0 { max } else { elastic.min_workers.min(max) };
+        *inner.rdv.get_mut().expect("rendezvous lock") = Rendezvous::elastic(
+            min,
+            max,
+            batch_size,
+            ElasticSection::secs(elastic.last_call_s),
+            proto::PROTOCOL_VERSION,
+            restarts.generation,
+        );
+        inner.signal.send_replace(Signal { generation: restarts.generation, end: None });
+        inner.elastic = elastic;
+        inner.first_generation = restarts.generation;
+        *inner.restarts.get_mut().expect("restarts lock") = restarts;
+        self
     }
 
     /// Accepts checkpoints from rank 0 (without, SaveCheckpoint is refused) and resumes from one.
     pub fn with_checkpoints(mut self, setup: CheckpointSetup) -> Self {
-        self.ckpt = Some(Arc::new(setup));
+        let inner = self.setup_mut();
+        *inner.resume.get_mut().expect("resume lock") = setup.resume.clone();
+        inner.ckpt = Some(setup);
         self
     }
 
     /// Shows rank 0's progress reports.
-    pub fn with_progress(self, board: ProgressBoard) -> Self {
-        *self.progress.lock().expect("progress lock") = Some(board);
+    pub fn with_progress(mut self, board: ProgressBoard) -> Self {
+        *self.setup_mut().progress.get_mut().expect("progress lock") = Some(board);
         self
     }
 
+    /// Watches the job's generations on the current runtime: closes elastic worlds when their
+    /// last call is over, declares a rank failed when its heartbeats stop or its progress
+    /// stalls, and ends the job when a generation cannot gather its workers in time.
+    pub fn spawn_monitor(&self) {
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            while inner.signal.borrow().end.is_none() {
+                tick.tick().await;
+                inner.check(Instant::now());
+            }
+        });
+    }
+}
+
+impl Inner {
     /// The checkpoints this run wrote, by step.
     pub fn saved_checkpoints(&self) -> BTreeMap<u64, PathBuf> {
         self.saved.lock().expect("saved lock").clone()
@@ -118,8 +224,210 @@ impl CoordinatorService {
         }
     }
 
-    fn checkpoint_setup(&self) -> Result<Arc<CheckpointSetup>, Status> {
-        self.ckpt.clone().ok_or_else(|| Status::failed_precondition("this coordinator keeps no checkpoints"))
+    /// How the job ended: Ok once every rank finished, Err with the reason it was given up.
+    /// None while it runs.
+    pub fn outcome(&self) -> Option<Result<(), String>> {
+        self.signal.borrow().end.clone()
+    }
+
+    /// Restarts so far.
+    pub fn restarts(&self) -> Restarts {
+        self.restarts.lock().expect("restarts lock").clone()
+    }
+
+    /// Ends the job (the server's shutdown signal fires).
+    pub fn end(&self, outcome: Result<(), String>) {
+        let generation = self.rdv.lock().expect("rendezvous lock").generation();
+        let mut first = false;
+        self.signal.send_if_modified(|s| {
+            first = s.end.is_none();
+            if first {
+                *s = Signal { generation, end: Some(outcome.clone()) };
+            }
+            first
+        });
+        if first {
+            if let Err(why) = &outcome {
+                tracing::error!(reason = %why, "the job failed");
+            }
+            self.changed.notify_waiters();
+            self.evals_changed.notify_waiters();
+            self.all_finished.notify_one();
+        }
+    }
+
+    fn checkpoint_setup(&self) -> Result<&CheckpointSetup, Status> {
+        self.ckpt.as_ref().ok_or_else(|| Status::failed_precondition("this coordinator keeps no checkpoints"))
+    }
+
+    /// A message of generation `generation` is still current, and its rank is inside the world.
+    fn current(&self, generation: u64, rank: u32) -> Result<usize, Status> {
+        let rdv = self.rdv.lock().expect("rendezvous lock");
+        if let Some(Err(why)) = &self.signal.borrow().end {
+            return Err(Status::aborted(format!("the job has failed: {why}")));
+        }
+        if generation != rdv.generation() || rdv.is_open() {
+            return Err(Status::aborted(format!(
+                "generation {generation} is over: the job is restarting as generation {}",
+                rdv.generation()
+            )));
+        }
+        let world = rdv.world_size();
+        let rank = rank as usize;
+        if rank >= world {
+            return Err(Status::invalid_argument(format!("rank {rank} is outside the world of {world}")));
+        }
+        Ok(rank)
+    }
+
+    /// The current generation failed (`reason`): restart the job from its last complete
+    /// checkpoint as the next generation, or give up once `elastic.max_restarts` is spent.
+    /// A failure reported for a generation that is already over changes nothing.
+    pub fn fail(&self, generation: u64, reason: &str) {
+        let mut rdv = self.rdv.lock().expect("rendezvous lock");
+        if rdv.generation() != generation || rdv.is_open() || self.signal.borrow().end.is_some() {
+            return;
+        }
+        let mut r = self.restarts.lock().expect("restarts lock");
+        if r.restarts >= self.elastic.max_restarts {
+            drop((r, rdv));
+            self.end(Err(format!(
+                "{reason}; the job has restarted {} times already (elastic.max_restarts), giving up",
+                self.elastic.max_restarts
+            )));
+            return;
+        }
+        r.restarts += 1;
+        let next = rdv.restart(Instant::now());
+        r.generation = next;
+        let resume = self.ckpt.as_ref().and_then(|c| match c.store.latest() {
+            Ok(latest) => latest,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the checkpoint directory");
+                None
+            }
+        });
+        if let Some(c) = &self.ckpt {
+            if let Err(e) = write_state(c.store.dir(), &r) {
+                tracing::error!(error = %e, "saving the coordinator's restart count");
+            }
+        }
+        let from = resume.as_ref().map_or("the start (no checkpoint yet)".to_string(), |(d, m)| {
+            format!("{} (step {})", d.file_name().unwrap_or_default().to_string_lossy(), m.step)
+        });
+        tracing::warn!(
+            reason,
+            generation = next,
+            restart = r.restarts,
+            max_restarts = self.elastic.max_restarts,
+            "restarting the job from {from}; waiting for the workers to rejoin"
+        );
+        *self.resume.lock().expect("resume lock") = resume;
+        self.evals.lock().expect("eval lock").restart();
+        self.checksums.lock().expect("checksum lock").clear();
+        self.seen.lock().expect("seen lock").clear();
+        drop((r, rdv));
+        self.signal.send_replace(Signal { generation: next, end: None });
+        self.changed.notify_waiters();
+        self.evals_changed.notify_waiters();
+    }
+
+    /// A generation's world has closed: start watching its members.
+    fn started(&self, rdv: &Rendezvous) {
+        let world = rdv.world_size();
+        let now = Instant::now();
+        *self.seen.lock().expect("seen lock") =
+            vec![Some(Seen { at: now, step: 0, phase: "joining".into(), unchanged_since: now }); world];
+        *self.finished.lock().expect("finish lock") = vec![None; world];
+        self.evals.lock().expect("eval lock").set_world(world);
+        tracing::info!(generation = rdv.generation(), world, "the world is complete; training starts");
+    }
+
+    /// One look at the job (every 100 ms).
+    fn check(&self, now: Instant) {
+        if self.signal.borrow().end.is_some() {
+            return;
+        }
+        let (generation, failure) = {
+            let mut rdv = self.rdv.lock().expect("rendezvous lock");
+            let generation = rdv.generation();
+            if rdv.is_open() {
+                if rdv.tick(now) {
+                    self.started(&rdv);
+                    drop(rdv);
+                    self.changed.notify_waiters();
+                    return;
+                }
+                let limit = if generation == self.first_generation {
+                    self.gather_timeout
+                } else {
+                    ElasticSection::secs(self.elastic.rejoin_timeout_s)
+                };
+                if rdv.gathering_for(now) > limit {
+                    let (joined, min) = rdv.count();
+                    let missing = rdv.missing();
+                    drop(rdv);
+                    self.end(Err(format!(
+                        "generation {generation}: {joined} of the {min} workers needed joined within {limit:?} \
+                         (slots {missing:?} never did)"
+                    )));
+                }
+                return;
+            }
+            let hb = ElasticSection::secs(self.elastic.heartbeat_timeout_s);
+            let stall = ElasticSection::secs(self.elastic.progress_timeout_s);
+            let seen = self.seen.lock().expect("seen lock");
+            let members = rdv.members().unwrap_or_default();
+            let finished: Vec<bool> = self.finished.lock().expect("finish lock").iter().map(Option::is_some).collect();
+            let failure = seen.iter().enumerate().find_map(|(rank, s)| {
+                let s = s.as_ref()?;
+                if finished.get(rank).copied().unwrap_or(false) {
+                    return None; // done, waiting for the others: silence is not a failure
+                }
+                let host = members.get(rank).map_or("?", |m| m.hostname.as_str());
+                let silent = now.saturating_duration_since(s.at);
+                if silent > hb {
+                    return Some(format!(
+                        "rank {rank} ({host}) stalled: no heartbeat for {:.1} s (last at step {}, {})",
+                        silent.as_secs_f64(),
+                        s.step,
+                        s.phase
+                    ));
+                }
+                let stuck = now.saturating_duration_since(s.unchanged_since);
+                if !stall.is_zero() && stuck > stall {
+                    return Some(format!(
+                        "rank {rank} ({host}) stalled: no progress for {:.1} s (at step {}, {})",
+                        stuck.as_secs_f64(),
+                        s.step,
+                        s.phase
+                    ));
+                }
+                None
+            });
+            (generation, failure)
+        };
+        if let Some(why) = failure {
+            self.fail(generation, &why);
+        }
+    }
+
+    /// A heartbeat from `rank` of `generation` (already checked to be current).
+    fn beat(&self, rank: usize, b: &Beat) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().expect("seen lock");
+        if let Some(slot) = seen.get_mut(rank) {
+            let unchanged_since = match slot {
+                Some(s) if s.step == b.step && s.phase == b.phase => s.unchanged_since,
+                _ => now,
+            };
+            *slot = Some(Seen { at: now, step: b.step, phase: b.phase.clone(), unchanged_since });
+        }
+    }
+
+    /// Whether `rank` of the current generation has said it finished.
+    fn has_finished(&self, rank: usize) -> bool {
+        self.finished.lock().expect("finish lock").get(rank).is_some_and(Option::is_some)
     }
 
     /// The metrics recorded in the manifest of the checkpoint of `step`.
@@ -151,9 +459,14 @@ impl CoordinatorService {
         self.evals.lock().expect("eval lock").done.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
+    /// The world size of the generation that ran last.
+    pub fn world_size(&self) -> usize {
+        self.rdv.lock().expect("rendezvous lock").world_size()
+    }
+
     fn status(e: &JoinError) -> Status {
         match e {
-            JoinError::WorldFull { .. } => Status::resource_exhausted(e.to_string()),
+            JoinError::WorldFull { .. } | JoinError::Running { .. } => Status::resource_exhausted(e.to_string()),
             JoinError::ProtocolMismatch { .. } => Status::failed_precondition(e.to_string()),
             JoinError::RankTaken { .. } => Status::already_exists(e.to_string()),
             JoinError::RankOutOfRange { .. } | JoinError::BadRingAddr(_) => Status::invalid_argument(e.to_string()),
@@ -161,11 +474,30 @@ impl CoordinatorService {
     }
 }
 
-/// A rank taken by a Join that is still waiting for the world; freed on drop unless kept.
+/// Writes the restart bookkeeping atomically (a temporary file, fsync, rename).
+pub fn write_state(dir: &std::path::Path, r: &Restarts) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{STATE_FILE}.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(r).expect("state serialises").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(STATE_FILE))
+}
+
+/// Reads the restart bookkeeping a previous coordinator left in `dir` (default when none).
+pub fn read_state(dir: &std::path::Path) -> anyhow::Result<Restarts> {
+    let p = dir.join(STATE_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Restarts::default()),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", p.display())),
+    }
+}
+
+/// A slot taken by a Join that is still waiting for the world; freed on drop unless kept.
 struct SlotGuard {
-    rdv: Arc<Mutex<Rendezvous>>,
-    changed: Arc<Notify>,
-    rank: usize,
+    inner: Arc<Inner>,
+    slot: usize,
     host: String,
     kept: bool,
 }
@@ -175,15 +507,36 @@ impl Drop for SlotGuard {
         if self.kept {
             return;
         }
-        let freed = self.rdv.lock().map(|mut r| r.leave(self.rank, &self.host)).unwrap_or(false);
+        let freed = self.inner.rdv.lock().map(|mut r| r.leave(self.slot, &self.host)).unwrap_or(false);
         if freed {
             tracing::warn!(
                 host = self.host,
-                rank = self.rank,
-                "a worker left before the world was complete; its rank is free again"
+                slot = self.slot,
+                "a worker left before the world was complete; its slot is free again"
             );
-            self.changed.notify_waiters();
+            self.inner.changed.notify_waiters();
         }
+    }
+}
+
+fn reply(action: beat_reply::Action, generation: u64, message: String) -> BeatReply {
+    BeatReply { action: action as i32, generation, message, finished: false }
+}
+
+/// What a heartbeat stream of `generation` is told now.
+fn verdict(sig: &Signal, generation: u64) -> BeatReply {
+    match &sig.end {
+        Some(Ok(())) => BeatReply {
+            finished: true,
+            ..reply(beat_reply::Action::Stop, sig.generation, "the job has finished".into())
+        },
+        Some(Err(why)) => reply(beat_reply::Action::Stop, sig.generation, format!("the job has failed: {why}")),
+        None if sig.generation != generation => reply(
+            beat_reply::Action::Restart,
+            sig.generation,
+            format!("the job restarts as generation {} from its last checkpoint", sig.generation),
+        ),
+        None => reply(beat_reply::Action::Continue, sig.generation, String::new()),
     }
 }
 
@@ -191,12 +544,12 @@ impl Drop for SlotGuard {
 impl Coordinator for CoordinatorService {
     type StreamShardStream = tokio_stream::wrappers::ReceiverStream<Result<ExampleBatch, Status>>;
     type FetchCheckpointStream = tokio_stream::wrappers::ReceiverStream<Result<FileChunk, Status>>;
+    type HeartbeatStream = tokio_stream::wrappers::ReceiverStream<Result<BeatReply, Status>>;
 
     async fn save_checkpoint(
         &self,
         request: Request<tonic::Streaming<CheckpointPart>>,
     ) -> Result<Response<CheckpointSaved>, Status> {
-        let setup = self.checkpoint_setup()?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(CheckpointPart { part: Some(Part::Header(h)) }) => h,
@@ -208,13 +561,16 @@ impl Coordinator for CoordinatorService {
                 header.rank
             )));
         }
+        self.current(header.generation, header.rank)?;
+        self.checkpoint_setup()?;
         // The files go to disk on a blocking thread; a stream that breaks off drops the
         // partial checkpoint, which deletes itself.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(8);
-        let writer_setup = Arc::clone(&setup);
+        let writer_inner = Arc::clone(&self.inner);
         let step = header.step;
         let writer = tokio::task::spawn_blocking(move || -> Result<Partial, checkpoints::CheckpointError> {
-            let mut p = writer_setup.store.begin(step)?;
+            let store = &writer_inner.ckpt.as_ref().expect("checked above").store;
+            let mut p = store.begin(step)?;
             while let Some((name, data)) = rx.blocking_recv() {
                 p.write(&name, &data)?;
             }
@@ -236,7 +592,11 @@ impl Coordinator for CoordinatorService {
             checkpoints::CheckpointError::BadName(_) => Status::invalid_argument(e.to_string()),
             e => internal(&e),
         })?;
-        let world = self.rdv.lock().expect("rendezvous lock").world_size() as u32;
+        // A checkpoint of a generation that failed meanwhile is not kept: the job has already
+        // chosen where it restarts from.
+        self.current(header.generation, header.rank)?;
+        let world = self.world_size() as u32;
+        let setup = self.checkpoint_setup()?;
         let manifest = Manifest {
             format: checkpoints::FORMAT_VERSION,
             step,
@@ -252,11 +612,13 @@ impl Coordinator for CoordinatorService {
                 .unwrap_or(0),
         };
         let is_final = header.r#final;
-        let commit_setup = Arc::clone(&setup);
+        let commit_inner = Arc::clone(&self.inner);
         let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, checkpoints::CheckpointError> {
-            let path = commit_setup.store.commit(partial, manifest)?;
+            let setup = commit_inner.ckpt.as_ref().expect("checked above");
+            crate::fault::coordinator_point("commit", step);
+            let path = setup.store.commit(partial, manifest)?;
             if is_final {
-                checkpoints::publish_model(&path, &commit_setup.model_dir)?;
+                checkpoints::publish_model(&path, &setup.model_dir)?;
             }
             Ok(path)
         })
@@ -275,16 +637,18 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<FetchCheckpointRequest>,
     ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
-        let setup = self.checkpoint_setup()?;
+        self.checkpoint_setup()?;
         let r = request.into_inner();
-        let (dir, _) = setup
+        let dir = self
             .resume
+            .lock()
+            .expect("resume lock")
             .as_ref()
-            .filter(|(dir, _)| dir.file_name().is_some_and(|n| n.to_string_lossy() == r.checkpoint))
+            .map(|(dir, _)| dir.clone())
+            .filter(|dir| dir.file_name().is_some_and(|n| n.to_string_lossy() == r.checkpoint))
             .ok_or_else(|| {
                 Status::not_found(format!("{:?} is not the checkpoint this job resumes from", r.checkpoint))
             })?;
-        let dir = dir.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
@@ -343,11 +707,8 @@ impl Coordinator for CoordinatorService {
 
     async fn stream_shard(&self, request: Request<ShardRequest>) -> Result<Response<Self::StreamShardStream>, Status> {
         let r = request.into_inner();
-        let world = self.rdv.lock().expect("rendezvous lock").world_size();
-        let rank = r.rank as usize;
-        if rank >= world {
-            return Err(Status::invalid_argument(format!("rank {rank} is outside the world of {world}")));
-        }
+        let rank = self.current(r.generation, r.rank)?;
+        let world = self.world_size();
         let split =
             Split::try_from(r.split).map_err(|_| Status::invalid_argument(format!("unknown split {}", r.split)))?;
         let records = match split {
@@ -366,8 +727,9 @@ impl Coordinator for CoordinatorService {
             return Err(Status::out_of_range(format!("start {start} is past the shard's {} examples", indices.len())));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let data = Arc::clone(&self.data);
+        let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
+            let data = &inner.data;
             let records = match split {
                 Split::Train => &data.train,
                 Split::Dev => data.dev.as_ref().expect("checked above"),
@@ -397,15 +759,15 @@ impl Coordinator for CoordinatorService {
 
     async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
         let r = request.into_inner();
-        let mut f = self.finished.lock().expect("finish lock");
-        let rank = r.rank as usize;
-        if rank >= f.len() {
-            return Err(Status::invalid_argument(format!("rank {rank} is outside the world of {}", f.len())));
-        }
-        tracing::info!(rank, steps = r.steps, model_dir = r.model_dir, "worker finished");
-        f[rank] = Some(r);
-        if f.iter().all(Option::is_some) {
-            self.all_finished.notify_one();
+        let rank = self.current(r.generation, r.rank)?;
+        let all = {
+            let mut f = self.finished.lock().expect("finish lock");
+            tracing::info!(rank, steps = r.steps, model_dir = r.model_dir, "worker finished");
+            f[rank] = Some(r);
+            f.iter().all(Option::is_some)
+        };
+        if all {
+            self.end(Ok(()));
         }
         Ok(Response::new(FinishReply {}))
     }
@@ -415,6 +777,7 @@ impl Coordinator for CoordinatorService {
         if r.classes == 0 || r.classes > MAX_CLASSES {
             return Err(Status::invalid_argument(format!("classes = {} is outside 1..={MAX_CLASSES}", r.classes)));
         }
+        let rank = self.current(r.generation, r.rank)?;
         let split =
             Split::try_from(r.split).map_err(|_| Status::invalid_argument(format!("unknown split {}", r.split)))?;
         let counts = EvalCounts { classes: r.classes as usize, confusion: r.confusion, loss_sum: r.loss_sum };
@@ -423,7 +786,7 @@ impl Coordinator for CoordinatorService {
             .evals
             .lock()
             .expect("eval lock")
-            .report(r.rank as usize, key.0, key.1, counts)
+            .report(rank, key.0, key.1, counts)
             .map_err(Status::invalid_argument)?;
         if let Some(m) = done {
             tracing::info!(
@@ -440,6 +803,7 @@ impl Coordinator for CoordinatorService {
         let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
             let notified = self.evals_changed.notified();
+            self.current(r.generation, r.rank)?;
             if let Some(m) = self.evals.lock().expect("eval lock").result(key.0, key.1) {
                 return Ok(Response::new(EvalResult {
                     examples: m.examples,
@@ -459,6 +823,134 @@ impl Coordinator for CoordinatorService {
         }
     }
 
+    async fn report_checksum(&self, request: Request<ChecksumReport>) -> Result<Response<ChecksumResult>, Status> {
+        let r = request.into_inner();
+        let rank = self.current(r.generation, r.rank)?;
+        let world = self.world_size();
+        let verdict = {
+            let mut all = self.checksums.lock().expect("checksum lock");
+            let sums = all.entry(r.step).or_insert_with(|| vec![None; world]);
+            if sums[rank].is_some() {
+                return Err(Status::invalid_argument(format!("rank {rank} already reported step {}", r.step)));
+            }
+            sums[rank] = Some(r.checksum);
+            if sums.iter().all(Option::is_some) {
+                let first = sums[0];
+                let differ: Vec<usize> = (1..world).filter(|&k| sums[k] != first).collect();
+                Some(differ)
+            } else {
+                None
+            }
+        };
+        match verdict {
+            Some(differ) if differ.is_empty() => {
+                tracing::debug!(step = r.step, checksum = format!("{:016x}", r.checksum), "parameters agree");
+                self.evals_changed.notify_waiters();
+            }
+            Some(differ) => {
+                self.end(Err(format!(
+                    "the workers' parameters diverged at step {}: ranks {differ:?} differ from rank 0 (a silent \
+                     desync: a faulty device, memory corruption, or nondeterministic code)",
+                    r.step
+                )));
+            }
+            None => {}
+        }
+        let deadline = tokio::time::Instant::now() + self.gather_timeout;
+        loop {
+            let notified = self.evals_changed.notified();
+            self.current(r.generation, r.rank)?;
+            if let Some(sums) = self.checksums.lock().expect("checksum lock").get(&r.step) {
+                if sums.iter().all(Option::is_some) {
+                    return Ok(Response::new(ChecksumResult {}));
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "the parameter checksums of step {} did not all arrive within {:?}",
+                    r.step, self.gather_timeout
+                )));
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<tonic::Streaming<Beat>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("an empty heartbeat stream"))?;
+        let generation = first.generation;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut signal = self.signal.subscribe();
+        // A beat of a generation that is over (or of a rank outside the world) is answered,
+        // and the stream ends: the worker rejoins or stops.
+        let rank = match self.current(generation, first.rank) {
+            Ok(rank) => rank,
+            Err(_) => {
+                let v = verdict(&signal.borrow_and_update(), generation);
+                let v = if v.action == beat_reply::Action::Continue as i32 {
+                    reply(beat_reply::Action::Restart, v.generation, "this rank is not in the job now".into())
+                } else {
+                    v
+                };
+                let _ = tx.send(Ok(v)).await;
+                return Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+            }
+        };
+        let host = self
+            .rdv
+            .lock()
+            .expect("rendezvous lock")
+            .members()
+            .and_then(|m| m.get(rank).map(|j| j.hostname.clone()))
+            .unwrap_or_default();
+        let inner = Arc::clone(&self.inner);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            loop {
+                if let Some(b) = next.take() {
+                    if svc.current(generation, b.rank).is_ok() {
+                        inner.beat(rank, &b);
+                        if !b.failure.is_empty() {
+                            inner.fail(generation, &format!("rank {rank} ({host}) failed: {}", b.failure));
+                        }
+                    }
+                    let v = verdict(&signal.borrow_and_update(), generation);
+                    if tx.send(Ok(v)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(b)) => next = Some(b),
+                        Ok(None) | Err(_) => {
+                            if !inner.has_finished(rank) {
+                                inner.fail(
+                                    generation,
+                                    &format!("rank {rank} ({host}) is gone: its heartbeat connection closed"),
+                                );
+                            }
+                            return;
+                        }
+                    },
+                    changed = signal.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let v = verdict(&signal.borrow_and_update(), generation);
+                        let over = v.action != beat_reply::Action::Continue as i32;
+                        if tx.send(Ok(v)).await.is_err() || over {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let r = request.into_inner();
         let joiner = Joiner {
@@ -468,27 +960,41 @@ impl Coordinator for CoordinatorService {
             hostname: r.hostname,
         };
         let host = joiner.hostname.clone();
-        let rank = {
+        if let Some(Err(why)) = self.outcome() {
+            return Err(Status::failed_precondition(format!("the job has failed: {why}")));
+        }
+        let (slot, generation) = {
             let mut rdv = self.rdv.lock().expect("rendezvous lock");
-            let rank = rdv.join(joiner).map_err(|e| {
+            let was_open = rdv.is_open();
+            let slot = rdv.join(joiner, Instant::now()).map_err(|e| {
                 tracing::warn!(host, error = %e, "join refused");
-                Self::status(&e)
+                Inner::status(&e)
             })?;
-            tracing::info!(host, rank, missing = ?rdv.missing(), "worker joined");
-            rank
+            tracing::info!(host, slot, generation = rdv.generation(), missing = ?rdv.missing(), "worker joined");
+            if was_open && !rdv.is_open() {
+                self.started(&rdv);
+            }
+            (slot, rdv.generation())
         };
         self.changed.notify_waiters();
-        // Until the world is complete, a worker that times out or hangs up gives its rank back
+        // Until the world is complete, a worker that times out or hangs up gives its slot back
         // (dropping this guard), so that its restarted self or a replacement can take it.
-        let mut slot =
-            SlotGuard { rdv: Arc::clone(&self.rdv), changed: Arc::clone(&self.changed), rank, host, kept: false };
+        let mut guard = SlotGuard { inner: Arc::clone(&self.inner), slot, host, kept: false };
         let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
             let notified = self.changed.notified();
+            if let Some(Err(why)) = self.outcome() {
+                return Err(Status::failed_precondition(format!("the job has failed: {why}")));
+            }
             {
                 let rdv = self.rdv.lock().expect("rendezvous lock");
-                if let Some(members) = rdv.members() {
-                    slot.kept = true;
+                if rdv.generation() != generation {
+                    guard.kept = true; // the restart already emptied every slot
+                    return Err(Status::aborted("the job restarted while this worker waited; join again"));
+                }
+                if let (Some(members), Some(rank)) = (rdv.members(), rdv.rank_of_slot(slot)) {
+                    guard.kept = true;
+                    let resume = self.resume.lock().expect("resume lock");
                     return Ok(Response::new(JoinReply {
                         rank: rank as u32,
                         world_size: rdv.world_size() as u32,
@@ -497,13 +1003,20 @@ impl Coordinator for CoordinatorService {
                         nccl_id: self.job.nccl_id.clone(),
                         labels: self.data.labels.names.clone(),
                         train_examples: self.data.train.len() as u64,
-                        resume: self.ckpt.as_ref().and_then(|c| c.resume.as_ref()).map(|(dir, m)| ResumePoint {
+                        resume: resume.as_ref().map(|(dir, m)| ResumePoint {
                             step: m.step,
                             epoch: m.cursor.epoch,
                             position: m.cursor.position,
                             checkpoint: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                            world_size: m.cursor.world_size,
                         }),
+                        generation,
                     }));
+                }
+                if !rdv.is_open() {
+                    // The world closed without this slot (an elastic world of fewer).
+                    guard.kept = true;
+                    return Err(Status::resource_exhausted("the world closed without this worker"));
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

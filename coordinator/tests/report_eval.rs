@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{empty_data, serve};
+use common::{empty_data, join_all, serve};
 use coordinator::eval::EvalCounts;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{EvalReport, Split};
@@ -17,12 +17,14 @@ fn report(rank: u32, counts: &EvalCounts) -> EvalReport {
         classes: counts.classes as u32,
         confusion: counts.confusion.clone(),
         loss_sum: counts.loss_sum,
+        generation: 0,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rank_gets_the_metrics_of_the_whole_split() {
     let url = serve(3, empty_data(2), Duration::from_secs(5)).await;
+    join_all(&url, 3).await;
     let pairs: Vec<(usize, usize)> = (0..50).map(|i| (i % 3 % 2, (i / 7) % 2)).collect();
     let mut whole = EvalCounts::new(2);
     pairs.iter().for_each(|&(a, p)| whole.add(a, p, 0.25));
@@ -49,6 +51,7 @@ async fn every_rank_gets_the_metrics_of_the_whole_split() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_reports_are_refused() {
     let url = serve(2, empty_data(2), Duration::from_secs(5)).await;
+    join_all(&url, 2).await;
     let mut c = CoordinatorClient::connect(url).await.unwrap();
     let mut r = report(0, &EvalCounts::new(2));
     r.confusion.pop();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::serve;
+use common::{join_all, serve};
 use coordinator::data::{Datasets, LabelSet, Record};
 use coordinator::shard;
 use proto::v1::coordinator_client::CoordinatorClient;
@@ -22,7 +22,8 @@ async fn fetch(
     start: u64,
 ) -> Result<Vec<(u64, String, i64)>, tonic::Status> {
     let mut c = CoordinatorClient::connect(url.to_string()).await.unwrap();
-    let mut stream = c.stream_shard(ShardRequest { rank, split: split as i32, epoch, start }).await?.into_inner();
+    let mut stream =
+        c.stream_shard(ShardRequest { rank, split: split as i32, epoch, start, generation: 0 }).await?.into_inner();
     let mut out = Vec::new();
     let mut expected_position = start;
     while let Some(batch) = stream.message().await? {
@@ -42,6 +43,7 @@ async fn each_rank_streams_its_shard_and_can_resume() {
         test: Some(records(101)),
     };
     let url = serve(3, data, Duration::from_secs(5)).await;
+    join_all(&url, 3).await;
     for epoch in 0..2 {
         for rank in 0..3u32 {
             let got = fetch(&url, rank, Split::Train, epoch, 0).await.unwrap();
@@ -73,6 +75,7 @@ async fn bad_shard_requests_are_refused() {
         Duration::from_secs(5),
     )
     .await;
+    join_all(&url, 2).await;
     let e = fetch(&url, 2, Split::Train, 0, 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let e = fetch(&url, 0, Split::Dev, 0, 0).await.unwrap_err();

@@ -4,7 +4,7 @@
 pub mod auth;
 
 /// Bumped on every incompatible change of the protocol; a worker of another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 pub mod v1 {
     tonic::include_proto!("tandem.v1");

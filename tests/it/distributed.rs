@@ -233,7 +233,9 @@ fn a_worker_that_fails_stops_the_job_with_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("no-such-model"), "the worker's own error names the missing model:\n{err}");
-    assert!(err.contains("exited with") && err.contains("the job is stopped"), "{err}");
+    // Every rank fails the same way each time: the job restarts elastic.max_restarts times,
+    // then gives up with the workers' own error.
+    assert!(err.contains("giving up") && err.contains("the job is stopped"), "{err}");
     assert!(start.elapsed() < std::time::Duration::from_secs(30), "took {:?}", start.elapsed());
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -335,7 +337,7 @@ fn a_job_killed_after_a_checkpoint_resumes_where_it_stopped() {
     let left: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with("step-"))
+        .filter(|n| !n.starts_with("step-") && n != "coordinator.json")
         .collect();
     assert!(left.is_empty(), "leftovers in the checkpoint directory: {left:?}");
     std::fs::remove_dir_all(&dir).ok();

@@ -93,6 +93,25 @@ impl TcpRing {
         timeout: Duration,
         token: Option<&proto::auth::JobToken>,
     ) -> Result<Self, CollectiveError> {
+        Self::connect_generation(rank, peers, listener, timeout, token, 0, None)
+    }
+
+    /// [`TcpRing::connect`] for generation `generation` of a job: peers of another generation
+    /// (a stale connection from before a restart) are refused, and setting `cancel` gives up
+    /// the wait for the neighbours at once.
+    pub fn connect_generation(
+        rank: usize,
+        peers: &[SocketAddr],
+        listener: TcpListener,
+        timeout: Duration,
+        token: Option<&proto::auth::JobToken>,
+        generation: u64,
+        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<Self, CollectiveError> {
+        let cancelled = {
+            let cancel = cancel.clone();
+            move || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        };
         let world = peers.len();
         if rank >= world || world < 2 {
             return Err(CollectiveError::Setup(format!(
@@ -106,10 +125,14 @@ impl TcpRing {
         let token = token.cloned();
         // The successor side, on its own thread: connect (retrying while it starts listening),
         // introduce ourselves, answer its challenge, and wait for its verdict.
-        let hello = hello(rank, world, token.is_some());
+        let hello = hello(rank, world, token.is_some(), generation);
         let proof_token = token.clone();
+        let connector_cancelled = cancelled.clone();
         let connector = std::thread::spawn(move || -> Result<TcpStream, String> {
             let mut s = loop {
+                if connector_cancelled() {
+                    return Err("cancelled".into());
+                }
                 match TcpStream::connect_timeout(&next_addr, Duration::from_millis(500)) {
                     Ok(s) => break s,
                     Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
@@ -123,7 +146,7 @@ impl TcpRing {
             if let Some(t) = &proof_token {
                 let mut challenge = [0u8; 16];
                 s.read_exact(&mut challenge).map_err(|e| format!("reading its challenge: {e}"))?;
-                s.write_all(&t.proof(&ring_context(rank, next_rank, world), &challenge))
+                s.write_all(&t.proof(&ring_context(rank, next_rank, world, generation), &challenge))
                     .map_err(|e| format!("sending our proof: {e}"))?;
             }
             let mut verdict = [0u8; 1];
@@ -137,7 +160,7 @@ impl TcpRing {
         // logged, and does not stop the ring from forming.
         let mut last_refusal = String::from("nobody connected");
         let prev = loop {
-            let (mut s, from) = match accept_before(&listener, deadline) {
+            let (mut s, from) = match accept_before(&listener, deadline, &cancelled) {
                 Ok(x) => x,
                 Err(e) => {
                     return Err(CollectiveError::Peer {
@@ -153,7 +176,7 @@ impl TcpRing {
                     })
                 }
             };
-            match admit_predecessor(&mut s, rank, prev_rank, world, token.as_ref(), deadline) {
+            match admit_predecessor(&mut s, rank, prev_rank, world, token.as_ref(), generation, deadline) {
                 Ok(()) => break s,
                 Err(why) => {
                     tracing::warn!(rank, %from, reason = %why, "refused a ring connection");
@@ -185,6 +208,12 @@ impl TcpRing {
         })
     }
 
+    /// A handle that can break this ring's connections from another thread (a blocked
+    /// all-reduce then fails at once): how a restart stops a step that waits on a dead peer.
+    pub fn handle(&self) -> std::io::Result<RingHandle> {
+        Ok(RingHandle(vec![self.next.try_clone()?, self.prev.try_clone()?]))
+    }
+
     /// Sends `send` to the successor while receiving `recv_len` floats from the predecessor into
     /// `self.recv_buf`.
     fn exchange(&mut self, send: &[f32], recv_len: usize) -> Result<(), CollectiveError> {
@@ -211,17 +240,29 @@ impl TcpRing {
     }
 }
 
+/// Breaks a ring's connections: see [`TcpRing::handle`].
+pub struct RingHandle(Vec<TcpStream>);
+
+impl RingHandle {
+    pub fn shutdown(&self) {
+        for s in &self.0 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// What a rank says first to its successor: magic, rank, world, and whether it has a token.
-fn hello(rank: usize, world: usize, has_token: bool) -> Vec<u8> {
+fn hello(rank: usize, world: usize, has_token: bool, generation: u64) -> Vec<u8> {
     let mut h = MAGIC.to_vec();
     h.extend_from_slice(&(rank as u32).to_le_bytes());
     h.extend_from_slice(&(world as u32).to_le_bytes());
     h.push(u8::from(has_token));
+    h.extend_from_slice(&generation.to_le_bytes());
     h
 }
 
-fn ring_context(from: usize, to: usize, world: usize) -> String {
-    format!("ring {from} -> {to} of {world}")
+fn ring_context(from: usize, to: usize, world: usize, generation: u64) -> String {
+    format!("ring {from} -> {to} of {world}, generation {generation}")
 }
 
 /// Checks that the peer on `s` is our predecessor of this job: its hello, and with a token, its
@@ -233,12 +274,13 @@ fn admit_predecessor(
     prev_rank: usize,
     world: usize,
     token: Option<&proto::auth::JobToken>,
+    generation: u64,
     deadline: Instant,
 ) -> Result<(), String> {
     let wait =
         deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(10), Duration::from_secs(5));
     s.set_read_timeout(Some(wait)).and_then(|()| s.set_write_timeout(Some(wait))).map_err(|e| e.to_string())?;
-    let mut got = [0u8; 17];
+    let mut got = [0u8; 25];
     s.read_exact(&mut got).map_err(|e| format!("no hello: {e}"))?;
     if &got[..8] != MAGIC {
         return Err("not a Tandem ring peer (bad magic)".into());
@@ -253,12 +295,16 @@ fn admit_predecessor(
     if got[16] != u8::from(token.is_some()) {
         return Err("disagrees on whether the job has a token".into());
     }
+    let their_generation = u64::from_le_bytes(got[17..25].try_into().expect("8 bytes"));
+    if their_generation != generation {
+        return Err(format!("is of generation {their_generation} of the job, this ring is generation {generation}"));
+    }
     if let Some(token) = token {
         let nonce = ring_nonce().map_err(|e| format!("random nonce: {e}"))?;
         s.write_all(&nonce).map_err(|e| e.to_string())?;
         let mut proof = [0u8; 32];
         s.read_exact(&mut proof).map_err(|e| format!("no proof: {e}"))?;
-        if proof != token.proof(&ring_context(prev_rank, rank, world), &nonce) {
+        if proof != token.proof(&ring_context(prev_rank, rank, world, generation), &nonce) {
             return Err("does not hold the job token".into());
         }
     }
@@ -271,9 +317,16 @@ fn ring_nonce() -> std::io::Result<[u8; 16]> {
     Ok(n)
 }
 
-fn accept_before(listener: &TcpListener, deadline: Instant) -> std::io::Result<(TcpStream, SocketAddr)> {
+fn accept_before(
+    listener: &TcpListener,
+    deadline: Instant,
+    cancelled: &dyn Fn() -> bool,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
     listener.set_nonblocking(true)?;
     loop {
+        if cancelled() {
+            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"));
+        }
         match listener.accept() {
             Ok((s, from)) => {
                 s.set_nonblocking(false)?;

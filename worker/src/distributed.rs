@@ -17,22 +17,23 @@
 //! That is why a resumed run continues bit for bit.
 
 use crate::checkpoint;
-use crate::collective::{Overlapped, TcpRing};
+use crate::collective::{Collective, Overlapped, RingHandle, TcpRing};
 use crate::layout::Head;
 use crate::model::Batch;
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
 use crate::tokenize::{Encoded, TextEncoder};
 use crate::train::{batch_of, optimizer_step, Split};
 use anyhow::Context;
-use coordinator::job::JobConfig;
+use coordinator::job::{ElasticSection, JobConfig};
 use proto::auth::ClientAuth;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{
-    checkpoint_part::Part, CheckpointHeader, CheckpointPart, EvalReport, EvalResult, FetchCheckpointRequest, FileChunk,
-    FinishRequest, JoinRequest, Progress, ShardRequest, Split as WireSplit,
+    beat_reply, checkpoint_part::Part, Beat, CheckpointHeader, CheckpointPart, ChecksumReport, EvalReport, EvalResult,
+    FetchCheckpointRequest, FileChunk, FinishRequest, JoinRequest, Progress, ShardRequest, Split as WireSplit,
 };
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::service::interceptor::InterceptedService;
@@ -77,12 +78,12 @@ async fn connect(url: &str, timeout: Duration, token: Option<&proto::auth::JobTo
 /// This rank's shard of an evaluation split, tokenized, with each example's dataset index.
 async fn fetch_shard(
     client: &mut Client,
-    rank: u32,
+    (rank, generation): (u32, u64),
     split: WireSplit,
     enc: &TextEncoder,
 ) -> anyhow::Result<(Vec<u32>, Split)> {
-    let mut stream =
-        client.stream_shard(ShardRequest { rank, split: split as i32, epoch: 0, start: 0 }).await?.into_inner();
+    let req = ShardRequest { rank, split: split as i32, epoch: 0, start: 0, generation };
+    let mut stream = client.stream_shard(req).await?.into_inner();
     let (mut ids, mut examples, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     while let Some(batch) = stream.message().await? {
         for e in batch.examples {
@@ -113,7 +114,7 @@ enum Feed {
 fn spawn_feed(
     rt: &tokio::runtime::Runtime,
     mut client: Client,
-    rank: u32,
+    (rank, generation): (u32, u64),
     enc: Arc<TextEncoder>,
     (epoch, position): (u32, u64),
 ) -> tokio::sync::mpsc::Receiver<anyhow::Result<Feed>> {
@@ -122,7 +123,7 @@ fn spawn_feed(
         let mut start = position;
         for epoch in epoch.. {
             let r: anyhow::Result<()> = async {
-                let req = ShardRequest { rank, split: WireSplit::Train as i32, epoch, start };
+                let req = ShardRequest { rank, split: WireSplit::Train as i32, epoch, start, generation };
                 let mut stream = client.stream_shard(req).await?.into_inner();
                 while let Some(batch) = stream.message().await? {
                     for e in batch.examples {
@@ -154,9 +155,8 @@ fn spawn_feed(
 /// Evaluates this rank's shard of `split` at `step`, reports the counts, and returns the
 /// metrics of the whole split (the reply comes once every rank has reported).
 fn evaluate(
-    rt: &tokio::runtime::Runtime,
+    g: &Gen,
     client: &mut Client,
-    rank: u32,
     model: &mut crate::model::Bert,
     enc: &TextEncoder,
     split: WireSplit,
@@ -164,20 +164,23 @@ fn evaluate(
     classes: usize,
     batch_size: usize,
 ) -> anyhow::Result<EvalResult> {
-    let (_, shard) = rt.block_on(fetch_shard(client, rank, split, enc))?;
+    g.phase(&format!("evaluating {}", split.as_str_name().to_lowercase()));
+    let (_, shard) = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, enc))?;
     let counts = crate::train::count_split(model, &shard, batch_size, enc.pad_id, classes)?;
-    let m = rt
-        .block_on(client.report_eval(EvalReport {
-            rank,
-            split: split as i32,
-            step,
-            classes: classes as u32,
-            confusion: counts.confusion,
-            loss_sum: counts.loss_sum,
-        }))
+    let report = EvalReport {
+        rank: g.rank as u32,
+        split: split as i32,
+        step,
+        classes: classes as u32,
+        confusion: counts.confusion,
+        loss_sum: counts.loss_sum,
+        generation: g.generation,
+    };
+    let m = g
+        .wait(async { Ok(client.report_eval(report).await?) })
         .with_context(|| format!("reporting the evaluation of {} at step {step}", split.as_str_name()))?
         .into_inner();
-    if rank == 0 {
+    if g.rank == 0 {
         tracing::info!(
             step,
             split = split.as_str_name(),
@@ -221,7 +224,7 @@ async fn upload_checkpoint(
     header: CheckpointHeader,
     files: Vec<(String, Vec<u8>)>,
 ) -> anyhow::Result<String> {
-    let step = header.step;
+    let (step, generation) = (header.step, header.generation);
     let head = std::iter::once(CheckpointPart { part: Some(Part::Header(header)) });
     let chunks = files.into_iter().flat_map(|(name, bytes)| {
         let n = bytes.len().div_ceil(UPLOAD_CHUNK).max(1);
@@ -230,8 +233,14 @@ async fn upload_checkpoint(
             CheckpointPart { part: Some(Part::Chunk(FileChunk { name: name.clone(), data })) }
         })
     });
+    let parts = head.chain(chunks).enumerate().map(move |(i, p)| {
+        if i == 2 {
+            coordinator::fault::worker_point(0, generation, "upload", step);
+        }
+        p
+    });
     let saved = client
-        .save_checkpoint(tokio_stream::iter(head.chain(chunks)))
+        .save_checkpoint(tokio_stream::iter(parts))
         .await
         .map_err(|s| anyhow::anyhow!("the coordinator could not save the checkpoint of step {step}: {}", s.message()))?
         .into_inner();
@@ -239,12 +248,11 @@ async fn upload_checkpoint(
 }
 
 /// Waits for the checkpoint upload in flight, if any, and reports how it went.
-fn wait_upload(
-    rt: &tokio::runtime::Runtime,
-    pending: &mut Option<(u64, tokio::task::JoinHandle<anyhow::Result<String>>)>,
-) -> anyhow::Result<()> {
-    if let Some((step, handle)) = pending.take() {
-        let path = rt.block_on(handle).context("the checkpoint upload task")??;
+fn wait_upload(g: &Gen, pending: &mut Option<(u64, Upload)>) -> anyhow::Result<()> {
+    if let Some((step, mut up)) = pending.take() {
+        g.phase("uploading a checkpoint");
+        let handle = up.0.take().expect("an upload in flight");
+        let path = g.wait(async { handle.await.context("the checkpoint upload task")? })?;
         tracing::info!(step, path, "checkpoint saved");
     }
     Ok(())
@@ -252,12 +260,12 @@ fn wait_upload(
 
 /// Downloads the weights and optimizer state of the checkpoint a resumed job starts from.
 fn fetch_checkpoint(
-    rt: &tokio::runtime::Runtime,
+    g: &Gen,
     client: &mut Client,
-    rank: u32,
     name: &str,
 ) -> anyhow::Result<std::collections::BTreeMap<String, Vec<u8>>> {
-    rt.block_on(async {
+    let rank = g.rank as u32;
+    g.wait(async {
         let mut stream = client
             .fetch_checkpoint(FetchCheckpointRequest { rank, checkpoint: name.to_string() })
             .await
@@ -271,40 +279,382 @@ fn fetch_checkpoint(
     })
 }
 
+/// An upload in flight on the runtime thread; dropped unfinished (the generation failed), it is
+/// cancelled.
+struct Upload(Option<tokio::task::JoinHandle<anyhow::Result<String>>>);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Why a generation was interrupted from outside the training loop.
+#[derive(Clone, Debug)]
+enum Why {
+    /// The coordinator restarts the job: rejoin.
+    Restart(String),
+    /// The job is over: finished (true), or failed elsewhere: exit.
+    Stop(String, bool),
+    /// The coordinator stopped answering: find it again (it may be restarting).
+    Lost(String),
+}
+
+/// Interrupts a generation: set once (by the heartbeat task), it breaks the ring's connections
+/// and wakes every wait of the training loop.
+#[derive(Default)]
+struct Abort {
+    why: std::sync::Mutex<Option<Why>>,
+    flag: Arc<AtomicBool>,
+    notify: tokio::sync::Notify,
+    ring: std::sync::Mutex<Option<RingHandle>>,
+}
+
+impl Abort {
+    fn set(&self, why: Why) {
+        let mut w = self.why.lock().expect("abort lock");
+        if w.is_some() {
+            return;
+        }
+        *w = Some(why);
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(h) = self.ring.lock().expect("ring lock").take() {
+            h.shutdown();
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn why(&self) -> Option<Why> {
+        self.why.lock().expect("abort lock").clone()
+    }
+
+    fn watch_ring(&self, h: RingHandle) {
+        if self.why().is_some() {
+            h.shutdown();
+        } else {
+            *self.ring.lock().expect("ring lock") = Some(h);
+        }
+    }
+
+    async fn cancelled(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.why().is_some() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// What the heartbeats say about this worker.
+#[derive(Default)]
+struct Beats {
+    step: AtomicU64,
+    phase: std::sync::Mutex<String>,
+    failure: std::sync::Mutex<String>,
+    failed: tokio::sync::Notify,
+}
+
+/// One generation of this worker: its rank, and the plumbing every wait goes through.
+struct Gen<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    rank: usize,
+    generation: u64,
+    abort: Arc<Abort>,
+    beats: Arc<Beats>,
+}
+
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted by the coordinator")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+impl Gen<'_> {
+    /// Runs `fut` on the runtime until it completes or the generation is interrupted.
+    fn wait<T>(&self, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+        self.rt.block_on(async {
+            tokio::select! {
+                biased;
+                r = fut => r,
+                () = self.abort.cancelled() => Err(anyhow::Error::new(Interrupted)),
+            }
+        })
+    }
+
+    fn phase(&self, p: &str) {
+        p.clone_into(&mut self.beats.phase.lock().expect("phase lock"));
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.abort.why().is_some() {
+            return Err(anyhow::Error::new(Interrupted));
+        }
+        Ok(())
+    }
+}
+
+/// Heartbeats to the coordinator until the generation ends: a beat every interval; the replies
+/// (or their absence) decide whether the generation goes on.
+fn spawn_heartbeat(
+    rt: &tokio::runtime::Runtime,
+    mut client: Client,
+    (rank, generation): (u32, u64),
+    e: &ElasticSection,
+    abort: Arc<Abort>,
+    beats: Arc<Beats>,
+) -> tokio::task::JoinHandle<()> {
+    let (interval, timeout) =
+        (ElasticSection::secs(e.heartbeat_interval_s), ElasticSection::secs(e.heartbeat_timeout_s));
+    rt.spawn(async move {
+        let beat = |b: &Beats| Beat {
+            rank,
+            generation,
+            step: b.step.load(Ordering::Relaxed),
+            phase: b.phase.lock().expect("phase lock").clone(),
+            failure: b.failure.lock().expect("failure lock").clone(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Beat>(4);
+        let _ = tx.send(beat(&beats)).await;
+        let mut replies = match tokio::time::timeout(
+            timeout,
+            client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => return abort.set(Why::Lost(format!("the heartbeat was refused: {}", s.message()))),
+            Err(_) => return abort.set(Why::Lost(format!("the coordinator did not answer within {timeout:?}"))),
+        };
+        let mut tick = tokio::time::interval(interval);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if last.elapsed() > timeout {
+                        return abort.set(Why::Lost(format!(
+                            "no heartbeat reply from the coordinator for {:.1} s",
+                            last.elapsed().as_secs_f64()
+                        )));
+                    }
+                    let _ = tx.send(beat(&beats)).await;
+                }
+                () = beats.failed.notified() => {
+                    let _ = tx.send(beat(&beats)).await;
+                }
+                m = replies.message() => match m {
+                    Ok(Some(r)) => {
+                        last = Instant::now();
+                        match beat_reply::Action::try_from(r.action) {
+                            Ok(beat_reply::Action::Continue) => {}
+                            Ok(beat_reply::Action::Restart) => return abort.set(Why::Restart(r.message)),
+                            _ => return abort.set(Why::Stop(r.message, r.finished)),
+                        }
+                    }
+                    Ok(None) => return abort.set(Why::Lost("the coordinator ended the heartbeat stream".into())),
+                    Err(s) => return abort.set(Why::Lost(format!("the heartbeat stream broke: {}", s.message()))),
+                },
+            }
+        }
+    })
+}
+
+/// A collective that can kill this process in the middle of an all-reduce (see
+/// `coordinator::fault`); otherwise it is the ring itself.
+struct FaultPoint {
+    inner: TcpRing,
+    rank: usize,
+    generation: u64,
+    completed: Arc<AtomicU64>,
+    calls: (u64, u32),
+}
+
+impl Collective for FaultPoint {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), crate::collective::CollectiveError> {
+        let step = self.completed.load(Ordering::Relaxed) + 1;
+        if self.calls.0 != step {
+            self.calls = (step, 0);
+        }
+        self.calls.1 += 1;
+        if self.calls.1 == 2 {
+            coordinator::fault::worker_point(self.rank, self.generation, "allreduce", step);
+        }
+        self.inner.all_reduce_sum(buf)
+    }
+}
+
+/// A 64-bit FNV-1a of the parameters' bits: equal parameters, equal checksums.
+fn checksum(params: &[f32]) -> u64 {
+    params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| (h ^ u64::from(p.to_bits())).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Connects to the coordinator and joins the next generation, retrying until `deadline` while
+/// the coordinator is unreachable or restarting.
+fn join(
+    rt: &tokio::runtime::Runtime,
+    opts: &WorkerOpts,
+    request: &JoinRequest,
+    deadline: Instant,
+    rejoining: bool,
+) -> anyhow::Result<(Client, proto::v1::JoinReply)> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut client = rt.block_on(connect(&opts.coordinator, left, opts.token.as_ref()))?;
+        match rt.block_on(client.join(request.clone())) {
+            Ok(r) => return Ok((client, r.into_inner())),
+            Err(s) => {
+                use tonic::Code;
+                let retry = match s.code() {
+                    Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled => true,
+                    Code::ResourceExhausted | Code::DeadlineExceeded => rejoining,
+                    _ => false,
+                };
+                if !retry || Instant::now() >= deadline {
+                    anyhow::bail!("the coordinator refused this worker: {}", s.message());
+                }
+                tracing::info!(reason = s.message(), "joining again");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+}
+
 pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
-    // One runtime thread carries the data feed and the progress reports while the main thread
-    // computes; the main thread enters the runtime only for calls it must wait on.
+    // One runtime thread carries the data feed, the heartbeats and the progress reports while
+    // the main thread computes; the main thread enters the runtime only for calls it must wait on.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let listener = TcpListener::bind(opts.ring_listen).with_context(|| format!("binding {}", opts.ring_listen))?;
     let ring_addr = opts.ring_advertise.clone().unwrap_or(listener.local_addr()?.to_string());
-    let mut client = rt.block_on(connect(&opts.coordinator, opts.timeout, opts.token.as_ref()))?;
     let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
-    let reply = rt
-        .block_on(client.join(JoinRequest {
-            protocol_version: proto::PROTOCOL_VERSION,
-            rank_hint: opts.rank_hint,
-            ring_addr,
-            hostname,
-        }))
-        .map_err(|s| anyhow::anyhow!("the coordinator refused this worker: {}", s.message()))?
-        .into_inner();
-    let (rank, world) = (reply.rank as usize, reply.world_size as usize);
-    let job: JobConfig = serde_json::from_str(&reply.job_config_json).context("the job config from the coordinator")?;
-    let span = tracing::info_span!("worker", rank);
-    let _enter = span.enter();
+    let request =
+        JoinRequest { protocol_version: proto::PROTOCOL_VERSION, rank_hint: opts.rank_hint, ring_addr, hostname };
+    let mut rejoin = None;
+    loop {
+        let deadline = Instant::now() + rejoin.unwrap_or(opts.timeout);
+        let (client, reply) = join(&rt, &opts, &request, deadline, rejoin.is_some())?;
+        let job: JobConfig =
+            serde_json::from_str(&reply.job_config_json).context("the job config from the coordinator")?;
+        rejoin = Some(ElasticSection::secs(job.elastic.rejoin_timeout_s));
+        let (rank, generation) = (reply.rank as usize, reply.generation);
+        let span = tracing::info_span!("worker", rank, generation);
+        let _enter = span.enter();
+        let g = Gen { rt: &rt, rank, generation, abort: Arc::default(), beats: Arc::default() };
+        let heartbeat = spawn_heartbeat(
+            &rt,
+            client.clone(),
+            (rank as u32, generation),
+            &job.elastic,
+            g.abort.clone(),
+            g.beats.clone(),
+        );
+        let result = train_generation(&g, &opts, client, &reply, &job, &listener);
+        let why = match &result {
+            // Done: wait for the job's end, since a failure elsewhere can still restart it.
+            Ok(()) => {
+                g.phase("finished");
+                rt.block_on(g.abort.cancelled());
+                g.abort.why()
+            }
+            Err(e) if g.abort.why().is_none() => {
+                // This worker's own failure: tell the coordinator, and wait for its verdict.
+                tracing::error!(error = format!("{e:#}"), "this generation failed");
+                *g.beats.failure.lock().expect("failure lock") = format!("{e:#}");
+                g.beats.failed.notify_one();
+                let wait = ElasticSection::secs(2.0 * job.elastic.heartbeat_timeout_s);
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(wait, g.abort.cancelled()).await;
+                });
+                g.abort.why()
+            }
+            Err(_) => g.abort.why(),
+        };
+        heartbeat.abort();
+        match (result, why) {
+            (Ok(()), Some(Why::Stop(..))) => return Ok(()),
+            // The job finished while this worker's own Finish was on its way back.
+            (Err(e), Some(Why::Stop(_, true))) if e.is::<Interrupted>() => return Ok(()),
+            (Ok(()), Some(Why::Lost(msg))) => {
+                tracing::warn!(reason = msg, "the coordinator went away after this worker finished");
+                return Ok(());
+            }
+            (Err(e), Some(Why::Stop(msg, _))) => {
+                return Err(if e.is::<Interrupted>() {
+                    anyhow::anyhow!("the coordinator stopped the job: {msg}")
+                } else {
+                    e.context("the coordinator stopped the job")
+                })
+            }
+            (_, Some(Why::Restart(msg))) => tracing::warn!(reason = msg, "the job restarts; rejoining"),
+            (_, Some(Why::Lost(msg))) => tracing::warn!(reason = msg, "lost the coordinator; rejoining"),
+            (Err(e), None) => {
+                tracing::warn!(error = format!("{e:#}"), "no word from the coordinator after a failure; rejoining")
+            }
+            (Ok(()), None) => unreachable!("a finished worker waits until the abort is set"),
+        }
+    }
+}
+
+/// One generation: connect the ring, load the start state (the base checkpoint, or the
+/// checkpoint the job resumes from), train to the end, evaluate, save, finish.
+fn train_generation(
+    g: &Gen,
+    opts: &WorkerOpts,
+    mut client: Client,
+    reply: &proto::v1::JoinReply,
+    job: &JobConfig,
+    listener: &TcpListener,
+) -> anyhow::Result<()> {
+    let (rank, world) = (g.rank, reply.world_size as usize);
     tracing::info!(world, "joined");
+    g.phase("connecting the ring");
     let peers: Vec<SocketAddr> = reply
         .ring_peers
         .iter()
         .map(|p| p.parse().with_context(|| format!("ring peer address {p:?}")))
         .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        peers.len() == world && rank < world,
+        "the coordinator sent {} ring peers for a world of {world}",
+        peers.len()
+    );
+    let e = &job.elastic;
     // The ring runs on its own thread, overlapped with backward; a world of one needs none.
+    let completed = Arc::new(AtomicU64::new(0));
     let mut ring: Option<Overlapped> = if world == 1 {
         None
     } else {
-        Some(Overlapped::new(Box::new(TcpRing::connect(rank, &peers, listener, opts.timeout, opts.token.as_ref())?)))
+        let r = TcpRing::connect_generation(
+            rank,
+            &peers,
+            listener.try_clone()?,
+            ElasticSection::secs(e.collective_timeout_s),
+            opts.token.as_ref(),
+            g.generation,
+            Some(Arc::clone(&g.abort.flag)),
+        );
+        g.check()?;
+        let r = r?;
+        g.abort.watch_ring(r.handle()?);
+        let fp =
+            FaultPoint { inner: r, rank, generation: g.generation, completed: Arc::clone(&completed), calls: (0, 0) };
+        Some(Overlapped::new(Box::new(fp)))
     };
 
+    g.phase("loading the model");
     let t = &job.train;
     if t.threads > 0 {
         rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global().ok();
@@ -326,6 +676,8 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let micro = if t.micro_batch_size == 0 { local_batch } else { t.micro_batch_size.min(local_batch) };
     let shard_len = (reply.train_examples as usize).div_ceil(world);
     anyhow::ensure!(shard_len > 0, "the training split is empty");
+    // ceil(ceil(n / world) / (batch / world)) = ceil(n / batch): the schedule does not depend
+    // on the world size, so an elastic job keeps it when it continues with fewer workers.
     let per_epoch = shard_len.div_ceil(local_batch) as u64;
     let (total, warmup) = schedule_steps(per_epoch, t);
     let cursor_of = |step: u64| ((step / per_epoch) as u32, (step % per_epoch) * local_batch as u64);
@@ -333,16 +685,22 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
 
     let mut step = 0u64;
     if let Some(r) = &reply.resume {
+        // The checkpoint's cursor is a position in the shard of the world that wrote it; the
+        // same global position, position * world, is where every world resumes.
+        let written_by = (r.world_size as u64).max(1);
+        let (epoch, position) = cursor_of(r.step);
         anyhow::ensure!(
-            cursor_of(r.step) == (r.epoch, r.position),
-            "checkpoint {} says step {} is at epoch {} position {}, but this job's schedule puts it at {:?}",
+            (epoch, position * world as u64) == (r.epoch, r.position * written_by),
+            "checkpoint {} says step {} is at epoch {} position {} of a world of {written_by}, but this job's schedule \
+             puts it at {:?} of a world of {world}",
             r.checkpoint,
             r.step,
             r.epoch,
             r.position,
-            cursor_of(r.step)
+            (epoch, position)
         );
-        let files = fetch_checkpoint(&rt, &mut client, rank as u32, &r.checkpoint)?;
+        g.phase("fetching the checkpoint");
+        let files = fetch_checkpoint(g, &mut client, &r.checkpoint)?;
         let get = |name: &str| {
             files.get(name).ok_or_else(|| anyhow::anyhow!("checkpoint {} arrived without {name}", r.checkpoint))
         };
@@ -369,13 +727,15 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         step = r.step;
         tracing::info!(step, checkpoint = r.checkpoint, "resumed");
     }
+    completed.store(step, Ordering::Relaxed);
+    g.beats.step.store(step, Ordering::Relaxed);
 
     // Rank 0's progress reports go out in order from the runtime thread, never delaying a step.
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
     let progress_task = rank == 0;
     if progress_task {
         let mut c = client.clone();
-        rt.spawn(async move {
+        g.rt.spawn(async move {
             while let Some(p) = progress_rx.recv().await {
                 if let Err(e) = c.report_progress(p).await {
                     tracing::debug!(error = %e, "progress report failed");
@@ -397,15 +757,18 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         _ => None,
     });
     let tokenizer_dir = job.tokenizer_path().parent().map(Path::to_path_buf);
-    let mut feed = spawn_feed(&rt, client.clone(), rank as u32, Arc::clone(&enc), cursor_of(step));
+    let mut feed = spawn_feed(g.rt, client.clone(), (rank as u32, g.generation), Arc::clone(&enc), cursor_of(step));
     let started = Instant::now();
     let mut last_loss = f64::NAN;
-    let mut pending_upload = None;
+    let mut pending_upload: Option<(u64, Upload)> = None;
     while step < total {
+        g.check()?;
         // The next local batch: up to `local_batch` examples, fewer at the end of an epoch.
+        g.phase("waiting for data");
         let mut local: Vec<Fed> = Vec::with_capacity(local_batch);
         while local.len() < local_batch {
-            match feed.blocking_recv() {
+            let next = g.wait(async { Ok(feed.recv().await) })?;
+            match next {
                 Some(Ok(Feed::Example(f))) => local.push(f),
                 Some(Ok(Feed::EpochEnd)) if local.is_empty() => continue,
                 Some(Ok(Feed::EpochEnd)) => break,
@@ -413,6 +776,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
                 None => anyhow::bail!("the data feed stopped"),
             }
         }
+        g.phase("training");
         let lr = linear_schedule(t.lr, step, warmup, total);
         let count = local.len();
         let mut shard = Split { path: "train".into(), examples: Vec::with_capacity(count), labels: Vec::new() };
@@ -425,10 +789,19 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         let positions: Vec<usize> = (0..count).collect();
         let batches: Vec<Batch> =
             positions.chunks(micro).map(|m| batch_of(&shard, m, |i| ids[i], enc.pad_id)).collect();
-        let r = optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, count * world, t, step, lr)?;
+        let r = optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, count * world, t, step, lr);
+        g.check()?;
+        let r = r?;
         last_loss = r.loss_sum / (count * world) as f64;
         let epoch = cursor_of(step).0;
         step += 1;
+        completed.store(step, Ordering::Relaxed);
+        g.beats.step.store(step, Ordering::Relaxed);
+        coordinator::fault::worker_point(rank, g.generation, "step", step);
+        if coordinator::fault::due(&format!("rank{rank}"), "perturb", step) && g.generation == 0 {
+            tracing::warn!(step, "TANDEM_FAULT: perturbing one parameter of this rank");
+            model.params[0] += 1e-3;
+        }
         if progress_task {
             let _ = progress_tx.send(Progress {
                 rank: 0,
@@ -443,6 +816,13 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
                 allreduce_wait_s: r.allreduce_wait.as_secs_f64(),
             });
         }
+        if e.checksum_every > 0 && step.is_multiple_of(e.checksum_every) {
+            g.phase("comparing parameter checksums");
+            let report =
+                ChecksumReport { rank: rank as u32, generation: g.generation, step, checksum: checksum(&model.params) };
+            g.wait(async { Ok(client.report_checksum(report).await?) })
+                .with_context(|| format!("comparing parameter checksums at step {step}"))?;
+        }
         if step == total {
             break; // the final evaluation and checkpoint follow
         }
@@ -451,43 +831,62 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
             if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(per_epoch) };
         let mut evaluated = None;
         if let (true, Some(split)) = (eval_due, eval_split) {
-            evaluate(&rt, &mut client, rank as u32, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
+            evaluate(g, &mut client, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
             evaluated = Some(split);
         }
         // The best checkpoint is judged by its metric at the checkpoint's own step.
         if let (true, Some(split)) = (ckpt_due, best_split) {
             if evaluated != Some(split) {
-                evaluate(&rt, &mut client, rank as u32, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
+                evaluate(g, &mut client, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
             }
         }
         if ckpt_due && rank == 0 {
             let (epoch, position) = cursor_of(step);
-            let header = CheckpointHeader { rank: 0, step, epoch, position, train_loss: last_loss, r#final: false };
+            let header = CheckpointHeader {
+                rank: 0,
+                step,
+                epoch,
+                position,
+                train_loss: last_loss,
+                r#final: false,
+                generation: g.generation,
+            };
             // A snapshot of the state now; the upload runs on the runtime thread while the next
             // steps compute. At most one is in flight: the previous one must have landed.
-            wait_upload(&rt, &mut pending_upload)?;
+            wait_upload(g, &mut pending_upload)?;
             let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
-            pending_upload = Some((step, rt.spawn(upload_checkpoint(client.clone(), header, files))));
+            let handle = g.rt.spawn(upload_checkpoint(client.clone(), header, files));
+            pending_upload = Some((step, Upload(Some(handle))));
         }
     }
-    wait_upload(&rt, &mut pending_upload)?;
+    wait_upload(g, &mut pending_upload)?;
     drop(feed);
     let train_seconds = started.elapsed().as_secs_f64();
 
     for (split, has) in [(WireSplit::Dev, job.data.dev.is_some()), (WireSplit::Test, job.data.test.is_some())] {
         if has {
-            evaluate(&rt, &mut client, rank as u32, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
+            evaluate(g, &mut client, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
         }
     }
     let mut model_dir = String::new();
     if rank == 0 {
+        g.phase("saving the final checkpoint");
         let (epoch, position) = cursor_of(step);
-        let header = CheckpointHeader { rank: 0, step, epoch, position, train_loss: last_loss, r#final: true };
+        let header = CheckpointHeader {
+            rank: 0,
+            step,
+            epoch,
+            position,
+            train_loss: last_loss,
+            r#final: true,
+            generation: g.generation,
+        };
         let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
-        model_dir = rt.block_on(upload_checkpoint(client.clone(), header, files))?;
+        model_dir = g.wait(upload_checkpoint(client.clone(), header, files))?;
     }
     drop(progress_tx);
-    rt.block_on(client.finish(FinishRequest { rank: rank as u32, model_dir, steps: step }))?;
+    let fin = FinishRequest { rank: rank as u32, model_dir, steps: step, generation: g.generation };
+    g.wait(async { Ok(client.finish(fin).await?) })?;
     tracing::info!(steps = step, seconds = train_seconds, "finished");
     Ok(())
 }

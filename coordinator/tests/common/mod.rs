@@ -43,3 +43,27 @@ pub async fn serve_with_token(
     });
     format!("http://{addr}")
 }
+
+/// Joins `world` workers (real Join RPCs, all at once) so that the world of generation 0 is
+/// complete; the RPCs that need a member (shards, evaluations) are accepted from then on.
+#[allow(dead_code)]
+pub async fn join_all(url: &str, world: usize) {
+    let mut handles = Vec::new();
+    for rank in 0..world {
+        let url = url.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut c = proto::v1::coordinator_client::CoordinatorClient::connect(url).await.unwrap();
+            c.join(proto::v1::JoinRequest {
+                protocol_version: proto::PROTOCOL_VERSION,
+                rank_hint: Some(rank as u32),
+                ring_addr: format!("127.0.0.1:{}", 40000 + rank),
+                hostname: format!("test-{rank}"),
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap().into_inner().generation, 0);
+    }
+}
