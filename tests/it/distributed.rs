@@ -228,6 +228,7 @@ fn a_worker_that_fails_stops_the_job_with_a_clear_error() {
     let start = std::time::Instant::now();
     let o = Command::new(bin("coordinator"))
         .args(["--world-size", "2", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0", "--spawn-local"])
+        .args(["--set", &format!("output.dir={}", dir.join("out").display())])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
