@@ -24,7 +24,7 @@ use crate::support::fixtures;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     // target/debug/deps/it-<hash> -> target/debug/<name>, built by `cargo test --workspace`.
     let exe = std::env::current_exe().unwrap();
     let p = exe.parent().unwrap().parent().unwrap().join(name);
@@ -32,7 +32,7 @@ fn bin(name: &str) -> PathBuf {
     p
 }
 
-fn scratch(tag: &str) -> PathBuf {
+pub(crate) fn scratch(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("tandem-dist-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
@@ -83,7 +83,7 @@ fn job(dir: &Path, model: &Path, data: &Path) -> PathBuf {
     p
 }
 
-fn params(model_dir: &Path) -> Vec<f32> {
+pub(crate) fn params(model_dir: &Path) -> Vec<f32> {
     let bytes = std::fs::read(model_dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names = st.names();
@@ -103,7 +103,7 @@ fn params(model_dir: &Path) -> Vec<f32> {
 
 /// The loss curve a run wrote to `loss.jsonl`: the loss of each step, by step (a resumed run
 /// appends the steps it repeats; the last record of a step wins).
-fn loss_by_step(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+pub(crate) fn loss_by_step(out: &Path) -> std::collections::BTreeMap<u64, f64> {
     let text = std::fs::read_to_string(out.join("loss.jsonl")).unwrap();
     let mut by_step = std::collections::BTreeMap::new();
     for line in text.lines() {
@@ -119,7 +119,7 @@ fn loss_curve(out: &Path) -> Vec<f64> {
     by_step.into_values().collect()
 }
 
-fn coordinator(cfg: &Path, world: usize, out: &Path) -> Command {
+pub(crate) fn coordinator(cfg: &Path, world: usize, out: &Path) -> Command {
     let mut c = Command::new(bin("coordinator"));
     c.args(["--world-size", &world.to_string(), "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
         .args(["--spawn-local", "--gather-timeout-s", "60"])
@@ -150,13 +150,13 @@ fn run_distributed(cfg: &Path, world: usize, out: &Path) -> Vec<f32> {
 }
 
 /// Asserts bit-for-bit equality without printing a million floats when it fails.
-fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
+pub(crate) fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     let differing = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert!(differing == 0, "{what}: {differing} values differ, relative difference {:.2e}", rel_diff(want, got));
 }
 
-fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
     d / a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
@@ -242,7 +242,7 @@ fn a_worker_that_fails_stops_the_job_with_a_clear_error() {
 }
 
 /// The job of `job`, with a checkpoint every 5 steps (all kept), dropout on, `steps` steps.
-fn checkpointed_job(dir: &Path, steps: u64) -> PathBuf {
+pub(crate) fn checkpointed_job(dir: &Path, steps: u64) -> PathBuf {
     let data = write_data(dir);
     let model = model_with_dropout(dir, 0.1);
     let cfg = job(dir, &model, &data);
@@ -253,14 +253,14 @@ fn checkpointed_job(dir: &Path, steps: u64) -> PathBuf {
     cfg
 }
 
-fn run_ok(mut c: Command) -> (String, String) {
+pub(crate) fn run_ok(mut c: Command) -> (String, String) {
     let o = c.output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
     assert!(o.status.success(), "{err}");
     (out, err)
 }
 
-fn checkpoint_steps(out: &Path) -> Vec<u64> {
+pub(crate) fn checkpoint_steps(out: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(out.join("checkpoints"))
         .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok()).collect())
         .unwrap_or_default();
@@ -344,7 +344,7 @@ fn a_job_killed_after_a_checkpoint_resumes_where_it_stopped() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-fn run_err(mut c: Command) -> String {
+pub(crate) fn run_err(mut c: Command) -> String {
     let o = c.output().unwrap();
     assert!(!o.status.success(), "expected a failure:\n{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stderr).into_owned()

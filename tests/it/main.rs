@@ -6,4 +6,5 @@ mod determinism;
 mod distributed;
 mod minilm;
 mod parity;
+mod recovery;
 mod support;
