@@ -576,7 +576,19 @@ impl Coordinator for CoordinatorService {
             }
             Ok(p)
         });
-        while let Some(part) = stream.message().await? {
+        // A sender that goes silent mid-upload (stopped, partitioned) is given up on.
+        let silence = ElasticSection::secs(self.elastic.heartbeat_timeout_s);
+        loop {
+            let part = match tokio::time::timeout(silence, stream.message()).await {
+                Ok(Ok(Some(part))) => part,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the checkpoint upload of step {step} stalled for {silence:?}"
+                    )))
+                }
+            };
             match part.part {
                 Some(Part::Chunk(c)) => {
                     if tx.send((c.name, c.data)).await.is_err() {
