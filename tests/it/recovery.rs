@@ -113,7 +113,8 @@ fn a_worker_killed_at_random_moments_is_replaced_and_the_result_is_bit_identical
         let (stdout, err) = run_ok(c);
         println!("{fault}: {}", stdout.lines().last().unwrap_or_default());
         assert!(err.contains("TANDEM_FAULT: killing this process"), "{fault}: the fault did not fire:\n{err}");
-        // It restarted from the last complete checkpoint: at most the 5 steps since are redone.
+        // It restarted from the last checkpoint complete on disk when the failure struck: uploads
+        // overlap training (one in flight), so that is the last one or the one before.
         let from: u64 = err
             .split("restarting the job from step-")
             .nth(1)
@@ -121,7 +122,10 @@ fn a_worker_killed_at_random_moments_is_replaced_and_the_result_is_bit_identical
             .unwrap_or_else(|| panic!("{fault}: no restart from a checkpoint:\n{err}"));
         let at: u64 = fault.rsplit('@').next().unwrap().parse().unwrap();
         println!("{fault}: restarted from the checkpoint of step {from}");
-        assert!(from > 0 && from <= at && at - from <= 5, "{fault}: restarted from step {from}");
+        assert!(
+            from > 0 && from.is_multiple_of(5) && from <= at && at - from <= 10,
+            "{fault}: restarted from step {from}"
+        );
         assert!(err.contains("starting a replacement"), "{fault}: no replacement:\n{err}");
         assert_bits_eq(&params(&out.join("model")), &want, &format!("{fault}: recovered vs uninterrupted"));
     }
