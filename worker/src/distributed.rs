@@ -761,6 +761,11 @@ fn train_generation(
     let started = Instant::now();
     let mut last_loss = f64::NAN;
     let mut pending_upload: Option<(u64, Upload)> = None;
+    // What rank 0 says about a checkpoint it uploads: step, data cursor, loss, generation.
+    let checkpoint_header = |step: u64, train_loss: f64, is_final: bool| {
+        let (epoch, position) = cursor_of(step);
+        CheckpointHeader { rank: 0, step, epoch, position, train_loss, r#final: is_final, generation: g.generation }
+    };
     while step < total {
         g.check()?;
         // The next local batch: up to `local_batch` examples, fewer at the end of an epoch.
@@ -841,16 +846,7 @@ fn train_generation(
             }
         }
         if ckpt_due && rank == 0 {
-            let (epoch, position) = cursor_of(step);
-            let header = CheckpointHeader {
-                rank: 0,
-                step,
-                epoch,
-                position,
-                train_loss: last_loss,
-                r#final: false,
-                generation: g.generation,
-            };
+            let header = checkpoint_header(step, last_loss, false);
             // A snapshot of the state now; the upload runs on the runtime thread while the next
             // steps compute. At most one is in flight: the previous one must have landed.
             wait_upload(g, &mut pending_upload)?;
@@ -871,16 +867,7 @@ fn train_generation(
     let mut model_dir = String::new();
     if rank == 0 {
         g.phase("saving the final checkpoint");
-        let (epoch, position) = cursor_of(step);
-        let header = CheckpointHeader {
-            rank: 0,
-            step,
-            epoch,
-            position,
-            train_loss: last_loss,
-            r#final: true,
-            generation: g.generation,
-        };
+        let header = checkpoint_header(step, last_loss, true);
         let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
         model_dir = g.wait(upload_checkpoint(client.clone(), header, files))?;
     }
