@@ -136,12 +136,8 @@ impl EvalBoard {
         Ok(Some(m))
     }
 
-    /// A new generation of the job: reports in flight are dropped (the finished ones are kept).
-    pub fn restart(&mut self) {
-        self.pending.clear();
-    }
-
-    /// The world of the generation that reports from now on.
+    /// The world of the generation that reports from now on: a new generation of the job drops
+    /// the reports of the last one still in flight (the finished ones are kept).
     pub fn set_world(&mut self, world: usize) {
         self.pending.clear();
         self.world = world;

@@ -6,6 +6,8 @@
 //! - `rank<N>:allreduce@S`: in the all-reduce of step S (after its first bucket);
 //! - `rank<N>:upload@S`: after the first megabyte of the checkpoint upload of step S;
 //! - `rank<N>:step@S`: right after step S;
+//! - `rank<N>:perturb@S`: not a kill: after step S the rank nudges one parameter, a silent
+//!   desync for the parameter checksums to catch;
 //! - `coordinator:commit@S`: with the checkpoint of step S written but not yet complete.
 //!
 //! A worker fires only in the job's first generation (a replacement started with the same
@@ -61,9 +63,14 @@ pub fn coordinator_point(point: &str, step: u64) {
     }
 }
 
-/// A worker's injection points: rank `rank` of generation `generation` (fires in generation 0).
+/// Whether a worker's fault is due: rank `rank` of generation `generation` (only generation 0).
+pub fn worker_due(rank: usize, generation: u64, point: &str, step: u64) -> bool {
+    generation == 0 && due(&format!("rank{rank}"), point, step)
+}
+
+/// A worker's kill points (see [`worker_due`]).
 pub fn worker_point(rank: usize, generation: u64, point: &str, step: u64) {
-    if generation == 0 && due(&format!("rank{rank}"), point, step) {
+    if worker_due(rank, generation, point, step) {
         kill_self(&format!("at {point} of step {step}"));
     }
 }

@@ -72,8 +72,9 @@ struct Seen {
     unchanged_since: Instant,
 }
 
-/// The coordinator's restart bookkeeping, kept in `<checkpoint dir>/coordinator.json` so that a
-/// restarted coordinator continues the count (and the generation numbers).
+/// The coordinator's restart bookkeeping, kept in `<checkpoint dir>/coordinator.json`: a
+/// restarted coordinator continues the generation numbers (its restart budget starts afresh;
+/// `restarts` is this process's count, for the record).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Restarts {
     pub generation: u64,
@@ -103,7 +104,7 @@ pub struct Inner {
     final_model: Mutex<Option<PathBuf>>,
     progress: Mutex<Option<ProgressBoard>>,
     signal: tokio::sync::watch::Sender<Signal>,
-    seen: Mutex<Vec<Option<Seen>>>,
+    seen: Mutex<Vec<Seen>>,
     restarts: Mutex<Restarts>,
     checksums: Mutex<BTreeMap<u64, Vec<Option<u64>>>>,
     /// The generation this coordinator process started with (its gathering may take the
@@ -230,11 +231,6 @@ impl Inner {
         self.signal.borrow().end.clone()
     }
 
-    /// Restarts so far.
-    pub fn restarts(&self) -> Restarts {
-        self.restarts.lock().expect("restarts lock").clone()
-    }
-
     /// Ends the job (the server's shutdown signal fires).
     pub fn end(&self, outcome: Result<(), String>) {
         let generation = self.rdv.lock().expect("rendezvous lock").generation();
@@ -323,7 +319,6 @@ impl Inner {
             "restarting the job from {from}; waiting for the workers to rejoin"
         );
         *self.resume.lock().expect("resume lock") = resume;
-        self.evals.lock().expect("eval lock").restart();
         self.checksums.lock().expect("checksum lock").clear();
         self.seen.lock().expect("seen lock").clear();
         drop((r, rdv));
@@ -337,7 +332,7 @@ impl Inner {
         let world = rdv.world_size();
         let now = Instant::now();
         *self.seen.lock().expect("seen lock") =
-            vec![Some(Seen { at: now, step: 0, phase: "joining".into(), unchanged_since: now }); world];
+            vec![Seen { at: now, step: 0, phase: "joining".into(), unchanged_since: now }; world];
         *self.finished.lock().expect("finish lock") = vec![None; world];
         self.evals.lock().expect("eval lock").set_world(world);
         tracing::info!(generation = rdv.generation(), world, "the world is complete; training starts");
@@ -380,7 +375,6 @@ impl Inner {
             let members = rdv.members().unwrap_or_default();
             let finished: Vec<bool> = self.finished.lock().expect("finish lock").iter().map(Option::is_some).collect();
             let failure = seen.iter().enumerate().find_map(|(rank, s)| {
-                let s = s.as_ref()?;
                 if finished.get(rank).copied().unwrap_or(false) {
                     return None; // done, waiting for the others: silence is not a failure
                 }
@@ -416,12 +410,11 @@ impl Inner {
     fn beat(&self, rank: usize, b: &Beat) {
         let now = Instant::now();
         let mut seen = self.seen.lock().expect("seen lock");
-        if let Some(slot) = seen.get_mut(rank) {
-            let unchanged_since = match slot {
-                Some(s) if s.step == b.step && s.phase == b.phase => s.unchanged_since,
-                _ => now,
-            };
-            *slot = Some(Seen { at: now, step: b.step, phase: b.phase.clone(), unchanged_since });
+        if let Some(s) = seen.get_mut(rank) {
+            if s.step != b.step || s.phase != b.phase {
+                s.unchanged_since = now;
+            }
+            *s = Seen { at: now, step: b.step, phase: b.phase.clone(), unchanged_since: s.unchanged_since };
         }
     }
 

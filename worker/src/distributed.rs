@@ -803,7 +803,7 @@ fn train_generation(
         completed.store(step, Ordering::Relaxed);
         g.beats.step.store(step, Ordering::Relaxed);
         coordinator::fault::worker_point(rank, g.generation, "step", step);
-        if coordinator::fault::due(&format!("rank{rank}"), "perturb", step) && g.generation == 0 {
+        if coordinator::fault::worker_due(rank, g.generation, "perturb", step) {
             tracing::warn!(step, "TANDEM_FAULT: perturbing one parameter of this rank");
             model.params[0] += 1e-3;
         }
