@@ -8,6 +8,7 @@ pub mod checkpoints;
 pub mod data;
 pub mod eval;
 pub mod fault;
+pub mod fingerprint;
 pub mod job;
 pub mod progress;
 pub mod rendezvous;

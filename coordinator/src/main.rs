@@ -149,6 +149,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         restarts.generation += 1;
     }
     restarts.restarts = 0;
+    // Every worker must load these very model files: their digest is checked at each join. A
+    // coordinator that cannot read them takes the first admitted worker's as the job's.
+    let model_sha256 = match coordinator::fingerprint::model_sha256(&job) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the model files; the first worker's are the job's");
+            None
+        }
+    };
     let info = JobInfo { config_json: serde_json::to_string(&job)?, nccl_id: Vec::new(), seed: job.train.seed };
     let board = ProgressBoard::new(
         !cli.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -160,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let svc = CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s))
         .with_elastic(job.elastic.clone(), job.train.batch_size, restarts)
         .with_checkpoints(setup)
+        .with_model_sha256(model_sha256)
         .with_progress(board);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -218,7 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if replaced >= max {
                         svc.end(Err(format!(
                             "worker {rank} exited with {status}, and {max} replacements were started already \
-                             (elastic.max_restarts)"
+                             (elastic.max_restarts): giving up"
                         )));
                         break;
                     }

@@ -13,8 +13,8 @@ use proto::v1::checkpoint_part::Part;
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::{
     beat_reply, Beat, BeatReply, CheckpointPart, CheckpointSaved, ChecksumReport, ChecksumResult, EvalReport,
-    EvalResult, Example, ExampleBatch, FetchCheckpointRequest, FileChunk, FinishReply, FinishRequest, JoinReply,
-    JoinRequest, Progress, ProgressReply, ResumePoint, ShardRequest, Split,
+    EvalResult, Example, ExampleBatch, FetchCheckpointRequest, FileChunk, FinishReply, FinishRequest, GetJobRequest,
+    JobSpec, JoinReply, JoinRequest, Progress, ProgressReply, ResumePoint, ShardRequest, Split,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -107,6 +107,11 @@ pub struct Inner {
     seen: Mutex<Vec<Seen>>,
     restarts: Mutex<Restarts>,
     checksums: Mutex<BTreeMap<u64, Vec<Option<u64>>>>,
+    /// SHA-256 of `job.config_json`: a joining worker must have been handed this config.
+    config_sha256: String,
+    /// SHA-256 of the model files every worker must load: the coordinator's own when it can
+    /// read them, else the first admitted worker's.
+    model_sha256: Mutex<Option<String>>,
     /// The generation this coordinator process started with (its gathering may take the
     /// gather timeout; later ones the rejoin timeout).
     first_generation: u64,
@@ -128,6 +133,7 @@ impl std::ops::Deref for CoordinatorService {
 impl CoordinatorService {
     pub fn new(world: usize, job: JobInfo, data: Datasets, gather_timeout: Duration) -> Self {
         let (signal, _) = tokio::sync::watch::channel(Signal { generation: 0, end: None });
+        let config_sha256 = crate::fingerprint::sha256_hex(job.config_json.as_bytes());
         CoordinatorService {
             inner: Arc::new(Inner {
                 rdv: Mutex::new(Rendezvous::new(world, proto::PROTOCOL_VERSION)),
@@ -150,6 +156,8 @@ impl CoordinatorService {
                 restarts: Mutex::default(),
                 checksums: Mutex::default(),
                 first_generation: 0,
+                config_sha256,
+                model_sha256: Mutex::new(None),
             }),
         }
     }
@@ -184,6 +192,12 @@ impl CoordinatorService {
         let inner = self.setup_mut();
         *inner.resume.get_mut().expect("resume lock") = setup.resume.clone();
         inner.ckpt = Some(setup);
+        self
+    }
+
+    /// The digest of the model files every worker must load (see `fingerprint`).
+    pub fn with_model_sha256(mut self, digest: Option<String>) -> Self {
+        *self.setup_mut().model_sha256.get_mut().expect("model digest lock") = digest;
         self
     }
 
@@ -956,8 +970,17 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<JobSpec>, Status> {
+        let theirs = request.into_inner().protocol_version;
+        if theirs != proto::PROTOCOL_VERSION {
+            return Err(Inner::status(&JoinError::ProtocolMismatch { ours: proto::PROTOCOL_VERSION, theirs }));
+        }
+        Ok(Response::new(JobSpec { job_config_json: self.job.config_json.clone() }))
+    }
+
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let r = request.into_inner();
+        let (config_sha256, model_sha256) = (r.config_sha256, r.model_sha256);
         let joiner = Joiner {
             protocol_version: r.protocol_version,
             rank_hint: r.rank_hint,
@@ -971,10 +994,35 @@ impl Coordinator for CoordinatorService {
         let (slot, generation) = {
             let mut rdv = self.rdv.lock().expect("rendezvous lock");
             let was_open = rdv.is_open();
+            let mut model = self.model_sha256.lock().expect("model digest lock");
+            if joiner.protocol_version == proto::PROTOCOL_VERSION {
+                let refuse = |why: String| {
+                    tracing::warn!(host, reason = why, "join refused");
+                    Status::failed_precondition(why)
+                };
+                if config_sha256 != self.config_sha256 {
+                    return Err(refuse(format!(
+                        "this worker holds another job config (sha256 {config_sha256:?}, the job's is {}): \
+                         was the coordinator restarted with another config?",
+                        self.config_sha256
+                    )));
+                }
+                if let Some(want) = model.as_ref().filter(|want| **want != model_sha256) {
+                    return Err(refuse(format!(
+                        "this worker's model files (config.json, model.safetensors, tokenizer) differ from the \
+                         job's: sha256 {model_sha256} here, {want} for the job; give every worker the same \
+                         checkpoint"
+                    )));
+                }
+            }
             let slot = rdv.join(joiner, Instant::now()).map_err(|e| {
                 tracing::warn!(host, error = %e, "join refused");
                 Inner::status(&e)
             })?;
+            if model.is_none() {
+                *model = Some(model_sha256);
+            }
+            drop(model);
             tracing::info!(host, slot, generation = rdv.generation(), missing = ?rdv.missing(), "worker joined");
             if was_open && !rdv.is_open() {
                 self.started(&rdv);

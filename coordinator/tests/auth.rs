@@ -15,6 +15,8 @@ fn req(port: u16) -> JoinRequest {
         rank_hint: None,
         ring_addr: format!("127.0.0.1:{port}"),
         hostname: format!("host-{port}"),
+        config_sha256: common::config_sha256(),
+        model_sha256: "model-a".into(),
     }
 }
 

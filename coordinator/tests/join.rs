@@ -15,6 +15,8 @@ fn req(hint: Option<u32>, port: u16) -> JoinRequest {
         rank_hint: hint,
         ring_addr: format!("127.0.0.1:{port}"),
         hostname: format!("w{port}"),
+        config_sha256: common::config_sha256(),
+        model_sha256: "model-a".into(),
     }
 }
 
@@ -91,4 +93,31 @@ async fn a_worker_that_times_out_or_hangs_up_frees_its_rank() {
     let (a, b) = (a.await.unwrap().unwrap().into_inner(), b.await.unwrap().unwrap().into_inner());
     assert_eq!((a.rank, b.rank), (0, 1));
     assert_eq!(a.ring_peers, vec!["127.0.0.1:2003".to_string(), "127.0.0.1:2004".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_config_or_model_is_refused_and_takes_no_rank() {
+    let url = serve(2, empty_data(2), Duration::from_secs(10)).await;
+    // The first admitted worker's model digest becomes the job's (this coordinator has no model
+    // files of its own to read).
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { CoordinatorClient::connect(url).await.unwrap().join(req(Some(0), 3001)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = CoordinatorClient::connect(url.clone()).await.unwrap();
+    let mut other_model = req(Some(1), 3002);
+    other_model.model_sha256 = "model-b".into();
+    let e = c.join(other_model).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("model files") && e.message().contains("model-b"), "{}", e.message());
+    let mut other_config = req(Some(1), 3003);
+    other_config.config_sha256 = "0".repeat(64);
+    let e = c.join(other_config).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("another job config"), "{}", e.message());
+    // Neither took rank 1: a matching worker gets it and the world completes.
+    let reply = c.join(req(Some(1), 3004)).await.unwrap().into_inner();
+    assert_eq!((reply.rank, reply.world_size), (1, 2));
+    assert_eq!(first.await.unwrap().unwrap().into_inner().rank, 0);
 }

@@ -252,3 +252,35 @@ fn a_rank_whose_parameters_diverge_stops_the_job_naming_the_step_and_the_rank() 
     assert!(err.contains("diverged at step 8: ranks [1] differ from rank 0"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_worker_whose_model_files_differ_is_refused_and_the_job_goes_on() {
+    let dir = scratch("model-hash");
+    let cfg = checkpointed_job(&dir, 10);
+    let out = dir.join("run");
+    let port = free_port();
+    let log = dir.join("coord.log");
+    let coord = coordinator_at(&cfg, 1, &out, port, &log).spawn().unwrap();
+    // Wait until the coordinator has read (and digested) the model files.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap().contains("coordinator listening") {
+        assert!(Instant::now() < deadline, "the coordinator did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // This node holds another version of the checkpoint: one weight differs.
+    let weights = dir.join("model-in/model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    let mut other = good.clone();
+    *other.last_mut().unwrap() ^= 1;
+    std::fs::write(&weights, &other).unwrap();
+    let o = worker_at(port, 0, &dir.join("bad.log")).stderr(Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a worker with other model files got in");
+    assert!(err.contains("the coordinator refused this worker") && err.contains("model files"), "{err}");
+    std::fs::write(&weights, &good).unwrap();
+    let w = worker_at(port, 0, &dir.join("good.log")).spawn().unwrap();
+    wait_ok(coord, "the coordinator", &log);
+    wait_ok(w, "the worker", &dir.join("good.log"));
+    assert!(out.join("model/model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

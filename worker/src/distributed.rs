@@ -29,7 +29,8 @@ use proto::auth::ClientAuth;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{
     beat_reply, checkpoint_part::Part, Beat, CheckpointHeader, CheckpointPart, ChecksumReport, EvalReport, EvalResult,
-    FetchCheckpointRequest, FileChunk, FinishRequest, JoinRequest, Progress, ShardRequest, Split as WireSplit,
+    FetchCheckpointRequest, FileChunk, FinishRequest, GetJobRequest, JoinRequest, Progress, ShardRequest,
+    Split as WireSplit,
 };
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -503,33 +504,60 @@ fn checksum(params: &[f32]) -> u64 {
 }
 
 /// Connects to the coordinator and joins the next generation, retrying until `deadline` while
-/// the coordinator is unreachable or restarting.
+/// the coordinator is unreachable or restarting. Before each Join it fetches the job's config
+/// and digests the model files that config names (`model` caches the last digest by path), so
+/// that the coordinator can refuse a worker that would load another model.
 fn join(
     rt: &tokio::runtime::Runtime,
     opts: &WorkerOpts,
     request: &JoinRequest,
     deadline: Instant,
     rejoining: bool,
+    model: &mut Option<(Vec<std::path::PathBuf>, String)>,
 ) -> anyhow::Result<(Client, proto::v1::JoinReply)> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         let mut client = rt.block_on(connect(&opts.coordinator, left, opts.token.as_ref()))?;
-        match rt.block_on(client.join(request.clone())) {
-            Ok(r) => return Ok((client, r.into_inner())),
-            Err(s) => {
-                use tonic::Code;
-                let retry = match s.code() {
-                    Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled => true,
-                    Code::ResourceExhausted | Code::DeadlineExceeded => rejoining,
-                    _ => false,
+        let attempt = rt.block_on(async {
+            let spec = client.get_job(GetJobRequest { protocol_version: proto::PROTOCOL_VERSION }).await?.into_inner();
+            Ok::<_, tonic::Status>(spec)
+        });
+        let status = match attempt {
+            Ok(spec) => {
+                let job: JobConfig =
+                    serde_json::from_str(&spec.job_config_json).context("the job config from the coordinator")?;
+                let files = coordinator::fingerprint::model_files(&job);
+                let digest = match model.as_ref().filter(|(f, _)| *f == files) {
+                    Some((_, d)) => d.clone(),
+                    None => {
+                        let d = coordinator::fingerprint::model_sha256(&job).context("reading the model files")?;
+                        *model = Some((files, d.clone()));
+                        d
+                    }
                 };
-                if !retry || Instant::now() >= deadline {
-                    anyhow::bail!("the coordinator refused this worker: {}", s.message());
+                let req = JoinRequest {
+                    config_sha256: coordinator::fingerprint::sha256_hex(spec.job_config_json.as_bytes()),
+                    model_sha256: digest,
+                    ..request.clone()
+                };
+                match rt.block_on(client.join(req)) {
+                    Ok(r) => return Ok((client, r.into_inner())),
+                    Err(s) => s,
                 }
-                tracing::info!(reason = s.message(), "joining again");
-                std::thread::sleep(Duration::from_millis(300));
             }
+            Err(s) => s,
+        };
+        use tonic::Code;
+        let retry = match status.code() {
+            Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled => true,
+            Code::ResourceExhausted | Code::DeadlineExceeded => rejoining,
+            _ => false,
+        };
+        if !retry || Instant::now() >= deadline {
+            anyhow::bail!("the coordinator refused this worker: {}", status.message());
         }
+        tracing::info!(reason = status.message(), "joining again");
+        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
@@ -540,12 +568,18 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let listener = TcpListener::bind(opts.ring_listen).with_context(|| format!("binding {}", opts.ring_listen))?;
     let ring_addr = opts.ring_advertise.clone().unwrap_or(listener.local_addr()?.to_string());
     let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
-    let request =
-        JoinRequest { protocol_version: proto::PROTOCOL_VERSION, rank_hint: opts.rank_hint, ring_addr, hostname };
+    let request = JoinRequest {
+        protocol_version: proto::PROTOCOL_VERSION,
+        rank_hint: opts.rank_hint,
+        ring_addr,
+        hostname,
+        ..Default::default()
+    };
     let mut rejoin = None;
+    let mut model_digest = None;
     loop {
         let deadline = Instant::now() + rejoin.unwrap_or(opts.timeout);
-        let (client, reply) = join(&rt, &opts, &request, deadline, rejoin.is_some())?;
+        let (client, reply) = join(&rt, &opts, &request, deadline, rejoin.is_some(), &mut model_digest)?;
         let job: JobConfig =
             serde_json::from_str(&reply.job_config_json).context("the job config from the coordinator")?;
         rejoin = Some(ElasticSection::secs(job.elastic.rejoin_timeout_s));

@@ -7,6 +7,12 @@ use proto::v1::coordinator_server::CoordinatorServer;
 use std::time::Duration;
 use tonic::transport::server::TcpIncoming;
 
+/// The digest of the job config `serve` hands out, which every Join must present.
+#[allow(dead_code)]
+pub fn config_sha256() -> String {
+    coordinator::fingerprint::sha256_hex(b"{\"job\":1}")
+}
+
 /// Datasets with `classes` labels and nothing in them.
 #[allow(dead_code)]
 pub fn empty_data(classes: usize) -> Datasets {
@@ -58,6 +64,8 @@ pub async fn join_all(url: &str, world: usize) {
                 rank_hint: Some(rank as u32),
                 ring_addr: format!("127.0.0.1:{}", 40000 + rank),
                 hostname: format!("test-{rank}"),
+                config_sha256: config_sha256(),
+                model_sha256: String::new(),
             })
             .await
             .unwrap()

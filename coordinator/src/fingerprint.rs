@@ -1,0 +1,57 @@
+//! What every worker of a job must agree on before it is admitted: the job config it was handed
+//! and the model files it will load (a node with another version of the checkpoint would train
+//! a different model and poison the others' gradients). Both are SHA-256 digests, hex.
+
+use crate::job::JobConfig;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The files a worker loads the model from: the checkpoint's config and weights, and the
+/// tokenizer.
+pub fn model_files(job: &JobConfig) -> Vec<PathBuf> {
+    vec![job.model.path.join("config.json"), job.model.path.join("model.safetensors"), job.tokenizer_path()]
+}
+
+/// One digest over the model files (each file's name, length and bytes, in order).
+pub fn model_sha256(job: &JobConfig) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    for path in model_files(job) {
+        hash_file(&mut h, &path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hash_file(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    h.update((name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    h.update(f.metadata()?.len().to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_hex_sha256() {
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+}
