@@ -61,6 +61,16 @@ struct Cli {
     /// Serve without a job token on a non-loopback address (anyone who can reach it can join).
     #[arg(long)]
     insecure: bool,
+    /// Serve gRPC over TLS with this certificate (PEM; with --tls-key). Workers then connect
+    /// to https://... with --tls-ca.
+    #[arg(long, env = "TANDEM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Also require every worker to present a certificate signed by this CA (mutual TLS).
+    #[arg(long, env = "TANDEM_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Never draw a progress bar (log a line every 50 steps instead, as without a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -141,6 +151,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "elastic.min_workers = {min_workers} exceeds --world-size {}",
         cli.world_size
     );
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(proto::tls::ServerTls { cert: cert.clone(), key: key.clone(), client_ca: cli.tls_client_ca.clone() })
+        }
+        _ => None,
+    };
+    if let Some(t) = &tls {
+        anyhow::ensure!(!cli.spawn_local, "--spawn-local runs its workers over loopback without TLS: drop --tls-cert");
+        t.config().map_err(anyhow::Error::msg)?; // bad files fail now, before any worker joins
+    }
     let setup = checkpoint_setup(&job, min_workers..=cli.world_size)?;
     // A restarted coordinator continues the generation numbers (so that nothing of an earlier
     // generation is mistaken for current); its restart budget starts afresh.
@@ -243,7 +263,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         });
     }
     let done = svc.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.config().map_err(anyhow::Error::msg)?).context("configuring TLS")?;
+    }
+    let server = builder
         .add_service(tonic::service::interceptor::InterceptedService::new(
             CoordinatorServer::new(svc.clone()),
             proto::auth::ServerAuth::new(token),

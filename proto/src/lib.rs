@@ -2,6 +2,7 @@
 //! Only the coordinator's service module and the worker's client module use these types.
 
 pub mod auth;
+pub mod tls;
 
 /// Bumped on every incompatible change of the protocol; a worker of another version is refused.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -8,3 +8,4 @@ mod minilm;
 mod parity;
 mod recovery;
 mod support;
+mod tls;

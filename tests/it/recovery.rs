@@ -29,12 +29,12 @@ const FAST: [&str; 8] = [
 ];
 
 /// A free loopback port (bound, then released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `coordinator` on a fixed port without local workers; its log goes to `log`.
-fn coordinator_at(cfg: &Path, world: usize, out: &Path, port: u16, log: &Path) -> Command {
+pub(crate) fn coordinator_at(cfg: &Path, world: usize, out: &Path, port: u16, log: &Path) -> Command {
     let mut c = Command::new(bin("coordinator"));
     c.args(["--world-size", &world.to_string(), "--config", cfg.to_str().unwrap()])
         .args(["--listen", &format!("127.0.0.1:{port}"), "--gather-timeout-s", "60", "--no-progress"])
@@ -45,7 +45,7 @@ fn coordinator_at(cfg: &Path, world: usize, out: &Path, port: u16, log: &Path) -
     c
 }
 
-fn worker_at(port: u16, rank: usize, log: &Path) -> Command {
+pub(crate) fn worker_at(port: u16, rank: usize, log: &Path) -> Command {
     let mut w = Command::new(bin("worker"));
     w.args(["--coordinator", &format!("http://127.0.0.1:{port}"), "--rank-hint", &rank.to_string()])
         .args(["--timeout-s", "60"])
@@ -55,7 +55,7 @@ fn worker_at(port: u16, rank: usize, log: &Path) -> Command {
     w
 }
 
-fn wait_ok(mut c: Child, what: &str, log: &Path) {
+pub(crate) fn wait_ok(mut c: Child, what: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         if let Some(status) = c.try_wait().unwrap() {

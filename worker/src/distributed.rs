@@ -47,6 +47,8 @@ pub struct WorkerOpts {
     pub ring_listen: SocketAddr,
     pub ring_advertise: Option<String>,
     pub timeout: Duration,
+    /// TLS to the coordinator (an https:// URL).
+    pub tls: Option<proto::tls::ClientTls>,
 }
 
 type Client = CoordinatorClient<InterceptedService<tonic::transport::Channel, ClientAuth>>;
@@ -56,10 +58,25 @@ const UPLOAD_CHUNK: usize = 1 << 20;
 /// Training examples the data feed holds ready beyond the current step's.
 const PREFETCH_EXAMPLES: usize = 1024;
 
-async fn connect(url: &str, timeout: Duration, token: Option<&proto::auth::JobToken>) -> anyhow::Result<Client> {
+async fn connect(
+    url: &str,
+    timeout: Duration,
+    token: Option<&proto::auth::JobToken>,
+    tls: Option<&proto::tls::ClientTls>,
+) -> anyhow::Result<Client> {
     let deadline = Instant::now() + timeout;
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("coordinator address {url:?}"))?;
+    match tls {
+        Some(t) => {
+            anyhow::ensure!(url.starts_with("https://"), "--tls-ca needs an https:// coordinator URL, not {url:?}");
+            endpoint = endpoint.tls_config(t.config().map_err(anyhow::Error::msg)?).context("configuring TLS")?;
+        }
+        None => anyhow::ensure!(
+            !url.starts_with("https://"),
+            "{url:?} is https: give the CA that signed the coordinator's certificate with --tls-ca"
+        ),
+    }
     loop {
         match endpoint.connect().await {
             Ok(ch) => {
@@ -517,7 +534,7 @@ fn join(
 ) -> anyhow::Result<(Client, proto::v1::JoinReply)> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let mut client = rt.block_on(connect(&opts.coordinator, left, opts.token.as_ref()))?;
+        let mut client = rt.block_on(connect(&opts.coordinator, left, opts.token.as_ref(), opts.tls.as_ref()))?;
         let attempt = rt.block_on(async {
             let spec = client.get_job(GetJobRequest { protocol_version: proto::PROTOCOL_VERSION }).await?.into_inner();
             Ok::<_, tonic::Status>(spec)
@@ -553,6 +570,19 @@ fn join(
             Code::ResourceExhausted | Code::DeadlineExceeded => rejoining,
             _ => false,
         };
+        // GetJob and Join answer only with the codes above or these: a transport failure.
+        let transport = matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal);
+        if transport && (!retry || Instant::now() >= deadline) {
+            // A transport failure: say why, with its causes (a TLS handshake error names the
+            // certificate problem).
+            let hint = if opts.tls.is_some() {
+                "check --tls-ca (and --tls-cert / --tls-key if the coordinator requires a client certificate)"
+            } else {
+                "if it serves TLS, use an https:// URL and --tls-ca"
+            };
+            return Err(anyhow::Error::new(status))
+                .with_context(|| format!("cannot reach the coordinator at {} ({hint})", opts.coordinator));
+        }
         if !retry || Instant::now() >= deadline {
             anyhow::bail!("the coordinator refused this worker: {}", status.message());
         }

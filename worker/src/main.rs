@@ -44,6 +44,18 @@ struct Cli {
     /// flag, which `ps` would show).
     #[arg(long, env = "TANDEM_JOB_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Connect to the coordinator over TLS (an https:// URL), trusting this CA (PEM).
+    #[arg(long, env = "TANDEM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry (default: the URL's host).
+    #[arg(long, env = "TANDEM_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
+    /// This worker's certificate (PEM; with --tls-key), for a coordinator that requires one.
+    #[arg(long, env = "TANDEM_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Where to compute: cpu, or cuda (an NVIDIA GPU: --gpu picks which).
     #[arg(long, env = "TANDEM_DEVICE", value_enum, default_value_t = Device::Cpu, global = true)]
     device: Device,
@@ -157,6 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ring_listen: cli.ring_listen,
             ring_advertise: cli.ring_advertise,
             timeout: std::time::Duration::from_secs(cli.timeout_s),
+            tls: cli.tls_ca.map(|ca| proto::tls::ClientTls {
+                ca,
+                domain: cli.tls_domain,
+                identity: cli.tls_cert.zip(cli.tls_key),
+            }),
         });
     };
     match cmd {
