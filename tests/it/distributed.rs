@@ -437,7 +437,30 @@ fn a_worker_without_the_job_token_is_refused_and_the_job_goes_on() {
         assert!(e.contains("the coordinator refused this worker") && e.contains("token"), "{what}: {e}");
         assert!(!e.contains(token), "the job token leaked into a worker's log");
     }
-    let o = Command::new(bin("worker")).args(["--coordinator", &url]).env("TANDEM_JOB_TOKEN", token).output().unwrap();
+    let w = Command::new(bin("worker"))
+        .args(["--coordinator", &url])
+        .env("TANDEM_JOB_TOKEN", token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What `ps` shows: no process's command line holds the token (the coordinator's and the
+    // worker's are both running now).
+    for pid in [coord.id(), w.id()] {
+        // `spawn` can return before the child has exec'd: wait for its command line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let cmdline = loop {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            if !c.is_empty() || std::time::Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("--coordinator") || cmdline.contains("--token-file"), "pid {pid}: {cmdline:?}");
+        assert!(!cmdline.contains(token), "the job token is in the command line of {pid}");
+    }
+    let o = w.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let status = coord.wait().unwrap();
     let mut rest = String::new();

@@ -167,6 +167,52 @@ fn a_coordinator_killed_while_writing_a_checkpoint_is_restarted_and_the_job_comp
 }
 
 #[test]
+fn a_coordinator_killed_from_outside_at_random_steps_is_restarted_and_the_job_completes() {
+    let dir = scratch("kill-coord-random");
+    let cfg = checkpointed_job(&dir, 150);
+    let want = reference(&dir, &cfg, 2);
+    let out = dir.join("run");
+    let port = free_port();
+    let workers: Vec<Child> =
+        (0..2).map(|r| worker_at(port, r, &dir.join(format!("worker-{r}.log"))).spawn().unwrap()).collect();
+    // Two kills at seeded "random" steps, SIGKILL from outside, each followed by the same
+    // command again; the third coordinator runs to the end.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = Vec::new();
+    for round in 0..3 {
+        let log = dir.join(format!("coord-{round}.log"));
+        let mut coord = coordinator_at(&cfg, 2, &out, port, &log).spawn().unwrap();
+        if round == 2 {
+            wait_ok(coord, "the last coordinator", &log);
+            break;
+        }
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let at = last_step(&out) + 10 + (x >> 33) % 40;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while last_step(&out) < at {
+            assert!(Instant::now() < deadline, "round {round}: no progress to step {at}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        coord.kill().unwrap(); // SIGKILL
+        coord.wait().unwrap();
+        kills.push(at);
+        // Whatever it was doing, every checkpoint on disk is complete and matches its manifest.
+        let ckpt = out.join("checkpoints");
+        for step in checkpoint_steps(&out) {
+            let d = ckpt.join(format!("step-{step:08}"));
+            let m = coordinator::checkpoints::read_manifest(&d).unwrap();
+            coordinator::checkpoints::verify(&d, &m).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+    println!("coordinator killed at steps {kills:?}");
+    for (r, w) in workers.into_iter().enumerate() {
+        wait_ok(w, &format!("worker {r}"), &dir.join(format!("worker-{r}.log")));
+    }
+    assert_bits_eq(&params(&out.join("model")), &want, "coordinator killed twice vs uninterrupted");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn a_stalled_worker_is_reported_the_others_do_not_hang_and_a_replacement_finishes_the_job() {
     let dir = scratch("stall");
     let cfg = checkpointed_job(&dir, 300);
