@@ -59,7 +59,7 @@ pub fn kill_self(what: &str) -> ! {
 /// The coordinator's injection points.
 pub fn coordinator_point(point: &str, step: u64) {
     if due("coordinator", point, step) {
-        kill_self(&format!("at {point} of step {step}"));
+        kill_self(&format!("at point {point:?} of step {step}"));
     }
 }
 
@@ -71,7 +71,7 @@ pub fn worker_due(rank: usize, generation: u64, point: &str, step: u64) -> bool 
 /// A worker's kill points (see [`worker_due`]).
 pub fn worker_point(rank: usize, generation: u64, point: &str, step: u64) {
     if worker_due(rank, generation, point, step) {
-        kill_self(&format!("at {point} of step {step}"));
+        kill_self(&format!("at point {point:?} of step {step}"));
     }
 }
 
