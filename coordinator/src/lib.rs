@@ -9,11 +9,15 @@ pub mod data;
 pub mod eval;
 pub mod fault;
 pub mod fingerprint;
+pub mod http;
 pub mod job;
+pub mod plot;
 pub mod progress;
 pub mod rendezvous;
 pub mod service;
 pub mod shard;
+pub mod telemetry;
+pub mod tensorboard;
 
 /// The `main` of Tandem's binaries: logs (`RUST_LOG`, default `info`) to stderr, runs `run`, and
 /// turns an error into `error: ...` (with its causes) and exit status 1.

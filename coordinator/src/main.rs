@@ -32,7 +32,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "coordinator", version, about = "Runs a Tandem training job of N workers")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Runs a Tandem training job of N workers",
+    after_help = "Environment, besides the variables named above:\n  \
+                  TANDEM_JOB_TOKEN    the job token, when there is no --token-file\n  \
+                  TANDEM_<SECTION>__<KEY>   a job config key (e.g. TANDEM_TRAIN__LR=3e-5)\n  \
+                  RUST_LOG            log filter (default: info)\n\n\
+                  Signals: SIGTERM or SIGINT stops the job (a checkpoint upload in flight lands first); \
+                  the checkpoints stay, and the same command with checkpoint.resume = true continues."
+)]
 struct Cli {
     /// How many workers the job has (the most it runs with: with `elastic.min_workers` it may
     /// continue with fewer after a failure).
@@ -71,6 +81,13 @@ struct Cli {
     /// Also require every worker to present a certificate signed by this CA (mutual TLS).
     #[arg(long, env = "TANDEM_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Where to serve the status page, /metrics (Prometheus) and /api/status over HTTP
+    /// (default: the host of --listen, port 29401; if that port is taken, any free one).
+    #[arg(long, env = "TANDEM_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Serve no HTTP endpoints.
+    #[arg(long, conflicts_with = "http_listen")]
+    no_http: bool,
     /// Never draw a progress bar (log a line every 50 steps instead, as without a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -117,6 +134,23 @@ fn checkpoint_setup(job: &JobConfig, worlds: std::ops::RangeInclusive<usize>) ->
         }
     };
     Ok(CheckpointSetup { store, resume, model_dir: job.output.dir.join("model"), config: serde_json::to_value(job)? })
+}
+
+/// The HTTP listener: `explicit` when given (a bind failure is an error), else the host of the
+/// gRPC address on port 29401, or any free port when that one is taken.
+async fn bind_http(explicit: Option<SocketAddr>, grpc: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    if let Some(addr) = explicit {
+        return tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --http-listen {addr}"));
+    }
+    let preferred = SocketAddr::new(grpc.ip(), 29401);
+    match tokio::net::TcpListener::bind(preferred).await {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            let any = SocketAddr::new(grpc.ip(), 0);
+            tracing::debug!(%preferred, error = %e, "port taken; serving HTTP on a free port");
+            tokio::net::TcpListener::bind(any).await.with_context(|| format!("binding {any}"))
+        }
+    }
 }
 
 fn main() {
@@ -186,7 +220,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     .with_context(|| format!("opening {}", job.output.dir.join("loss.jsonl").display()))?;
     coordinator::service::write_state(setup.store.dir(), &restarts)
         .with_context(|| format!("writing {}", setup.store.dir().join(coordinator::service::STATE_FILE).display()))?;
+    let tb_dir = job.output.dir.join("tensorboard");
+    let mut telemetry = coordinator::telemetry::Telemetry::default()
+        .with_tensorboard(&tb_dir)
+        .with_context(|| format!("creating a TensorBoard event file in {}", tb_dir.display()))?;
+    if let Some((dir, m)) = &setup.resume {
+        telemetry.record_restart(m.step, &dir.display().to_string());
+    }
     let svc = CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s))
+        .with_telemetry(telemetry, job.output.dir.clone())
         .with_elastic(job.elastic.clone(), job.train.batch_size, restarts)
         .with_checkpoints(setup)
         .with_model_sha256(model_sha256)
@@ -197,9 +239,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         rt.block_on(tokio::net::TcpListener::bind(cli.listen)).with_context(|| format!("binding {}", cli.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening");
+    if !cli.no_http {
+        let http = rt.block_on(bind_http(cli.http_listen, cli.listen))?;
+        let url = format!("http://{}/", http.local_addr()?);
+        tracing::info!(url, "status page (also /metrics, /api/status, /loss.png)");
+        let svc = svc.clone();
+        rt.spawn(async move {
+            if let Err(e) = coordinator::http::serve(http, svc).await {
+                tracing::error!(error = %e, "the HTTP endpoints stopped");
+            }
+        });
+    }
     {
         let _guard = rt.enter();
         svc.spawn_monitor();
+    }
+    // SIGTERM (Kubernetes deleting or evicting the pod) and SIGINT (Ctrl-C): let a checkpoint
+    // upload in flight land, then stop every worker; the checkpoints stay for a restart.
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = rt.enter();
+        let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+        let svc = svc.clone();
+        rt.spawn(async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            svc.terminate(name, Duration::from_secs(30)).await;
+        });
     }
     let children = Arc::new(std::sync::Mutex::new(Vec::new()));
     if cli.spawn_local {
@@ -233,7 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let (children, svc, max) = (Arc::clone(&children), svc.clone(), job.elastic.max_restarts);
         rt.spawn(async move {
             let mut replaced = 0u32;
-            while svc.outcome().is_none() {
+            while svc.outcome().is_none() && !svc.is_stopping() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let mut kids = children.lock().expect("children lock");
                 for (rank, c) in kids.iter_mut().enumerate() {
@@ -242,7 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         Err(e) => e.to_string(),
                         _ => continue,
                     };
-                    if svc.outcome().is_some() {
+                    if svc.outcome().is_some() || svc.is_stopping() {
                         break;
                     }
                     if replaced >= max {
@@ -263,11 +332,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         });
     }
     let done = svc.clone();
+    // grpc.health.v1 for Kubernetes' probes, outside the token check (it says nothing but
+    // SERVING).
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    rt.block_on(health_reporter.set_service_status("", tonic_health::ServingStatus::Serving));
+    rt.block_on(health_reporter.set_service_status(
+        <CoordinatorServer<CoordinatorService> as tonic::server::NamedService>::NAME,
+        tonic_health::ServingStatus::Serving,
+    ));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         builder = builder.tls_config(tls.config().map_err(anyhow::Error::msg)?).context("configuring TLS")?;
     }
     let server = builder
+        .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             CoordinatorServer::new(svc.clone()),
             proto::auth::ServerAuth::new(token),
@@ -279,8 +357,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         });
     rt.block_on(server).context("serving gRPC")?;
     svc.finish_progress();
+    let png = job.output.dir.join("loss.png");
+    match std::fs::write(&png, svc.loss_png()) {
+        Ok(()) => tracing::info!(path = %png.display(), "loss curve saved"),
+        Err(e) => tracing::warn!(path = %png.display(), error = %e, "cannot save the loss curve"),
+    }
     if let Some(Err(why)) = svc.outcome() {
+        // The workers were told to STOP: give them a moment to leave on their own.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         for c in children.lock().expect("children lock").iter_mut() {
+            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -21,6 +21,9 @@ pub struct StepRecord {
     /// Seconds in gradient all-reduces, and the part the step waited for after backward.
     pub allreduce_s: f64,
     pub allreduce_wait_s: f64,
+    /// Seconds rank 0 waited for its batch, and the step's wall time (data wait included).
+    pub data_wait_s: f64,
+    pub step_s: f64,
     /// When the coordinator received the report: seconds since the job started.
     pub time_s: f64,
 }

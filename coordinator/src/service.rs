@@ -9,6 +9,7 @@ use crate::job::ElasticSection;
 use crate::progress::{ProgressBoard, StepRecord};
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use crate::shard;
+use crate::telemetry::{CheckpointStatus, JobStatus, Telemetry, WorkerStatus, CURVE_POINTS};
 use proto::v1::checkpoint_part::Part;
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::{
@@ -103,6 +104,10 @@ pub struct Inner {
     saved: Mutex<BTreeMap<u64, PathBuf>>,
     final_model: Mutex<Option<PathBuf>>,
     progress: Mutex<Option<ProgressBoard>>,
+    /// The step and evaluation history behind the status page, /metrics and TensorBoard.
+    telemetry: Mutex<Telemetry>,
+    /// The job's output directory (for the status page).
+    output_dir: PathBuf,
     signal: tokio::sync::watch::Sender<Signal>,
     seen: Mutex<Vec<Seen>>,
     restarts: Mutex<Restarts>,
@@ -112,6 +117,10 @@ pub struct Inner {
     /// SHA-256 of the model files every worker must load: the coordinator's own when it can
     /// read them, else the first admitted worker's.
     model_sha256: Mutex<Option<String>>,
+    /// Set once a signal asked the coordinator to stop (see [`Inner::terminate`]).
+    stopping: std::sync::atomic::AtomicBool,
+    /// Checkpoint uploads being received now.
+    uploads: std::sync::atomic::AtomicUsize,
     /// The generation this coordinator process started with (its gathering may take the
     /// gather timeout; later ones the rejoin timeout).
     first_generation: u64,
@@ -151,11 +160,15 @@ impl CoordinatorService {
                 saved: Mutex::default(),
                 final_model: Mutex::default(),
                 progress: Mutex::default(),
+                telemetry: Mutex::default(),
+                output_dir: PathBuf::new(),
                 signal,
                 seen: Mutex::new(Vec::new()),
                 restarts: Mutex::default(),
                 checksums: Mutex::default(),
                 first_generation: 0,
+                stopping: Default::default(),
+                uploads: Default::default(),
                 config_sha256,
                 model_sha256: Mutex::new(None),
             }),
@@ -204,6 +217,15 @@ impl CoordinatorService {
     /// Shows rank 0's progress reports.
     pub fn with_progress(mut self, board: ProgressBoard) -> Self {
         *self.setup_mut().progress.get_mut().expect("progress lock") = Some(board);
+        self
+    }
+
+    /// Keeps the job's history in `telemetry` (made with TensorBoard output, say) and names
+    /// its output directory on the status page.
+    pub fn with_telemetry(mut self, telemetry: Telemetry, output_dir: PathBuf) -> Self {
+        let inner = self.setup_mut();
+        *inner.telemetry.get_mut().expect("telemetry lock") = telemetry;
+        inner.output_dir = output_dir;
         self
     }
 
@@ -264,6 +286,35 @@ impl Inner {
             self.evals_changed.notify_waiters();
             self.all_finished.notify_one();
         }
+    }
+
+    /// Stops the job on a signal (SIGTERM: a pod eviction or deletion, say): waits up to
+    /// `grace` for a checkpoint upload in flight to land, then ends the job, which tells every
+    /// worker to STOP. What is on disk stays: a coordinator started again with the same
+    /// checkpoint directory (and `checkpoint.resume = true`) continues from the newest one.
+    pub async fn terminate(&self, signal: &str, grace: Duration) {
+        use std::sync::atomic::Ordering;
+        if self.stopping.swap(true, Ordering::SeqCst) || self.signal.borrow().end.is_some() {
+            return;
+        }
+        tracing::warn!(signal, "stopping the job");
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.uploads.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let kept = match self.ckpt.as_ref().map(|c| c.store.latest()) {
+            Some(Ok(Some((dir, m)))) => format!("{} (step {}) is the newest checkpoint", dir.display(), m.step),
+            _ => "no checkpoint was saved yet".to_string(),
+        };
+        self.end(Err(format!(
+            "the coordinator received {signal} and stopped the job; {kept}: start the coordinator again with the same \
+             checkpoint directory and checkpoint.resume = true to continue"
+        )));
+    }
+
+    /// Whether a signal asked the coordinator to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn checkpoint_setup(&self) -> Result<&CheckpointSetup, Status> {
@@ -332,6 +383,8 @@ impl Inner {
             max_restarts = self.elastic.max_restarts,
             "restarting the job from {from}; waiting for the workers to rejoin"
         );
+        let (step, name) = resume.as_ref().map_or((0, String::new()), |(d, m)| (m.step, d.display().to_string()));
+        self.telemetry.lock().expect("telemetry lock").record_restart(step, &name);
         *self.resume.lock().expect("resume lock") = resume;
         self.checksums.lock().expect("checksum lock").clear();
         self.seen.lock().expect("seen lock").clear();
@@ -456,6 +509,85 @@ impl Inner {
         out
     }
 
+    /// The whole job at this moment: what the status page and `/metrics` show.
+    pub fn job_status(&self) -> JobStatus {
+        let now = Instant::now();
+        let (generation, open, world_size, min_workers, max_workers, joined, hosts) = {
+            let rdv = self.rdv.lock().expect("rendezvous lock");
+            let hosts: Vec<String> = rdv.members().unwrap_or_default().iter().map(|m| m.hostname.clone()).collect();
+            let (joined, min) = rdv.count();
+            (rdv.generation(), rdv.is_open(), rdv.world_size(), min, rdv.max_workers(), joined, hosts)
+        };
+        let end = self.signal.borrow().end.clone();
+        let (state, message) = match (&end, open) {
+            (Some(Ok(())), _) => ("finished", "every rank finished".to_string()),
+            (Some(Err(why)), _) if self.is_stopping() => ("stopped", why.clone()),
+            (Some(Err(why)), _) => ("failed", why.clone()),
+            (None, true) if generation == self.first_generation => {
+                ("gathering", format!("{joined} of at least {min_workers} workers have joined"))
+            }
+            (None, true) => ("restarting", format!("{joined} of at least {min_workers} workers have rejoined")),
+            (None, false) => ("training", String::new()),
+        };
+        let finished: Vec<bool> = self.finished.lock().expect("finish lock").iter().map(Option::is_some).collect();
+        let workers = if open {
+            Vec::new()
+        } else {
+            self.seen
+                .lock()
+                .expect("seen lock")
+                .iter()
+                .enumerate()
+                .map(|(rank, s)| WorkerStatus {
+                    rank,
+                    host: hosts.get(rank).cloned().unwrap_or_default(),
+                    step: s.step,
+                    phase: s.phase.clone(),
+                    heartbeat_age_s: now.saturating_duration_since(s.at).as_secs_f64(),
+                    finished: finished.get(rank).copied().unwrap_or(false),
+                })
+                .collect()
+        };
+        let checkpoints = self
+            .saved_checkpoints()
+            .into_iter()
+            .filter(|(_, path)| path.exists()) // keep_last prunes old ones
+            .map(|(step, path)| CheckpointStatus { step, path: path.display().to_string() })
+            .collect();
+        let restarts = self.restarts.lock().expect("restarts lock").restarts;
+        let t = self.telemetry.lock().expect("telemetry lock");
+        let last = t.last().cloned();
+        JobStatus {
+            state,
+            message,
+            output_dir: self.output_dir.display().to_string(),
+            generation,
+            world_size: if open { joined } else { world_size },
+            min_workers,
+            max_workers,
+            joined,
+            restarts,
+            max_restarts: self.elastic.max_restarts,
+            elapsed_s: t.now_s(),
+            step: last.as_ref().map_or(0, |r| r.step),
+            total_steps: t.total_steps(),
+            epoch: last.as_ref().map_or(0, |r| r.epoch),
+            tokens_per_s: t.tokens_per_s(),
+            totals: t.totals().clone(),
+            workers,
+            checkpoints,
+            final_model: self.final_model().map(|p| p.display().to_string()),
+            curve: t.curve(CURVE_POINTS).iter().map(|r| [r.step as f64, r.loss, r.lr, r.time_s]).collect(),
+            evals: t.evals().to_vec(),
+            last,
+        }
+    }
+
+    /// The loss curve (and evaluation accuracies) as a PNG.
+    pub fn loss_png(&self) -> Vec<u8> {
+        self.telemetry.lock().expect("telemetry lock").plot_png()
+    }
+
     /// What the ranks reported when they finished (rank 0's model directory among it).
     pub fn finish_reports(&self) -> Vec<Option<FinishRequest>> {
         self.finished.lock().expect("finish lock").clone()
@@ -526,6 +658,22 @@ impl Drop for SlotGuard {
     }
 }
 
+/// Counts an upload in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn reply(action: beat_reply::Action, generation: u64, message: String) -> BeatReply {
     BeatReply { action: action as i32, generation, message, finished: false }
 }
@@ -570,6 +718,7 @@ impl Coordinator for CoordinatorService {
         }
         self.current(header.generation, header.rank)?;
         self.checkpoint_setup()?;
+        let _in_flight = InFlight::new(&self.uploads);
         // The files go to disk on a blocking thread; a stream that breaks off drops the
         // partial checkpoint, which deletes itself.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(8);
@@ -707,6 +856,8 @@ impl Coordinator for CoordinatorService {
         if r.rank != 0 {
             return Err(Status::permission_denied(format!("rank {} reported progress: only rank 0 does", r.rank)));
         }
+        // A report of a generation that is over would put a replaced step into the history.
+        self.current(r.generation, r.rank)?;
         let rec = StepRecord {
             step: r.step,
             epoch: r.epoch,
@@ -716,11 +867,16 @@ impl Coordinator for CoordinatorService {
             tokens: r.tokens,
             allreduce_s: r.allreduce_s,
             allreduce_wait_s: r.allreduce_wait_s,
+            data_wait_s: r.data_wait_s,
+            step_s: r.step_s,
             time_s: 0.0,
         };
+        let mut telemetry = self.telemetry.lock().expect("telemetry lock");
+        let rec = StepRecord { time_s: telemetry.now_s(), ..rec };
         if let Some(board) = self.progress.lock().expect("progress lock").as_mut() {
-            board.record(&StepRecord { time_s: board.now_s(), ..rec }, r.total_steps);
+            board.record(&rec, r.total_steps);
         }
+        telemetry.record_step(rec, r.total_steps);
         Ok(Response::new(ProgressReply {}))
     }
 
@@ -817,6 +973,8 @@ impl Coordinator for CoordinatorService {
                 macro_f1 = m.macro_f1,
                 "evaluation"
             );
+            let name = split.as_str_name().to_lowercase();
+            self.telemetry.lock().expect("telemetry lock").record_eval(&name, r.step, &m);
             self.evals_changed.notify_waiters();
         }
         let deadline = tokio::time::Instant::now() + self.gather_timeout;

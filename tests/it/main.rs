@@ -5,6 +5,7 @@ mod data;
 mod determinism;
 mod distributed;
 mod minilm;
+mod observe;
 mod parity;
 mod recovery;
 mod support;

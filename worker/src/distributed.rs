@@ -597,7 +597,12 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let listener = TcpListener::bind(opts.ring_listen).with_context(|| format!("binding {}", opts.ring_listen))?;
     let ring_addr = opts.ring_advertise.clone().unwrap_or(listener.local_addr()?.to_string());
-    let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+    // The host name and the process id: several local workers share a host.
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| "localhost".into());
+    let hostname = format!("{host}/pid-{}", std::process::id());
     let request = JoinRequest {
         protocol_version: proto::PROTOCOL_VERSION,
         rank_hint: opts.rank_hint,
@@ -605,9 +610,41 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         hostname,
         ..Default::default()
     };
+    // SIGTERM (a pod evicted or deleted): tell the coordinator at once, as a failure of this
+    // rank (the job restarts from its last checkpoint without waiting for a heartbeat timeout),
+    // and exit with 143. A worker that has finished just leaves.
+    let current: Arc<std::sync::Mutex<Option<Arc<Beats>>>> = Arc::default();
+    let leaving = Arc::new(AtomicBool::new(false));
+    {
+        let _guard = rt.enter();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("handling SIGTERM")?;
+        let (current, leaving) = (Arc::clone(&current), Arc::clone(&leaving));
+        rt.spawn(async move {
+            if term.recv().await.is_none() {
+                return;
+            }
+            leaving.store(true, Ordering::SeqCst);
+            let beats = current.lock().expect("current lock").clone();
+            if let Some(b) = beats {
+                if *b.phase.lock().expect("phase lock") == "finished" {
+                    std::process::exit(0);
+                }
+                tracing::warn!("received SIGTERM: leaving the job");
+                *b.failure.lock().expect("failure lock") = "received SIGTERM (pod eviction or shutdown)".into();
+                b.failed.notify_one();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            std::process::exit(143);
+        });
+    }
     let mut rejoin = None;
     let mut model_digest = None;
     loop {
+        if leaving.load(Ordering::SeqCst) {
+            // Never rejoin after SIGTERM: the handler above ends the process.
+            rt.block_on(std::future::pending::<()>());
+        }
         let deadline = Instant::now() + rejoin.unwrap_or(opts.timeout);
         let (client, reply) = join(&rt, &opts, &request, deadline, rejoin.is_some(), &mut model_digest)?;
         let job: JobConfig =
@@ -617,6 +654,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         let span = tracing::info_span!("worker", rank, generation);
         let _enter = span.enter();
         let g = Gen { rt: &rt, rank, generation, abort: Arc::default(), beats: Arc::default() };
+        *current.lock().expect("current lock") = Some(Arc::clone(&g.beats));
         let heartbeat = spawn_heartbeat(
             &rt,
             client.clone(),
@@ -832,6 +870,7 @@ fn train_generation(
     };
     while step < total {
         g.check()?;
+        let step_started = Instant::now();
         // The next local batch: up to `local_batch` examples, fewer at the end of an epoch.
         g.phase("waiting for data");
         let mut local: Vec<Fed> = Vec::with_capacity(local_batch);
@@ -845,6 +884,7 @@ fn train_generation(
                 None => anyhow::bail!("the data feed stopped"),
             }
         }
+        let data_wait = step_started.elapsed();
         g.phase("training");
         let lr = linear_schedule(t.lr, step, warmup, total);
         let count = local.len();
@@ -883,6 +923,9 @@ fn train_generation(
                 tokens: r.tokens as u64,
                 allreduce_s: r.allreduce.as_secs_f64(),
                 allreduce_wait_s: r.allreduce_wait.as_secs_f64(),
+                data_wait_s: data_wait.as_secs_f64(),
+                step_s: step_started.elapsed().as_secs_f64(),
+                generation: g.generation,
             });
         }
         if e.checksum_every > 0 && step.is_multiple_of(e.checksum_every) {

@@ -23,7 +23,15 @@ use worker::model::{Batch, DropoutCtx};
 use worker::tokenize::{collate, TextEncoder};
 
 #[derive(Parser)]
-#[command(name = "worker", version, about = "A Tandem BERT training process")]
+#[command(
+    name = "worker",
+    version,
+    about = "A Tandem BERT training process",
+    after_help = "Environment, besides the variables named above:\n  \
+                  TANDEM_JOB_TOKEN    the job token, when there is no --token-file\n  \
+                  RAYON_NUM_THREADS   compute threads (default: every core, or train.threads)\n  \
+                  RUST_LOG            log filter (default: info)"
+)]
 struct Cli {
     /// Join the job run by this coordinator (e.g. http://127.0.0.1:29400) as one rank.
     #[arg(long, env = "TANDEM_COORDINATOR")]

@@ -224,6 +224,7 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             if step >= total {
                 break 'epochs;
             }
+            let step_started = Instant::now();
             let lr = linear_schedule(t.lr, step, warmup, total);
             let batches: Vec<Batch> =
                 idx.chunks(micro).map(|m| batch_of(&train, m, |i| i as u32, enc.pad_id)).collect();
@@ -241,6 +242,8 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
                 tokens: r.tokens as u64,
                 allreduce_s: 0.0,
                 allreduce_wait_s: 0.0,
+                data_wait_s: 0.0,
+                step_s: step_started.elapsed().as_secs_f64(),
                 time_s: started.elapsed().as_secs_f64(),
             };
             writeln!(loss_log, "{}", serde_json::to_string(&rec)?)
