@@ -2,6 +2,7 @@
 //! `transformers` (scripts/make_fixtures.py) and the real packaged checkpoint.
 
 mod data;
+mod deploy;
 mod determinism;
 mod distributed;
 mod minilm;

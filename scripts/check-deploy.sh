@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Checks deploy/ without a cluster: every kustomize overlay builds (`kubectl kustomize`), its
+# output validates against the Kubernetes API schemas offline (kubernetes-validate --strict,
+# from scripts/fetch-test-tools.sh), and every flag and environment variable the manifests
+# pass to `coordinator` and `worker` appears in that binary's --help. Then it checks that the
+# checks can fail: a manifest with a schema error and one with an unknown flag are refused.
+#
+#   scripts/check-deploy.sh [BIN_DIR]     # BIN_DIR holds coordinator and worker (target/debug)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin_dir=${1:-target/debug}
+py=.cache/pytools/bin/python
+k8s_version=1.32.0
+command -v kubectl >/dev/null || { echo "check-deploy: kubectl is required (kubectl kustomize)" >&2; exit 1; }
+[ -x "$py" ] || { echo "check-deploy: $py is missing: run scripts/fetch-test-tools.sh" >&2; exit 1; }
+for b in coordinator worker; do
+  [ -x "$bin_dir/$b" ] || { echo "check-deploy: $bin_dir/$b is missing: cargo build" >&2; exit 1; }
+done
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cp -r deploy/k8s "$tmp/k8s"
+# The token file is the user's (kept out of git); any content renders the same manifests.
+echo "placeholder-token-for-validation" > "$tmp/k8s/base/job-token.txt"
+
+# Flags and variables the manifests pass vs the binaries' --help. POD_IP only feeds
+# $(POD_IP) in TANDEM_RING_ADVERTISE.
+check_flags() {
+  "$py" - "$bin_dir" "$1" <<'PY'
+import json, re, subprocess, sys, yaml
+bin_dir, rendered = sys.argv[1], sys.argv[2]
+helper_only = {"POD_IP"}
+helps, bad, seen = {}, [], 0
+for doc in yaml.safe_load_all(open(rendered)):
+    if not doc or doc.get("kind") not in ("Job", "Deployment", "StatefulSet", "Pod"):
+        continue
+    spec = doc["spec"]["template"]["spec"] if doc["kind"] != "Pod" else doc["spec"]
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        exe = (c.get("command") or [None])[0]
+        if exe not in ("coordinator", "worker"):
+            bad.append(f"{doc['metadata']['name']}/{c['name']}: runs {exe!r}, not coordinator or worker")
+            continue
+        if exe not in helps:
+            helps[exe] = subprocess.run([f"{bin_dir}/{exe}", "--help"], check=True, capture_output=True, text=True).stdout
+        h = helps[exe]
+        for a in c.get("args", []):
+            if a.startswith("--"):
+                seen += 1
+                flag = a.split("=", 1)[0]
+                if not re.search(r"(^|\s)" + re.escape(flag) + r"([\s,=<]|$)", h, re.M):
+                    bad.append(f"{doc['metadata']['name']}/{c['name']}: {flag} is not in `{exe} --help`")
+        for e in c.get("env", []):
+            seen += 1
+            if e["name"] not in helper_only and not re.search(r"\b" + re.escape(e["name"]) + r"\b", h):
+                bad.append(f"{doc['metadata']['name']}/{c['name']}: ${e['name']} is not in `{exe} --help`")
+if bad:
+    print("\n".join(bad), file=sys.stderr)
+    sys.exit(1)
+print(f"check-deploy: {seen} flags and variables of {rendered.rsplit('/', 1)[-1]} are in the binaries' --help")
+PY
+}
+
+for overlay in "$tmp"/k8s/overlays/*/; do
+  name=$(basename "$overlay")
+  kubectl kustomize "$overlay" > "$tmp/$name.yaml"
+  "$py" -m kubernetes_validate --strict --quiet -k "$k8s_version" "$tmp/$name.yaml"
+  check_flags "$tmp/$name.yaml"
+  echo "check-deploy: overlay $name builds and validates against Kubernetes $k8s_version"
+done
+
+# The checks can fail: a schema error, and a flag the binary does not have.
+sed 's/completions: 2/completions: "two"/' "$tmp/k8s/base/workers.yaml" > "$tmp/w.yaml"
+mv "$tmp/w.yaml" "$tmp/k8s/base/workers.yaml"
+kubectl kustomize "$tmp/k8s/overlays/cpu" > "$tmp/broken.yaml"
+if "$py" -m kubernetes_validate --strict --quiet -k "$k8s_version" "$tmp/broken.yaml" >/dev/null 2>&1; then
+  echo "check-deploy: a manifest with completions: \"two\" passed validation" >&2; exit 1
+fi
+sed 's/--no-progress/--no-such-flag/' "$tmp/cpu.yaml" > "$tmp/unknown.yaml"
+if check_flags "$tmp/unknown.yaml" >/dev/null 2>&1; then
+  echo "check-deploy: a manifest passing --no-such-flag passed the --help check" >&2; exit 1
+fi
+echo "check-deploy: ok (a schema error and an unknown flag are caught)"
