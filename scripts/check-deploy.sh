@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks deploy/ without a cluster: every kustomize overlay builds (`kubectl kustomize`), its
+# Checks deploy/ without a cluster: the Dockerfile passes hadolint, every kustomize overlay builds (`kubectl kustomize`), its
 # output validates against the Kubernetes API schemas offline (kubernetes-validate --strict,
 # from scripts/fetch-test-tools.sh), and every flag and environment variable the manifests
 # pass to `coordinator` and `worker` appears in that binary's --help. Then it checks that the
@@ -16,6 +16,8 @@ command -v kubectl >/dev/null || { echo "check-deploy: kubectl is required (kube
 for b in coordinator worker; do
   [ -x "$bin_dir/$b" ] || { echo "check-deploy: $bin_dir/$b is missing: cargo build" >&2; exit 1; }
 done
+"${py%/python}/hadolint" --no-color deploy/Dockerfile
+echo "check-deploy: deploy/Dockerfile passes hadolint"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cp -r deploy/k8s "$tmp/k8s"
