@@ -8,7 +8,7 @@ venv=.cache/pytools
 stamp="$venv/.done-$(sha256sum scripts/test-tools.txt | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 rm -rf "$venv"
-"$PYTHON" -m venv "$venv"
+"$PYTHON" -m venv "$venv" || { echo "fetch-test-tools: $PYTHON -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r scripts/test-tools.txt
 touch "$stamp"
 echo "fetch-test-tools: $(grep -v '^#' scripts/test-tools.txt | tr '\n' ' ')in $venv"
