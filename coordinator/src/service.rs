@@ -279,8 +279,10 @@ impl Inner {
             first
         });
         if first {
-            if let Err(why) = &outcome {
-                tracing::error!(reason = %why, "the job failed");
+            match &outcome {
+                Err(why) if self.is_stopping() => tracing::warn!(reason = %why, "the job stopped"),
+                Err(why) => tracing::error!(reason = %why, "the job failed"),
+                Ok(()) => {}
             }
             self.changed.notify_waiters();
             self.evals_changed.notify_waiters();
@@ -347,6 +349,12 @@ impl Inner {
     pub fn fail(&self, generation: u64, reason: &str) {
         let mut rdv = self.rdv.lock().expect("rendezvous lock");
         if rdv.generation() != generation || rdv.is_open() || self.signal.borrow().end.is_some() {
+            return;
+        }
+        if self.is_stopping() {
+            // Workers leaving because the job is being stopped (Ctrl-C reaches the local
+            // workers too) are not a failure to recover from.
+            tracing::info!(reason, "not restarting: the job is stopping");
             return;
         }
         let mut r = self.restarts.lock().expect("restarts lock");
