@@ -32,6 +32,7 @@ pub const SOURCES: &[(&str, &[&str], &str)] = &[
     ("gradnorm", &[], include_str!("gradnorm.cu")),
     ("cast", &[], include_str!("cast.cu")),
     ("attention", &[], include_str!("attention.cu")),
+    ("matmul", &[], include_str!("matmul.cu")),
 ];
 
 /// Kernels on the hot path of a training step: the compile check fails if any of them spills
@@ -62,6 +63,8 @@ pub const HOT_KERNELS: &[&str] = &[
     "merge_heads_backward_f32",
     "softmax_forward_f32",
     "softmax_backward_f32",
+    "bias_rows_f32",
+    "column_sum_accumulate_f32",
 ];
 
 #[derive(Debug, thiserror::Error)]

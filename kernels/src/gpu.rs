@@ -22,6 +22,10 @@ pub enum GpuError {
     Driver(#[from] cudarc::driver::DriverError),
     #[error("no kernel family {0} in kernels::cuda::SOURCES")]
     NoFamily(String),
+    #[error("no cuBLAS library found (libcublas.so.12): install the CUDA toolkit or NVIDIA's nvidia-cublas-cu12 wheel and put its lib folder on LD_LIBRARY_PATH")]
+    NoCublas,
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
 }
 
 pub struct Gpu {
@@ -32,6 +36,8 @@ pub struct Gpu {
     pub name: String,
     include_dirs: Vec<String>,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    /// The cuBLAS handle on `stream`, made on first use.
+    blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -76,7 +82,21 @@ impl Gpu {
             name,
             include_dirs,
             modules: Mutex::new(HashMap::new()),
+            blas: std::sync::OnceLock::new(),
         })
+    }
+
+    /// cuBLAS on this GPU's stream (checked for before loading: cudarc panics without it).
+    pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas, GpuError> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        // SAFETY: only tries to dlopen the library by its candidate names.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(GpuError::NoCublas);
+        }
+        let b = cudarc::cublas::CudaBlas::new(self.stream.clone())?;
+        Ok(self.blas.get_or_init(|| b))
     }
 
     /// The kernel `kernel` of the op family `family`, compiling the family on first use.
@@ -428,6 +448,113 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         unsafe { s.launch_builder(&f).arg(&mut total).arg(&partials).arg(&bi).launch(one) }?;
         let got = gpu.download(&total)?[0].sqrt() as f32;
         rows.push(compare("sumsq_partials_f64 (global norm)", &[got], &[gradnorm::global_norm(&big)], TOL));
+    }
+
+    // Dense layer forward and backward: cuBLAS GEMMs around the bias kernels (device.rs).
+    {
+        use crate::{device, matmul};
+        let (nr, ci, oc) = (n_rows, c, 4 * c);
+        let (inp, w, bias) = (randn(nr * ci, 20, 1.0), randn(oc * ci, 21, 0.02), randn(oc, 22, 0.1));
+        let dout = randn(nr * oc, 23, 0.1);
+        let (d_inp, d_w, d_b, d_dout) = (gpu.upload(&inp)?, gpu.upload(&w)?, gpu.upload(&bias)?, gpu.upload(&dout)?);
+        let mut d_out = s.alloc_zeros::<f32>(nr * oc)?;
+        device::matmul_forward(
+            gpu,
+            &mut d_out.as_view_mut(),
+            &d_inp.as_view(),
+            &d_w.as_view(),
+            Some(&d_b.as_view()),
+            nr,
+            ci,
+            oc,
+        )?;
+        let mut want = vec![0.0; nr * oc];
+        matmul::matmul_forward(&mut want, &inp, &w, Some(&bias), nr, ci, oc);
+        rows.push(compare("matmul_forward (cuBLAS + bias_rows)", &gpu.download(&d_out)?, &want, TOL));
+
+        let (gi, gw, gb) = (randn(nr * ci, 24, 0.01), randn(oc * ci, 25, 0.01), randn(oc, 26, 0.01));
+        let (mut d_gi, mut d_gw, mut d_gb) = (gpu.upload(&gi)?, gpu.upload(&gw)?, gpu.upload(&gb)?);
+        device::matmul_backward(
+            gpu,
+            &mut d_gi.as_view_mut(),
+            &mut d_gw.as_view_mut(),
+            Some(&mut d_gb.as_view_mut()),
+            &d_dout.as_view(),
+            &d_inp.as_view(),
+            &d_w.as_view(),
+            nr,
+            ci,
+            oc,
+        )?;
+        let (mut wi, mut ww, mut wb) = (gi.clone(), gw.clone(), gb.clone());
+        matmul::matmul_backward(&mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
+        rows.push(compare("matmul_backward (dinp)", &gpu.download(&d_gi)?, &wi, TOL));
+        rows.push(compare("matmul_backward (dweight)", &gpu.download(&d_gw)?, &ww, TOL));
+        rows.push(compare("matmul_backward (dbias)", &gpu.download(&d_gb)?, &wb, TOL));
+    }
+
+    // Attention forward and backward with padding and dropout on the probabilities.
+    {
+        use crate::attention::{self, AttnDims, AttnDropout};
+        use crate::device::{self, DeviceAttnDropout};
+        let d = AttnDims { b: 4, nh: 12, t: 128, hd: 64 };
+        let (bh, tt, th) = (d.b * d.nh, d.t * d.t, d.t * d.hd);
+        let (q, k, v, dout) =
+            (randn(bh * th, 30, 1.0), randn(bh * th, 31, 1.0), randn(bh * th, 32, 1.0), randn(bh * th, 33, 0.1));
+        // Example b has 128 - 16 b real tokens; padded keys get the additive mask.
+        let mask: Vec<f32> =
+            (0..d.b * d.t).map(|i| if i % d.t < d.t - 16 * (i / d.t) { 0.0 } else { f32::MIN }).collect();
+        let ids: Vec<u32> = (0..d.b as u32).map(|i| 5000 + 3 * i).collect();
+        let spec = dropout::DropoutSpec { p: 0.1, seed: 0xfeed_beef_1234, step: 9, site: 7 };
+        let logical = dropout::LogicalDims { t_max: 512, w_max: 512 };
+        let (dq_, dk_, dv_, dm, dids) =
+            (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?, gpu.upload(&mask)?, gpu.upload(&ids)?);
+        let ids_view = dids.as_view();
+        let ddrop = DeviceAttnDropout { spec, example_ids: &ids_view, logical };
+        let (mut d_out, mut d_p, mut d_pd) =
+            (s.alloc_zeros::<f32>(bh * th)?, s.alloc_zeros::<f32>(bh * tt)?, s.alloc_zeros::<f32>(bh * tt)?);
+        device::attention_forward(
+            gpu,
+            &mut d_out.as_view_mut(),
+            &mut d_p.as_view_mut(),
+            &mut d_pd.as_view_mut(),
+            &dq_.as_view(),
+            &dk_.as_view(),
+            &dv_.as_view(),
+            &dm.as_view(),
+            d,
+            Some(&ddrop),
+        )?;
+        let cdrop = AttnDropout { spec, example_ids: &ids, logical };
+        let (mut out, mut p, mut pd) = (vec![0.0; bh * th], vec![0.0; bh * tt], vec![0.0; bh * tt]);
+        attention::attention_forward(&mut out, &mut p, &mut pd, &q, &k, &v, &mask, d, Some(&cdrop));
+        rows.push(compare("attention_forward (probs)", &gpu.download(&d_p)?, &p, TOL));
+        rows.push(compare("attention_forward (out, dropout)", &gpu.download(&d_out)?, &out, TOL));
+
+        let (g0, g1, g2) = (randn(bh * th, 34, 0.01), randn(bh * th, 35, 0.01), randn(bh * th, 36, 0.01));
+        let (mut dgq, mut dgk, mut dgv) = (gpu.upload(&g0)?, gpu.upload(&g1)?, gpu.upload(&g2)?);
+        let mut scratch = s.alloc_zeros::<f32>(bh * tt)?;
+        let d_dout = gpu.upload(&dout)?;
+        device::attention_backward(
+            gpu,
+            &mut dgq.as_view_mut(),
+            &mut dgk.as_view_mut(),
+            &mut dgv.as_view_mut(),
+            &mut scratch.as_view_mut(),
+            &d_dout.as_view(),
+            &d_p.as_view(),
+            &d_pd.as_view(),
+            &dq_.as_view(),
+            &dk_.as_view(),
+            &dv_.as_view(),
+            d,
+            Some(&ddrop),
+        )?;
+        let (mut wq, mut wk, mut wv) = (g0.clone(), g1.clone(), g2.clone());
+        attention::attention_backward(&mut wq, &mut wk, &mut wv, &dout, &p, &pd, &q, &k, &v, &mask, d, Some(&cdrop));
+        rows.push(compare("attention_backward (dq)", &gpu.download(&dgq)?, &wq, TOL));
+        rows.push(compare("attention_backward (dk)", &gpu.download(&dgk)?, &wk, TOL));
+        rows.push(compare("attention_backward (dv)", &gpu.download(&dgv)?, &wv, TOL));
     }
 
     s.synchronize()?;

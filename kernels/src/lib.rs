@@ -18,6 +18,7 @@ pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
 pub mod cuda;
+pub mod device;
 pub mod dropout;
 pub mod embedding;
 pub mod gather;
