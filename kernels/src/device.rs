@@ -284,3 +284,454 @@ pub fn attention_backward(
     unsafe { blas.gemm_strided_batched(cfg, q, &*scratch, dk) }?;
     Ok(())
 }
+
+// --- One kernel each: the launchers of the elementwise, row and table ops -------------------
+
+type In<'a, 'b, T = f32> = &'a CudaView<'b, T>;
+type Out<'a, 'b, T = f32> = &'a mut CudaViewMut<'b, T>;
+
+fn launch_elementwise(
+    gpu: &Gpu,
+    family: &str,
+    kernel: &str,
+    out: Out<'_, '_>,
+    ins: &[In<'_, '_>],
+    n: usize,
+) -> Result<(), GpuError> {
+    let f = gpu.function(family, kernel)?;
+    let nn = n as i64;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(out);
+    for i in ins {
+        b.arg(*i);
+    }
+    b.arg(&nn);
+    unsafe { b.launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// `out = gelu(inp)` (exact erf form).
+pub fn gelu_forward(gpu: &Gpu, out: Out<'_, '_>, inp: In<'_, '_>) -> Result<(), GpuError> {
+    assert_eq!(out.len(), inp.len());
+    launch_elementwise(gpu, "gelu", "gelu_forward_f32", out, &[inp], inp.len())
+}
+
+/// `dinp += gelu'(inp) * dout`.
+pub fn gelu_backward(gpu: &Gpu, dinp: Out<'_, '_>, inp: In<'_, '_>, dout: In<'_, '_>) -> Result<(), GpuError> {
+    assert!(dinp.len() == inp.len() && dout.len() == inp.len());
+    launch_elementwise(gpu, "gelu", "gelu_backward_f32", dinp, &[inp, dout], inp.len())
+}
+
+/// `out = tanh(inp)`.
+pub fn tanh_forward(gpu: &Gpu, out: Out<'_, '_>, inp: In<'_, '_>) -> Result<(), GpuError> {
+    assert_eq!(out.len(), inp.len());
+    launch_elementwise(gpu, "tanh", "tanh_forward_f32", out, &[inp], inp.len())
+}
+
+/// `dinp += (1 - out^2) * dout`.
+pub fn tanh_backward(gpu: &Gpu, dinp: Out<'_, '_>, out: In<'_, '_>, dout: In<'_, '_>) -> Result<(), GpuError> {
+    assert!(dinp.len() == out.len() && dout.len() == out.len());
+    launch_elementwise(gpu, "tanh", "tanh_backward_f32", dinp, &[out, dout], out.len())
+}
+
+/// `out = a + b`.
+pub fn residual_forward(gpu: &Gpu, out: Out<'_, '_>, a: In<'_, '_>, b: In<'_, '_>) -> Result<(), GpuError> {
+    assert!(out.len() == a.len() && b.len() == a.len());
+    launch_elementwise(gpu, "residual", "residual_forward_f32", out, &[a, b], a.len())
+}
+
+/// `acc += x`.
+pub fn add_inplace(gpu: &Gpu, acc: Out<'_, '_>, x: In<'_, '_>) -> Result<(), GpuError> {
+    assert_eq!(acc.len(), x.len());
+    launch_elementwise(gpu, "residual", "add_inplace_f32", acc, &[x], x.len())
+}
+
+/// `x *= coef` (gradient clipping).
+pub fn scale(gpu: &Gpu, x: Out<'_, '_>, coef: f32) -> Result<(), GpuError> {
+    let f = gpu.function("gradnorm", "scale_f32")?;
+    let n = x.len();
+    let nn = n as i64;
+    unsafe { gpu.stream.launch_builder(&f).arg(x).arg(&coef).arg(&nn).launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// Layer norm over rows of `c`: `out`, and each row's `mean` and `rstd` (saved for backward).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    gpu: &Gpu,
+    out: Out<'_, '_>,
+    mean: Out<'_, '_>,
+    rstd: Out<'_, '_>,
+    inp: In<'_, '_>,
+    weight: In<'_, '_>,
+    bias: In<'_, '_>,
+    n: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(), GpuError> {
+    assert!(out.len() == n * c && inp.len() == n * c && mean.len() == n && rstd.len() == n && weight.len() == c);
+    let f = gpu.function("layernorm", "layernorm_forward_f32")?;
+    let (ni, ci) = (n as i32, c as i32);
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(out)
+            .arg(mean)
+            .arg(rstd)
+            .arg(inp)
+            .arg(weight)
+            .arg(bias)
+            .arg(&ni)
+            .arg(&ci)
+            .arg(&eps)
+            .launch(crate::gpu::warp_per_row(n))
+    }?;
+    Ok(())
+}
+
+/// Backward of [`layernorm_forward`]: `dinp +=`, `dweight +=`, `dbias +=`. The parameter
+/// gradients go through fixed 64-row partial sums (`scratch`-free for the caller: allocated
+/// here), reduced in block order.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    gpu: &Gpu,
+    dinp: Out<'_, '_>,
+    dweight: Out<'_, '_>,
+    dbias: Out<'_, '_>,
+    dout: In<'_, '_>,
+    inp: In<'_, '_>,
+    weight: In<'_, '_>,
+    mean: In<'_, '_>,
+    rstd: In<'_, '_>,
+    n: usize,
+    c: usize,
+) -> Result<(), GpuError> {
+    assert!(dinp.len() == n * c && dout.len() == n * c && inp.len() == n * c && dweight.len() == c && dbias.len() == c);
+    let (ni, ci) = (n as i32, c as i32);
+    let f = gpu.function("layernorm", "layernorm_backward_f32")?;
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(dinp)
+            .arg(dout)
+            .arg(inp)
+            .arg(weight)
+            .arg(mean)
+            .arg(rstd)
+            .arg(&ni)
+            .arg(&ci)
+            .launch(crate::gpu::warp_per_row(n))
+    }?;
+    let blocks = n.div_ceil(64);
+    let mut scratch = gpu.stream.alloc_zeros::<f32>(blocks * 2 * c)?;
+    let f = gpu.function("layernorm", "layernorm_param_partials_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(256) as u32, blocks as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(&mut scratch)
+            .arg(dout)
+            .arg(inp)
+            .arg(mean)
+            .arg(rstd)
+            .arg(&ni)
+            .arg(&ci)
+            .launch(cfg)
+    }?;
+    let f = gpu.function("layernorm", "layernorm_param_reduce_f32")?;
+    let bi = blocks as i32;
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    unsafe { gpu.stream.launch_builder(&f).arg(dweight).arg(dbias).arg(&scratch).arg(&bi).arg(&ci).launch(cfg) }?;
+    Ok(())
+}
+
+/// Dropout in place on `x: [B, H, T, W]` (hidden states: H = 1, W = C), the CPU's mask
+/// (`dropout::dropout_forward`); `backward` applies the same mask to a gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn dropout_apply(
+    gpu: &Gpu,
+    backward: bool,
+    x: Out<'_, '_>,
+    example_ids: In<'_, '_, u32>,
+    h: usize,
+    t: usize,
+    w: usize,
+    logical: LogicalDims,
+    spec: &DropoutSpec,
+) -> Result<(), GpuError> {
+    let n = x.len();
+    assert_eq!(n, example_ids.len() * h * t * w, "dropout: x must be [B, H, T, W]");
+    let f = gpu.function("dropout", if backward { "dropout_backward_f32" } else { "dropout_forward_f32" })?;
+    let (hi, ti, wi, tm, wm) = (h as i32, t as i32, w as i32, logical.t_max as i32, logical.w_max as i32);
+    let (sl, sh) = (spec.seed as u32, (spec.seed >> 32) as u32);
+    let nn = n as i64;
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(x)
+            .arg(example_ids)
+            .arg(&hi)
+            .arg(&ti)
+            .arg(&wi)
+            .arg(&tm)
+            .arg(&wm)
+            .arg(&spec.p)
+            .arg(&sl)
+            .arg(&sh)
+            .arg(&spec.step)
+            .arg(&spec.site)
+            .arg(&nn)
+            .launch(elementwise(n))
+    }?;
+    Ok(())
+}
+
+/// `out[b, t] = wte[ids] + wpe[t] + wtt[types]`.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward(
+    gpu: &Gpu,
+    out: Out<'_, '_>,
+    input_ids: In<'_, '_, u32>,
+    token_type_ids: In<'_, '_, u32>,
+    wte: In<'_, '_>,
+    wpe: In<'_, '_>,
+    wtt: In<'_, '_>,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<(), GpuError> {
+    assert!(out.len() == b * t * c && input_ids.len() == b * t && token_type_ids.len() == b * t);
+    let f = gpu.function("embedding", "embedding_forward_f32")?;
+    let (bi, ti, ci) = (b as i32, t as i32, c as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(256) as u32, (b * t) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(out)
+            .arg(input_ids)
+            .arg(token_type_ids)
+            .arg(wte)
+            .arg(wpe)
+            .arg(wtt)
+            .arg(&bi)
+            .arg(&ti)
+            .arg(&ci)
+            .launch(cfg)
+    }?;
+    Ok(())
+}
+
+/// Source rows grouped by destination row, in source order (compressed rows): what
+/// [`scatter_add_rows`] adds. Built on the host from the batch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowGroups {
+    pub keys: Vec<i64>,
+    pub offsets: Vec<i32>,
+    pub rows: Vec<i32>,
+}
+
+impl RowGroups {
+    /// `dest[r]` is source row r's destination (None: dropped, e.g. the padding token).
+    pub fn new(dest: impl IntoIterator<Item = Option<usize>>) -> Self {
+        let mut by_key: std::collections::BTreeMap<usize, Vec<i32>> = std::collections::BTreeMap::new();
+        for (r, d) in dest.into_iter().enumerate() {
+            if let Some(d) = d {
+                by_key.entry(d).or_default().push(r as i32);
+            }
+        }
+        let mut g = RowGroups { offsets: vec![0], ..RowGroups::default() };
+        for (k, rows) in by_key {
+            g.keys.push(k as i64);
+            g.rows.extend(rows);
+            g.offsets.push(g.rows.len() as i32);
+        }
+        g
+    }
+}
+
+/// `dtable[keys[k]] += sum of dout[rows of group k]`, each group's rows added in order: the
+/// embedding tables' backward and the gather's, bit-identical to the CPU's sequential adds.
+pub fn scatter_add_rows(
+    gpu: &Gpu,
+    dtable: Out<'_, '_>,
+    dout: In<'_, '_>,
+    groups: &RowGroups,
+    c: usize,
+) -> Result<(), GpuError> {
+    if groups.keys.is_empty() {
+        return Ok(());
+    }
+    let (keys, offsets, rows) = (gpu.upload(&groups.keys)?, gpu.upload(&groups.offsets)?, gpu.upload(&groups.rows)?);
+    let f = gpu.function("gather", "scatter_add_rows_f32")?;
+    let (nk, ci) = (groups.keys.len() as i32, c as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(256) as u32, groups.keys.len() as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(dtable)
+            .arg(dout)
+            .arg(&keys)
+            .arg(&offsets)
+            .arg(&rows)
+            .arg(&nk)
+            .arg(&ci)
+            .launch(cfg)
+    }?;
+    Ok(())
+}
+
+/// `out[r] = inp[rows[r]]` (rows of `c`).
+pub fn gather_rows_forward(
+    gpu: &Gpu,
+    out: Out<'_, '_>,
+    inp: In<'_, '_>,
+    rows: In<'_, '_, i64>,
+    c: usize,
+) -> Result<(), GpuError> {
+    let r = rows.len();
+    assert_eq!(out.len(), r * c);
+    let f = gpu.function("gather", "gather_rows_forward_f32")?;
+    let (ri, ci) = (r as i32, c as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(256) as u32, r.max(1) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { gpu.stream.launch_builder(&f).arg(out).arg(inp).arg(rows).arg(&ri).arg(&ci).launch(cfg) }?;
+    Ok(())
+}
+
+/// Per-row cross-entropy losses of `logits: [N, V]` (0 for ignored rows).
+pub fn crossentropy_forward(
+    gpu: &Gpu,
+    losses: Out<'_, '_>,
+    logits: In<'_, '_>,
+    targets: In<'_, '_, i64>,
+    n: usize,
+    v: usize,
+) -> Result<(), GpuError> {
+    assert!(losses.len() == n && logits.len() == n * v && targets.len() == n);
+    let f = gpu.function("crossentropy", "crossentropy_forward_f32")?;
+    let (ni, vi) = (n as i32, v as i32);
+    let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    unsafe { gpu.stream.launch_builder(&f).arg(losses).arg(logits).arg(targets).arg(&ni).arg(&vi).launch(cfg) }?;
+    Ok(())
+}
+
+/// `dlogits += scale * (softmax(logits) - onehot(target))` for rows not ignored.
+#[allow(clippy::too_many_arguments)]
+pub fn crossentropy_backward(
+    gpu: &Gpu,
+    dlogits: Out<'_, '_>,
+    logits: In<'_, '_>,
+    targets: In<'_, '_, i64>,
+    scale: f32,
+    n: usize,
+    v: usize,
+) -> Result<(), GpuError> {
+    assert!(dlogits.len() == n * v && logits.len() == n * v && targets.len() == n);
+    let f = gpu.function("crossentropy", "crossentropy_backward_f32")?;
+    let (ni, vi) = (n as i32, v as i32);
+    let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    unsafe {
+        gpu.stream.launch_builder(&f).arg(dlogits).arg(logits).arg(targets).arg(&scale).arg(&ni).arg(&vi).launch(cfg)
+    }?;
+    Ok(())
+}
+
+/// The four head permutes of attention.cu: `split` `[B, T, NH*HD] -> [B, NH, T, HD]`, `merge`
+/// the reverse; `backward` accumulates into the source's gradient.
+pub fn heads(gpu: &Gpu, kernel: &str, dst: Out<'_, '_>, src: In<'_, '_>, d: AttnDims) -> Result<(), GpuError> {
+    let n = d.b * d.nh * d.t * d.hd;
+    assert!(dst.len() == n && src.len() == n, "{kernel}: [B, T, C]");
+    let f = gpu.function("attention", kernel)?;
+    let (bi, nhi, ti, hdi) = (d.b as i32, d.nh as i32, d.t as i32, d.hd as i32);
+    unsafe {
+        gpu.stream.launch_builder(&f).arg(dst).arg(src).arg(&bi).arg(&nhi).arg(&ti).arg(&hdi).launch(elementwise(n))
+    }?;
+    Ok(())
+}
+
+/// `sqrt(sum g^2)` over a flat buffer: f64 partials over fixed 16384-element blocks, summed in
+/// block order (gradnorm.rs's arithmetic).
+pub fn global_norm(gpu: &Gpu, grads: In<'_, '_>) -> Result<f32, GpuError> {
+    let n = grads.len();
+    let blocks = n.div_ceil(16384).max(1);
+    let mut partials = gpu.stream.alloc_zeros::<f64>(blocks)?;
+    let mut total = gpu.stream.alloc_zeros::<f64>(1)?;
+    let nn = n as i64;
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let f = gpu.function("gradnorm", "sumsq_partials_f64")?;
+    unsafe { gpu.stream.launch_builder(&f).arg(&mut partials).arg(grads).arg(&nn).launch(cfg) }?;
+    let bi = blocks as i32;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    let f = gpu.function("gradnorm", "sumsq_reduce_f64")?;
+    unsafe { gpu.stream.launch_builder(&f).arg(&mut total).arg(&partials).arg(&bi).launch(one) }?;
+    Ok(gpu.download(&total)?[0].sqrt() as f32)
+}
+
+/// One AdamW step over flat buffers (`adamw::adamw_update`'s arithmetic; `t >= 1`).
+pub fn adamw_update(
+    gpu: &Gpu,
+    params: Out<'_, '_>,
+    grads: In<'_, '_>,
+    m: Out<'_, '_>,
+    v: Out<'_, '_>,
+    hp: &crate::adamw::AdamWParams,
+    t: u64,
+) -> Result<(), GpuError> {
+    let n = params.len();
+    assert!(grads.len() == n && m.len() == n && v.len() == n && t >= 1, "adamw_update: buffers differ");
+    let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+    let apply = i32::from(hp.weight_decay != 0.0);
+    let (omb1, b2, omb2) = ((1.0 - hp.beta1) as f32, hp.beta2 as f32, (1.0 - hp.beta2) as f32);
+    let step_size = (hp.lr / (1.0 - hp.beta1.powi(t as i32))) as f32;
+    let bc2 = (1.0 - hp.beta2.powi(t as i32)).sqrt() as f32;
+    let eps = hp.eps as f32;
+    let nn = n as i64;
+    let f = gpu.function("adamw", "adamw_update_f32")?;
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(params)
+            .arg(grads)
+            .arg(m)
+            .arg(v)
+            .arg(&decay)
+            .arg(&apply)
+            .arg(&omb1)
+            .arg(&b2)
+            .arg(&omb2)
+            .arg(&step_size)
+            .arg(&bc2)
+            .arg(&eps)
+            .arg(&nn)
+            .launch(elementwise(n))
+    }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_groups_keep_source_order_within_a_destination() {
+        let g = RowGroups::new([Some(3), Some(1), None, Some(3), Some(1), Some(0)]);
+        assert_eq!(g.keys, vec![0, 1, 3]);
+        assert_eq!(g.offsets, vec![0, 1, 3, 5]);
+        assert_eq!(g.rows, vec![5, 1, 4, 0, 3]);
+    }
+}

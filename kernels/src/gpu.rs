@@ -8,7 +8,7 @@
 
 use crate::cuda::{self, compile, full_source, CudaError, SOURCES};
 use crate::philox;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -168,6 +168,7 @@ fn randn(n: usize, stream: u32, scale: f32) -> Vec<f32> {
 /// Runs every CUDA kernel on random inputs (BERT-base-like shapes) and compares it with its CPU
 /// twin: fp32 tolerance 1e-5 relative; a NaN never passes.
 pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
+    use crate::device;
     use crate::{adamw, crossentropy, dropout, embedding, gelu, gradnorm, layernorm, residual, tanh};
     const TOL: f64 = 1e-5;
     let s = &gpu.stream;
@@ -175,51 +176,44 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
     let (n_rows, c) = (8 * 128, 768);
     let n = n_rows * c;
 
-    // Elementwise: gelu, tanh, residual, add_inplace.
+    // Elementwise: gelu, tanh, residual, add_inplace, through the launchers the model uses.
     let x = randn(n, 1, 2.0);
     let g = randn(n, 2, 1.0);
     let dx = gpu.upload(&x)?;
     let dg = gpu.upload(&g)?;
     {
         let mut out = s.alloc_zeros::<f32>(n)?;
-        let f = gpu.function("gelu", "gelu_forward_f32")?;
-        let nn = n as i64;
-        unsafe { s.launch_builder(&f).arg(&mut out).arg(&dx).arg(&nn).launch(elementwise(n)) }?;
+        device::gelu_forward(gpu, &mut out.as_view_mut(), &dx.as_view())?;
         let mut want = vec![0.0; n];
         gelu::gelu_forward(&mut want, &x);
         rows.push(compare("gelu_forward_f32", &gpu.download(&out)?, &want, TOL));
 
         let init = randn(n, 3, 0.5);
         let mut din = gpu.upload(&init)?;
-        let f = gpu.function("gelu", "gelu_backward_f32")?;
-        unsafe { s.launch_builder(&f).arg(&mut din).arg(&dx).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        device::gelu_backward(gpu, &mut din.as_view_mut(), &dx.as_view(), &dg.as_view())?;
         let mut want = init.clone();
         gelu::gelu_backward(&mut want, &x, &g);
         rows.push(compare("gelu_backward_f32", &gpu.download(&din)?, &want, TOL));
 
-        let f = gpu.function("tanh", "tanh_forward_f32")?;
-        unsafe { s.launch_builder(&f).arg(&mut out).arg(&dx).arg(&nn).launch(elementwise(n)) }?;
+        device::tanh_forward(gpu, &mut out.as_view_mut(), &dx.as_view())?;
         let mut want_t = vec![0.0; n];
         tanh::tanh_forward(&mut want_t, &x);
         rows.push(compare("tanh_forward_f32", &gpu.download(&out)?, &want_t, TOL));
 
         let dy = gpu.upload(&want_t)?;
         let mut din = gpu.upload(&init)?;
-        let f = gpu.function("tanh", "tanh_backward_f32")?;
-        unsafe { s.launch_builder(&f).arg(&mut din).arg(&dy).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        device::tanh_backward(gpu, &mut din.as_view_mut(), &dy.as_view(), &dg.as_view())?;
         let mut want = init.clone();
         tanh::tanh_backward(&mut want, &want_t, &g);
         rows.push(compare("tanh_backward_f32", &gpu.download(&din)?, &want, TOL));
 
-        let f = gpu.function("residual", "residual_forward_f32")?;
-        unsafe { s.launch_builder(&f).arg(&mut out).arg(&dx).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        device::residual_forward(gpu, &mut out.as_view_mut(), &dx.as_view(), &dg.as_view())?;
         let mut want = vec![0.0; n];
         residual::residual_forward(&mut want, &x, &g);
         rows.push(compare("residual_forward_f32", &gpu.download(&out)?, &want, TOL));
 
         let mut acc = gpu.upload(&init)?;
-        let f = gpu.function("residual", "add_inplace_f32")?;
-        unsafe { s.launch_builder(&f).arg(&mut acc).arg(&dg).arg(&nn).launch(elementwise(n)) }?;
+        device::add_inplace(gpu, &mut acc.as_view_mut(), &dg.as_view())?;
         let mut want = init.clone();
         residual::add_inplace(&mut want, &g);
         rows.push(compare("add_inplace_f32", &gpu.download(&acc)?, &want, TOL));
@@ -233,58 +227,40 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         let mut out = s.alloc_zeros::<f32>(n)?;
         let mut mean = s.alloc_zeros::<f32>(n_rows)?;
         let mut rstd = s.alloc_zeros::<f32>(n_rows)?;
-        let (ni, ci, eps) = (n_rows as i32, c as i32, 1e-12f32);
-        let f = gpu.function("layernorm", "layernorm_forward_f32")?;
-        unsafe {
-            s.launch_builder(&f)
-                .arg(&mut out)
-                .arg(&mut mean)
-                .arg(&mut rstd)
-                .arg(&dx)
-                .arg(&dw_)
-                .arg(&db_)
-                .arg(&ni)
-                .arg(&ci)
-                .arg(&eps)
-                .launch(warp_per_row(n_rows))
-        }?;
+        let eps = 1e-12f32;
+        device::layernorm_forward(
+            gpu,
+            &mut out.as_view_mut(),
+            &mut mean.as_view_mut(),
+            &mut rstd.as_view_mut(),
+            &dx.as_view(),
+            &dw_.as_view(),
+            &db_.as_view(),
+            n_rows,
+            c,
+            eps,
+        )?;
         let (mut want, mut wm, mut wr) = (vec![0.0; n], vec![0.0; n_rows], vec![0.0; n_rows]);
         layernorm::layernorm_forward(&mut want, &mut wm, &mut wr, &x, &w, &b, n_rows, c, eps);
         rows.push(compare("layernorm_forward_f32", &gpu.download(&out)?, &want, TOL));
 
         let init = randn(n, 6, 0.5);
         let mut din = gpu.upload(&init)?;
-        let f = gpu.function("layernorm", "layernorm_backward_f32")?;
-        unsafe {
-            s.launch_builder(&f)
-                .arg(&mut din)
-                .arg(&dg)
-                .arg(&dx)
-                .arg(&dw_)
-                .arg(&mean)
-                .arg(&rstd)
-                .arg(&ni)
-                .arg(&ci)
-                .launch(warp_per_row(n_rows))
-        }?;
-        let blocks = n_rows.div_ceil(64);
-        let mut scratch = s.alloc_zeros::<f32>(blocks * 2 * c)?;
-        let f = gpu.function("layernorm", "layernorm_param_partials_f32")?;
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(256) as u32, blocks as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe {
-            s.launch_builder(&f).arg(&mut scratch).arg(&dg).arg(&dx).arg(&mean).arg(&rstd).arg(&ni).arg(&ci).launch(cfg)
-        }?;
         let (dw_init, db_init) = (randn(c, 7, 0.1), randn(c, 8, 0.1));
         let (mut ddw, mut ddb) = (gpu.upload(&dw_init)?, gpu.upload(&db_init)?);
-        let f = gpu.function("layernorm", "layernorm_param_reduce_f32")?;
-        let bi = blocks as i32;
-        let cfg =
-            LaunchConfig { grid_dim: (c.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        unsafe { s.launch_builder(&f).arg(&mut ddw).arg(&mut ddb).arg(&scratch).arg(&bi).arg(&ci).launch(cfg) }?;
+        device::layernorm_backward(
+            gpu,
+            &mut din.as_view_mut(),
+            &mut ddw.as_view_mut(),
+            &mut ddb.as_view_mut(),
+            &dg.as_view(),
+            &dx.as_view(),
+            &dw_.as_view(),
+            &mean.as_view(),
+            &rstd.as_view(),
+            n_rows,
+            c,
+        )?;
         let (mut want_dx, mut want_dw, mut want_db) = (init.clone(), dw_init.clone(), db_init.clone());
         layernorm::layernorm_backward(&mut want_dx, &mut want_dw, &mut want_db, &g, &x, &w, &wm, &wr, n_rows, c);
         rows.push(compare("layernorm_backward_f32", &gpu.download(&din)?, &want_dx, TOL));
@@ -299,31 +275,15 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         let (p0, m0) = (randn(n, 9, 0.05), randn(n, 10, 1e-3));
         let v0: Vec<f32> = randn(n, 11, 1e-3).iter().map(|v| v * v).collect();
         let (mut dp, mut dm, mut dv) = (gpu.upload(&p0)?, gpu.upload(&m0)?, gpu.upload(&v0)?);
-        let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-        let apply = 1i32;
-        let (omb1, b2, omb2) = ((1.0 - hp.beta1) as f32, hp.beta2 as f32, (1.0 - hp.beta2) as f32);
-        let step_size = (hp.lr / (1.0 - hp.beta1.powi(t as i32))) as f32;
-        let bc2 = (1.0 - hp.beta2.powi(t as i32)).sqrt() as f32;
-        let eps = hp.eps as f32;
-        let nn = n as i64;
-        let f = gpu.function("adamw", "adamw_update_f32")?;
-        unsafe {
-            s.launch_builder(&f)
-                .arg(&mut dp)
-                .arg(&dg)
-                .arg(&mut dm)
-                .arg(&mut dv)
-                .arg(&decay)
-                .arg(&apply)
-                .arg(&omb1)
-                .arg(&b2)
-                .arg(&omb2)
-                .arg(&step_size)
-                .arg(&bc2)
-                .arg(&eps)
-                .arg(&nn)
-                .launch(elementwise(n))
-        }?;
+        device::adamw_update(
+            gpu,
+            &mut dp.as_view_mut(),
+            &dg.as_view(),
+            &mut dm.as_view_mut(),
+            &mut dv.as_view_mut(),
+            &hp,
+            t,
+        )?;
         let (mut wp, mut wm, mut wv) = (p0.clone(), m0.clone(), v0.clone());
         adamw::adamw_update(&mut wp, &g, &mut wm, &mut wv, &hp, t);
         rows.push(compare("adamw_update_f32 (params)", &gpu.download(&dp)?, &wp, TOL));
@@ -338,27 +298,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         let logical = dropout::LogicalDims { t_max: 512, w_max: c };
         let mut dxx = gpu.upload(&x)?;
         let dids = gpu.upload(&ids)?;
-        let (h, ti, wi, tm, wm) = (1i32, t as i32, c as i32, 512i32, c as i32);
-        let (sl, sh) = (spec.seed as u32, (spec.seed >> 32) as u32);
-        let nn = n as i64;
-        let f = gpu.function("dropout", "dropout_forward_f32")?;
-        unsafe {
-            s.launch_builder(&f)
-                .arg(&mut dxx)
-                .arg(&dids)
-                .arg(&h)
-                .arg(&ti)
-                .arg(&wi)
-                .arg(&tm)
-                .arg(&wm)
-                .arg(&spec.p)
-                .arg(&sl)
-                .arg(&sh)
-                .arg(&spec.step)
-                .arg(&spec.site)
-                .arg(&nn)
-                .launch(elementwise(n))
-        }?;
+        device::dropout_apply(gpu, false, &mut dxx.as_view_mut(), &dids.as_view(), 1, t, c, logical, &spec)?;
         let mut want = x.clone();
         dropout::dropout_forward(&mut want, &ids, 1, t, c, logical, &spec);
         let got = gpu.download(&dxx)?;
@@ -370,39 +310,44 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         rows.push(row);
     }
 
-    // Embedding forward.
+    // Embedding forward, and its backward as ordered scatter-adds (the padding row skipped).
     {
         let (b, t, v, p, tt) = (8usize, 128usize, 30522usize, 512usize, 2usize);
-        let ids: Vec<u32> =
-            (0..b * t).map(|i| philox::philox4x32_10([i as u32, 0, 0, 0], [1, 2])[0] % v as u32).collect();
+        let ids: Vec<u32> = (0..b * t)
+            .map(|i| philox::philox4x32_10([i as u32, 0, 0, 0], [1, 2])[0] % 50 + (i % 3 == 0) as u32)
+            .collect();
         let types: Vec<u32> = (0..b * t).map(|i| ((i % t) >= t / 2) as u32).collect();
         let (wte, wpe, wtt) = (randn(v * c, 12, 0.02), randn(p * c, 13, 0.02), randn(tt * c, 14, 0.02));
         let mut out = s.alloc_zeros::<f32>(b * t * c)?;
         let (di, dt, de, dpp, dtt) =
             (gpu.upload(&ids)?, gpu.upload(&types)?, gpu.upload(&wte)?, gpu.upload(&wpe)?, gpu.upload(&wtt)?);
-        let (bi, ti, ci) = (b as i32, t as i32, c as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(256) as u32, (b * t) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = gpu.function("embedding", "embedding_forward_f32")?;
-        unsafe {
-            s.launch_builder(&f)
-                .arg(&mut out)
-                .arg(&di)
-                .arg(&dt)
-                .arg(&de)
-                .arg(&dpp)
-                .arg(&dtt)
-                .arg(&bi)
-                .arg(&ti)
-                .arg(&ci)
-                .launch(cfg)
-        }?;
+        device::embedding_forward(
+            gpu,
+            &mut out.as_view_mut(),
+            &di.as_view(),
+            &dt.as_view(),
+            &de.as_view(),
+            &dpp.as_view(),
+            &dtt.as_view(),
+            b,
+            t,
+            c,
+        )?;
         let mut want = vec![0.0; b * t * c];
         embedding::embedding_forward(&mut want, &ids, &types, &wte, &wpe, &wtt, b, t, c);
         rows.push(compare("embedding_forward_f32", &gpu.download(&out)?, &want, TOL));
+
+        // Backward into the word table only (the other two tables take the same kernel).
+        let dout = randn(b * t * c, 18, 0.1);
+        let ddout = gpu.upload(&dout)?;
+        let pad = Some(0u32);
+        let groups = device::RowGroups::new(ids.iter().map(|&id| (Some(id) != pad).then_some(id as usize)));
+        let init = randn(v * c, 19, 0.01);
+        let mut dte = gpu.upload(&init)?;
+        device::scatter_add_rows(gpu, &mut dte.as_view_mut(), &ddout.as_view(), &groups, c)?;
+        let (mut want_te, mut want_pe, mut want_tt) = (init.clone(), vec![0.0; p * c], vec![0.0; tt * c]);
+        embedding::embedding_backward(&mut want_te, &mut want_pe, &mut want_tt, &dout, &ids, &types, pad, b, t, c);
+        rows.push(compare("scatter_add_rows_f32 (word embeddings)", &gpu.download(&dte)?, &want_te, TOL));
     }
 
     // Cross-entropy over a masked-LM-sized vocabulary, with ignored rows.
@@ -413,10 +358,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             (0..rows_n).map(|i| if i % 5 == 0 { crossentropy::IGNORE_INDEX } else { (i * 977 % v) as i64 }).collect();
         let (dl, dt) = (gpu.upload(&logits)?, gpu.upload(&targets)?);
         let mut losses = s.alloc_zeros::<f32>(rows_n)?;
-        let (ni, vi) = (rows_n as i32, v as i32);
-        let cfg = LaunchConfig { grid_dim: (rows_n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let f = gpu.function("crossentropy", "crossentropy_forward_f32")?;
-        unsafe { s.launch_builder(&f).arg(&mut losses).arg(&dl).arg(&dt).arg(&ni).arg(&vi).launch(cfg) }?;
+        device::crossentropy_forward(gpu, &mut losses.as_view_mut(), &dl.as_view(), &dt.as_view(), rows_n, v)?;
         let mut want = vec![0.0; rows_n];
         crossentropy::crossentropy_forward(&mut want, &logits, &targets, rows_n, v);
         rows.push(compare("crossentropy_forward_f32", &gpu.download(&losses)?, &want, TOL));
@@ -424,8 +366,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         let init = randn(rows_n * v, 16, 1e-4);
         let mut dlog = gpu.upload(&init)?;
         let scale = 1.0f32 / 51.0;
-        let f = gpu.function("crossentropy", "crossentropy_backward_f32")?;
-        unsafe { s.launch_builder(&f).arg(&mut dlog).arg(&dl).arg(&dt).arg(&scale).arg(&ni).arg(&vi).launch(cfg) }?;
+        device::crossentropy_backward(gpu, &mut dlog.as_view_mut(), &dl.as_view(), &dt.as_view(), scale, rows_n, v)?;
         let mut want = init.clone();
         crossentropy::crossentropy_backward(&mut want, &logits, &targets, scale, rows_n, v);
         rows.push(compare("crossentropy_backward_f32", &gpu.download(&dlog)?, &want, TOL));
@@ -435,18 +376,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
     {
         let big = randn(3_000_001, 17, 1e-2);
         let dbig = gpu.upload(&big)?;
-        let blocks = big.len().div_ceil(16384);
-        let mut partials = s.alloc_zeros::<f64>(blocks)?;
-        let mut total = s.alloc_zeros::<f64>(1)?;
-        let nn = big.len() as i64;
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let f = gpu.function("gradnorm", "sumsq_partials_f64")?;
-        unsafe { s.launch_builder(&f).arg(&mut partials).arg(&dbig).arg(&nn).launch(cfg) }?;
-        let bi = blocks as i32;
-        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-        let f = gpu.function("gradnorm", "sumsq_reduce_f64")?;
-        unsafe { s.launch_builder(&f).arg(&mut total).arg(&partials).arg(&bi).launch(one) }?;
-        let got = gpu.download(&total)?[0].sqrt() as f32;
+        let got = device::global_norm(gpu, &dbig.as_view())?;
         rows.push(compare("sumsq_partials_f64 (global norm)", &[got], &[gradnorm::global_norm(&big)], TOL));
     }
 
