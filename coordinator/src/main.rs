@@ -212,7 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             None
         }
     };
-    let info = JobInfo { config_json: serde_json::to_string(&job)?, nccl_id: Vec::new(), seed: job.train.seed };
+    let info = JobInfo { config_json: serde_json::to_string(&job)?, seed: job.train.seed };
     let board = ProgressBoard::new(
         !cli.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         Some(job.output.dir.join("loss.jsonl")),

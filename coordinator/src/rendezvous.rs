@@ -23,6 +23,8 @@ pub struct Joiner {
     pub rank_hint: Option<u32>,
     pub ring_addr: String,
     pub hostname: String,
+    /// The NCCL unique id it made (empty on CPU); rank 0's is the generation's.
+    pub nccl_id: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -249,7 +251,13 @@ mod tests {
     }
 
     fn joiner(hint: Option<u32>, host: &str) -> Joiner {
-        Joiner { protocol_version: 1, rank_hint: hint, ring_addr: format!("{host}:29500"), hostname: host.into() }
+        Joiner {
+            protocol_version: 1,
+            rank_hint: hint,
+            ring_addr: format!("{host}:29500"),
+            hostname: host.into(),
+            nccl_id: Vec::new(),
+        }
     }
 
     #[test]

@@ -24,12 +24,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
+/// The size of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
+pub const NCCL_ID_BYTES: usize = 128;
+
 /// What every worker of the job receives at rendezvous.
 #[derive(Clone, Debug)]
 pub struct JobInfo {
     /// The resolved job config as JSON.
     pub config_json: String,
-    pub nccl_id: Vec<u8>,
     /// The seed of the epoch shuffles.
     pub seed: u64,
 }
@@ -1152,7 +1154,14 @@ impl Coordinator for CoordinatorService {
             rank_hint: r.rank_hint,
             ring_addr: r.ring_addr,
             hostname: r.hostname,
+            nccl_id: r.nccl_id,
         };
+        if joiner.nccl_id.len() > NCCL_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "an NCCL unique id is {NCCL_ID_BYTES} bytes; this worker sent {}",
+                joiner.nccl_id.len()
+            )));
+        }
         let host = joiner.hostname.clone();
         if let Some(Err(why)) = self.outcome() {
             return Err(Status::failed_precondition(format!("the job has failed: {why}")));
@@ -1219,7 +1228,7 @@ impl Coordinator for CoordinatorService {
                         world_size: rdv.world_size() as u32,
                         job_config_json: self.job.config_json.clone(),
                         ring_peers: members.iter().map(|m| m.ring_addr.clone()).collect(),
-                        nccl_id: self.job.nccl_id.clone(),
+                        nccl_id: members[0].nccl_id.clone(),
                         labels: self.data.labels.names.clone(),
                         train_examples: self.data.train.len() as u64,
                         resume: resume.as_ref().map(|(dir, m)| ResumePoint {

@@ -17,6 +17,7 @@ fn req(port: u16) -> JoinRequest {
         hostname: format!("host-{port}"),
         config_sha256: common::config_sha256(),
         model_sha256: "model-a".into(),
+        nccl_id: Vec::new(),
     }
 }
 

@@ -17,6 +17,8 @@ fn req(hint: Option<u32>, port: u16) -> JoinRequest {
         hostname: format!("w{port}"),
         config_sha256: common::config_sha256(),
         model_sha256: "model-a".into(),
+        // Each worker's own NCCL id (as a CUDA worker makes one): 128 bytes marked by its port.
+        nccl_id: vec![(port % 251) as u8; 128],
     }
 }
 
@@ -39,7 +41,10 @@ async fn workers_rendezvous_and_receive_ranks_config_and_peers() {
     ranks.sort();
     assert_eq!(ranks, [0, 1, 2]);
     assert_eq!(replies[1].rank, 2, "the rank hint is honoured");
+    // Every rank gets the NCCL id of the worker that became rank 0.
+    let rank0_port = [1001u16, 1002, 1003][replies.iter().position(|r| r.rank == 0).unwrap()];
     for r in &replies {
+        assert_eq!(r.nccl_id, vec![(rank0_port % 251) as u8; 128], "rank 0's NCCL id is relayed");
         assert_eq!(r.world_size, 3);
         assert_eq!(r.job_config_json, "{\"job\":1}");
         assert_eq!(r.ring_peers[2], "127.0.0.1:1002");
@@ -50,6 +55,17 @@ async fn workers_rendezvous_and_receive_ranks_config_and_peers() {
     let e = c.join(req(None, 1004)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     assert!(e.message().contains("already has all 3 workers"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nccl_id_of_the_wrong_size_is_refused() {
+    let url = serve(2, empty_data(2), Duration::from_secs(10)).await;
+    let mut c = CoordinatorClient::connect(url).await.unwrap();
+    let mut r = req(None, 2101);
+    r.nccl_id = vec![1; 129];
+    let e = c.join(r).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("128 bytes"), "{}", e.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

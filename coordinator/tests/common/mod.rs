@@ -35,7 +35,7 @@ pub async fn serve_with_token(
 ) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let job = JobInfo { config_json: "{\"job\":1}".into(), nccl_id: vec![], seed: 17 };
+    let job = JobInfo { config_json: "{\"job\":1}".into(), seed: 17 };
     let svc = CoordinatorService::new(world, job, data, timeout);
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -66,6 +66,7 @@ pub async fn join_all(url: &str, world: usize) {
                 hostname: format!("test-{rank}"),
                 config_sha256: config_sha256(),
                 model_sha256: String::new(),
+                nccl_id: Vec::new(),
             })
             .await
             .unwrap()
