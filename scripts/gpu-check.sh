@@ -19,10 +19,13 @@ if [ ! -x "$WORKER" ]; then
   if command -v cargo >/dev/null; then cargo build --release -p worker --quiet; else
     echo "gpu-check: $WORKER is missing and there is no cargo: build it elsewhere and copy it here" >&2; exit 1; fi
 fi
-# NVRTC and the CUDA headers: the toolkit's, or the NVIDIA wheels inside Python's site-packages.
+# NVRTC, cuBLAS and the CUDA headers: the toolkit's, or the NVIDIA wheels inside Python's
+# site-packages (cudarc finds libnvrtc.so.12 and libcublas.so.12 by those names).
 site=$("$PYTHON" -c "import site; print(' '.join(site.getsitepackages()))" 2>/dev/null || true)
 for d in $site; do
-  [ -d "$d/nvidia/cuda_nvrtc/lib" ] && export LD_LIBRARY_PATH="$d/nvidia/cuda_nvrtc/lib:${LD_LIBRARY_PATH:-}"
+  for lib in cuda_nvrtc cublas; do
+    [ -d "$d/nvidia/$lib/lib" ] && export LD_LIBRARY_PATH="$d/nvidia/$lib/lib:${LD_LIBRARY_PATH:-}"
+  done
   [ -z "${TANDEM_CUDA_INCLUDE:-}" ] && [ -f "$d/nvidia/cuda_runtime/include/cuda_bf16.h" ] && export TANDEM_CUDA_INCLUDE="$d/nvidia/cuda_runtime/include"
 done
 [ -d /usr/local/cuda/lib64 ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
