@@ -5,9 +5,10 @@
 #
 #   1. every CUDA kernel against its CPU twin on random inputs (`worker gpu-check`; fp32
 #      tolerance 1e-5 relative, a NaN never passes);
-#   2. training steps of the tiny and MiniLM shapes on GPU vs CPU, a 1-rank NCCL all-reduce,
-#      and our BERT-base tokens/s: NOT BUILT YET (the CUDA training path is in progress; the
-#      table says so rather than skipping silently);
+#   2. 20 training steps of the tiny and MiniLM shapes on GPU vs CPU from the same weights,
+#      batches and dropout keys (the first step's gradients and every loss compared), and
+#      Tandem's BERT-base training tokens/s and MFU (fp32, worker/src/gpu_check.rs); the 1-rank
+#      NCCL all-reduce is NOT BUILT YET (the table says so rather than skipping silently);
 #   3. PyTorch's BERT-base training tokens/s and MFU on the same GPU (scripts/bench_gpu_torch.py).
 #
 #   scripts/gpu-check.sh            # WORKER=path/to/worker PYTHON=python3 to override
@@ -41,14 +42,34 @@ timeout 240 "$PYTHON" scripts/bench_gpu_torch.py > "$out/torch.json" 2> "$out/to
 
 echo
 echo "== GPU check: $(date -u +%Y-%m-%dT%H:%MZ) =="
-passed=$(grep -c "  ok$" "$out/kernels.txt"); failed=$(grep -c "FAIL" "$out/kernels.txt")
-if [ "$kernels_rc" = 0 ]; then kernels="all $passed ok"
-elif [ "$passed$failed" = 00 ]; then kernels="did not run: $(tail -1 "$out/kernels.txt")"
+# Kernel rows end in "ok"/"FAIL"; the model rows start with tiny / minilm; the last line of
+# the worker's output before any error is Tandem's BERT-base JSON.
+kernel_rows=$(grep -vE "^(tiny|minilm|GPU|model|\{| )" "$out/kernels.txt" | grep -E "  (ok|FAIL.*)$" || true)
+passed=$(printf "%s\n" "$kernel_rows" | grep -c "  ok$" || true); failed=$(printf "%s\n" "$kernel_rows" | grep -c "FAIL" || true)
+if [ "$passed$failed" = 00 ]; then kernels="did not run: $(tail -1 "$out/kernels.txt")"
+elif [ "$failed" = 0 ]; then kernels="all $passed ok"
 else kernels="FAILED: $failed failed, $passed ok"; fi
 printf "%-44s %s\n" "kernel parity (fp32, vs CPU twins)" "$kernels"
-printf "%-44s %s\n" "loss parity, 20 steps tiny + MiniLM" "not built yet (CUDA training path in progress)"
+for m in tiny minilm; do
+  row=$(grep -E "^$m +[0-9]" "$out/kernels.txt" || true)
+  if [ -n "$row" ]; then
+    printf "%-44s %s\n" "training parity, 20 steps, $m (fp32)" "$(echo "$row" | awk '{printf "grad %s, loss %s: %s", $3, $4, $5}')"
+  else
+    printf "%-44s %s\n" "training parity, 20 steps, $m (fp32)" "did not run (see above)"
+  fi
+done
 printf "%-44s %s\n" "NCCL all-reduce, 1 rank" "not built yet"
-printf "%-44s %s\n" "Tandem BERT-base tokens/s, MFU" "not built yet"
+tandem=$(grep -E '^\{"impl": "tandem"' "$out/kernels.txt" || true)
+if [ -n "$tandem" ]; then
+  "$PYTHON" - "$tandem" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+print(f"{'Tandem BERT-base fp32 tokens/s, MFU':<44} {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
+      f"(batch {r['batch']}, seq {r['seq']}; fp32 GEMMs against the bf16 peak)")
+PY
+else
+  printf "%-44s %s\n" "Tandem BERT-base fp32 tokens/s, MFU" "did not run (see above)"
+fi
 if [ "$torch_rc" = 0 ]; then
   "$PYTHON" - "$out/torch.json" <<'PY'
 import json, sys

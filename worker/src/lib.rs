@@ -6,6 +6,8 @@ pub mod bert_config;
 pub mod checkpoint;
 pub mod collective;
 pub mod distributed;
+pub mod gpu_check;
+pub mod gpu_model;
 pub mod layout;
 pub mod model;
 pub mod optim;
@@ -29,4 +31,6 @@ pub enum ModelError {
     Tokenizer(PathBuf, String),
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("GPU: {0}")]
+    Device(String),
 }

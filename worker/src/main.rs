@@ -310,7 +310,36 @@ fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {
         );
     }
     let failed = rows.iter().filter(|r| !r.passed()).count();
+
+    // The whole model: CPU and GPU training side by side, then GPU throughput at BERT-base.
+    let gpu = std::sync::Arc::new(gpu);
+    const LOSS_TOL: f64 = 1e-3;
+    const GRAD_TOL: f64 = 1e-3;
+    println!("\n{:<10} {:>6} {:>16} {:>16}  result", "model", "steps", "grad rel. error", "loss rel. error");
+    let mut model_failed = 0;
+    for (name, b, t) in [("tiny", 8, 64), ("minilm", 8, 128)] {
+        let r = worker::gpu_check::training_parity(&gpu, name, 20, b, t)?;
+        let ok = r.grad_rel_error <= GRAD_TOL && r.loss_rel_error <= LOSS_TOL;
+        model_failed += usize::from(!ok);
+        println!(
+            "{:<10} {:>6} {:>16.2e} {:>16.2e}  {}",
+            r.preset,
+            r.losses.len(),
+            r.grad_rel_error,
+            r.loss_rel_error,
+            if ok { "ok" } else { "FAIL" }
+        );
+        let (first, last) = (r.losses[0], r.losses[r.losses.len() - 1]);
+        println!("{:<10} loss CPU {:.6} -> {:.6}, GPU {:.6} -> {:.6}", "", first.0, last.0, first.1, last.1);
+    }
+    let peak = std::env::var("TANDEM_PEAK_TFLOPS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(989.0) * 1e12;
+    let tp = worker::gpu_check::throughput(&gpu, "base", 32, 128, 10, peak)?;
+    println!(
+        "\n{{\"impl\": \"tandem\", \"model\": \"bert-base\", \"precision\": \"fp32\", \"batch\": {}, \"seq\": {}, \"step_s\": {:.4}, \"tokens_per_s\": {:.0}, \"mfu\": {:.4}}}",
+        tp.batch, tp.seq, tp.step_s, tp.tokens_per_s, tp.mfu
+    );
     anyhow::ensure!(failed == 0, "{failed} kernel(s) differ from their CPU twins");
+    anyhow::ensure!(model_failed == 0, "{model_failed} model(s) train differently on the GPU");
     Ok(())
 }
 

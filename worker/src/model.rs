@@ -183,43 +183,7 @@ impl Bert {
     }
 
     fn validate(&self, batch: &Batch) -> Result<(), ModelError> {
-        let (b, t) = (batch.b, batch.t);
-        let bad = |what: String| Err(ModelError::Batch(what));
-        if b == 0 || t == 0 {
-            return bad("empty batch".into());
-        }
-        if t > self.cfg.max_position_embeddings {
-            return bad(format!(
-                "sequence length {t} exceeds max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            ));
-        }
-        if batch.input_ids.len() != b * t || batch.token_type_ids.len() != b * t || batch.attention_mask.len() != b * t
-        {
-            return bad(format!("input_ids/token_type_ids/attention_mask must hold B*T = {}", b * t));
-        }
-        if batch.example_ids.len() != b {
-            return bad(format!("example_ids must hold B = {b}"));
-        }
-        if let Some(&id) = batch.input_ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return bad(format!("token id {id} outside the vocabulary of {}", self.cfg.vocab_size));
-        }
-        if let Some(&tt) = batch.token_type_ids.iter().find(|&&x| x as usize >= self.cfg.type_vocab_size) {
-            return bad(format!("token type {tt} outside type_vocab_size {}", self.cfg.type_vocab_size));
-        }
-        let (want, classes) = match self.layout.head {
-            Head::Classification { num_labels } => (b, num_labels),
-            Head::MaskedLm => (b * t, self.cfg.vocab_size),
-        };
-        if batch.labels.len() != want {
-            return bad(format!("labels must hold {want} entries, got {}", batch.labels.len()));
-        }
-        if let Some(&l) =
-            batch.labels.iter().find(|&&l| l != crossentropy::IGNORE_INDEX && !(0..classes as i64).contains(&l))
-        {
-            return bad(format!("label {l} outside 0..{classes}"));
-        }
-        Ok(())
+        validate_batch(&self.cfg, &self.layout, batch)
     }
 
     /// Forward pass and loss. `dropout = None` evaluates (no dropout). Saves what backward needs.
@@ -789,4 +753,41 @@ impl Bert {
         let emb = segments.next().expect("an embeddings segment");
         ready(emb.clone(), &g[emb]);
     }
+}
+
+/// Checks a batch against the model's shapes and vocabulary (CPU and GPU models alike).
+pub(crate) fn validate_batch(cfg: &BertConfig, layout: &Layout, batch: &Batch) -> Result<(), ModelError> {
+    let (b, t) = (batch.b, batch.t);
+    let bad = |what: String| Err(ModelError::Batch(what));
+    if b == 0 || t == 0 {
+        return bad("empty batch".into());
+    }
+    if t > cfg.max_position_embeddings {
+        return bad(format!("sequence length {t} exceeds max_position_embeddings {}", cfg.max_position_embeddings));
+    }
+    if batch.input_ids.len() != b * t || batch.token_type_ids.len() != b * t || batch.attention_mask.len() != b * t {
+        return bad(format!("input_ids/token_type_ids/attention_mask must hold B*T = {}", b * t));
+    }
+    if batch.example_ids.len() != b {
+        return bad(format!("example_ids must hold B = {b}"));
+    }
+    if let Some(&id) = batch.input_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        return bad(format!("token id {id} outside the vocabulary of {}", cfg.vocab_size));
+    }
+    if let Some(&tt) = batch.token_type_ids.iter().find(|&&x| x as usize >= cfg.type_vocab_size) {
+        return bad(format!("token type {tt} outside type_vocab_size {}", cfg.type_vocab_size));
+    }
+    let (want, classes) = match layout.head {
+        Head::Classification { num_labels } => (b, num_labels),
+        Head::MaskedLm => (b * t, cfg.vocab_size),
+    };
+    if batch.labels.len() != want {
+        return bad(format!("labels must hold {want} entries, got {}", batch.labels.len()));
+    }
+    if let Some(&l) =
+        batch.labels.iter().find(|&&l| l != crossentropy::IGNORE_INDEX && !(0..classes as i64).contains(&l))
+    {
+        return bad(format!("label {l} outside 0..{classes}"));
+    }
+    Ok(())
 }
