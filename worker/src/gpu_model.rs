@@ -80,6 +80,8 @@ pub struct GpuBert {
     pub params: Buf,
     pub grads: Buf,
     acts: Option<Acts>,
+    /// The per-row losses of the last forward (host copy).
+    last_losses: Vec<f32>,
 }
 
 /// Runs `f` with mutable views of two disjoint ranges of `buf` (a weight's and its bias's
@@ -110,7 +112,7 @@ impl GpuBert {
         assert_eq!(params.len(), layout.total, "GpuBert::new: params must follow the layout");
         let d_params = gpu.upload(params)?;
         let grads = gpu.stream.alloc_zeros::<f32>(layout.total)?;
-        Ok(GpuBert { gpu, cfg, layout, params: d_params, grads, acts: None })
+        Ok(GpuBert { gpu, cfg, layout, params: d_params, grads, acts: None, last_losses: Vec::new() })
     }
 
     pub fn zero_grads(&mut self) -> Result<(), GpuError> {
@@ -125,6 +127,19 @@ impl GpuBert {
 
     pub fn download_grads(&self) -> Result<Vec<f32>, GpuError> {
         self.gpu.download(&self.grads)
+    }
+
+    /// The logits `[rows, classes]` of the last forward.
+    pub fn logits(&self) -> Result<Vec<f32>, GpuError> {
+        let a = self.acts.as_ref().expect("logits follow a forward");
+        let mut l = self.gpu.download(&a.logits)?;
+        l.truncate(a.rows.len() * a.classes);
+        Ok(l)
+    }
+
+    /// The per-row losses of the last forward.
+    pub fn losses(&self) -> &[f32] {
+        &self.last_losses
     }
 
     fn z(&self, n: usize) -> Result<Buf, GpuError> {
@@ -423,6 +438,7 @@ impl GpuBert {
         let losses = g.download(&losses)?;
         let count = targets_host.iter().filter(|&&t| t != IGNORE_INDEX).count();
         let loss_sum = losses[..rows_n].iter().map(|&l| f64::from(l)).sum();
+        self.last_losses = losses[..rows_n].to_vec();
         self.acts = Some(Acts {
             b,
             t,

@@ -161,12 +161,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(why) = kernels::cuda::cuda_unavailable(cli.gpu) {
             anyhow::bail!("{why}");
         }
-        anyhow::bail!(
-            "GPU {} is there, but this build's CUDA backend is not complete yet: the kernels compile (NVRTC) and \
-             the training path is being built (ARCHITECTURE.md); use --device cpu",
+        anyhow::ensure!(
+            matches!(cli.cmd, Some(Cmd::Train { .. })),
+            "GPU {} is there, but only `worker train --device cuda` (one process, one GPU) runs on it yet: the \
+             distributed GPU path (NCCL) is being built (ARCHITECTURE.md); use --device cpu",
             cli.gpu
         );
     }
+    let device = match cli.device {
+        Device::Cpu => worker::train::Device::Cpu,
+        Device::Cuda => worker::train::Device::Cuda(cli.gpu),
+    };
     let Some(cmd) = cli.cmd else {
         let coordinator = cli.coordinator.context("give --coordinator URL to join a job, or a command (see --help)")?;
         let token = proto::auth::JobToken::from_file_or_env(cli.token_file.as_deref()).map_err(anyhow::Error::msg)?;
@@ -195,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rayon::ThreadPoolBuilder::new().num_threads(job.train.threads).build_global().ok();
             }
             tracing::info!(config = %serde_json::to_string(&job)?, "resolved job config");
-            let s = worker::train::run(&job, !no_progress)?;
+            let s = worker::train::run(&job, !no_progress, device)?;
             println!("trained {} steps in {:.0} s ({:.0} tokens/s)", s.steps, s.train_seconds, s.tokens_per_second);
             if let Some(d) = &s.dev {
                 println!(

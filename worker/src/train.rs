@@ -4,6 +4,7 @@
 
 use crate::checkpoint;
 use crate::collective::{Collective, Overlapped};
+use crate::gpu_model::{GpuAdamW, GpuBert};
 use crate::layout::Head;
 use crate::model::{Batch, Bert, DropoutCtx};
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
@@ -17,7 +18,92 @@ use kernels::{gradnorm, philox};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Where `worker train` computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The GPU of this ordinal (`--gpu`).
+    Cuda(usize),
+}
+
+/// The model's optimizer state and, on a GPU, the model itself there (the CPU `Bert` stays
+/// the host copy: configuration, layout, and the parameters saved at the end).
+enum Engine {
+    Cpu(AdamW),
+    Gpu(Box<(GpuBert, GpuAdamW)>),
+}
+
+/// Opens GPU `ordinal` with NVRTC's headers from `TANDEM_CUDA_INCLUDE` (else the CUDA toolkit's).
+pub fn open_gpu(ordinal: usize) -> anyhow::Result<Arc<kernels::gpu::Gpu>> {
+    let include = std::env::var("TANDEM_CUDA_INCLUDE").unwrap_or_else(|_| "/usr/local/cuda/include".into());
+    Ok(Arc::new(kernels::gpu::Gpu::open(ordinal, vec![include])?))
+}
+
+/// [`optimizer_step`] on the GPU (one process, no all-reduce): the same micro-batches, loss
+/// scaling, clipping and AdamW, over the device buffers.
+pub fn gpu_optimizer_step(
+    model: &mut GpuBert,
+    opt: &mut GpuAdamW,
+    micro_batches: &[Batch],
+    global_count: usize,
+    t: &TrainSection,
+    step: u64,
+    lr: f64,
+) -> anyhow::Result<StepReport> {
+    model.zero_grads()?;
+    let (mut loss_sum, mut tokens) = (0.0, 0);
+    for batch in micro_batches {
+        let out = model.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
+        model.backward(batch, 1.0 / global_count as f32)?;
+        loss_sum += out.loss_sum;
+        tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
+    }
+    let grad_norm = model.clip_grad_norm(t.max_grad_norm as f32)?;
+    opt.step(model, lr)?;
+    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce: Duration::ZERO, allreduce_wait: Duration::ZERO })
+}
+
+/// [`count_split`] on the GPU.
+pub fn gpu_count_split(
+    model: &mut GpuBert,
+    split: &Split,
+    batch_size: usize,
+    pad_id: u32,
+    classes: usize,
+) -> anyhow::Result<EvalCounts> {
+    let mut counts = EvalCounts::new(classes);
+    for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
+        let batch = batch_of(split, idx, |i| i as u32, pad_id);
+        model.forward(&batch, None).with_context(|| format!("evaluating batch {chunk_i}"))?;
+        let logits = model.logits()?;
+        for ((row, &y), &loss) in logits.chunks(classes).zip(&batch.labels).zip(model.losses()) {
+            counts.add(y as usize, argmax(row), f64::from(loss));
+        }
+    }
+    Ok(counts)
+}
+
+fn engine_evaluate(
+    model: &mut Bert,
+    engine: &mut Engine,
+    split: &Split,
+    batch_size: usize,
+    pad_id: u32,
+) -> anyhow::Result<EvalMetrics> {
+    match engine {
+        Engine::Cpu(_) => evaluate(model, split, batch_size, pad_id),
+        Engine::Gpu(g) => {
+            let classes = match model.layout.head {
+                Head::Classification { num_labels } => num_labels,
+                Head::MaskedLm => anyhow::bail!("evaluate needs a classification head"),
+            };
+            Ok(gpu_count_split(&mut g.0, split, batch_size, pad_id, classes)?.metrics())
+        }
+    }
+}
 
 /// A tokenized, labelled split.
 pub struct Split {
@@ -167,8 +253,8 @@ pub struct Summary {
     pub tokens_per_second: f64,
 }
 
-/// Runs the whole job; `progress` draws a progress bar on stderr.
-pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
+/// Runs the whole job on `device`; `progress` draws a progress bar on stderr.
+pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Summary> {
     let t = &job.train;
     let enc = TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?;
     let data = data::load(job)?;
@@ -202,7 +288,18 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
     let per_epoch = n.div_ceil(t.batch_size) as u64;
     let (total, warmup) = schedule_steps(per_epoch, t);
     let micro = if t.micro_batch_size == 0 { t.batch_size } else { t.micro_batch_size };
-    let mut opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
+    let mut engine = match device {
+        Device::Cpu => {
+            Engine::Cpu(AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay))
+        }
+        Device::Cuda(ordinal) => {
+            let gpu = open_gpu(ordinal)?;
+            tracing::info!(gpu = ordinal, name = gpu.name, arch = gpu.arch, "training on the GPU (fp32)");
+            let opt = GpuAdamW::new(&gpu, model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay)?;
+            let dev = GpuBert::new(gpu, model.cfg.clone(), model.layout.clone(), &model.params)?;
+            Engine::Gpu(Box::new((dev, opt)))
+        }
+    };
 
     let bar = if progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -228,7 +325,13 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             let lr = linear_schedule(t.lr, step, warmup, total);
             let batches: Vec<Batch> =
                 idx.chunks(micro).map(|m| batch_of(&train, m, |i| i as u32, enc.pad_id)).collect();
-            let r = optimizer_step(&mut model, &mut opt, None, &batches, idx.len(), t, step, lr)?;
+            let r = match &mut engine {
+                Engine::Cpu(opt) => optimizer_step(&mut model, opt, None, &batches, idx.len(), t, step, lr)?,
+                Engine::Gpu(g) => {
+                    let (dev, opt) = &mut **g;
+                    gpu_optimizer_step(dev, opt, &batches, idx.len(), t, step, lr)?
+                }
+            };
             let (loss_sum, norm) = (r.loss_sum, r.grad_norm);
             tokens += r.tokens;
             step += 1;
@@ -258,7 +361,7 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
             let end_of_epoch = step % per_epoch == 0;
             let due = if t.eval_every > 0 { step % t.eval_every == 0 } else { end_of_epoch };
             if let (true, Some(d)) = (due || step == total, dev.as_ref()) {
-                let m = evaluate(&mut model, d, t.eval_batch_size, enc.pad_id)?;
+                let m = engine_evaluate(&mut model, &mut engine, d, t.eval_batch_size, enc.pad_id)?;
                 let line = format!(
                     "step {step}: dev loss {:.4}  accuracy {:.4}  macro-F1 {:.4}  ({} examples)",
                     m.loss, m.accuracy, m.macro_f1, m.examples
@@ -280,9 +383,15 @@ pub fn run(job: &JobConfig, progress: bool) -> anyhow::Result<Summary> {
     let train_seconds = started.elapsed().as_secs_f64();
 
     let model_dir = job.output.dir.join("model");
+    if let Engine::Gpu(g) = &engine {
+        model.params = g.0.download_params()?;
+    }
     checkpoint::save(&model, &model_dir, Some(&labels.names), job.tokenizer_path().parent())
         .with_context(|| format!("saving the model to {}", model_dir.display()))?;
-    let test_metrics = test.as_ref().map(|s| evaluate(&mut model, s, t.eval_batch_size, enc.pad_id)).transpose()?;
+    let test_metrics = test
+        .as_ref()
+        .map(|s| engine_evaluate(&mut model, &mut engine, s, t.eval_batch_size, enc.pad_id))
+        .transpose()?;
     let summary = Summary {
         steps: step,
         final_train_loss: ema_loss,
