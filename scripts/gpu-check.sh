@@ -37,6 +37,34 @@ ldd --version 2>/dev/null | head -1
 out=$(mktemp -d)
 timeout 240 "$WORKER" gpu-check > "$out/kernels.txt" 2>&1; kernels_rc=$?
 cat "$out/kernels.txt"
+# `worker train` end to end on the GPU and on the CPU: the tiny fixture classifier, 30 steps on a
+# generated 3-class CSV, dropout on; the two runs' final train loss and test accuracy side by side.
+"$PYTHON" - "$out" <<'PY'
+import sys
+words = ["good", "bad", "film", "movie", "funny", "boring", "story", "great", "dull", "best", "worst", "fun"]
+rows = ["text,label"] + ['"%s",%s' % (" ".join(words[(i * 7 + k * 5) % 12] for k in range(3 + i % 5)),
+                                       ["negative", "positive", "neutral"][i % 3]) for i in range(240)]
+open(sys.argv[1] + "/train.csv", "w").write("\n".join(rows) + "\n")
+PY
+cat > "$out/job.toml" <<TOML
+[model]
+path = "$PWD/tests/fixtures/tiny-cls"
+max_seq_len = 16
+[data]
+train = "$out/train.csv"
+test = "$out/train.csv"
+labels = ["negative", "positive", "neutral"]
+[train]
+seed = 5
+epochs = 2
+max_steps = 30
+batch_size = 12
+lr = 2e-3
+TOML
+for dev in cuda cpu; do
+  timeout 120 "$WORKER" --device "$dev" train --config "$out/job.toml" --set "output.dir=$out/run-$dev" --no-progress \
+    > "$out/train-$dev.txt" 2>&1 || { echo "worker train --device $dev failed:"; tail -5 "$out/train-$dev.txt"; }
+done
 timeout 240 "$PYTHON" scripts/bench_gpu_torch.py > "$out/torch.json" 2> "$out/torch.err"; torch_rc=$?
 [ "$torch_rc" = 0 ] || tail -5 "$out/torch.err"
 
@@ -58,6 +86,22 @@ for m in tiny minilm; do
     printf "%-44s %s\n" "training parity, 20 steps, $m (fp32)" "did not run (see above)"
   fi
 done
+"$PYTHON" - "$out" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def summary(dev):
+    p = os.path.join(out, f"run-{dev}", "metrics.json")
+    if not os.path.exists(p):
+        return None
+    m = json.load(open(p))
+    return m["final_train_loss"], (m.get("test") or {}).get("accuracy")
+g, c = summary("cuda"), summary("cpu")
+label = "worker train --device cuda vs cpu (30 steps)"
+if g and c:
+    print(f"{label:<44} loss {g[0]:.5f} vs {c[0]:.5f}, test accuracy {g[1]:.4f} vs {c[1]:.4f}")
+else:
+    print(f"{label:<44} did not run (see above)")
+PY
 printf "%-44s %s\n" "NCCL all-reduce, 1 rank" "not built yet"
 tandem=$(grep -E '^\{"impl": "tandem"' "$out/kernels.txt" || true)
 if [ -n "$tandem" ]; then
