@@ -7,8 +7,9 @@
 #      tolerance 1e-5 relative, a NaN never passes);
 #   2. 20 training steps of the tiny and MiniLM shapes on GPU vs CPU from the same weights,
 #      batches and dropout keys (the first step's gradients and every loss compared), and
-#      Tandem's BERT-base training tokens/s and MFU (fp32, worker/src/gpu_check.rs); the 1-rank
-#      NCCL all-reduce is NOT BUILT YET (the table says so rather than skipping silently);
+#      Tandem's BERT-base training tokens/s and MFU (fp32, worker/src/gpu_check.rs), a 1-rank
+#      NCCL communicator through the worker's all-reduce path, and `worker train --device cuda`
+#      end to end against `--device cpu`;
 #   3. PyTorch's BERT-base training tokens/s and MFU on the same GPU (scripts/bench_gpu_torch.py).
 #
 #   scripts/gpu-check.sh            # WORKER=path/to/worker PYTHON=python3 to override
@@ -28,6 +29,13 @@ for d in $site; do
     [ -d "$d/nvidia/$lib/lib" ] && export LD_LIBRARY_PATH="$d/nvidia/$lib/lib:${LD_LIBRARY_PATH:-}"
   done
   [ -z "${TANDEM_CUDA_INCLUDE:-}" ] && [ -f "$d/nvidia/cuda_runtime/include/cuda_bf16.h" ] && export TANDEM_CUDA_INCLUDE="$d/nvidia/cuda_runtime/include"
+  for nccl in "$d"/nvidia/nccl/lib/libnccl.so.2; do [ -f "$nccl" ] && found_nccl=$nccl; done
+done
+# cudarc looks for libnccl.so (and .so.1, .so.12, ...), never .so.2: link the name.
+for nccl in ${found_nccl:-} /usr/lib/x86_64-linux-gnu/libnccl.so.2; do
+  if [ -f "$nccl" ]; then
+    links=$(mktemp -d); ln -s "$nccl" "$links/libnccl.so"; export LD_LIBRARY_PATH="$links:${LD_LIBRARY_PATH:-}"; break
+  fi
 done
 [ -d /usr/local/cuda/lib64 ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
 export TANDEM_CUDA_INCLUDE=${TANDEM_CUDA_INCLUDE:-/usr/local/cuda/include}
@@ -70,9 +78,9 @@ timeout 240 "$PYTHON" scripts/bench_gpu_torch.py > "$out/torch.json" 2> "$out/to
 
 echo
 echo "== GPU check: $(date -u +%Y-%m-%dT%H:%MZ) =="
-# Kernel rows end in "ok"/"FAIL"; the model rows start with tiny / minilm; the last line of
-# the worker's output before any error is Tandem's BERT-base JSON.
-kernel_rows=$(grep -vE "^(tiny|minilm|GPU|model|\{| )" "$out/kernels.txt" | grep -E "  (ok|FAIL.*)$" || true)
+# Kernel rows end in "ok"/"FAIL"; the model rows start with tiny / minilm, the NCCL row with
+# nccl; Tandem's BERT-base figures are a JSON line.
+kernel_rows=$(grep -vE "^(tiny|minilm|nccl|GPU|model|\{| )" "$out/kernels.txt" | grep -E "  (ok|FAIL.*)$" || true)
 passed=$(printf "%s\n" "$kernel_rows" | grep -c "  ok$" || true); failed=$(printf "%s\n" "$kernel_rows" | grep -c "FAIL" || true)
 if [ "$passed$failed" = 00 ]; then kernels="did not run: $(tail -1 "$out/kernels.txt")"
 elif [ "$failed" = 0 ]; then kernels="all $passed ok"
@@ -102,7 +110,8 @@ if g and c:
 else:
     print(f"{label:<44} did not run (see above)")
 PY
-printf "%-44s %s\n" "NCCL all-reduce, 1 rank" "not built yet"
+nccl=$(grep -E "^nccl 1-rank all-reduce: " "$out/kernels.txt" | sed 's/^nccl 1-rank all-reduce: //' || true)
+printf "%-44s %s\n" "NCCL all-reduce, 1 rank (worker's path)" "${nccl:-did not run (see above)}"
 tandem=$(grep -E '^\{"impl": "tandem"' "$out/kernels.txt" || true)
 if [ -n "$tandem" ]; then
   "$PYTHON" - "$tandem" <<'PY'

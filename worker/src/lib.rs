@@ -10,9 +10,11 @@ pub mod gpu_check;
 pub mod gpu_model;
 pub mod layout;
 pub mod model;
+pub mod nccl;
 pub mod optim;
 pub mod tokenize;
 pub mod train;
+pub mod watchdog;
 
 use std::path::PathBuf;
 

@@ -337,6 +337,28 @@ fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {
         let (first, last) = (r.losses[0], r.losses[r.losses.len() - 1]);
         println!("{:<10} loss CPU {:.6} -> {:.6}, GPU {:.6} -> {:.6}", "", first.0, last.0, first.1, last.1);
     }
+    // A 1-rank NCCL communicator through the worker's all-reduce path (id, setup, all-reduce
+    // under the watchdog): the sum over one rank must leave the buffer bit for bit as it was.
+    if worker::nccl::available() {
+        let watchdog =
+            worker::watchdog::Watchdog::new(std::time::Duration::from_secs(60), worker::watchdog::abort_process());
+        let id = worker::nccl::new_id()?;
+        let ring = worker::nccl::NcclRing::connect(gpu.stream.clone(), 0, 1, &id, watchdog)?;
+        let host: Vec<f32> = (0..16usize << 20).map(|i| (i % 1013) as f32 * 0.001 - 0.5).collect();
+        let mut dev = gpu.upload(&host)?;
+        ring.all_reduce_sum(&mut dev.as_view_mut())?; // warm-up
+        let took = ring.all_reduce_sum(&mut dev.as_view_mut())?;
+        let exact = gpu.download(&dev)? == host;
+        println!(
+            "\nnccl 1-rank all-reduce: {} MiB in {:.3} ms, {}",
+            (host.len() * 4) >> 20,
+            took.as_secs_f64() * 1e3,
+            if exact { "exact: ok" } else { "values changed: FAIL" }
+        );
+        model_failed += usize::from(!exact);
+    } else {
+        println!("\nnccl 1-rank all-reduce: did not run: {}", worker::nccl::NcclError::Missing);
+    }
     let peak = std::env::var("TANDEM_PEAK_TFLOPS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(989.0) * 1e12;
     let tp = worker::gpu_check::throughput(&gpu, "base", 32, 128, 10, peak)?;
     println!(
