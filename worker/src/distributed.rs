@@ -18,6 +18,7 @@
 
 use crate::checkpoint;
 use crate::collective::{Collective, Overlapped, RingHandle, TcpRing};
+use crate::gpu_model::{GpuAdamW, GpuBert};
 use crate::layout::Head;
 use crate::model::Batch;
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
@@ -49,6 +50,8 @@ pub struct WorkerOpts {
     pub timeout: Duration,
     /// TLS to the coordinator (an https:// URL).
     pub tls: Option<proto::tls::ClientTls>,
+    /// Where the model computes; on a GPU, gradients are summed with NCCL instead of the ring.
+    pub device: crate::train::Device,
 }
 
 type Client = CoordinatorClient<InterceptedService<tonic::transport::Channel, ClientAuth>>;
@@ -176,6 +179,7 @@ fn evaluate(
     g: &Gen,
     client: &mut Client,
     model: &mut crate::model::Bert,
+    dev: Option<&mut GpuBert>,
     enc: &TextEncoder,
     split: WireSplit,
     step: u64,
@@ -184,7 +188,10 @@ fn evaluate(
 ) -> anyhow::Result<EvalResult> {
     g.phase(&format!("evaluating {}", split.as_str_name().to_lowercase()));
     let (_, shard) = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, enc))?;
-    let counts = crate::train::count_split(model, &shard, batch_size, enc.pad_id, classes)?;
+    let counts = match dev {
+        Some(d) => crate::train::gpu_count_split(d, &shard, batch_size, enc.pad_id, classes)?,
+        None => crate::train::count_split(model, &shard, batch_size, enc.pad_id, classes)?,
+    };
     let report = EvalReport {
         rank: g.rank as u32,
         split: split as i32,
@@ -212,6 +219,20 @@ fn evaluate(
 }
 
 /// The files of a checkpoint, as rank 0 uploads them.
+/// On a GPU, copies the parameters and the optimizer state back into their host twins (which
+/// the checkpoint and checksum code read).
+fn sync_to_host(
+    dev: &Option<(GpuBert, GpuAdamW)>,
+    model: &mut crate::model::Bert,
+    opt: &mut AdamW,
+) -> anyhow::Result<()> {
+    if let Some((d, o)) = dev {
+        model.params = d.download_params()?;
+        o.download_into(&d.gpu, opt)?;
+    }
+    Ok(())
+}
+
 fn checkpoint_files(
     model: &crate::model::Bert,
     opt: &AdamW,
@@ -603,7 +624,11 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_else(|| "localhost".into());
     let hostname = format!("{host}/pid-{}", std::process::id());
-    let request = JoinRequest {
+    let gpu = match opts.device {
+        crate::train::Device::Cuda(ordinal) => Some(crate::train::open_gpu(ordinal)?),
+        crate::train::Device::Cpu => None,
+    };
+    let mut request = JoinRequest {
         protocol_version: proto::PROTOCOL_VERSION,
         rank_hint: opts.rank_hint,
         ring_addr,
@@ -645,6 +670,10 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
             // Never rejoin after SIGTERM: the handler above ends the process.
             rt.block_on(std::future::pending::<()>());
         }
+        if gpu.is_some() {
+            // A fresh NCCL id for every generation; the coordinator relays rank 0's.
+            request.nccl_id = crate::nccl::new_id()?;
+        }
         let deadline = Instant::now() + rejoin.unwrap_or(opts.timeout);
         let (client, reply) = join(&rt, &opts, &request, deadline, rejoin.is_some(), &mut model_digest)?;
         let job: JobConfig =
@@ -663,7 +692,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
             g.abort.clone(),
             g.beats.clone(),
         );
-        let result = train_generation(&g, &opts, client, &reply, &job, &listener);
+        let result = train_generation(&g, &opts, client, &reply, &job, &listener, gpu.as_ref());
         let why = match &result {
             // Done: wait for the job's end, since a failure elsewhere can still restart it.
             Ok(()) => {
@@ -719,6 +748,7 @@ fn train_generation(
     reply: &proto::v1::JoinReply,
     job: &JobConfig,
     listener: &TcpListener,
+    gpu: Option<&Arc<kernels::gpu::Gpu>>,
 ) -> anyhow::Result<()> {
     let (rank, world) = (g.rank, reply.world_size as usize);
     tracing::info!(world, "joined");
@@ -734,9 +764,10 @@ fn train_generation(
         peers.len()
     );
     let e = &job.elastic;
-    // The ring runs on its own thread, overlapped with backward; a world of one needs none.
+    // The ring runs on its own thread, overlapped with backward; a world of one needs none, and
+    // GPUs sum with NCCL instead.
     let completed = Arc::new(AtomicU64::new(0));
-    let mut ring: Option<Overlapped> = if world == 1 {
+    let mut ring: Option<Overlapped> = if world == 1 || gpu.is_some() {
         None
     } else {
         let r = TcpRing::connect_generation(
@@ -754,6 +785,18 @@ fn train_generation(
         let fp =
             FaultPoint { inner: r, rank, generation: g.generation, completed: Arc::clone(&completed), calls: (0, 0) };
         Some(Overlapped::new(Box::new(fp)))
+    };
+
+    let nccl = match gpu {
+        Some(gpu) if world > 1 => {
+            g.phase("connecting NCCL");
+            let watchdog = crate::watchdog::Watchdog::new(
+                ElasticSection::secs(e.collective_timeout_s),
+                crate::watchdog::abort_process(),
+            );
+            Some(crate::nccl::NcclRing::connect(gpu.stream.clone(), rank, world, &reply.nccl_id, watchdog)?)
+        }
+        _ => None,
     };
 
     g.phase("loading the model");
@@ -831,6 +874,14 @@ fn train_generation(
     }
     completed.store(step, Ordering::Relaxed);
     g.beats.step.store(step, Ordering::Relaxed);
+    // On a GPU: the model and the optimizer state (restored above on the host) move there.
+    let mut dev: Option<(GpuBert, GpuAdamW)> = match gpu {
+        Some(gpu) => Some((
+            GpuBert::new(Arc::clone(gpu), model.cfg.clone(), model.layout.clone(), &model.params)?,
+            GpuAdamW::from_host(gpu, &opt)?,
+        )),
+        None => None,
+    };
 
     // Rank 0's progress reports go out in order from the runtime thread, never delaying a step.
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
@@ -898,7 +949,13 @@ fn train_generation(
         let positions: Vec<usize> = (0..count).collect();
         let batches: Vec<Batch> =
             positions.chunks(micro).map(|m| batch_of(&shard, m, |i| ids[i], enc.pad_id)).collect();
-        let r = optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, count * world, t, step, lr);
+        let r = match dev.as_mut() {
+            Some((d, o)) => {
+                let sync = nccl.as_ref().map(|n| (n, &*g.abort.flag));
+                crate::train::gpu_optimizer_step(d, o, sync, &batches, count * world, t, step, lr)
+            }
+            None => optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, count * world, t, step, lr),
+        };
         g.check()?;
         let r = r?;
         last_loss = r.loss_sum / (count * world) as f64;
@@ -909,7 +966,14 @@ fn train_generation(
         coordinator::fault::worker_point(rank, g.generation, "step", step);
         if coordinator::fault::worker_due(rank, g.generation, "perturb", step) {
             tracing::warn!(step, "TANDEM_FAULT: perturbing one parameter of this rank");
-            model.params[0] += 1e-3;
+            match dev.as_mut() {
+                Some((d, _)) => {
+                    let mut p = d.download_params()?;
+                    p[0] += 1e-3;
+                    d.upload_params(&p)?;
+                }
+                None => model.params[0] += 1e-3,
+            }
         }
         if progress_task {
             let _ = progress_tx.send(Progress {
@@ -930,6 +994,9 @@ fn train_generation(
         }
         if e.checksum_every > 0 && step.is_multiple_of(e.checksum_every) {
             g.phase("comparing parameter checksums");
+            if let Some((d, _)) = &dev {
+                model.params = d.download_params()?;
+            }
             let report =
                 ChecksumReport { rank: rank as u32, generation: g.generation, step, checksum: checksum(&model.params) };
             g.wait(async { Ok(client.report_checksum(report).await?) })
@@ -943,13 +1010,33 @@ fn train_generation(
             if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(per_epoch) };
         let mut evaluated = None;
         if let (true, Some(split)) = (eval_due, eval_split) {
-            evaluate(g, &mut client, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
+            evaluate(
+                g,
+                &mut client,
+                &mut model,
+                dev.as_mut().map(|d| &mut d.0),
+                &enc,
+                split,
+                step,
+                classes,
+                t.eval_batch_size,
+            )?;
             evaluated = Some(split);
         }
         // The best checkpoint is judged by its metric at the checkpoint's own step.
         if let (true, Some(split)) = (ckpt_due, best_split) {
             if evaluated != Some(split) {
-                evaluate(g, &mut client, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
+                evaluate(
+                    g,
+                    &mut client,
+                    &mut model,
+                    dev.as_mut().map(|d| &mut d.0),
+                    &enc,
+                    split,
+                    step,
+                    classes,
+                    t.eval_batch_size,
+                )?;
             }
         }
         if ckpt_due && rank == 0 {
@@ -957,6 +1044,7 @@ fn train_generation(
             // A snapshot of the state now; the upload runs on the runtime thread while the next
             // steps compute. At most one is in flight: the previous one must have landed.
             wait_upload(g, &mut pending_upload)?;
+            sync_to_host(&dev, &mut model, &mut opt)?;
             let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
             let handle = g.rt.spawn(upload_checkpoint(client.clone(), header, files));
             pending_upload = Some((step, Upload(Some(handle))));
@@ -968,13 +1056,24 @@ fn train_generation(
 
     for (split, has) in [(WireSplit::Dev, job.data.dev.is_some()), (WireSplit::Test, job.data.test.is_some())] {
         if has {
-            evaluate(g, &mut client, &mut model, &enc, split, step, classes, t.eval_batch_size)?;
+            evaluate(
+                g,
+                &mut client,
+                &mut model,
+                dev.as_mut().map(|d| &mut d.0),
+                &enc,
+                split,
+                step,
+                classes,
+                t.eval_batch_size,
+            )?;
         }
     }
     let mut model_dir = String::new();
     if rank == 0 {
         g.phase("saving the final checkpoint");
         let header = checkpoint_header(step, last_loss, true);
+        sync_to_host(&dev, &mut model, &mut opt)?;
         let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
         model_dir = g.wait(upload_checkpoint(client.clone(), header, files))?;
     }

@@ -120,6 +120,13 @@ impl GpuBert {
         Ok(())
     }
 
+    /// Replaces the parameters (the layout's flat buffer).
+    pub fn upload_params(&mut self, params: &[f32]) -> Result<(), GpuError> {
+        assert_eq!(params.len(), self.layout.total, "upload_params: params must follow the layout");
+        self.gpu.stream.memcpy_htod(params, &mut self.params)?;
+        Ok(())
+    }
+
     /// The parameters, back on the host (for checkpoints).
     pub fn download_params(&self) -> Result<Vec<f32>, GpuError> {
         self.gpu.download(&self.params)
@@ -838,6 +845,27 @@ pub struct GpuAdamW {
 }
 
 impl GpuAdamW {
+    /// The device copy of a host optimizer (a resumed job's restored state).
+    pub fn from_host(gpu: &Gpu, opt: &crate::optim::AdamW) -> Result<Self, GpuError> {
+        Ok(GpuAdamW {
+            m: gpu.upload(&opt.m)?,
+            v: gpu.upload(&opt.v)?,
+            t: opt.t,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            eps: opt.eps,
+            weight_decay: opt.weight_decay,
+        })
+    }
+
+    /// Copies the moments and step count back into `opt` (for a checkpoint).
+    pub fn download_into(&self, gpu: &Gpu, opt: &mut crate::optim::AdamW) -> Result<(), GpuError> {
+        opt.m = gpu.download(&self.m)?;
+        opt.v = gpu.download(&self.v)?;
+        opt.t = self.t;
+        Ok(())
+    }
+
     pub fn new(gpu: &Gpu, n: usize, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self, GpuError> {
         Ok(GpuAdamW {
             m: gpu.stream.alloc_zeros::<f32>(n)?,

@@ -162,10 +162,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("{why}");
         }
         anyhow::ensure!(
-            matches!(cli.cmd, Some(Cmd::Train { .. })),
-            "GPU {} is there, but only `worker train --device cuda` (one process, one GPU) runs on it yet: the \
-             distributed GPU path (NCCL) is being built (ARCHITECTURE.md); use --device cpu",
-            cli.gpu
+            matches!(cli.cmd, None | Some(Cmd::Train { .. })),
+            "--device cuda is for training (`worker train`, or a distributed job's worker); this command runs on the CPU"
         );
     }
     let device = match cli.device {
@@ -187,6 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 domain: cli.tls_domain,
                 identity: cli.tls_cert.zip(cli.tls_key),
             }),
+            device,
         });
     };
     match cmd {
@@ -346,8 +345,8 @@ fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {
         let ring = worker::nccl::NcclRing::connect(gpu.stream.clone(), 0, 1, &id, watchdog)?;
         let host: Vec<f32> = (0..16usize << 20).map(|i| (i % 1013) as f32 * 0.001 - 0.5).collect();
         let mut dev = gpu.upload(&host)?;
-        ring.all_reduce_sum(&mut dev.as_view_mut())?; // warm-up
-        let took = ring.all_reduce_sum(&mut dev.as_view_mut())?;
+        ring.all_reduce_sum(&mut dev.as_view_mut(), None)?; // warm-up
+        let took = ring.all_reduce_sum(&mut dev.as_view_mut(), None)?;
         let exact = gpu.download(&dev)? == host;
         println!(
             "\nnccl 1-rank all-reduce: {} MiB in {:.3} ms, {}",

@@ -32,6 +32,8 @@ pub enum NcclError {
     BadId(usize),
     #[error("CUDA: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    #[error("the all-reduce was cancelled: the job is restarting")]
+    Cancelled,
 }
 
 /// Whether `libnccl` can be loaded (cudarc panics on first use otherwise).
@@ -95,9 +97,14 @@ impl NcclRing {
     }
 
     /// Sums `buf` over the ranks, in place, and waits until the sum is complete on the stream
-    /// (polling, so that the watchdog, not the driver, decides how long is too long). Returns
-    /// the time it took.
-    pub fn all_reduce_sum(&self, buf: &mut CudaViewMut<'_, f32>) -> Result<Duration, NcclError> {
+    /// (polling, so that the watchdog, not the driver, decides how long is too long, and so
+    /// that `cancel`, set when the job restarts, stops the wait: the caller then drops this
+    /// communicator, which aborts it). Returns the time it took.
+    pub fn all_reduce_sum(
+        &self,
+        buf: &mut CudaViewMut<'_, f32>,
+        cancel: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<Duration, NcclError> {
         let start = Instant::now();
         let _armed = self.watchdog.arm(&format!("NCCL all-reduce of {} floats", buf.len()));
         self.comm
@@ -105,6 +112,9 @@ impl NcclRing {
             .map_err(|e| NcclError::Call { what: "ncclAllReduce".into(), code: e.0 })?;
         let done = self.stream.record_event(None)?;
         while !done.try_is_complete()? {
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Err(NcclError::Cancelled);
+            }
             std::thread::sleep(Duration::from_micros(50));
         }
         Ok(start.elapsed())

@@ -42,11 +42,15 @@ pub fn open_gpu(ordinal: usize) -> anyhow::Result<Arc<kernels::gpu::Gpu>> {
     Ok(Arc::new(kernels::gpu::Gpu::open(ordinal, vec![include])?))
 }
 
-/// [`optimizer_step`] on the GPU (one process, no all-reduce): the same micro-batches, loss
-/// scaling, clipping and AdamW, over the device buffers.
+/// [`optimizer_step`] on the GPU: the same micro-batches, loss scaling, clipping and AdamW,
+/// over the device buffers. With other ranks (`sync`: the generation's NCCL communicator and
+/// the flag a restart sets), the gradient buffer is summed with NCCL after the last
+/// micro-batch's backward, then the loss and token counts, so every rank reports the loss of
+/// the global batch.
 pub fn gpu_optimizer_step(
     model: &mut GpuBert,
     opt: &mut GpuAdamW,
+    sync: Option<(&crate::nccl::NcclRing, &std::sync::atomic::AtomicBool)>,
     micro_batches: &[Batch],
     global_count: usize,
     t: &TrainSection,
@@ -61,9 +65,19 @@ pub fn gpu_optimizer_step(
         loss_sum += out.loss_sum;
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
     }
+    let mut allreduce = Duration::ZERO;
+    if let Some((ring, cancel)) = sync {
+        allreduce =
+            ring.all_reduce_sum(&mut model.grads.as_view_mut(), Some(cancel)).context("all-reducing gradients")?;
+        let gpu = std::sync::Arc::clone(&model.gpu);
+        let mut sums = gpu.upload(&[loss_sum as f32, tokens as f32])?;
+        ring.all_reduce_sum(&mut sums.as_view_mut(), Some(cancel)).context("all-reducing the loss")?;
+        let sums = gpu.download(&sums)?;
+        (loss_sum, tokens) = (f64::from(sums[0]), sums[1] as usize);
+    }
     let grad_norm = model.clip_grad_norm(t.max_grad_norm as f32)?;
     opt.step(model, lr)?;
-    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce: Duration::ZERO, allreduce_wait: Duration::ZERO })
+    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce, allreduce_wait: allreduce })
 }
 
 /// [`count_split`] on the GPU.
@@ -329,7 +343,7 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
                 Engine::Cpu(opt) => optimizer_step(&mut model, opt, None, &batches, idx.len(), t, step, lr)?,
                 Engine::Gpu(g) => {
                     let (dev, opt) = &mut **g;
-                    gpu_optimizer_step(dev, opt, &batches, idx.len(), t, step, lr)?
+                    gpu_optimizer_step(dev, opt, None, &batches, idx.len(), t, step, lr)?
                 }
             };
             let (loss_sum, norm) = (r.loss_sum, r.grad_norm);
