@@ -85,13 +85,13 @@ passed=$(printf "%s\n" "$kernel_rows" | grep -c "  ok$" || true); failed=$(print
 if [ "$passed$failed" = 00 ]; then kernels="did not run: $(tail -1 "$out/kernels.txt")"
 elif [ "$failed" = 0 ]; then kernels="all $passed ok"
 else kernels="FAILED: $failed failed, $passed ok"; fi
-printf "%-44s %s\n" "kernel parity (fp32, vs CPU twins)" "$kernels"
-for m in tiny minilm; do
+printf "%-44s %s\n" "kernel parity (vs CPU twins)" "$kernels"
+for m in tiny minilm minilm-bf16; do
   row=$(grep -E "^$m +[0-9]" "$out/kernels.txt" || true)
   if [ -n "$row" ]; then
-    printf "%-44s %s\n" "training parity, 20 steps, $m (fp32)" "$(echo "$row" | awk '{printf "grad %s, loss %s: %s", $3, $4, $5}')"
+    printf "%-44s %s\n" "training parity (20 steps), $m" "$(echo "$row" | awk '{printf "grad %s, loss %s: %s", $3, $4, $5}')"
   else
-    printf "%-44s %s\n" "training parity, 20 steps, $m (fp32)" "did not run (see above)"
+    printf "%-44s %s\n" "training parity (20 steps), $m" "did not run (see above)"
   fi
 done
 "$PYTHON" - "$out" <<'PY'
@@ -116,12 +116,13 @@ tandem=$(grep -E '^\{"impl": "tandem"' "$out/kernels.txt" || true)
 if [ -n "$tandem" ]; then
   "$PYTHON" - "$tandem" <<'PY'
 import json, sys
-r = json.loads(sys.argv[1])
-print(f"{'Tandem BERT-base fp32 tokens/s, MFU':<44} {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
-      f"(batch {r['batch']}, seq {r['seq']}; fp32 GEMMs against the bf16 peak)")
+for line in sys.argv[1].splitlines():
+    r = json.loads(line)
+    label = f"Tandem BERT-base {r['precision']} tokens/s, MFU"
+    print(f"{label:<44} {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% (batch {r['batch']}, seq {r['seq']})")
 PY
 else
-  printf "%-44s %s\n" "Tandem BERT-base fp32 tokens/s, MFU" "did not run (see above)"
+  printf "%-44s %s\n" "Tandem BERT-base tokens/s, MFU" "did not run (see above)"
 fi
 if [ "$torch_rc" = 0 ]; then
   "$PYTHON" - "$out/torch.json" <<'PY'

@@ -81,6 +81,19 @@ pub struct TrainSection {
     pub eval_batch_size: usize,
     /// Worker threads for the kernels (0: one per core).
     pub threads: usize,
+    /// The dense layers' GEMMs on a GPU: `fp32`, or `bf16` (bf16 inputs and outputs, f32
+    /// accumulation, tensor cores; master weights, gradients and AdamW stay f32). The CPU
+    /// computes in f32 only.
+    pub precision: Precision,
+}
+
+/// Arithmetic of the GPU's dense layers (`train.precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
 }
 
 impl Default for TrainSection {
@@ -102,6 +115,7 @@ impl Default for TrainSection {
             eval_every: 0,
             eval_batch_size: 64,
             threads: 0,
+            precision: Precision::Fp32,
         }
     }
 }

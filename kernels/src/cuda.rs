@@ -57,6 +57,7 @@ pub const HOT_KERNELS: &[&str] = &[
     "scale_f32",
     "cast_f32_to_bf16",
     "cast_bf16_to_f32",
+    "add_bf16_to_f32",
     "split_heads_f32",
     "merge_heads_f32",
     "split_heads_backward_f32",

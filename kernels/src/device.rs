@@ -723,6 +723,125 @@ pub fn adamw_update(
     Ok(())
 }
 
+// --- bf16 dense layers (train.precision = "bf16") --------------------------------------------
+//
+// Mixed precision as torch's autocast does it for `nn.Linear`: the GEMM's inputs are bf16
+// copies (activations cast here, weights cast once per step by the caller into a flat bf16 twin
+// of the parameter buffer), cuBLAS multiplies on tensor cores with f32 accumulation and writes
+// bf16, and the result is added into the f32 output or gradient. The bias and its gradient stay
+// f32. Same op flags as the f32 functions above.
+
+pub type Bf16 = half::bf16;
+
+/// `dst = bf16(src)` (round to nearest even).
+pub fn cast_to_bf16(gpu: &Gpu, dst: &mut CudaViewMut<'_, Bf16>, src: In<'_, '_>) -> Result<(), GpuError> {
+    assert_eq!(dst.len(), src.len());
+    let f = gpu.function("cast", "cast_f32_to_bf16")?;
+    let n = src.len();
+    let nn = n as i64;
+    unsafe { gpu.stream.launch_builder(&f).arg(dst).arg(src).arg(&nn).launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// `dst += f32(src)`.
+fn add_bf16(gpu: &Gpu, dst: Out<'_, '_>, src: &CudaView<'_, Bf16>) -> Result<(), GpuError> {
+    assert_eq!(dst.len(), src.len());
+    let f = gpu.function("cast", "add_bf16_to_f32")?;
+    let n = src.len();
+    let nn = n as i64;
+    unsafe { gpu.stream.launch_builder(&f).arg(dst).arg(src).arg(&nn).launch(elementwise(n)) }?;
+    Ok(())
+}
+
+fn bf16_cfg(cfg: GemmConfig<f32>) -> GemmConfig<Bf16> {
+    GemmConfig {
+        transa: cfg.transa,
+        transb: cfg.transb,
+        m: cfg.m,
+        n: cfg.n,
+        k: cfg.k,
+        alpha: Bf16::from_f32(cfg.alpha),
+        lda: cfg.lda,
+        ldb: cfg.ldb,
+        beta: Bf16::from_f32(cfg.beta),
+        ldc: cfg.ldc,
+    }
+}
+
+fn bf16_copy(gpu: &Gpu, src: In<'_, '_>) -> Result<cudarc::driver::CudaSlice<Bf16>, GpuError> {
+    let mut dst = gpu.stream.alloc_zeros::<Bf16>(src.len().max(1))?;
+    cast_to_bf16(gpu, &mut dst.slice_mut(0..src.len()), src)?;
+    Ok(dst)
+}
+
+/// [`matmul_forward`] with bf16 GEMM inputs: `weight` is the bf16 twin of the f32 weight.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_bf16(
+    gpu: &Gpu,
+    out: Out<'_, '_>,
+    inp: In<'_, '_>,
+    weight: &CudaView<'_, Bf16>,
+    bias: Option<In<'_, '_>>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<(), GpuError> {
+    assert!(out.len() == n * oc && inp.len() == n * c && weight.len() == oc * c, "matmul_forward_bf16: shapes");
+    match bias {
+        Some(b) => {
+            assert_eq!(b.len(), oc, "matmul_forward_bf16: bias must be [OC]");
+            let f = gpu.function("matmul", "bias_rows_f32")?;
+            let (nn, oci) = (n as i64, oc as i32);
+            unsafe {
+                gpu.stream.launch_builder(&f).arg(&mut *out).arg(b).arg(&nn).arg(&oci).launch(elementwise(n * oc))
+            }?;
+        }
+        None => gpu.stream.memset_zeros(out)?,
+    }
+    let inp16 = bf16_copy(gpu, inp)?;
+    let mut out16 = gpu.stream.alloc_zeros::<Bf16>(n * oc)?;
+    let cfg = bf16_cfg(gemm_cfg(T, N, oc, n, c, c, c, oc, 1.0, 0.0));
+    unsafe { gpu.blas()?.gemm(cfg, weight, &inp16.slice(0..n * c), &mut out16) }?;
+    add_bf16(gpu, out, &out16.as_view())
+}
+
+/// [`matmul_backward`] with bf16 GEMM inputs; `dinp`, `dweight`, `dbias` accumulate in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward_bf16(
+    gpu: &Gpu,
+    dinp: Out<'_, '_>,
+    dweight: Out<'_, '_>,
+    dbias: Option<Out<'_, '_>>,
+    dout: In<'_, '_>,
+    inp: In<'_, '_>,
+    weight: &CudaView<'_, Bf16>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<(), GpuError> {
+    assert!(dinp.len() == n * c && weight.len() == oc * c && dout.len() == n * oc, "matmul_backward_bf16: shapes");
+    assert!(dweight.len() == oc * c && inp.len() == n * c, "matmul_backward_bf16: shapes");
+    let blas = gpu.blas()?;
+    let (dout16, inp16) = (bf16_copy(gpu, dout)?, bf16_copy(gpu, inp)?);
+    let mut dinp16 = gpu.stream.alloc_zeros::<Bf16>(n * c)?;
+    let cfg = bf16_cfg(gemm_cfg(N, N, c, n, oc, c, oc, c, 1.0, 0.0));
+    unsafe { blas.gemm(cfg, weight, &dout16.slice(0..n * oc), &mut dinp16) }?;
+    add_bf16(gpu, dinp, &dinp16.as_view())?;
+    let mut dw16 = gpu.stream.alloc_zeros::<Bf16>(oc * c)?;
+    let cfg = bf16_cfg(gemm_cfg(N, T, c, oc, n, c, oc, c, 1.0, 0.0));
+    unsafe { blas.gemm(cfg, &inp16.slice(0..n * c), &dout16.slice(0..n * oc), &mut dw16) }?;
+    add_bf16(gpu, dweight, &dw16.as_view())?;
+    if let Some(db) = dbias {
+        assert_eq!(db.len(), oc, "matmul_backward_bf16: dbias must be [OC]");
+        let f = gpu.function("matmul", "column_sum_accumulate_f32")?;
+        let (nn, oci) = (n as i64, oc as i32);
+        let cfg =
+            LaunchConfig { grid_dim: (oc.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { gpu.stream.launch_builder(&f).arg(db).arg(dout).arg(&nn).arg(&oci).launch(cfg) }?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -423,6 +423,51 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         rows.push(compare("matmul_backward (dbias)", &gpu.download(&d_gb)?, &wb, TOL));
     }
 
+    // The same dense layer with bf16 GEMM inputs (train.precision = "bf16"): tolerance 1e-2.
+    {
+        use crate::{device, matmul};
+        const TOL16: f64 = 1e-2;
+        let (nr, ci, oc) = (n_rows, c, 4 * c);
+        let (inp, w, bias) = (randn(nr * ci, 40, 1.0), randn(oc * ci, 41, 0.02), randn(oc, 42, 0.1));
+        let dout = randn(nr * oc, 43, 0.1);
+        let (d_inp, d_w, d_b, d_dout) = (gpu.upload(&inp)?, gpu.upload(&w)?, gpu.upload(&bias)?, gpu.upload(&dout)?);
+        let mut w16 = s.alloc_zeros::<device::Bf16>(oc * ci)?;
+        device::cast_to_bf16(gpu, &mut w16.as_view_mut(), &d_w.as_view())?;
+        let mut d_out = s.alloc_zeros::<f32>(nr * oc)?;
+        device::matmul_forward_bf16(
+            gpu,
+            &mut d_out.as_view_mut(),
+            &d_inp.as_view(),
+            &w16.as_view(),
+            Some(&d_b.as_view()),
+            nr,
+            ci,
+            oc,
+        )?;
+        let mut want = vec![0.0; nr * oc];
+        matmul::matmul_forward(&mut want, &inp, &w, Some(&bias), nr, ci, oc);
+        rows.push(compare("matmul_forward_bf16", &gpu.download(&d_out)?, &want, TOL16));
+        let (gi, gw, gb) = (randn(nr * ci, 44, 0.01), randn(oc * ci, 45, 0.01), randn(oc, 46, 0.01));
+        let (mut d_gi, mut d_gw, mut d_gb) = (gpu.upload(&gi)?, gpu.upload(&gw)?, gpu.upload(&gb)?);
+        device::matmul_backward_bf16(
+            gpu,
+            &mut d_gi.as_view_mut(),
+            &mut d_gw.as_view_mut(),
+            Some(&mut d_gb.as_view_mut()),
+            &d_dout.as_view(),
+            &d_inp.as_view(),
+            &w16.as_view(),
+            nr,
+            ci,
+            oc,
+        )?;
+        let (mut wi, mut ww, mut wb) = (gi.clone(), gw.clone(), gb.clone());
+        matmul::matmul_backward(&mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
+        rows.push(compare("matmul_backward_bf16 (dinp)", &gpu.download(&d_gi)?, &wi, TOL16));
+        rows.push(compare("matmul_backward_bf16 (dweight)", &gpu.download(&d_gw)?, &ww, TOL16));
+        rows.push(compare("matmul_backward_bf16 (dbias)", &gpu.download(&d_gb)?, &wb, TOL));
+    }
+
     // Attention forward and backward with padding and dropout on the probabilities.
     {
         use crate::attention::{self, AttnDims, AttnDropout};

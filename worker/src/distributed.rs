@@ -875,11 +875,16 @@ fn train_generation(
     completed.store(step, Ordering::Relaxed);
     g.beats.step.store(step, Ordering::Relaxed);
     // On a GPU: the model and the optimizer state (restored above on the host) move there.
+    anyhow::ensure!(
+        t.precision == coordinator::job::Precision::Fp32 || gpu.is_some(),
+        "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
+    );
     let mut dev: Option<(GpuBert, GpuAdamW)> = match gpu {
-        Some(gpu) => Some((
-            GpuBert::new(Arc::clone(gpu), model.cfg.clone(), model.layout.clone(), &model.params)?,
-            GpuAdamW::from_host(gpu, &opt)?,
-        )),
+        Some(gpu) => {
+            let mut d = GpuBert::new(Arc::clone(gpu), model.cfg.clone(), model.layout.clone(), &model.params)?;
+            d.set_precision(t.precision)?;
+            Some((d, GpuAdamW::from_host(gpu, &opt)?))
+        }
         None => None,
     };
 

@@ -76,11 +76,19 @@ pub struct TrainParity {
 }
 
 /// Trains a preset's model `steps` steps on CPU and GPU from the same initialisation.
-pub fn training_parity(gpu: &Arc<Gpu>, name: &str, steps: usize, b: usize, t: usize) -> anyhow::Result<TrainParity> {
+pub fn training_parity(
+    gpu: &Arc<Gpu>,
+    name: &str,
+    precision: coordinator::job::Precision,
+    steps: usize,
+    b: usize,
+    t: usize,
+) -> anyhow::Result<TrainParity> {
     let cfg = preset_config(name, 0.1)?;
     let head = Head::Classification { num_labels: 2 };
     let mut cpu = checkpoint::init_model(cfg.clone(), head, 7);
     let mut dev = GpuBert::new(Arc::clone(gpu), cfg, cpu.layout.clone(), &cpu.params)?;
+    dev.set_precision(precision)?;
     let (lr, wd) = (1e-4, 0.01);
     let mut opt = AdamW::new(cpu.layout.total, 0.9, 0.999, 1e-8, wd);
     let mut dopt = GpuAdamW::new(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, wd)?;
@@ -140,6 +148,7 @@ pub struct Throughput {
 pub fn throughput(
     gpu: &Arc<Gpu>,
     name: &str,
+    precision: coordinator::job::Precision,
     b: usize,
     t: usize,
     steps: usize,
@@ -150,6 +159,7 @@ pub fn throughput(
     let cpu = checkpoint::init_model(cfg.clone(), Head::Classification { num_labels: 2 }, 3);
     let n_params = cpu.layout.total;
     let mut dev = GpuBert::new(Arc::clone(gpu), cfg, cpu.layout.clone(), &cpu.params)?;
+    dev.set_precision(precision)?;
     drop(cpu);
     let mut opt = GpuAdamW::new(gpu, n_params, 0.9, 0.999, 1e-8, 0.01)?;
     let bt = batch(b, t, 0);

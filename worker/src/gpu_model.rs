@@ -16,17 +16,65 @@ use crate::bert_config::BertConfig;
 use crate::layout::{Head, Layout};
 use crate::model::{validate_batch, Batch, DropoutCtx, ForwardOut};
 use crate::ModelError;
-use cudarc::driver::{CudaSlice, CudaViewMut};
+use coordinator::job::Precision;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use kernels::adamw::AdamWParams;
 use kernels::attention::AttnDims;
 use kernels::crossentropy::IGNORE_INDEX;
-use kernels::device::{self, DeviceAttnDropout, RowGroups};
+use kernels::device::{self, Bf16, DeviceAttnDropout, RowGroups};
 use kernels::dropout::{DropoutSpec, LogicalDims};
 use kernels::gpu::{Gpu, GpuError};
 use std::ops::Range;
 use std::sync::Arc;
 
 type Buf = CudaSlice<f32>;
+
+/// The dense layers of one pass: f32 GEMMs, or bf16 ones against the bf16 twin of the
+/// parameters (`train.precision = "bf16"`).
+struct Dense<'a> {
+    g: &'a Gpu,
+    p: &'a Buf,
+    p16: Option<&'a CudaSlice<Bf16>>,
+}
+
+impl Dense<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn fwd(
+        &self,
+        out: &mut CudaViewMut<'_, f32>,
+        inp: &CudaView<'_, f32>,
+        w: Range<usize>,
+        bias: Option<Range<usize>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<(), GpuError> {
+        let b = bias.map(|r| self.p.slice(r));
+        match self.p16 {
+            Some(p16) => device::matmul_forward_bf16(self.g, out, inp, &p16.slice(w), b.as_ref(), n, c, oc),
+            None => device::matmul_forward(self.g, out, inp, &self.p.slice(w), b.as_ref(), n, c, oc),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd(
+        &self,
+        dinp: &mut CudaViewMut<'_, f32>,
+        dw: &mut CudaViewMut<'_, f32>,
+        db: Option<&mut CudaViewMut<'_, f32>>,
+        dout: &CudaView<'_, f32>,
+        inp: &CudaView<'_, f32>,
+        w: Range<usize>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<(), GpuError> {
+        match self.p16 {
+            Some(p16) => device::matmul_backward_bf16(self.g, dinp, dw, db, dout, inp, &p16.slice(w), n, c, oc),
+            None => device::matmul_backward(self.g, dinp, dw, db, dout, inp, &self.p.slice(w), n, c, oc),
+        }
+    }
+}
 
 struct LayerActs {
     qh: Buf,
@@ -79,6 +127,8 @@ pub struct GpuBert {
     pub layout: Layout,
     pub params: Buf,
     pub grads: Buf,
+    /// With `Precision::Bf16`: the parameters rounded to bf16, refreshed after every update.
+    params16: Option<CudaSlice<Bf16>>,
     acts: Option<Acts>,
     /// The per-row losses of the last forward (host copy).
     last_losses: Vec<f32>,
@@ -112,7 +162,24 @@ impl GpuBert {
         assert_eq!(params.len(), layout.total, "GpuBert::new: params must follow the layout");
         let d_params = gpu.upload(params)?;
         let grads = gpu.stream.alloc_zeros::<f32>(layout.total)?;
-        Ok(GpuBert { gpu, cfg, layout, params: d_params, grads, acts: None, last_losses: Vec::new() })
+        Ok(GpuBert { gpu, cfg, layout, params: d_params, grads, params16: None, acts: None, last_losses: Vec::new() })
+    }
+
+    /// Chooses the dense layers' arithmetic (f32 by default).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<(), GpuError> {
+        self.params16 = match precision {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(self.gpu.stream.alloc_zeros::<Bf16>(self.layout.total)?),
+        };
+        self.refresh_bf16()
+    }
+
+    /// Re-rounds the bf16 twin of the parameters (after they changed).
+    pub fn refresh_bf16(&mut self) -> Result<(), GpuError> {
+        if let Some(p16) = self.params16.as_mut() {
+            device::cast_to_bf16(&self.gpu, &mut p16.as_view_mut(), &self.params.as_view())?;
+        }
+        Ok(())
     }
 
     pub fn zero_grads(&mut self) -> Result<(), GpuError> {
@@ -124,7 +191,7 @@ impl GpuBert {
     pub fn upload_params(&mut self, params: &[f32]) -> Result<(), GpuError> {
         assert_eq!(params.len(), self.layout.total, "upload_params: params must follow the layout");
         self.gpu.stream.memcpy_htod(params, &mut self.params)?;
-        Ok(())
+        self.refresh_bf16()
     }
 
     /// The parameters, back on the host (for checkpoints).
@@ -176,6 +243,7 @@ impl GpuBert {
         let lay = self.layout.clone();
         let p = &self.params;
         let pv = |r: Range<usize>| p.slice(r);
+        let dense = Dense { g, p, p16: self.params16.as_ref() };
 
         let mask_host: Vec<f32> = batch.attention_mask.iter().map(|&m| if m != 0 { 0.0 } else { f32::MIN }).collect();
         let mask_add = g.upload(&mask_host)?;
@@ -223,16 +291,7 @@ impl GpuBert {
             let x: &Buf = if l == 0 { &x0 } else { &layers[l - 1].ln2 };
             let mut qkv = Vec::with_capacity(3);
             for (w, bias) in [(&lp.q_w, &lp.q_b), (&lp.k_w, &lp.k_b), (&lp.v_w, &lp.v_b)] {
-                device::matmul_forward(
-                    g,
-                    &mut tmp.as_view_mut(),
-                    &x.as_view(),
-                    &pv(w.clone()),
-                    Some(&pv(bias.clone())),
-                    bt,
-                    c,
-                    c,
-                )?;
+                dense.fwd(&mut tmp.as_view_mut(), &x.as_view(), w.clone(), Some(bias.clone()), bt, c, c)?;
                 let mut dst = self.z(bt * c)?;
                 device::heads(g, "split_heads_f32", &mut dst.as_view_mut(), &tmp.as_view(), dims)?;
                 qkv.push(dst);
@@ -258,16 +317,7 @@ impl GpuBert {
             )?;
             let mut ctx = self.z(bt * c)?;
             device::heads(g, "merge_heads_f32", &mut ctx.as_view_mut(), &tmp2.as_view(), dims)?;
-            device::matmul_forward(
-                g,
-                &mut tmp.as_view_mut(),
-                &ctx.as_view(),
-                &pv(lp.ao_w.clone()),
-                Some(&pv(lp.ao_b.clone())),
-                bt,
-                c,
-                c,
-            )?;
+            dense.fwd(&mut tmp.as_view_mut(), &ctx.as_view(), lp.ao_w.clone(), Some(lp.ao_b.clone()), bt, c, c)?;
             if let Some(s) = spec(2 + 3 * l as u32, hp) {
                 device::dropout_apply(g, false, &mut tmp.as_view_mut(), &exv, 1, t, c, hid, &s)?;
             }
@@ -287,23 +337,21 @@ impl GpuBert {
                 eps,
             )?;
             let (mut inter, mut act) = (self.z(bt * inter_size)?, self.z(bt * inter_size)?);
-            device::matmul_forward(
-                g,
+            dense.fwd(
                 &mut inter.as_view_mut(),
                 &ln1.as_view(),
-                &pv(lp.i_w.clone()),
-                Some(&pv(lp.i_b.clone())),
+                lp.i_w.clone(),
+                Some(lp.i_b.clone()),
                 bt,
                 c,
                 inter_size,
             )?;
             device::gelu_forward(g, &mut act.as_view_mut(), &inter.as_view())?;
-            device::matmul_forward(
-                g,
+            dense.fwd(
                 &mut tmp.as_view_mut(),
                 &act.as_view(),
-                &pv(lp.o_w.clone()),
-                Some(&pv(lp.o_b.clone())),
+                lp.o_w.clone(),
+                Some(lp.o_b.clone()),
                 bt,
                 inter_size,
                 c,
@@ -368,12 +416,11 @@ impl GpuBert {
             device::gather_rows_forward(g, &mut head_in.as_view_mut(), &h.as_view(), &rows_dev.as_view(), c)?;
             match lay.head {
                 Head::Classification { num_labels } => {
-                    device::matmul_forward(
-                        g,
+                    dense.fwd(
                         &mut head_pre.as_view_mut(),
                         &head_in.as_view(),
-                        &pv(lay.range("pooler.dense.weight")),
-                        Some(&pv(lay.range("pooler.dense.bias"))),
+                        lay.range("pooler.dense.weight"),
+                        Some(lay.range("pooler.dense.bias")),
                         b,
                         c,
                         c,
@@ -383,24 +430,22 @@ impl GpuBert {
                     if let Some(s) = spec(1 + 3 * nl as u32, cfg.classifier_dropout_prob()) {
                         device::dropout_apply(g, false, &mut head_out.as_view_mut(), &exv, 1, 1, c, hid, &s)?;
                     }
-                    device::matmul_forward(
-                        g,
+                    dense.fwd(
                         &mut logits.as_view_mut(),
                         &head_out.as_view(),
-                        &pv(lay.range("classifier.weight")),
-                        Some(&pv(lay.range("classifier.bias"))),
+                        lay.range("classifier.weight"),
+                        Some(lay.range("classifier.bias")),
                         b,
                         c,
                         num_labels,
                     )?;
                 }
                 Head::MaskedLm => {
-                    device::matmul_forward(
-                        g,
+                    dense.fwd(
                         &mut head_pre.as_view_mut(),
                         &head_in.as_view(),
-                        &pv(lay.range("cls.predictions.transform.dense.weight")),
-                        Some(&pv(lay.range("cls.predictions.transform.dense.bias"))),
+                        lay.range("cls.predictions.transform.dense.weight"),
+                        Some(lay.range("cls.predictions.transform.dense.bias")),
                         rows_n,
                         c,
                         c,
@@ -418,12 +463,11 @@ impl GpuBert {
                         c,
                         eps,
                     )?;
-                    device::matmul_forward(
-                        g,
+                    dense.fwd(
                         &mut logits.as_view_mut(),
                         &head_out.as_view(),
-                        &pv(lay.range("embeddings.word_embeddings.weight")),
-                        Some(&pv(lay.range("cls.predictions.bias"))),
+                        lay.range("embeddings.word_embeddings.weight"),
+                        Some(lay.range("cls.predictions.bias")),
                         rows_n,
                         c,
                         cfg.vocab_size,
@@ -516,18 +560,18 @@ impl GpuBert {
             )?;
             let (mut d_a, mut d_b, mut d_c) = (self.z(rows_n * c)?, self.z(rows_n * c)?, self.z(rows_n * c)?);
             let p = &self.params;
+            let dense = Dense { g, p, p16: self.params16.as_ref() };
             let grads = &mut self.grads;
             match lay.head {
                 Head::Classification { num_labels } => {
                     with_two(grads, lay.range("classifier.weight"), lay.range("classifier.bias"), |dw, db| {
-                        device::matmul_backward(
-                            g,
+                        dense.bwd(
                             &mut d_a.as_view_mut(),
                             dw,
                             Some(db),
                             &d_logits.as_view(),
                             &a.head_out.as_view(),
-                            &p.slice(lay.range("classifier.weight")),
+                            lay.range("classifier.weight"),
                             b,
                             c,
                             num_labels,
@@ -538,14 +582,13 @@ impl GpuBert {
                     }
                     device::tanh_backward(g, &mut d_b.as_view_mut(), &a.head_act.as_view(), &d_a.as_view())?;
                     with_two(grads, lay.range("pooler.dense.weight"), lay.range("pooler.dense.bias"), |dw, db| {
-                        device::matmul_backward(
-                            g,
+                        dense.bwd(
                             &mut d_c.as_view_mut(),
                             dw,
                             Some(db),
                             &d_b.as_view(),
                             &a.head_in.as_view(),
-                            &p.slice(lay.range("pooler.dense.weight")),
+                            lay.range("pooler.dense.weight"),
                             b,
                             c,
                             c,
@@ -559,14 +602,13 @@ impl GpuBert {
                         lay.range("embeddings.word_embeddings.weight"),
                         lay.range("cls.predictions.bias"),
                         |dw, db| {
-                            device::matmul_backward(
-                                g,
+                            dense.bwd(
                                 &mut d_a.as_view_mut(),
                                 dw,
                                 Some(db),
                                 &d_logits.as_view(),
                                 &a.head_out.as_view(),
-                                &p.slice(lay.range("embeddings.word_embeddings.weight")),
+                                lay.range("embeddings.word_embeddings.weight"),
                                 rows_n,
                                 c,
                                 v,
@@ -600,14 +642,13 @@ impl GpuBert {
                         lay.range("cls.predictions.transform.dense.weight"),
                         lay.range("cls.predictions.transform.dense.bias"),
                         |dw, db| {
-                            device::matmul_backward(
-                                g,
+                            dense.bwd(
                                 &mut d_c.as_view_mut(),
                                 dw,
                                 Some(db),
                                 &d_a.as_view(),
                                 &a.head_in.as_view(),
-                                &p.slice(lay.range("cls.predictions.transform.dense.weight")),
+                                lay.range("cls.predictions.transform.dense.weight"),
                                 rows_n,
                                 c,
                                 c,
@@ -628,6 +669,7 @@ impl GpuBert {
         let (mut d_act, mut d_inter) = (self.z(bt * inter_size)?, self.z(bt * inter_size)?);
         let mut scratch = self.z(b * nh * t * t)?;
         let p = &self.params;
+        let dense = Dense { g, p, p16: self.params16.as_ref() };
         let grads = &mut self.grads;
         for l in (0..nl).rev() {
             let lp = lay.layer(l);
@@ -657,14 +699,13 @@ impl GpuBert {
             }
             s.memset_zeros(&mut d_act)?;
             with_two(grads, lp.o_w.clone(), lp.o_b.clone(), |dw, db| {
-                device::matmul_backward(
-                    g,
+                dense.bwd(
                     &mut d_act.as_view_mut(),
                     dw,
                     Some(db),
                     &d_tmp.as_view(),
                     &la.act.as_view(),
-                    &p.slice(lp.o_w.clone()),
+                    lp.o_w.clone(),
                     bt,
                     inter_size,
                     c,
@@ -673,14 +714,13 @@ impl GpuBert {
             s.memset_zeros(&mut d_inter)?;
             device::gelu_backward(g, &mut d_inter.as_view_mut(), &la.inter.as_view(), &d_act.as_view())?;
             with_two(grads, lp.i_w.clone(), lp.i_b.clone(), |dw, db| {
-                device::matmul_backward(
-                    g,
+                dense.bwd(
                     &mut d_ln1.as_view_mut(),
                     dw,
                     Some(db),
                     &d_inter.as_view(),
                     &la.ln1.as_view(),
-                    &p.slice(lp.i_w.clone()),
+                    lp.i_w.clone(),
                     bt,
                     c,
                     inter_size,
@@ -710,14 +750,13 @@ impl GpuBert {
             }
             s.memset_zeros(&mut d_ctx)?;
             with_two(grads, lp.ao_w.clone(), lp.ao_b.clone(), |dw, db| {
-                device::matmul_backward(
-                    g,
+                dense.bwd(
                     &mut d_ctx.as_view_mut(),
                     dw,
                     Some(db),
                     &d_tmp.as_view(),
                     &la.ctx.as_view(),
-                    &p.slice(lp.ao_w.clone()),
+                    lp.ao_w.clone(),
                     bt,
                     c,
                     c,
@@ -755,27 +794,25 @@ impl GpuBert {
                 device::heads(g, "split_heads_backward_f32", &mut d_tmp.as_view_mut(), &dh.as_view(), dims)?;
                 match bias {
                     Some(bias) => with_two(grads, w.clone(), bias.clone(), |dw, db| {
-                        device::matmul_backward(
-                            g,
+                        dense.bwd(
                             &mut dx.as_view_mut(),
                             dw,
                             Some(db),
                             &d_tmp.as_view(),
                             &x.as_view(),
-                            &p.slice(w.clone()),
+                            w.clone(),
                             bt,
                             c,
                             c,
                         )
                     })?,
-                    None => device::matmul_backward(
-                        g,
+                    None => dense.bwd(
                         &mut dx.as_view_mut(),
                         &mut grads.slice_mut(w.clone()),
                         None,
                         &d_tmp.as_view(),
                         &x.as_view(),
-                        &p.slice(w.clone()),
+                        w.clone(),
                         bt,
                         c,
                         c,
@@ -900,6 +937,7 @@ impl GpuAdamW {
                 self.t,
             )?;
         }
+        model.refresh_bf16()?;
         Ok(())
     }
 }

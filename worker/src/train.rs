@@ -302,6 +302,10 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
     let per_epoch = n.div_ceil(t.batch_size) as u64;
     let (total, warmup) = schedule_steps(per_epoch, t);
     let micro = if t.micro_batch_size == 0 { t.batch_size } else { t.micro_batch_size };
+    anyhow::ensure!(
+        t.precision == coordinator::job::Precision::Fp32 || matches!(device, Device::Cuda(_)),
+        "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
+    );
     let mut engine = match device {
         Device::Cpu => {
             Engine::Cpu(AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay))
@@ -310,7 +314,8 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
             let gpu = open_gpu(ordinal)?;
             tracing::info!(gpu = ordinal, name = gpu.name, arch = gpu.arch, "training on the GPU (fp32)");
             let opt = GpuAdamW::new(&gpu, model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay)?;
-            let dev = GpuBert::new(gpu, model.cfg.clone(), model.layout.clone(), &model.params)?;
+            let mut dev = GpuBert::new(gpu, model.cfg.clone(), model.layout.clone(), &model.params)?;
+            dev.set_precision(t.precision)?;
             Engine::Gpu(Box::new((dev, opt)))
         }
     };

@@ -355,3 +355,13 @@ fn the_binaries_own_environment_variables_are_not_config_keys() {
         .unwrap();
     assert_fails_with(&out, &["learning_rate"]);
 }
+
+#[test]
+fn bf16_precision_needs_a_gpu_and_an_unknown_precision_is_named() {
+    let dir = TempDir::new("precision");
+    let model = fixture_model();
+    let data = dir.write("train.csv", &csv_rows(24));
+    let cfg = job(&dir, &model, &data, "");
+    assert_fails_with(&train(&cfg, &["--set", "train.precision=bf16"]), &["train.precision", "--device cuda"]);
+    assert_fails_with(&train(&cfg, &["--set", "train.precision=fp8"]), &["precision", "fp8"]);
+}
