@@ -112,6 +112,8 @@ else:
 PY
 nccl=$(grep -E "^nccl 1-rank all-reduce: " "$out/kernels.txt" | sed 's/^nccl 1-rank all-reduce: //' || true)
 printf "%-44s %s\n" "NCCL all-reduce, 1 rank (worker's path)" "${nccl:-did not run (see above)}"
+bucketed=$(grep -E "^nccl bucketed step: " "$out/kernels.txt" | sed 's/^nccl bucketed step: //' || true)
+printf "%-44s %s\n" "NCCL bucketed step vs plain step, 1 rank" "${bucketed:-did not run (see above)}"
 tandem=$(grep -E '^\{"impl": "tandem"' "$out/kernels.txt" || true)
 if [ -n "$tandem" ]; then
   "$PYTHON" - "$tandem" <<'PY'

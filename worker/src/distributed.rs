@@ -794,7 +794,10 @@ fn train_generation(
                 ElasticSection::secs(e.collective_timeout_s),
                 crate::watchdog::abort_process(),
             );
-            Some(crate::nccl::NcclRing::connect(gpu.stream.clone(), rank, world, &reply.nccl_id, watchdog)?)
+            // Its own stream: gradient buckets are summed there while backward runs on the
+            // compute stream.
+            let side = gpu.ctx.new_stream()?;
+            Some(crate::nccl::NcclRing::connect(side, rank, world, &reply.nccl_id, watchdog)?)
         }
         _ => None,
     };

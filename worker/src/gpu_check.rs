@@ -119,6 +119,40 @@ pub fn training_parity(
     Ok(TrainParity { preset: name.into(), losses, grad_rel_error, loss_rel_error })
 }
 
+/// The distributed GPU step with a 1-rank NCCL communicator on its own stream (gradient
+/// buckets copied out during backward, summed, copied back) against the same step without
+/// one: a sum over one rank changes nothing, so after `steps` steps the parameters must be
+/// equal bit for bit. Returns how many parameters differ.
+pub fn nccl_step_parity(gpu: &Arc<Gpu>, steps: usize) -> anyhow::Result<usize> {
+    let cfg = preset_config("tiny", 0.1)?;
+    let cpu = checkpoint::init_model(cfg.clone(), Head::Classification { num_labels: 2 }, 11);
+    let t = coordinator::job::TrainSection { seed: 3, ..Default::default() };
+    let mut plain = GpuBert::new(Arc::clone(gpu), cfg.clone(), cpu.layout.clone(), &cpu.params)?;
+    let mut synced = GpuBert::new(Arc::clone(gpu), cfg, cpu.layout.clone(), &cpu.params)?;
+    let mut o1 = GpuAdamW::new(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, 0.01)?;
+    let mut o2 = GpuAdamW::new(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, 0.01)?;
+    let watchdog = crate::watchdog::Watchdog::new(std::time::Duration::from_secs(60), crate::watchdog::abort_process());
+    let ring = crate::nccl::NcclRing::connect(gpu.ctx.new_stream()?, 0, 1, &crate::nccl::new_id()?, watchdog)?;
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    for step in 0..steps {
+        // Two micro-batches: the buckets go out on the last one only.
+        let micro = [batch(4, 32, 2 * step), batch(4, 32, 2 * step + 1)];
+        crate::train::gpu_optimizer_step(&mut plain, &mut o1, None, &micro, 8, &t, step as u64, 1e-3)?;
+        crate::train::gpu_optimizer_step(
+            &mut synced,
+            &mut o2,
+            Some((&ring, &cancel)),
+            &micro,
+            8,
+            &t,
+            step as u64,
+            1e-3,
+        )?;
+    }
+    let (a, b) = (plain.download_params()?, synced.download_params()?);
+    Ok(a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count())
+}
+
 /// max |g - c| / (|c| + rms(c)); infinite when `got` holds a NaN or an infinity.
 pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
     let rms = (want.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / want.len().max(1) as f64).sqrt();

@@ -518,10 +518,28 @@ impl GpuBert {
 
     /// Backward of the last forward, accumulating into `grads` (as `Bert::backward`).
     pub fn backward(&mut self, batch: &Batch, loss_scale: f32) -> Result<(), ModelError> {
-        self.backward_device(batch, loss_scale).map_err(|e| ModelError::Device(e.to_string()))
+        self.backward_with(batch, loss_scale, &mut |_, _| Ok(())).map_err(|e| ModelError::Device(format!("{e:#}")))
     }
 
-    fn backward_device(&mut self, batch: &Batch, loss_scale: f32) -> Result<(), GpuError> {
+    /// `backward`, calling `ready(range, grads)` each time the gradients of a segment of the
+    /// flat buffer are final (`Layout::backward_segments`: head, last layer .. first,
+    /// embeddings), with the work that produced them queued on the GPU's stream: the hook that
+    /// starts each segment's all-reduce while backward goes on.
+    pub fn backward_with(
+        &mut self,
+        batch: &Batch,
+        loss_scale: f32,
+        ready: &mut dyn FnMut(Range<usize>, &Buf) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.backward_device(batch, loss_scale, ready)
+    }
+
+    fn backward_device(
+        &mut self,
+        batch: &Batch,
+        loss_scale: f32,
+        ready: &mut dyn FnMut(Range<usize>, &Buf) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let gpu = Arc::clone(&self.gpu);
         let g = &*gpu;
         let a = self.acts.take().expect("backward follows a forward");
@@ -661,6 +679,8 @@ impl GpuBert {
             let groups = RowGroups::new(a.rows.iter().map(|&r| Some(r)));
             device::scatter_add_rows(g, &mut dy.as_view_mut(), &d_c.as_view(), &groups, c)?;
         }
+        let mut segments = lay.backward_segments(nl).into_iter();
+        ready(segments.next().expect("a head segment"), &self.grads)?;
 
         // Encoder, last layer first. `dy` is the gradient of the layer's output.
         let (mut dx, mut d_res, mut d_ln1, mut d_tmp, mut d_ctx, mut d_ctxh) =
@@ -820,6 +840,7 @@ impl GpuBert {
                 }
             }
             std::mem::swap(&mut dy, &mut dx);
+            ready(segments.next().expect("a segment per layer"), &*grads)?;
         }
 
         // Embeddings: `dy` now holds the gradient of x0.
@@ -854,6 +875,7 @@ impl GpuBert {
         ] {
             device::scatter_add_rows(g, &mut grads.slice_mut(lay.range(name)), &d_res.as_view(), groups, c)?;
         }
+        ready(segments.next().expect("an embeddings segment"), &*grads)?;
         Ok(())
     }
 

@@ -360,6 +360,13 @@ fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {
             if exact { "exact: ok" } else { "values changed: FAIL" }
         );
         model_failed += usize::from(!exact);
+        let differ = worker::gpu_check::nccl_step_parity(&gpu, 5)?;
+        println!(
+            "nccl bucketed step: 5 steps through the 1-rank communicator, {} parameters differ from the plain step: {}",
+            differ,
+            if differ == 0 { "ok" } else { "FAIL" }
+        );
+        model_failed += usize::from(differ != 0);
     } else {
         println!("\nnccl 1-rank all-reduce: did not run: {}", worker::nccl::NcclError::Missing);
     }

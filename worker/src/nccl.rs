@@ -106,10 +106,30 @@ impl NcclRing {
         cancel: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<Duration, NcclError> {
         let start = Instant::now();
-        let _armed = self.watchdog.arm(&format!("NCCL all-reduce of {} floats", buf.len()));
+        self.all_reduce_async(buf)?;
+        self.wait(&format!("NCCL all-reduce of {} floats", buf.len()), cancel)?;
+        Ok(start.elapsed())
+    }
+
+    /// Queues an in-place sum of `buf` on this communicator's stream and returns at once
+    /// (cudarc orders it after the buffer's last write on another stream).
+    pub fn all_reduce_async<B: cudarc::driver::DevicePtrMut<f32>>(&self, buf: &mut B) -> Result<(), NcclError> {
         self.comm
             .all_reduce_in_place(buf, &ReduceOp::Sum)
             .map_err(|e| NcclError::Call { what: "ncclAllReduce".into(), code: e.0 })?;
+        Ok(())
+    }
+
+    /// An event recorded on this communicator's stream now (for timing its work).
+    pub fn mark(&self) -> Result<cudarc::driver::CudaEvent, NcclError> {
+        Ok(self.stream.record_event(None)?)
+    }
+
+    /// Waits until everything queued on this communicator's stream is done, under the
+    /// watchdog (named `what`), stopping early when `cancel` is set.
+    pub fn wait(&self, what: &str, cancel: Option<&std::sync::atomic::AtomicBool>) -> Result<Duration, NcclError> {
+        let start = Instant::now();
+        let _armed = self.watchdog.arm(what);
         let done = self.stream.record_event(None)?;
         while !done.try_is_complete()? {
             if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {

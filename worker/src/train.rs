@@ -59,17 +59,48 @@ pub fn gpu_optimizer_step(
 ) -> anyhow::Result<StepReport> {
     model.zero_grads()?;
     let (mut loss_sum, mut tokens) = (0.0, 0);
-    for batch in micro_batches {
+    let gpu = Arc::clone(&model.gpu);
+    // On the last micro-batch each finished segment of the gradient buffer is copied into its
+    // own bucket and summed on the communicator's stream while backward goes on (a bucket of
+    // its own, so that the all-reduce never waits on, nor holds up, the rest of backward).
+    let mut buckets: Vec<(std::ops::Range<usize>, cudarc::driver::CudaSlice<f32>)> = Vec::new();
+    let mut first_bucket = None;
+    for (i, batch) in micro_batches.iter().enumerate() {
         let out = model.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
-        model.backward(batch, 1.0 / global_count as f32)?;
+        match sync {
+            Some((ring, _)) if i + 1 == micro_batches.len() => {
+                model.backward_with(batch, 1.0 / global_count as f32, &mut |range, grads| {
+                    let mut bucket = gpu.stream.alloc_zeros::<f32>(range.len())?;
+                    gpu.stream.memcpy_dtod(&grads.slice(range.clone()), &mut bucket)?;
+                    if first_bucket.is_none() {
+                        first_bucket = Some(ring.mark()?);
+                    }
+                    ring.all_reduce_async(&mut bucket)?;
+                    buckets.push((range, bucket));
+                    Ok(())
+                })?
+            }
+            _ => model.backward(batch, 1.0 / global_count as f32)?,
+        }
         loss_sum += out.loss_sum;
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
     }
-    let mut allreduce = Duration::ZERO;
+    let (mut allreduce, mut allreduce_wait) = (Duration::ZERO, Duration::ZERO);
     if let Some((ring, cancel)) = sync {
-        allreduce =
-            ring.all_reduce_sum(&mut model.grads.as_view_mut(), Some(cancel)).context("all-reducing gradients")?;
-        let gpu = std::sync::Arc::clone(&model.gpu);
+        allreduce_wait = ring
+            .wait(&format!("NCCL all-reduce of {} gradient buckets", buckets.len()), Some(cancel))
+            .context("all-reducing gradients")?;
+        // From the first bucket's start to the last one's end on the communicator's stream;
+        // `allreduce_wait` is the part the step waited for once backward was done.
+        if let Some(first) = &first_bucket {
+            let end = ring.mark()?;
+            end.synchronize()?;
+            let ms = first.elapsed_ms(&end)?;
+            allreduce = Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
+        }
+        for (range, bucket) in &buckets {
+            gpu.stream.memcpy_dtod(bucket, &mut model.grads.slice_mut(range.clone()))?;
+        }
         let mut sums = gpu.upload(&[loss_sum as f32, tokens as f32])?;
         ring.all_reduce_sum(&mut sums.as_view_mut(), Some(cancel)).context("all-reducing the loss")?;
         let sums = gpu.download(&sums)?;
@@ -77,7 +108,7 @@ pub fn gpu_optimizer_step(
     }
     let grad_norm = model.clip_grad_norm(t.max_grad_norm as f32)?;
     opt.step(model, lr)?;
-    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce, allreduce_wait: allreduce })
+    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce, allreduce_wait })
 }
 
 /// [`count_split`] on the GPU.
