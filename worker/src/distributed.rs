@@ -179,7 +179,7 @@ fn evaluate(
     g: &Gen,
     client: &mut Client,
     model: &mut crate::model::Bert,
-    dev: Option<&mut GpuBert>,
+    dev: &mut Option<(GpuBert, GpuAdamW)>,
     enc: &TextEncoder,
     split: WireSplit,
     step: u64,
@@ -189,7 +189,7 @@ fn evaluate(
     g.phase(&format!("evaluating {}", split.as_str_name().to_lowercase()));
     let (_, shard) = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, enc))?;
     let counts = match dev {
-        Some(d) => crate::train::gpu_count_split(d, &shard, batch_size, enc.pad_id, classes)?,
+        Some((d, _)) => crate::train::gpu_count_split(d, &shard, batch_size, enc.pad_id, classes)?,
         None => crate::train::count_split(model, &shard, batch_size, enc.pad_id, classes)?,
     };
     let report = EvalReport {
@@ -1018,33 +1018,13 @@ fn train_generation(
             if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(per_epoch) };
         let mut evaluated = None;
         if let (true, Some(split)) = (eval_due, eval_split) {
-            evaluate(
-                g,
-                &mut client,
-                &mut model,
-                dev.as_mut().map(|d| &mut d.0),
-                &enc,
-                split,
-                step,
-                classes,
-                t.eval_batch_size,
-            )?;
+            evaluate(g, &mut client, &mut model, &mut dev, &enc, split, step, classes, t.eval_batch_size)?;
             evaluated = Some(split);
         }
         // The best checkpoint is judged by its metric at the checkpoint's own step.
         if let (true, Some(split)) = (ckpt_due, best_split) {
             if evaluated != Some(split) {
-                evaluate(
-                    g,
-                    &mut client,
-                    &mut model,
-                    dev.as_mut().map(|d| &mut d.0),
-                    &enc,
-                    split,
-                    step,
-                    classes,
-                    t.eval_batch_size,
-                )?;
+                evaluate(g, &mut client, &mut model, &mut dev, &enc, split, step, classes, t.eval_batch_size)?;
             }
         }
         if ckpt_due && rank == 0 {
@@ -1064,17 +1044,7 @@ fn train_generation(
 
     for (split, has) in [(WireSplit::Dev, job.data.dev.is_some()), (WireSplit::Test, job.data.test.is_some())] {
         if has {
-            evaluate(
-                g,
-                &mut client,
-                &mut model,
-                dev.as_mut().map(|d| &mut d.0),
-                &enc,
-                split,
-                step,
-                classes,
-                t.eval_batch_size,
-            )?;
+            evaluate(g, &mut client, &mut model, &mut dev, &enc, split, step, classes, t.eval_batch_size)?;
         }
     }
     let mut model_dir = String::new();
