@@ -151,37 +151,15 @@ pub struct DeviceAttnDropout<'a> {
     pub logical: LogicalDims,
 }
 
-fn dropout_launch(
+/// Dropout on `[B, NH, T, T]` probabilities: [`dropout_apply`] with H = NH, W = T.
+fn attention_dropout(
     gpu: &Gpu,
-    kernel: &str,
+    backward: bool,
     x: &mut CudaViewMut<'_, f32>,
     dr: &DeviceAttnDropout<'_>,
     d: AttnDims,
 ) -> Result<(), GpuError> {
-    let f = gpu.function("dropout", kernel)?;
-    let n = d.b * d.nh * d.t * d.t;
-    let (h, t, w, tm, wm) = (d.nh as i32, d.t as i32, d.t as i32, dr.logical.t_max as i32, dr.logical.w_max as i32);
-    let (sl, sh) = (dr.spec.seed as u32, (dr.spec.seed >> 32) as u32);
-    let nn = n as i64;
-    unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(x)
-            .arg(dr.example_ids)
-            .arg(&h)
-            .arg(&t)
-            .arg(&w)
-            .arg(&tm)
-            .arg(&wm)
-            .arg(&dr.spec.p)
-            .arg(&sl)
-            .arg(&sh)
-            .arg(&dr.spec.step)
-            .arg(&dr.spec.site)
-            .arg(&nn)
-            .launch(elementwise(n))
-    }?;
-    Ok(())
+    dropout_apply(gpu, backward, x, dr.example_ids, d.nh, d.t, d.t, dr.logical, &dr.spec)
 }
 
 /// One warp per row of scores, 4 rows per block.
@@ -229,7 +207,7 @@ pub fn attention_forward(
         Some(dr) => {
             assert_eq!(probs_drop.len(), bh * tt, "attention: probs_drop must be [B, NH, T, T]");
             gpu.stream.memcpy_dtod(&*probs, probs_drop)?;
-            dropout_launch(gpu, "dropout_forward_f32", probs_drop, dr, d)?;
+            attention_dropout(gpu, false, probs_drop, dr, d)?;
             unsafe { blas.gemm_strided_batched(o, v, &*probs_drop, out) }?;
         }
         None => unsafe { blas.gemm_strided_batched(o, v, &*probs, out) }?,
@@ -269,7 +247,7 @@ pub fn attention_backward(
     let cfg = batched(gemm_cfg(T, N, d.t, d.t, d.hd, d.hd, d.hd, d.t, 1.0, 0.0), bh, th, th, tt);
     unsafe { blas.gemm_strided_batched(cfg, v, dout, scratch) }?;
     if let Some(dr) = dropout {
-        dropout_launch(gpu, "dropout_backward_f32", scratch, dr, d)?;
+        attention_dropout(gpu, true, scratch, dr, d)?;
     }
     // dS = P * (dP - rowsum(P * dP)), in place
     let f = gpu.function("attention", "softmax_backward_f32")?;

@@ -229,7 +229,7 @@ impl GpuBert {
     fn forward_device(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> Result<ForwardOut, GpuError> {
         let gpu = Arc::clone(&self.gpu);
         let g = &*gpu;
-        let cfg = self.cfg.clone();
+        let cfg = &self.cfg;
         let (b, t, c, nh) = (batch.b, batch.t, cfg.hidden_size, cfg.num_attention_heads);
         let (bt, inter_size, nl) = (b * t, cfg.intermediate_size, cfg.num_hidden_layers);
         let eps = cfg.layer_norm_eps as f32;
@@ -240,7 +240,7 @@ impl GpuBert {
         let spec = |site: u32, prob: f32| {
             dropout.filter(|_| prob > 0.0).map(|d| DropoutSpec { p: prob, seed: d.seed, step: d.step, site })
         };
-        let lay = self.layout.clone();
+        let lay = &self.layout;
         let p = &self.params;
         let pv = |r: Range<usize>| p.slice(r);
         let dense = Dense { g, p, p16: self.params16.as_ref() };
@@ -544,8 +544,8 @@ impl GpuBert {
         let g = &*gpu;
         let a = self.acts.take().expect("backward follows a forward");
         assert_eq!((a.b, a.t), (batch.b, batch.t), "backward: batch differs from the last forward");
-        let cfg = self.cfg.clone();
-        let lay = self.layout.clone();
+        let cfg = &self.cfg;
+        let lay = &self.layout;
         let (b, t) = (a.b, a.t);
         let (c, nh, nl, inter_size) =
             (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.intermediate_size);

@@ -119,16 +119,10 @@ pub fn gpu_count_split(
     pad_id: u32,
     classes: usize,
 ) -> anyhow::Result<EvalCounts> {
-    let mut counts = EvalCounts::new(classes);
-    for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
-        let batch = batch_of(split, idx, |i| i as u32, pad_id);
-        model.forward(&batch, None).with_context(|| format!("evaluating batch {chunk_i}"))?;
-        let logits = model.logits()?;
-        for ((row, &y), &loss) in logits.chunks(classes).zip(&batch.labels).zip(model.losses()) {
-            counts.add(y as usize, argmax(row), f64::from(loss));
-        }
-    }
-    Ok(counts)
+    count_batches(split, batch_size, pad_id, classes, |batch| {
+        model.forward(batch, None)?;
+        Ok((model.logits()?, model.losses().to_vec()))
+    })
 }
 
 fn engine_evaluate(
@@ -266,11 +260,26 @@ pub fn count_split(
     pad_id: u32,
     classes: usize,
 ) -> anyhow::Result<EvalCounts> {
+    count_batches(split, batch_size, pad_id, classes, |batch| {
+        model.forward(batch, None)?;
+        Ok((model.acts.logits.clone(), model.losses().to_vec()))
+    })
+}
+
+/// Runs `forward` (giving each batch's logits `[B, classes]` and per-example losses) over the
+/// split in batches without dropout, and counts predictions against the labels.
+fn count_batches(
+    split: &Split,
+    batch_size: usize,
+    pad_id: u32,
+    classes: usize,
+    mut forward: impl FnMut(&Batch) -> anyhow::Result<(Vec<f32>, Vec<f32>)>,
+) -> anyhow::Result<EvalCounts> {
     let mut counts = EvalCounts::new(classes);
     for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
         let batch = batch_of(split, idx, |i| i as u32, pad_id);
-        model.forward(&batch, None).with_context(|| format!("evaluating batch {chunk_i}"))?;
-        for ((row, &y), &loss) in model.acts.logits.chunks(classes).zip(&batch.labels).zip(model.losses()) {
+        let (logits, losses) = forward(&batch).with_context(|| format!("evaluating batch {chunk_i}"))?;
+        for ((row, &y), &loss) in logits.chunks(classes).zip(&batch.labels).zip(&losses) {
             counts.add(y as usize, argmax(row), f64::from(loss));
         }
     }
