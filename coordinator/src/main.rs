@@ -22,9 +22,9 @@
 use anyhow::Context;
 use clap::Parser;
 use coordinator::checkpoints::Store;
-use coordinator::job::JobConfig;
-use coordinator::progress::ProgressBoard;
 use coordinator::service::{CheckpointSetup, CoordinatorService, JobInfo};
+use job::config::JobConfig;
+use job::progress::ProgressBoard;
 use proto::v1::coordinator_server::CoordinatorServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -154,7 +154,7 @@ async fn bind_http(explicit: Option<SocketAddr>, grpc: SocketAddr) -> anyhow::Re
 }
 
 fn main() {
-    coordinator::main_with(|| run(Cli::parse()));
+    job::main_with(|| run(Cli::parse()));
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -166,7 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         job.train.batch_size,
         cli.world_size
     );
-    let data = coordinator::data::load(&job)?;
+    let data = job::data::load(&job)?;
     anyhow::ensure!(!data.train.is_empty(), "{}: the training split is empty", job.data.train.display());
     tracing::info!(config = %serde_json::to_string(&job)?, world = cli.world_size, "resolved job config");
     let mut token = proto::auth::JobToken::from_file_or_env(cli.token_file.as_deref()).map_err(anyhow::Error::msg)?;
@@ -205,7 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     restarts.restarts = 0;
     // Every worker must load these very model files: their digest is checked at each join. A
     // coordinator that cannot read them takes the first admitted worker's as the job's.
-    let model_sha256 = match coordinator::fingerprint::model_sha256(&job) {
+    let model_sha256 = match job::fingerprint::model_sha256(&job) {
         Ok(d) => Some(d),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the model files; the first worker's are the job's");

@@ -3,13 +3,14 @@
 //! machines such as [`Rendezvous`].
 
 use crate::checkpoints::{self, Manifest, Partial, Store};
-use crate::data::Datasets;
-use crate::eval::{EvalBoard, EvalCounts};
-use crate::job::ElasticSection;
-use crate::progress::{ProgressBoard, StepRecord};
+use crate::gather::EvalBoard;
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
-use crate::shard;
 use crate::telemetry::{CheckpointStatus, JobStatus, Telemetry, WorkerStatus, CURVE_POINTS};
+use job::config::ElasticSection;
+use job::data::Datasets;
+use job::eval::EvalCounts;
+use job::progress::{ProgressBoard, StepRecord};
+use job::shard;
 use proto::v1::checkpoint_part::Part;
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::{
@@ -144,7 +145,7 @@ impl std::ops::Deref for CoordinatorService {
 impl CoordinatorService {
     pub fn new(world: usize, job: JobInfo, data: Datasets, gather_timeout: Duration) -> Self {
         let (signal, _) = tokio::sync::watch::channel(Signal { generation: 0, end: None });
-        let config_sha256 = crate::fingerprint::sha256_hex(job.config_json.as_bytes());
+        let config_sha256 = job::fingerprint::sha256_hex(job.config_json.as_bytes());
         CoordinatorService {
             inner: Arc::new(Inner {
                 rdv: Mutex::new(Rendezvous::new(world, proto::PROTOCOL_VERSION)),
@@ -604,7 +605,7 @@ impl Inner {
     }
 
     /// The finished evaluations: (split, step) -> metrics.
-    pub fn eval_results(&self) -> Vec<((i32, u64), crate::eval::EvalMetrics)> {
+    pub fn eval_results(&self) -> Vec<((i32, u64), job::eval::EvalMetrics)> {
         self.evals.lock().expect("eval lock").done.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
@@ -793,7 +794,7 @@ impl Coordinator for CoordinatorService {
         let commit_inner = Arc::clone(&self.inner);
         let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, checkpoints::CheckpointError> {
             let setup = commit_inner.ckpt.as_ref().expect("checked above");
-            crate::fault::coordinator_point("commit", step);
+            job::fault::coordinator_point("commit", step);
             let path = setup.store.commit(partial, manifest)?;
             if is_final {
                 checkpoints::publish_model(&path, &setup.model_dir)?;

@@ -8,9 +8,9 @@
 //! last did, so a step record that is not past the newest one first drops the records it
 //! replaces (the curves show the run that produced the final model).
 
-use crate::eval::EvalMetrics;
-use crate::progress::StepRecord;
 use crate::tensorboard::EventWriter;
+use job::eval::EvalMetrics;
+use job::progress::StepRecord;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{empty_data, join_all, serve};
-use coordinator::eval::EvalCounts;
+use job::eval::EvalCounts;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{EvalReport, Split};
 use std::time::Duration;

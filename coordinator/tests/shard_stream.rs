@@ -4,8 +4,8 @@
 mod common;
 
 use common::{join_all, serve};
-use coordinator::data::{Datasets, LabelSet, Record};
-use coordinator::shard;
+use job::data::{Datasets, LabelSet, Record};
+use job::shard;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{ShardRequest, Split};
 use std::time::Duration;

@@ -12,7 +12,7 @@
 //! Backward multiplies the incoming gradient by the very same mask, regenerated rather than
 //! stored, so forward and backward are one function.
 
-use crate::philox::{key_from_seed, philox4x32_10, u32_to_unit_f32};
+use philox::{key_from_seed, philox4x32_10, u32_to_unit_f32};
 use rayon::prelude::*;
 
 /// Where a dropout mask comes from. `site` separates the dropout layers of one network.

@@ -7,8 +7,8 @@
 #![allow(unsafe_code)] // kernel launches: each argument list matches its kernel's signature
 
 use crate::cuda::{self, compile, full_source, CudaError, SOURCES};
-use crate::philox;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
+use philox;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

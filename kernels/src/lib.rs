@@ -27,6 +27,6 @@ pub mod gpu;
 pub mod gradnorm;
 pub mod layernorm;
 pub mod matmul;
-pub mod philox;
+
 pub mod residual;
 pub mod tanh;

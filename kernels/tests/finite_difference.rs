@@ -12,8 +12,8 @@
 
 use kernels::attention::{self, AttnDims, AttnDropout};
 use kernels::dropout::{self, DropoutSpec, LogicalDims};
-use kernels::philox::normal;
 use kernels::{crossentropy, embedding, gather, gelu, layernorm, matmul, residual, tanh};
+use philox::normal;
 
 fn randn(n: usize, stream: u32, scale: f32) -> Vec<f32> {
     (0..n as u64).map(|i| normal(1234, stream, i) * scale).collect()

@@ -1,7 +1,7 @@
 //! The real datasets as scripts/fetch-assets.sh lays them out.
 
 use crate::support::repo_root;
-use coordinator::data::{read, DataSpec, LabelSet};
+use job::data::{read, DataSpec, LabelSet};
 use std::collections::{BTreeSet, HashSet};
 
 fn spec(rel: &str, text: &str, label: &str, skip: usize) -> DataSpec {

@@ -3,7 +3,7 @@
 //! the same parameters after 20 steps, with dropout off and on.
 //!
 //! Why they agree: every layout gives each optimizer step the same examples (the ranks'
-//! micro-batches partition the single worker's batch, see coordinator/src/shard.rs), the same
+//! micro-batches partition the single worker's batch, see job/src/shard.rs), the same
 //! dropout masks (keyed by the example's dataset index), and the same loss normalisation (the
 //! mean over the global batch). What differs is only the order of the float sums in the weight
 //! gradients: one GEMM reduction over all rows of the batch, versus a reduction over each rank's

@@ -5,7 +5,7 @@
 //! complete checkpoint, and on the CPU backend ends with exactly the parameters of the
 //! uninterrupted run (for the same world size).
 //!
-//! The kills at chosen moments come from `TANDEM_FAULT` (coordinator/src/fault.rs): the process
+//! The kills at chosen moments come from `TANDEM_FAULT` (job/src/fault.rs): the process
 //! SIGKILLs itself at that point of that step, which is what `kill -9` from outside does, only
 //! at a moment a test can choose. The stall is a real SIGSTOP from outside.
 

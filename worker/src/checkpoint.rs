@@ -16,7 +16,7 @@ use crate::bert_config::BertConfig;
 use crate::layout::{Head, Init, Layout};
 use crate::model::Bert;
 use crate::ModelError;
-use kernels::philox;
+
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::{BTreeSet, HashMap};

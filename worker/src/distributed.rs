@@ -25,7 +25,7 @@ use crate::optim::{linear_schedule, schedule_steps, AdamW};
 use crate::tokenize::{Encoded, TextEncoder};
 use crate::train::{batch_of, optimizer_step, Split};
 use anyhow::Context;
-use coordinator::job::{ElasticSection, JobConfig};
+use job::config::{ElasticSection, JobConfig};
 use proto::auth::ClientAuth;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{
@@ -274,7 +274,7 @@ async fn upload_checkpoint(
     });
     let parts = head.chain(chunks).enumerate().map(move |(i, p)| {
         if i == 2 {
-            coordinator::fault::worker_point(0, generation, "upload", step);
+            job::fault::worker_point(0, generation, "upload", step);
         }
         p
     });
@@ -507,7 +507,7 @@ fn spawn_heartbeat(
 }
 
 /// A collective that can kill this process in the middle of an all-reduce (see
-/// `coordinator::fault`); otherwise it is the ring itself.
+/// `job::fault`); otherwise it is the ring itself.
 struct FaultPoint {
     inner: TcpRing,
     rank: usize,
@@ -530,7 +530,7 @@ impl Collective for FaultPoint {
         }
         self.calls.1 += 1;
         if self.calls.1 == 2 {
-            coordinator::fault::worker_point(self.rank, self.generation, "allreduce", step);
+            job::fault::worker_point(self.rank, self.generation, "allreduce", step);
         }
         self.inner.all_reduce_sum(buf)
     }
@@ -564,17 +564,17 @@ fn join(
             Ok(spec) => {
                 let job: JobConfig =
                     serde_json::from_str(&spec.job_config_json).context("the job config from the coordinator")?;
-                let files = coordinator::fingerprint::model_files(&job);
+                let files = job::fingerprint::model_files(&job);
                 let digest = match model.as_ref().filter(|(f, _)| *f == files) {
                     Some((_, d)) => d.clone(),
                     None => {
-                        let d = coordinator::fingerprint::model_sha256(&job).context("reading the model files")?;
+                        let d = job::fingerprint::model_sha256(&job).context("reading the model files")?;
                         *model = Some((files, d.clone()));
                         d
                     }
                 };
                 let req = JoinRequest {
-                    config_sha256: coordinator::fingerprint::sha256_hex(spec.job_config_json.as_bytes()),
+                    config_sha256: job::fingerprint::sha256_hex(spec.job_config_json.as_bytes()),
                     model_sha256: digest,
                     ..request.clone()
                 };
@@ -879,7 +879,7 @@ fn train_generation(
     g.beats.step.store(step, Ordering::Relaxed);
     // On a GPU: the model and the optimizer state (restored above on the host) move there.
     anyhow::ensure!(
-        t.precision == coordinator::job::Precision::Fp32 || gpu.is_some(),
+        t.precision == job::config::Precision::Fp32 || gpu.is_some(),
         "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
     );
     let mut dev: Option<(GpuBert, GpuAdamW)> = match gpu {
@@ -971,8 +971,8 @@ fn train_generation(
         step += 1;
         completed.store(step, Ordering::Relaxed);
         g.beats.step.store(step, Ordering::Relaxed);
-        coordinator::fault::worker_point(rank, g.generation, "step", step);
-        if coordinator::fault::worker_due(rank, g.generation, "perturb", step) {
+        job::fault::worker_point(rank, g.generation, "step", step);
+        if job::fault::worker_due(rank, g.generation, "perturb", step) {
             tracing::warn!(step, "TANDEM_FAULT: perturbing one parameter of this rank");
             match dev.as_mut() {
                 Some((d, _)) => {

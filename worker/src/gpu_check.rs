@@ -79,7 +79,7 @@ pub struct TrainParity {
 pub fn training_parity(
     gpu: &Arc<Gpu>,
     name: &str,
-    precision: coordinator::job::Precision,
+    precision: job::config::Precision,
     steps: usize,
     b: usize,
     t: usize,
@@ -126,7 +126,7 @@ pub fn training_parity(
 pub fn nccl_step_parity(gpu: &Arc<Gpu>, steps: usize) -> anyhow::Result<usize> {
     let cfg = preset_config("tiny", 0.1)?;
     let cpu = checkpoint::init_model(cfg.clone(), Head::Classification { num_labels: 2 }, 11);
-    let t = coordinator::job::TrainSection { seed: 3, ..Default::default() };
+    let t = job::config::TrainSection { seed: 3, ..Default::default() };
     let mut plain = GpuBert::new(Arc::clone(gpu), cfg.clone(), cpu.layout.clone(), &cpu.params)?;
     let mut synced = GpuBert::new(Arc::clone(gpu), cfg, cpu.layout.clone(), &cpu.params)?;
     let mut o1 = GpuAdamW::new(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, 0.01)?;
@@ -182,7 +182,7 @@ pub struct Throughput {
 pub fn throughput(
     gpu: &Arc<Gpu>,
     name: &str,
-    precision: coordinator::job::Precision,
+    precision: job::config::Precision,
     b: usize,
     t: usize,
     steps: usize,

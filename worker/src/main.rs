@@ -14,7 +14,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use coordinator::job::JobConfig;
+use job::config::JobConfig;
 use std::path::PathBuf;
 use std::time::Instant;
 use worker::checkpoint;
@@ -150,7 +150,7 @@ enum Cmd {
 }
 
 fn main() {
-    coordinator::main_with(|| run(Cli::parse()));
+    job::main_with(|| run(Cli::parse()));
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -317,7 +317,7 @@ fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {
 
     // The whole model: CPU and GPU training side by side, then GPU throughput at BERT-base.
     let gpu = std::sync::Arc::new(gpu);
-    use coordinator::job::Precision;
+    use job::config::Precision;
     println!("\n{:<12} {:>6} {:>16} {:>16}  result", "model", "steps", "grad rel. error", "loss rel. error");
     let mut model_failed = 0;
     // fp32 must agree with the CPU to 1e-3; bf16 GEMMs against the CPU's f32, to a few percent.

@@ -10,11 +10,11 @@ use crate::model::{Batch, Bert, DropoutCtx};
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
-use coordinator::data::{self, Record};
-use coordinator::eval::{EvalCounts, EvalMetrics};
-use coordinator::job::{JobConfig, TrainSection};
-use coordinator::progress::StepRecord;
-use kernels::{gradnorm, philox};
+use job::config::{JobConfig, TrainSection};
+use job::data::{self, Record};
+use job::eval::{EvalCounts, EvalMetrics};
+use job::progress::StepRecord;
+use kernels::gradnorm;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -343,7 +343,7 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
     let (total, warmup) = schedule_steps(per_epoch, t);
     let micro = if t.micro_batch_size == 0 { t.batch_size } else { t.micro_batch_size };
     anyhow::ensure!(
-        t.precision == coordinator::job::Precision::Fp32 || matches!(device, Device::Cuda(_)),
+        t.precision == job::config::Precision::Fp32 || matches!(device, Device::Cuda(_)),
         "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
     );
     let mut engine = match device {

@@ -1,8 +1,8 @@
 //! A coordinator service on a loopback port for the gRPC tests; it runs until the test's runtime
 //! ends.
 
-use coordinator::data::{Datasets, LabelSet};
 use coordinator::service::{CoordinatorService, JobInfo};
+use job::data::{Datasets, LabelSet};
 use proto::v1::coordinator_server::CoordinatorServer;
 use std::time::Duration;
 use tonic::transport::server::TcpIncoming;
@@ -10,7 +10,7 @@ use tonic::transport::server::TcpIncoming;
 /// The digest of the job config `serve` hands out, which every Join must present.
 #[allow(dead_code)]
 pub fn config_sha256() -> String {
-    coordinator::fingerprint::sha256_hex(b"{\"job\":1}")
+    job::fingerprint::sha256_hex(b"{\"job\":1}")
 }
 
 /// Datasets with `classes` labels and nothing in them.

@@ -14,8 +14,6 @@
 //! Evaluation: no shuffle and no padding, so that no example counts twice: rank `r` takes
 //! indices `r, r + W, ...` of `0..n`, and shards differ in length by at most one.
 
-use kernels::philox;
-
 /// The training indices of `rank` in a world of `world` for `epoch`.
 pub fn train_indices(n: usize, world: usize, rank: usize, seed: u64, epoch: u32) -> Vec<usize> {
     assert!(world >= 1 && rank < world, "rank {rank} outside a world of {world}");

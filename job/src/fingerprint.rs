@@ -2,7 +2,7 @@
 //! and the model files it will load (a node with another version of the checkpoint would train
 //! a different model and poison the others' gradients). Both are SHA-256 digests, hex.
 
-use crate::job::JobConfig;
+use crate::config::JobConfig;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};

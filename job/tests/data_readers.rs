@@ -1,6 +1,6 @@
 //! The dataset readers on small hand-written files: quoting, columns, line numbers, errors.
 
-use coordinator::data::{read, DataError, DataSpec, Format};
+use job::data::{read, DataError, DataSpec, Format};
 use std::path::PathBuf;
 
 fn write(name: &str, body: &str) -> PathBuf {

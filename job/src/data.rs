@@ -212,7 +212,7 @@ pub struct Datasets {
 }
 
 /// How the job reads the file at `path`.
-pub fn spec_for(job: &crate::job::JobConfig, path: &Path) -> DataSpec {
+pub fn spec_for(job: &crate::config::JobConfig, path: &Path) -> DataSpec {
     DataSpec {
         path: path.to_owned(),
         format: job.data.format,
@@ -225,7 +225,7 @@ pub fn spec_for(job: &crate::job::JobConfig, path: &Path) -> DataSpec {
 
 /// Reads the job's train, dev and test files. The label set is `data.labels`, or else the sorted
 /// labels of the training file; a row whose label is outside it is an error naming file:line.
-pub fn load(job: &crate::job::JobConfig) -> Result<Datasets, DataError> {
+pub fn load(job: &crate::config::JobConfig) -> Result<Datasets, DataError> {
     let train_rows = read(&spec_for(job, &job.data.train))?;
     let labels = match &job.data.labels {
         Some(names) => LabelSet::new(names.clone())
