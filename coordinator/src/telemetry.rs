@@ -8,6 +8,7 @@
 //! last did, so a step record that is not past the newest one first drops the records it
 //! replaces (the curves show the run that produced the final model).
 
+use crate::plot::{line_chart_png, Series, Style};
 use crate::tensorboard::EventWriter;
 use job::eval::EvalMetrics;
 use job::progress::StepRecord;
@@ -180,16 +181,16 @@ impl Telemetry {
     /// Draws the loss curve (and the evaluation accuracy) as a PNG.
     pub fn plot_png(&self) -> Vec<u8> {
         let loss: Vec<(f64, f64)> = self.steps.iter().map(|r| (r.step as f64, r.loss)).collect();
-        let mut series = vec![crate::plot::Series { name: "train loss".into(), points: loss, right_axis: false }];
+        let mut series = vec![Series { name: "train loss".into(), points: loss, style: Style::Noisy }];
         let mut splits: Vec<&str> = self.evals.iter().map(|e| e.split.as_str()).collect();
         splits.dedup();
         splits.sort_unstable();
         splits.dedup();
         for split in splits {
             let points = self.evals.iter().filter(|e| e.split == split).map(|e| (e.step as f64, e.accuracy)).collect();
-            series.push(crate::plot::Series { name: format!("{split} accuracy"), points, right_axis: true });
+            series.push(Series { name: format!("{} accuracy", split.to_lowercase()), points, style: Style::Marked });
         }
-        crate::plot::line_chart_png(&series, "step", "loss", "accuracy")
+        line_chart_png(&series, "step", "loss", "accuracy")
     }
 }
 
@@ -258,7 +259,7 @@ pub fn prometheus_text(s: &JobStatus) -> String {
     };
     let one = |v: f64| [(String::new(), v)];
     let state: Vec<(String, f64)> =
-        STATES.iter().map(|st| (format!("{{state=\"{st}\"}}"), f64::from(u8::from(*st == s.state)))).collect();
+        STATES.iter().map(|st| (label("state", st), f64::from(u8::from(*st == s.state)))).collect();
     metric("job_state", "gauge", "1 for the state the job is in.", &state);
     metric("step", "gauge", "Completed optimizer steps.", &one(s.step as f64));
     metric("total_steps", "gauge", "Optimizer steps the job will take.", &one(s.total_steps as f64));
@@ -302,7 +303,7 @@ pub fn prometheus_text(s: &JobStatus) -> String {
                 None => latest.push(e),
             }
         }
-        latest.iter().map(|e| (format!("{{split=\"{}\"}}", e.split), f(e))).collect()
+        latest.iter().map(|e| (label("split", &e.split), f(e))).collect()
     };
     metric("eval_accuracy", "gauge", "Accuracy of the latest evaluation of each split.", &eval(|e| e.accuracy));
     metric("eval_macro_f1", "gauge", "Macro-F1 of the latest evaluation of each split.", &eval(|e| e.macro_f1));
@@ -323,10 +324,10 @@ pub fn prometheus_text(s: &JobStatus) -> String {
         &one(f64::from(s.restarts)),
     );
     let ages: Vec<(String, f64)> =
-        s.workers.iter().map(|w| (format!("{{rank=\"{}\"}}", w.rank), w.heartbeat_age_s)).collect();
+        s.workers.iter().map(|w| (label("rank", &w.rank.to_string()), w.heartbeat_age_s)).collect();
     metric("worker_heartbeat_age_seconds", "gauge", "Seconds since each rank's last heartbeat.", &ages);
     let steps: Vec<(String, f64)> =
-        s.workers.iter().map(|w| (format!("{{rank=\"{}\"}}", w.rank), w.step as f64)).collect();
+        s.workers.iter().map(|w| (label("rank", &w.rank.to_string()), w.step as f64)).collect();
     metric("worker_step", "gauge", "The last step each rank reported.", &steps);
     metric(
         "checkpoints",
@@ -340,6 +341,21 @@ pub fn prometheus_text(s: &JobStatus) -> String {
 }
 
 /// A sample value as Prometheus writes it (NaN and infinities by name).
+/// `{name="value"}` with the value escaped as the exposition format requires (backslash,
+/// double quote and line feed), so that no label value can break a line or forge a sample.
+fn label(name: &str, value: &str) -> String {
+    let mut out = format!("{{{name}=\"");
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out + "\"}"
+}
+
 fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
@@ -402,5 +418,11 @@ mod tests {
         assert_eq!(number(f64::INFINITY), "+Inf");
         assert_eq!(number(0.25), "0.25");
         assert_eq!(number(3.0), "3");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("split", "dev"), r#"{split="dev"}"#);
+        assert_eq!(label("host", "a\"b\\c\nd"), r#"{host="a\"b\\c\nd"}"#);
     }
 }

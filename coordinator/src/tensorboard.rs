@@ -142,32 +142,8 @@ fn tfrecord(data: &[u8]) -> Vec<u8> {
 /// TFRecord's checksum: CRC-32C, rotated right by 15 bits plus a constant (so that a CRC of
 /// data that holds CRCs is not itself trivial).
 fn masked_crc32c(data: &[u8]) -> u32 {
-    let crc = crc32c(data);
+    let crc = crc32c::crc32c(data);
     crc.rotate_right(15).wrapping_add(0xa282_ead8)
-}
-
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit through a 256-entry table.
-fn crc32c(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 { 0x82F6_3B78 ^ (c >> 1) } else { c >> 1 };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut crc = !0u32;
-    for &b in data {
-        crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
 }
 
 #[cfg(test)]
@@ -177,8 +153,8 @@ mod tests {
     #[test]
     fn crc32c_matches_the_standard_check_value() {
         // The check value of CRC-32C (RFC 3720, appendix B.4).
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c::crc32c(&[0u8; 32]), 0x8A91_36AA);
     }
 
     #[test]

@@ -147,18 +147,8 @@ impl ParityRow {
 
 fn compare(kernel: &'static str, gpu: &[f32], cpu: &[f32], tolerance: f64) -> ParityRow {
     assert_eq!(gpu.len(), cpu.len(), "{kernel}: lengths differ");
-    let rms = (cpu.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / cpu.len().max(1) as f64).sqrt();
-    let mut worst = 0.0f64;
-    let mut nan = false;
-    for (&g, &c) in gpu.iter().zip(cpu) {
-        if !g.is_finite() || !c.is_finite() {
-            nan = true;
-            continue;
-        }
-        let (g, c) = (f64::from(g), f64::from(c));
-        worst = worst.max((g - c).abs() / (c.abs() + rms).max(f64::MIN_POSITIVE));
-    }
-    ParityRow { kernel, elements: cpu.len(), rel_error: worst, tolerance, nan }
+    let nan = gpu.iter().chain(cpu).any(|x| !x.is_finite());
+    ParityRow { kernel, elements: cpu.len(), rel_error: crate::tolerance::rel_error(gpu, cpu), tolerance, nan }
 }
 
 fn randn(n: usize, stream: u32, scale: f32) -> Vec<f32> {

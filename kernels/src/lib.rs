@@ -2,7 +2,7 @@
 //! explicit shapes. This crate knows nothing of BERT's layout, of files, or of the network.
 //!
 //! One op family per file, forward and backward side by side (the llm.c layout). Each CPU file is
-//! `src/<op>.rs`; the CUDA twin of an op (a later issue) sits beside it as `src/<op>.cu` with the
+//! `src/<op>.rs`; the CUDA twin of an op sits beside it as `src/<op>.cu` with the
 //! same function names and the same argument order.
 //!
 //! Conventions shared by every op:
@@ -30,3 +30,4 @@ pub mod matmul;
 
 pub mod residual;
 pub mod tanh;
+pub mod tolerance;

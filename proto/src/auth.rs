@@ -3,11 +3,14 @@
 //!
 //! The token comes from a file (`--token-file`) or the environment (`TANDEM_JOB_TOKEN`), never
 //! from a command-line argument (which `ps` shows), and is never logged: `JobToken`'s `Debug`
-//! prints `JobToken(<redacted>)`. The server compares SHA-256 digests in constant time.
+//! prints `JobToken(<redacted>)`. The server compares SHA-256 digests in constant time (`subtle`);
+//! ring peers prove the token with an HMAC-SHA256 of a fresh challenge, never sending it.
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Status};
 
@@ -47,10 +50,9 @@ impl JobToken {
 
     /// A fresh random token (32 bytes from the OS, hex): for jobs whose workers the coordinator
     /// starts itself.
-    pub fn generate() -> std::io::Result<Self> {
-        use std::io::Read;
+    pub fn generate() -> Result<Self, getrandom::Error> {
         let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        getrandom::fill(&mut bytes)?;
         Ok(JobToken(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>().into()))
     }
 
@@ -59,26 +61,33 @@ impl JobToken {
         &self.0
     }
 
-    fn digest(s: &[u8]) -> [u8; 32] {
-        Sha256::digest(s).into()
-    }
-
-    /// Whether `presented` is this token, in time independent of where they differ.
+    /// Whether `presented` is this token, in time independent of where they differ (and, since
+    /// digests are compared, of its length).
     pub fn matches(&self, presented: &[u8]) -> bool {
-        let (a, b) = (Self::digest(self.0.as_bytes()), Self::digest(presented));
-        a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        let (a, b) = (Sha256::digest(self.0.as_bytes()), Sha256::digest(presented));
+        bool::from(a.ct_eq(&b))
     }
 
-    /// A proof of the token for a ring peer: SHA-256 over a context string, the challenge and
-    /// the token, so that the token itself never crosses the ring's sockets.
+    /// The MAC keyed by the token over a context string and a challenge.
+    fn mac(&self, context: &str, challenge: &[u8]) -> Hmac<Sha256> {
+        let mut m = Hmac::<Sha256>::new_from_slice(self.0.as_bytes()).expect("HMAC takes a key of any length");
+        m.update(b"tandem-ring-v2\0");
+        m.update(context.as_bytes());
+        m.update(&[0]);
+        m.update(challenge);
+        m
+    }
+
+    /// A proof of the token for a ring peer: HMAC-SHA256 keyed by the token over `context` (who
+    /// proves to whom, in which world and generation) and the peer's fresh `challenge`, so that
+    /// the token itself never crosses the ring's sockets and a proof cannot be replayed.
     pub fn proof(&self, context: &str, challenge: &[u8]) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(b"tandem-ring-v1\0");
-        h.update(context.as_bytes());
-        h.update([0]);
-        h.update(challenge);
-        h.update(self.0.as_bytes());
-        h.finalize().into()
+        self.mac(context, challenge).finalize().into_bytes().into()
+    }
+
+    /// Whether `proof` is [`JobToken::proof`] of `context` and `challenge`, in constant time.
+    pub fn verify_proof(&self, context: &str, challenge: &[u8], proof: &[u8]) -> bool {
+        self.mac(context, challenge).verify_slice(proof).is_ok()
     }
 }
 
@@ -144,5 +153,9 @@ mod tests {
         assert_ne!(g.expose(), JobToken::generate().unwrap().expose());
         assert_ne!(t.proof("a", b"x"), t.proof("b", b"x"));
         assert_ne!(t.proof("a", b"x"), g.proof("a", b"x"));
+        assert_ne!(t.proof("a", b"x"), t.proof("a", b"y"));
+        assert!(t.verify_proof("a", b"x", &t.proof("a", b"x")));
+        assert!(!t.verify_proof("a", b"x", &g.proof("a", b"x")));
+        assert!(!t.verify_proof("a", b"x", &t.proof("a", b"x")[..31]));
     }
 }

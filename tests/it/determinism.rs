@@ -115,10 +115,9 @@ fn accumulating_micro_batches_equals_one_batch() {
     // Relative difference of the whole parameter vector, ||a - b|| / ||a||. (Elementwise, a few
     // entries differ by ~1% of one AdamW step: where a gradient is nearly zero, or exactly zero
     // like the attention key bias's, Adam's g / sqrt(v) magnifies the rounding of the sums.)
-    let diff: f64 = whole.iter().zip(&micro).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
-    let norm: f64 = whole.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+    let rel = kernels::tolerance::norm_diff(&whole, &micro);
     let max_abs = whole.iter().zip(&micro).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    println!("accumulation: relative difference {:.2e}, largest elementwise {max_abs:.2e}", diff / norm);
-    assert!(diff / norm < 1e-5, "relative difference {}", diff / norm);
+    println!("accumulation: relative difference {rel:.2e}, largest elementwise {max_abs:.2e}");
+    assert!(rel < 1e-5, "relative difference {rel}");
     assert!(max_abs < 0.1 * 1e-3, "an element moved by more than a tenth of a step: {max_abs}");
 }

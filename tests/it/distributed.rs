@@ -153,14 +153,10 @@ fn run_distributed(cfg: &Path, world: usize, out: &Path) -> Vec<f32> {
 pub(crate) fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     let differing = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    assert!(differing == 0, "{what}: {differing} values differ, relative difference {:.2e}", rel_diff(want, got));
+    assert!(differing == 0, "{what}: {differing} values differ, relative difference {:.2e}", norm_diff(want, got));
 }
 
-pub(crate) fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
-    d / a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
-}
+pub(crate) use kernels::tolerance::norm_diff;
 
 fn equivalence(p_drop: f64) {
     let dir = scratch(&format!("p{p_drop}"));
@@ -178,11 +174,11 @@ fn equivalence(p_drop: f64) {
     let single_curve = loss_curve(&single_out);
     assert_eq!(single_curve.len(), 20);
     let initial = params(&fixtures().join("tiny-cls"));
-    assert!(rel_diff(&initial, &single) > 1e-3, "training moved the parameters");
+    assert!(norm_diff(&initial, &single) > 1e-3, "training moved the parameters");
     for world in 1..=3 {
         let out = dir.join(format!("w{world}"));
         let got = run_distributed(&cfg, world, &out);
-        let d = rel_diff(&single, &got);
+        let d = norm_diff(&single, &got);
         let curve = loss_curve(&out);
         let worst_loss = curve.iter().zip(&single_curve).map(|(a, b)| (a - b).abs() / b.abs()).fold(0.0, f64::max);
         println!(
@@ -204,7 +200,7 @@ fn equivalence(p_drop: f64) {
     let mut c = coordinator(&cfg, 2, &out);
     c.args(["--set", "train.micro_batch_size=2"]);
     run_ok(c);
-    let d = rel_diff(&single, &params(&out.join("model")));
+    let d = norm_diff(&single, &params(&out.join("model")));
     println!("dropout {p_drop}: 2 workers x 3 micro-batches vs single process: parameters {d:.2e}");
     assert!(d < 1e-5, "micro-batches: relative difference {d}");
     std::fs::remove_dir_all(&dir).ok();

@@ -1,3 +1,4 @@
+use kernels::tolerance;
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
@@ -52,7 +53,8 @@ impl Expected {
 
 /// Largest error of `got` against `want`, in units of the tolerance
 /// `rel * (|want_i| + rms(want)) + ATOL`: the elementwise relative error, floored at the tensor's
-/// scale so that entries that are zero up to rounding do not divide by ~0. Passing means <= 1.
+/// scale so that entries that are zero up to rounding do not divide by ~0 (`kernels::tolerance`).
+/// Passing means <= 1; a NaN never passes.
 ///
 /// `ATOL = 1e-9` is for tensors whose exact value is zero: the gradient of the attention key
 /// bias vanishes identically (adding `q . b_k` to every score of a row leaves the softmax
@@ -60,17 +62,7 @@ impl Expected {
 /// smallest real gradients in the fixtures are ~1e-4.
 pub const ATOL: f64 = 1e-9;
 
+/// And the plain elementwise relative error beside it.
 pub fn scaled_error(got: &[f32], want: &[f32], rel: f64) -> (f64, f64) {
-    assert_eq!(got.len(), want.len(), "length differs");
-    let rms = (want.iter().map(|&w| f64::from(w).powi(2)).sum::<f64>() / want.len().max(1) as f64).sqrt();
-    let mut worst = 0.0f64;
-    let mut worst_rel = 0.0f64;
-    for (&g, &w) in got.iter().zip(want) {
-        let (g, w) = (f64::from(g), f64::from(w));
-        assert!(g.is_finite(), "non-finite value");
-        let err = (g - w).abs();
-        worst = worst.max(err / (rel * (w.abs() + rms) + ATOL));
-        worst_rel = worst_rel.max(err / (w.abs() + rms).max(f64::MIN_POSITIVE));
-    }
-    (worst, worst_rel)
+    (tolerance::scaled_error(got, want, rel, ATOL), tolerance::rel_error(got, want))
 }

@@ -56,10 +56,8 @@ fn to_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, Mo
     let data = view.data();
     let out = match view.dtype() {
         Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => {
-            data.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)).collect()
-        }
-        Dtype::F16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         other => {
             return Err(ModelError::Tensor {
                 file: path.to_owned(),
@@ -69,23 +67,6 @@ fn to_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, Mo
         }
     };
     Ok(out)
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exp = u32::from((h >> 10) & 0x1f);
-    let frac = u32::from(h & 0x3ff);
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // subnormal: normalise
-            let shift = f.leading_zeros() - 21;
-            sign | ((113 - shift) << 23) | (((f << shift) & 0x3ff) << 13)
-        }
-        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | ((e + 112) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// Fills the tensors named in `names` from their `Init`, keyed by `seed` and the tensor's index
@@ -326,14 +307,20 @@ pub fn load_optimizer(
 
 #[cfg(test)]
 mod tests {
-    use super::f16_to_f32;
+    use super::to_f32;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    fn widen(dtype: Dtype, halves: &[u16]) -> Vec<f32> {
+        let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+        let view = TensorView::new(dtype, vec![halves.len()], &bytes).unwrap();
+        to_f32(std::path::Path::new("m.safetensors"), "t", &view).unwrap()
+    }
 
     #[test]
-    fn f16_widening() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
-        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
-        assert!(f16_to_f32(0x7c00).is_infinite());
+    fn half_precision_tensors_widen_exactly() {
+        let f16 = widen(Dtype::F16, &[0x3c00, 0xc000, 0x3555, 0x0001, 0x7c00]);
+        assert_eq!(&f16[..4], &[1.0, -2.0, 0.333_251_95, 5.960_464_5e-8]);
+        assert!(f16[4].is_infinite());
+        assert_eq!(widen(Dtype::BF16, &[0x3f80, 0xc000, 0x3eab]), vec![1.0, -2.0, 0.333_984_38]);
     }
 }

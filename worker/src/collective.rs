@@ -1,8 +1,7 @@
 //! Collectives between the workers of a job: the sum all-reduce of gradients.
 //!
-//! `Collective` is the interface the training loop sees; `Solo` is the world of one, `TcpRing`
-//! the CPU path (the role gloo plays for PyTorch), and NCCL slots in behind the same trait with
-//! the CUDA backend.
+//! `Collective` is the interface the CPU training loop sees and `TcpRing` its implementation
+//! (the role gloo plays for PyTorch); GPU ranks sum on the device with NCCL (`nccl.rs`).
 //!
 //! `TcpRing` is the classic bandwidth-optimal ring: the buffer is cut into N chunks; in N-1
 //! reduce-scatter steps each rank sends one chunk to its successor and adds the chunk it receives
@@ -33,22 +32,6 @@ pub trait Collective {
     /// Replaces `buf` on every rank with the elementwise sum over all ranks. Every rank must call
     /// it with buffers of the same length, in the same order.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
-}
-
-/// The world of one: the sum is the buffer itself.
-#[derive(Debug, Default)]
-pub struct Solo;
-
-impl Collective for Solo {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
-        Ok(())
-    }
 }
 
 const MAGIC: &[u8; 8] = b"TANDRING";
@@ -300,21 +283,16 @@ fn admit_predecessor(
         return Err(format!("is of generation {their_generation} of the job, this ring is generation {generation}"));
     }
     if let Some(token) = token {
-        let nonce = ring_nonce().map_err(|e| format!("random nonce: {e}"))?;
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| format!("random nonce: {e}"))?;
         s.write_all(&nonce).map_err(|e| e.to_string())?;
         let mut proof = [0u8; 32];
         s.read_exact(&mut proof).map_err(|e| format!("no proof: {e}"))?;
-        if proof != token.proof(&ring_context(prev_rank, rank, world, generation), &nonce) {
+        if !token.verify_proof(&ring_context(prev_rank, rank, world, generation), &nonce, &proof) {
             return Err("does not hold the job token".into());
         }
     }
     s.write_all(&[1]).map_err(|e| e.to_string())
-}
-
-fn ring_nonce() -> std::io::Result<[u8; 16]> {
-    let mut n = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
-    Ok(n)
 }
 
 fn accept_before(

@@ -106,7 +106,7 @@ pub fn training_parity(
         dev.backward(&bt, 1.0 / dout.count as f32)?;
         dev.clip_grad_norm(1.0)?;
         if step == 0 {
-            grad_rel_error = rel_error(&dev.download_grads()?, &cpu.grads);
+            grad_rel_error = kernels::tolerance::rel_error(&dev.download_grads()?, &cpu.grads);
         }
         opt.step(&cpu.layout, &mut cpu.params, &cpu.grads, lr);
         dopt.step(&mut dev, lr)?;
@@ -151,17 +151,6 @@ pub fn nccl_step_parity(gpu: &Arc<Gpu>, steps: usize) -> anyhow::Result<usize> {
     }
     let (a, b) = (plain.download_params()?, synced.download_params()?);
     Ok(a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count())
-}
-
-/// max |g - c| / (|c| + rms(c)); infinite when `got` holds a NaN or an infinity.
-pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-    let rms = (want.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / want.len().max(1) as f64).sqrt();
-    got.iter().zip(want).fold(0.0f64, |worst, (&g, &c)| {
-        if !g.is_finite() {
-            return f64::INFINITY;
-        }
-        worst.max((f64::from(g) - f64::from(c)).abs() / (f64::from(c).abs() + rms).max(f64::MIN_POSITIVE))
-    })
 }
 
 /// What [`throughput`] measured.
@@ -241,12 +230,5 @@ mod tests {
         let out = m.forward(&b, Some(DropoutCtx { seed: 1, step: 0 })).unwrap();
         assert_eq!(out.count, 8);
         assert!(out.loss_sum.is_finite());
-    }
-
-    #[test]
-    fn rel_error_is_scale_aware_and_catches_nan() {
-        assert_eq!(rel_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
-        assert!(rel_error(&[f32::NAN], &[1.0]).is_infinite());
-        assert!(rel_error(&[1.001], &[1.0]) < 1e-3);
     }
 }

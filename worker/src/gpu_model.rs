@@ -5,7 +5,8 @@
 //! models as one copy.
 //!
 //! Activations are allocated per forward from the stream's pool (`alloc_zeros`) and kept for
-//! backward. fp32 throughout; bf16 GEMMs are the next step. The dropout masks are the CPU's bit
+//! backward. fp32, or with `train.precision = "bf16"` the dense layers' GEMMs in bf16 (f32
+//! master weights, gradients and AdamW). The dropout masks are the CPU's bit
 //! for bit (same Philox counters), so a GPU run and a CPU run of the same step differ only by
 //! the order of the GEMMs' sums.
 //!
