@@ -18,7 +18,7 @@
 
 use crate::checkpoint;
 use crate::collective::{Collective, Overlapped, RingHandle, TcpRing};
-use crate::gpu_model::{GpuAdamW, GpuBert};
+use crate::engine::{self, Compute, Engine, Peers};
 use crate::layout::Head;
 use crate::model::Batch;
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
@@ -51,7 +51,7 @@ pub struct WorkerOpts {
     /// TLS to the coordinator (an https:// URL).
     pub tls: Option<proto::tls::ClientTls>,
     /// Where the model computes; on a GPU, gradients are summed with NCCL instead of the ring.
-    pub device: crate::train::Device,
+    pub device: engine::Device,
 }
 
 type Client = CoordinatorClient<InterceptedService<tonic::transport::Channel, ClientAuth>>;
@@ -178,25 +178,20 @@ fn spawn_feed(
 fn evaluate(
     g: &Gen,
     client: &mut Client,
-    model: &mut crate::model::Bert,
-    dev: &mut Option<(GpuBert, GpuAdamW)>,
+    engine: &mut dyn Engine,
     enc: &TextEncoder,
     split: WireSplit,
     step: u64,
-    classes: usize,
     batch_size: usize,
 ) -> anyhow::Result<EvalResult> {
     g.phase(&format!("evaluating {}", split.as_str_name().to_lowercase()));
     let (_, shard) = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, enc))?;
-    let counts = match dev {
-        Some((d, _)) => crate::train::gpu_count_split(d, &shard, batch_size, enc.pad_id, classes)?,
-        None => crate::train::count_split(model, &shard, batch_size, enc.pad_id, classes)?,
-    };
+    let counts = crate::train::count_split(engine, &shard, batch_size, enc.pad_id)?;
     let report = EvalReport {
         rank: g.rank as u32,
         split: split as i32,
         step,
-        classes: classes as u32,
+        classes: counts.classes as u32,
         confusion: counts.confusion,
         loss_sum: counts.loss_sum,
         generation: g.generation,
@@ -219,20 +214,6 @@ fn evaluate(
 }
 
 /// The files of a checkpoint, as rank 0 uploads them.
-/// On a GPU, copies the parameters and the optimizer state back into their host twins (which
-/// the checkpoint and checksum code read).
-fn sync_to_host(
-    dev: &Option<(GpuBert, GpuAdamW)>,
-    model: &mut crate::model::Bert,
-    opt: &mut AdamW,
-) -> anyhow::Result<()> {
-    if let Some((d, o)) = dev {
-        model.params = d.download_params()?;
-        o.download_into(&d.gpu, opt)?;
-    }
-    Ok(())
-}
-
 fn checkpoint_files(
     model: &crate::model::Bert,
     opt: &AdamW,
@@ -624,10 +605,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_else(|| "localhost".into());
     let hostname = format!("{host}/pid-{}", std::process::id());
-    let gpu = match opts.device {
-        crate::train::Device::Cuda(ordinal) => Some(crate::train::open_gpu(ordinal)?),
-        crate::train::Device::Cpu => None,
-    };
+    let compute = opts.device.open()?;
     let mut request = JoinRequest {
         protocol_version: proto::PROTOCOL_VERSION,
         rank_hint: opts.rank_hint,
@@ -670,7 +648,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
             // Never rejoin after SIGTERM: the handler above ends the process.
             rt.block_on(std::future::pending::<()>());
         }
-        if gpu.is_some() {
+        if matches!(compute, Compute::Gpu(_)) {
             // A fresh NCCL id for every generation; the coordinator relays rank 0's.
             request.nccl_id = crate::nccl::new_id()?;
         }
@@ -692,7 +670,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
             g.abort.clone(),
             g.beats.clone(),
         );
-        let result = train_generation(&g, &opts, client, &reply, &job, &listener, gpu.as_ref());
+        let result = train_generation(&g, &opts, client, &reply, &job, &listener, &compute);
         let why = match &result {
             // Done: wait for the job's end, since a failure elsewhere can still restart it.
             Ok(()) => {
@@ -748,7 +726,7 @@ fn train_generation(
     reply: &proto::v1::JoinReply,
     job: &JobConfig,
     listener: &TcpListener,
-    gpu: Option<&Arc<kernels::gpu::Gpu>>,
+    compute: &Compute,
 ) -> anyhow::Result<()> {
     let (rank, world) = (g.rank, reply.world_size as usize);
     tracing::info!(world, "joined");
@@ -767,7 +745,11 @@ fn train_generation(
     // The ring runs on its own thread, overlapped with backward; a world of one needs none, and
     // GPUs sum with NCCL instead.
     let completed = Arc::new(AtomicU64::new(0));
-    let mut ring: Option<Overlapped> = if world == 1 || gpu.is_some() {
+    let gpu = match compute {
+        Compute::Gpu(gpu) => Some(gpu),
+        Compute::Cpu => None,
+    };
+    let ring: Option<Overlapped> = if world == 1 || gpu.is_some() {
         None
     } else {
         let r = TcpRing::connect_generation(
@@ -808,8 +790,7 @@ fn train_generation(
         rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global().ok();
     }
     let enc = Arc::new(TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?);
-    let classes = reply.labels.len();
-    let head = Head::Classification { num_labels: classes };
+    let head = Head::Classification { num_labels: reply.labels.len() };
     let (mut model, _) = checkpoint::load(&job.model.path, head, t.seed)
         .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
     if !t.dropout {
@@ -877,19 +858,15 @@ fn train_generation(
     }
     completed.store(step, Ordering::Relaxed);
     g.beats.step.store(step, Ordering::Relaxed);
-    // On a GPU: the model and the optimizer state (restored above on the host) move there.
-    anyhow::ensure!(
-        t.precision == job::config::Precision::Fp32 || gpu.is_some(),
-        "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
-    );
-    let mut dev: Option<(GpuBert, GpuAdamW)> = match gpu {
-        Some(gpu) => {
-            let mut d = GpuBert::new(Arc::clone(gpu), model.cfg.clone(), model.layout.clone(), &model.params)?;
-            d.set_precision(t.precision)?;
-            Some((d, GpuAdamW::from_host(gpu, &opt)?))
-        }
-        None => None,
+    // The model and the optimizer state (restored above on the host) go to the engine, with
+    // the gradient sums of this world.
+    let peers = match (ring, nccl) {
+        (Some(r), _) => Peers::Ring(r),
+        (None, Some(n)) => Peers::Nccl(n, Arc::clone(&g.abort.flag)),
+        (None, None) => Peers::Alone,
     };
+    let mut engine = engine::open(compute, model, opt, t.precision, peers)?;
+    let engine = &mut *engine;
 
     // Rank 0's progress reports go out in order from the runtime thread, never delaying a step.
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
@@ -957,13 +934,7 @@ fn train_generation(
         let positions: Vec<usize> = (0..count).collect();
         let batches: Vec<Batch> =
             positions.chunks(micro).map(|m| batch_of(&shard, m, |i| ids[i], enc.pad_id)).collect();
-        let r = match dev.as_mut() {
-            Some((d, o)) => {
-                let sync = nccl.as_ref().map(|n| (n, &*g.abort.flag));
-                crate::train::gpu_optimizer_step(d, o, sync, &batches, count * world, t, step, lr)
-            }
-            None => optimizer_step(&mut model, &mut opt, ring.as_mut(), &batches, count * world, t, step, lr),
-        };
+        let r = optimizer_step(engine, &batches, count * world, t, step, lr);
         g.check()?;
         let r = r?;
         last_loss = r.loss_sum / (count * world) as f64;
@@ -974,14 +945,7 @@ fn train_generation(
         job::fault::worker_point(rank, g.generation, "step", step);
         if job::fault::worker_due(rank, g.generation, "perturb", step) {
             tracing::warn!(step, "TANDEM_FAULT: perturbing one parameter of this rank");
-            match dev.as_mut() {
-                Some((d, _)) => {
-                    let mut p = d.download_params()?;
-                    p[0] += 1e-3;
-                    d.upload_params(&p)?;
-                }
-                None => model.params[0] += 1e-3,
-            }
+            engine.edit_params(&mut |p| p[0] += 1e-3)?;
         }
         if progress_task {
             let _ = progress_tx.send(Progress {
@@ -1002,11 +966,8 @@ fn train_generation(
         }
         if e.checksum_every > 0 && step.is_multiple_of(e.checksum_every) {
             g.phase("comparing parameter checksums");
-            if let Some((d, _)) = &dev {
-                model.params = d.download_params()?;
-            }
-            let report =
-                ChecksumReport { rank: rank as u32, generation: g.generation, step, checksum: checksum(&model.params) };
+            let checksum = checksum(&engine.host()?.0.params);
+            let report = ChecksumReport { rank: rank as u32, generation: g.generation, step, checksum };
             g.wait(async { Ok(client.report_checksum(report).await?) })
                 .with_context(|| format!("comparing parameter checksums at step {step}"))?;
         }
@@ -1018,13 +979,13 @@ fn train_generation(
             if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(per_epoch) };
         let mut evaluated = None;
         if let (true, Some(split)) = (eval_due, eval_split) {
-            evaluate(g, &mut client, &mut model, &mut dev, &enc, split, step, classes, t.eval_batch_size)?;
+            evaluate(g, &mut client, engine, &enc, split, step, t.eval_batch_size)?;
             evaluated = Some(split);
         }
         // The best checkpoint is judged by its metric at the checkpoint's own step.
         if let (true, Some(split)) = (ckpt_due, best_split) {
             if evaluated != Some(split) {
-                evaluate(g, &mut client, &mut model, &mut dev, &enc, split, step, classes, t.eval_batch_size)?;
+                evaluate(g, &mut client, engine, &enc, split, step, t.eval_batch_size)?;
             }
         }
         if ckpt_due && rank == 0 {
@@ -1032,8 +993,8 @@ fn train_generation(
             // A snapshot of the state now; the upload runs on the runtime thread while the next
             // steps compute. At most one is in flight: the previous one must have landed.
             wait_upload(g, &mut pending_upload)?;
-            sync_to_host(&dev, &mut model, &mut opt)?;
-            let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
+            let (model, opt) = engine.host()?;
+            let files = checkpoint_files(model, opt, &reply.labels, tokenizer_dir.as_deref())?;
             let handle = g.rt.spawn(upload_checkpoint(client.clone(), header, files));
             pending_upload = Some((step, Upload(Some(handle))));
         }
@@ -1044,15 +1005,15 @@ fn train_generation(
 
     for (split, has) in [(WireSplit::Dev, job.data.dev.is_some()), (WireSplit::Test, job.data.test.is_some())] {
         if has {
-            evaluate(g, &mut client, &mut model, &mut dev, &enc, split, step, classes, t.eval_batch_size)?;
+            evaluate(g, &mut client, engine, &enc, split, step, t.eval_batch_size)?;
         }
     }
     let mut model_dir = String::new();
     if rank == 0 {
         g.phase("saving the final checkpoint");
         let header = checkpoint_header(step, last_loss, true);
-        sync_to_host(&dev, &mut model, &mut opt)?;
-        let files = checkpoint_files(&model, &opt, &reply.labels, tokenizer_dir.as_deref())?;
+        let (model, opt) = engine.host()?;
+        let files = checkpoint_files(model, opt, &reply.labels, tokenizer_dir.as_deref())?;
         model_dir = g.wait(upload_checkpoint(client.clone(), header, files))?;
     }
     drop(progress_tx);

@@ -10,10 +10,12 @@
 
 use crate::bert_config::BertConfig;
 use crate::checkpoint;
+use crate::engine::Peers;
 use crate::gpu_model::{GpuAdamW, GpuBert};
 use crate::layout::Head;
 use crate::model::{Batch, DropoutCtx};
 use crate::optim::AdamW;
+use job::config::Precision;
 use kernels::gpu::Gpu;
 use std::sync::Arc;
 use std::time::Instant;
@@ -125,32 +127,25 @@ pub fn training_parity(
 /// equal bit for bit. Returns how many parameters differ.
 pub fn nccl_step_parity(gpu: &Arc<Gpu>, steps: usize) -> anyhow::Result<usize> {
     let cfg = preset_config("tiny", 0.1)?;
-    let cpu = checkpoint::init_model(cfg.clone(), Head::Classification { num_labels: 2 }, 11);
     let t = job::config::TrainSection { seed: 3, ..Default::default() };
-    let mut plain = GpuBert::new(Arc::clone(gpu), cfg.clone(), cpu.layout.clone(), &cpu.params)?;
-    let mut synced = GpuBert::new(Arc::clone(gpu), cfg, cpu.layout.clone(), &cpu.params)?;
-    let mut o1 = GpuAdamW::new(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, 0.01)?;
-    let mut o2 = GpuAdamW::new(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, 0.01)?;
+    let compute = crate::engine::Compute::Gpu(Arc::clone(gpu));
+    let engine = |peers| {
+        let model = checkpoint::init_model(cfg.clone(), Head::Classification { num_labels: 2 }, 11);
+        let opt = AdamW::new(model.layout.total, 0.9, 0.999, 1e-8, 0.01);
+        crate::engine::open(&compute, model, opt, Precision::Fp32, peers)
+    };
     let watchdog = crate::watchdog::Watchdog::new(std::time::Duration::from_secs(60), crate::watchdog::abort_process());
     let ring = crate::nccl::NcclRing::connect(gpu.ctx.new_stream()?, 0, 1, &crate::nccl::new_id()?, watchdog)?;
-    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut plain, mut synced) = (engine(Peers::Alone)?, engine(Peers::Nccl(ring, cancel))?);
     for step in 0..steps {
         // Two micro-batches: the buckets go out on the last one only.
         let micro = [batch(4, 32, 2 * step), batch(4, 32, 2 * step + 1)];
-        crate::train::gpu_optimizer_step(&mut plain, &mut o1, None, &micro, 8, &t, step as u64, 1e-3)?;
-        crate::train::gpu_optimizer_step(
-            &mut synced,
-            &mut o2,
-            Some((&ring, &cancel)),
-            &micro,
-            8,
-            &t,
-            step as u64,
-            1e-3,
-        )?;
+        crate::train::optimizer_step(&mut *plain, &micro, 8, &t, step as u64, 1e-3)?;
+        crate::train::optimizer_step(&mut *synced, &micro, 8, &t, step as u64, 1e-3)?;
     }
-    let (a, b) = (plain.download_params()?, synced.download_params()?);
-    Ok(a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count())
+    let (a, b) = (&plain.host()?.0.params.clone(), &synced.host()?.0.params);
+    Ok(a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count())
 }
 
 /// What [`throughput`] measured.

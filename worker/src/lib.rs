@@ -1,11 +1,13 @@
 //! One Tandem training process: BERT over flat parameter and gradient buffers on the kernels
-//! crate, Hugging Face checkpoint and tokenizer interop, the collectives and the training loop.
-//! The job config and the dataset readers live in the coordinator crate, which owns the job.
+//! crate, Hugging Face checkpoint and tokenizer interop, the collectives, the engine seam over the
+//! CPU and the GPU, and the training loop. What the job is (config, data, shards, counts) comes
+//! from the `job` crate, which the coordinator shares.
 
 pub mod bert_config;
 pub mod checkpoint;
 pub mod collective;
 pub mod distributed;
+pub mod engine;
 pub mod gpu_check;
 pub mod gpu_model;
 pub mod layout;

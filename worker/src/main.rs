@@ -167,8 +167,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let device = match cli.device {
-        Device::Cpu => worker::train::Device::Cpu,
-        Device::Cuda => worker::train::Device::Cuda(cli.gpu),
+        Device::Cpu => worker::engine::Device::Cpu,
+        Device::Cuda => worker::engine::Device::Cuda(cli.gpu),
     };
     let Some(cmd) = cli.cmd else {
         let coordinator = cli.coordinator.context("give --coordinator URL to join a job, or a command (see --help)")?;

@@ -3,10 +3,9 @@
 //! backward, global-norm clip, schedule, AdamW, log; evaluate on dev; save; test.
 
 use crate::checkpoint;
-use crate::collective::{Collective, Overlapped};
-use crate::gpu_model::{GpuAdamW, GpuBert};
+use crate::engine::{self, Device, Engine, Peers};
 use crate::layout::Head;
-use crate::model::{Batch, Bert, DropoutCtx};
+use crate::model::{Batch, DropoutCtx};
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
@@ -14,135 +13,10 @@ use job::config::{JobConfig, TrainSection};
 use job::data::{self, Record};
 use job::eval::{EvalCounts, EvalMetrics};
 use job::progress::StepRecord;
-use kernels::gradnorm;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Where `worker train` computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    /// The GPU of this ordinal (`--gpu`).
-    Cuda(usize),
-}
-
-/// The model's optimizer state and, on a GPU, the model itself there (the CPU `Bert` stays
-/// the host copy: configuration, layout, and the parameters saved at the end).
-enum Engine {
-    Cpu(AdamW),
-    Gpu(Box<(GpuBert, GpuAdamW)>),
-}
-
-/// Opens GPU `ordinal` with NVRTC's headers from `TANDEM_CUDA_INCLUDE` (else the CUDA toolkit's).
-pub fn open_gpu(ordinal: usize) -> anyhow::Result<Arc<kernels::gpu::Gpu>> {
-    let include = std::env::var("TANDEM_CUDA_INCLUDE").unwrap_or_else(|_| "/usr/local/cuda/include".into());
-    Ok(Arc::new(kernels::gpu::Gpu::open(ordinal, vec![include])?))
-}
-
-/// [`optimizer_step`] on the GPU: the same micro-batches, loss scaling, clipping and AdamW,
-/// over the device buffers. With other ranks (`sync`: the generation's NCCL communicator and
-/// the flag a restart sets), the gradient buffer is summed with NCCL after the last
-/// micro-batch's backward, then the loss and token counts, so every rank reports the loss of
-/// the global batch.
-pub fn gpu_optimizer_step(
-    model: &mut GpuBert,
-    opt: &mut GpuAdamW,
-    sync: Option<(&crate::nccl::NcclRing, &std::sync::atomic::AtomicBool)>,
-    micro_batches: &[Batch],
-    global_count: usize,
-    t: &TrainSection,
-    step: u64,
-    lr: f64,
-) -> anyhow::Result<StepReport> {
-    model.zero_grads()?;
-    let (mut loss_sum, mut tokens) = (0.0, 0);
-    let gpu = Arc::clone(&model.gpu);
-    // On the last micro-batch each finished segment of the gradient buffer is copied into its
-    // own bucket and summed on the communicator's stream while backward goes on (a bucket of
-    // its own, so that the all-reduce never waits on, nor holds up, the rest of backward).
-    let mut buckets: Vec<(std::ops::Range<usize>, cudarc::driver::CudaSlice<f32>)> = Vec::new();
-    let mut first_bucket = None;
-    for (i, batch) in micro_batches.iter().enumerate() {
-        let out = model.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
-        match sync {
-            Some((ring, _)) if i + 1 == micro_batches.len() => {
-                model.backward_with(batch, 1.0 / global_count as f32, &mut |range, grads| {
-                    let mut bucket = gpu.stream.alloc_zeros::<f32>(range.len())?;
-                    gpu.stream.memcpy_dtod(&grads.slice(range.clone()), &mut bucket)?;
-                    if first_bucket.is_none() {
-                        first_bucket = Some(ring.mark()?);
-                    }
-                    ring.all_reduce_async(&mut bucket)?;
-                    buckets.push((range, bucket));
-                    Ok(())
-                })?
-            }
-            _ => model.backward(batch, 1.0 / global_count as f32)?,
-        }
-        loss_sum += out.loss_sum;
-        tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
-    }
-    let (mut allreduce, mut allreduce_wait) = (Duration::ZERO, Duration::ZERO);
-    if let Some((ring, cancel)) = sync {
-        allreduce_wait = ring
-            .wait(&format!("NCCL all-reduce of {} gradient buckets", buckets.len()), Some(cancel))
-            .context("all-reducing gradients")?;
-        // From the first bucket's start to the last one's end on the communicator's stream;
-        // `allreduce_wait` is the part the step waited for once backward was done.
-        if let Some(first) = &first_bucket {
-            let end = ring.mark()?;
-            end.synchronize()?;
-            let ms = first.elapsed_ms(&end)?;
-            allreduce = Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
-        }
-        for (range, bucket) in &buckets {
-            gpu.stream.memcpy_dtod(bucket, &mut model.grads.slice_mut(range.clone()))?;
-        }
-        let mut sums = gpu.upload(&[loss_sum as f32, tokens as f32])?;
-        ring.all_reduce_sum(&mut sums.as_view_mut(), Some(cancel)).context("all-reducing the loss")?;
-        let sums = gpu.download(&sums)?;
-        (loss_sum, tokens) = (f64::from(sums[0]), sums[1] as usize);
-    }
-    let grad_norm = model.clip_grad_norm(t.max_grad_norm as f32)?;
-    opt.step(model, lr)?;
-    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce, allreduce_wait })
-}
-
-/// [`count_split`] on the GPU.
-pub fn gpu_count_split(
-    model: &mut GpuBert,
-    split: &Split,
-    batch_size: usize,
-    pad_id: u32,
-    classes: usize,
-) -> anyhow::Result<EvalCounts> {
-    count_batches(split, batch_size, pad_id, classes, |batch| {
-        model.forward(batch, None)?;
-        Ok((model.logits()?, model.losses().to_vec()))
-    })
-}
-
-fn engine_evaluate(
-    model: &mut Bert,
-    engine: &mut Engine,
-    split: &Split,
-    batch_size: usize,
-    pad_id: u32,
-) -> anyhow::Result<EvalMetrics> {
-    match engine {
-        Engine::Cpu(_) => evaluate(model, split, batch_size, pad_id),
-        Engine::Gpu(g) => {
-            let classes = match model.layout.head {
-                Head::Classification { num_labels } => num_labels,
-                Head::MaskedLm => anyhow::bail!("evaluate needs a classification head"),
-            };
-            Ok(gpu_count_split(&mut g.0, split, batch_size, pad_id, classes)?.metrics())
-        }
-    }
-}
 
 /// A tokenized, labelled split.
 pub struct Split {
@@ -173,67 +47,39 @@ pub struct StepReport {
     pub allreduce_wait: Duration,
 }
 
-/// One optimizer step, as single-process and distributed training both run it: forward and
-/// backward over this rank's micro-batches, each backward scaled by `1 / global_count` so that
-/// the summed gradient is that of the mean loss over the global batch. With other ranks
-/// (`sync`), the last micro-batch's backward hands each finished segment of the gradient buffer
-/// to the all-reduce thread as it goes (earlier micro-batches only accumulate), the step waits
-/// for the sums, then sums the loss and token counts, so that every rank reports the loss of the
-/// global batch. Then clipping by the global norm, after the all-reduce, and AdamW at `lr`.
+/// One optimizer step, as single-process and distributed training both run it, on any engine:
+/// forward and backward over this rank's micro-batches, each backward scaled by
+/// `1 / global_count` so that the summed gradient is that of the mean loss over the global
+/// batch. With other ranks, the last micro-batch's backward starts each finished segment's
+/// all-reduce as it goes (earlier micro-batches only accumulate), the step waits for the sums,
+/// then sums the loss and token counts, so that every rank reports the loss of the global batch.
+/// Then clipping by the global norm, after the all-reduce, and AdamW at `lr`.
 pub fn optimizer_step(
-    model: &mut Bert,
-    opt: &mut AdamW,
-    mut sync: Option<&mut Overlapped>,
+    engine: &mut dyn Engine,
     micro_batches: &[Batch],
     global_count: usize,
     t: &TrainSection,
     step: u64,
     lr: f64,
 ) -> anyhow::Result<StepReport> {
-    model.zero_grads();
+    engine.zero_grads()?;
     let (mut loss_sum, mut tokens) = (0.0, 0);
-    let (mut allreduce, mut allreduce_wait) = (Duration::ZERO, Duration::ZERO);
-    // The word embeddings lead the buffer and the last segment backward reports; their gradient
-    // is zero outside the batch's tokens (unless a tied decoder fills it), so they are summed as
-    // sparse rows.
-    let words = model.layout.range("embeddings.word_embeddings.weight");
-    let width = model.cfg.hidden_size;
     for (i, batch) in micro_batches.iter().enumerate() {
-        let out = model.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
-        match sync.as_deref_mut() {
-            Some(ov) if i + 1 == micro_batches.len() => {
-                model.backward_with(batch, 1.0 / global_count as f32, &mut |range, g| {
-                    if range.start == words.start && range.end >= words.end {
-                        let (w, rest) = g.split_at(words.len());
-                        ov.start_rows(words.clone(), w, width);
-                        if !rest.is_empty() {
-                            ov.start(words.end..range.end, rest);
-                        }
-                    } else {
-                        ov.start(range, g);
-                    }
-                })
-            }
-            _ => model.backward(batch, 1.0 / global_count as f32),
-        }
+        let out = engine.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
+        engine.backward(batch, 1.0 / global_count as f32, i + 1 == micro_batches.len())?;
         loss_sum += out.loss_sum;
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
     }
-    if let Some(ov) = sync {
-        let t0 = Instant::now();
-        ov.finish(&mut model.grads).context("all-reducing gradients")?;
-        allreduce_wait = t0.elapsed();
-        allreduce = ov.take_busy();
-        let mut sums = [loss_sum as f32, tokens as f32];
-        ov.all_reduce_sum(&mut sums).context("all-reducing the loss")?;
-        (loss_sum, tokens) = (f64::from(sums[0]), sums[1] as usize);
+    let mut sums = engine::SumTimes::default();
+    if engine.has_peers() {
+        sums = engine.finish_sums()?;
+        let mut values = [loss_sum as f32, tokens as f32];
+        engine.sum_values(&mut values)?;
+        (loss_sum, tokens) = (f64::from(values[0]), values[1] as usize);
     }
-    let grad_norm = gradnorm::global_norm(&model.grads);
-    if t.max_grad_norm > 0.0 {
-        gradnorm::clip_grad_norm(&mut model.grads, grad_norm, t.max_grad_norm as f32);
-    }
-    opt.step(&model.layout, &mut model.params, &model.grads, lr);
-    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce, allreduce_wait })
+    let grad_norm = engine.clip_grad_norm(t.max_grad_norm as f32)?;
+    engine.optimizer_step(lr)?;
+    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce: sums.busy, allreduce_wait: sums.waited })
 }
 
 /// Tokenizes a labelled split.
@@ -244,25 +90,24 @@ pub fn tokenize_split(path: &Path, records: &[Record], enc: &TextEncoder) -> any
 }
 
 /// Evaluates without dropout: mean loss, accuracy and macro-F1 over the whole split.
-pub fn evaluate(model: &mut Bert, split: &Split, batch_size: usize, pad_id: u32) -> anyhow::Result<EvalMetrics> {
-    let classes = match model.layout.head {
-        Head::Classification { num_labels } => num_labels,
-        Head::MaskedLm => anyhow::bail!("evaluate needs a classification head"),
-    };
-    Ok(count_split(model, split, batch_size, pad_id, classes)?.metrics())
+pub fn evaluate(engine: &mut dyn Engine, split: &Split, batch_size: usize, pad_id: u32) -> anyhow::Result<EvalMetrics> {
+    Ok(count_split(engine, split, batch_size, pad_id)?.metrics())
 }
 
 /// The evaluation counts of a split (or of one worker's shard of it).
 pub fn count_split(
-    model: &mut Bert,
+    engine: &mut dyn Engine,
     split: &Split,
     batch_size: usize,
     pad_id: u32,
-    classes: usize,
 ) -> anyhow::Result<EvalCounts> {
+    let classes = match engine.model().layout.head {
+        Head::Classification { num_labels } => num_labels,
+        Head::MaskedLm => anyhow::bail!("evaluation needs a classification head"),
+    };
     count_batches(split, batch_size, pad_id, classes, |batch| {
-        model.forward(batch, None)?;
-        Ok((model.acts.logits.clone(), model.losses().to_vec()))
+        engine.forward(batch, None)?;
+        engine.outputs()
     })
 }
 
@@ -342,23 +187,9 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
     let per_epoch = n.div_ceil(t.batch_size) as u64;
     let (total, warmup) = schedule_steps(per_epoch, t);
     let micro = if t.micro_batch_size == 0 { t.batch_size } else { t.micro_batch_size };
-    anyhow::ensure!(
-        t.precision == job::config::Precision::Fp32 || matches!(device, Device::Cuda(_)),
-        "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
-    );
-    let mut engine = match device {
-        Device::Cpu => {
-            Engine::Cpu(AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay))
-        }
-        Device::Cuda(ordinal) => {
-            let gpu = open_gpu(ordinal)?;
-            tracing::info!(gpu = ordinal, name = gpu.name, arch = gpu.arch, "training on the GPU (fp32)");
-            let opt = GpuAdamW::new(&gpu, model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay)?;
-            let mut dev = GpuBert::new(gpu, model.cfg.clone(), model.layout.clone(), &model.params)?;
-            dev.set_precision(t.precision)?;
-            Engine::Gpu(Box::new((dev, opt)))
-        }
-    };
+    let opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
+    let mut engine = engine::open(&device.open()?, model, opt, t.precision, Peers::Alone)?;
+    let engine = &mut *engine;
 
     let bar = if progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -384,13 +215,7 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
             let lr = linear_schedule(t.lr, step, warmup, total);
             let batches: Vec<Batch> =
                 idx.chunks(micro).map(|m| batch_of(&train, m, |i| i as u32, enc.pad_id)).collect();
-            let r = match &mut engine {
-                Engine::Cpu(opt) => optimizer_step(&mut model, opt, None, &batches, idx.len(), t, step, lr)?,
-                Engine::Gpu(g) => {
-                    let (dev, opt) = &mut **g;
-                    gpu_optimizer_step(dev, opt, None, &batches, idx.len(), t, step, lr)?
-                }
-            };
+            let r = optimizer_step(engine, &batches, idx.len(), t, step, lr)?;
             let (loss_sum, norm) = (r.loss_sum, r.grad_norm);
             tokens += r.tokens;
             step += 1;
@@ -420,7 +245,7 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
             let end_of_epoch = step % per_epoch == 0;
             let due = if t.eval_every > 0 { step % t.eval_every == 0 } else { end_of_epoch };
             if let (true, Some(d)) = (due || step == total, dev.as_ref()) {
-                let m = engine_evaluate(&mut model, &mut engine, d, t.eval_batch_size, enc.pad_id)?;
+                let m = evaluate(engine, d, t.eval_batch_size, enc.pad_id)?;
                 let line = format!(
                     "step {step}: dev loss {:.4}  accuracy {:.4}  macro-F1 {:.4}  ({} examples)",
                     m.loss, m.accuracy, m.macro_f1, m.examples
@@ -442,15 +267,10 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
     let train_seconds = started.elapsed().as_secs_f64();
 
     let model_dir = job.output.dir.join("model");
-    if let Engine::Gpu(g) = &engine {
-        model.params = g.0.download_params()?;
-    }
-    checkpoint::save(&model, &model_dir, Some(&labels.names), job.tokenizer_path().parent())
+    let (model, _) = engine.host()?;
+    checkpoint::save(model, &model_dir, Some(&labels.names), job.tokenizer_path().parent())
         .with_context(|| format!("saving the model to {}", model_dir.display()))?;
-    let test_metrics = test
-        .as_ref()
-        .map(|s| engine_evaluate(&mut model, &mut engine, s, t.eval_batch_size, enc.pad_id))
-        .transpose()?;
+    let test_metrics = test.as_ref().map(|s| evaluate(engine, s, t.eval_batch_size, enc.pad_id)).transpose()?;
     let summary = Summary {
         steps: step,
         final_train_loss: ema_loss,

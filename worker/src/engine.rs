@@ -1,0 +1,330 @@
+//! The engine seam: BERT and its optimizer on one device, with the gradient all-reduce that
+//! device sums with (the TCP ring on the CPU, NCCL on a GPU). The training loop, the optimizer
+//! step and evaluation are written once against [`Engine`]; [`open`] is the one place that
+//! picks the device.
+//!
+//! Both engines keep the CPU `Bert` and `AdamW` as the host state (configuration, layout, and
+//! what checkpoints and checksums read): the CPU engine computes on them, the GPU engine
+//! refreshes them from the device when asked ([`Engine::host`]).
+
+use crate::collective::{Collective, Overlapped};
+use crate::gpu_model::{GpuAdamW, GpuBert};
+use crate::model::{Batch, Bert, DropoutCtx, ForwardOut};
+use crate::nccl::NcclRing;
+use crate::optim::AdamW;
+use anyhow::Context;
+use job::config::Precision;
+use kernels::gradnorm;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where `worker` computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The GPU of this ordinal (`--gpu`).
+    Cuda(usize),
+}
+
+/// How this rank sums gradients with the others of its world.
+pub enum Peers {
+    /// A world of one.
+    Alone,
+    /// The CPU ring on its own thread, fed gradient segments during backward.
+    Ring(Overlapped),
+    /// A GPU world's NCCL communicator, and the flag a restart sets to cancel a wait.
+    Nccl(NcclRing, Arc<AtomicBool>),
+}
+
+/// Time spent summing gradients in one step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SumTimes {
+    /// In gradient all-reduces (on the all-reduce thread or stream, mostly hidden behind
+    /// backward).
+    pub busy: Duration,
+    /// The part the step waited for once backward was done.
+    pub waited: Duration,
+}
+
+/// A model and its optimizer on one device.
+pub trait Engine {
+    /// The host state, for reading configuration and layout (not refreshed from the device).
+    fn model(&self) -> &Bert;
+    fn zero_grads(&mut self) -> anyhow::Result<()>;
+    /// Forward pass and loss; `dropout = None` evaluates.
+    fn forward(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> anyhow::Result<ForwardOut>;
+    /// Backward of the last forward for `sum(losses) * loss_scale`, accumulating gradients. With
+    /// `sum`, each segment of the gradient buffer starts its all-reduce as soon as backward has
+    /// finished it (only on the last micro-batch of a step).
+    fn backward(&mut self, batch: &Batch, loss_scale: f32, sum: bool) -> anyhow::Result<()>;
+    /// Waits for the gradient sums started by `backward` (none alone).
+    fn finish_sums(&mut self) -> anyhow::Result<SumTimes>;
+    /// Sums a few host values over the world, in place (nothing alone).
+    fn sum_values(&mut self, values: &mut [f32]) -> anyhow::Result<()>;
+    /// Whether other ranks take part.
+    fn has_peers(&self) -> bool;
+    /// The global gradient norm, then clipping to `max_norm` (none when it is 0): the norm
+    /// before clipping.
+    fn clip_grad_norm(&mut self, max_norm: f32) -> anyhow::Result<f32>;
+    /// One AdamW step at `lr`.
+    fn optimizer_step(&mut self, lr: f64) -> anyhow::Result<()>;
+    /// The logits `[rows, classes]` and per-row losses of the last forward.
+    fn outputs(&mut self) -> anyhow::Result<(Vec<f32>, Vec<f32>)>;
+    /// The parameters and optimizer state, copied to the host where they live elsewhere.
+    fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)>;
+    /// Changes the parameters through `f` (the fault tests' silent desync).
+    fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()>;
+}
+
+impl Device {
+    /// Opens the device: for CUDA, the GPU with NVRTC's headers from `TANDEM_CUDA_INCLUDE`
+    /// (else the CUDA toolkit's). Once per process; every generation's engine runs on it.
+    pub fn open(self) -> anyhow::Result<Compute> {
+        match self {
+            Device::Cpu => Ok(Compute::Cpu),
+            Device::Cuda(ordinal) => {
+                let include = std::env::var("TANDEM_CUDA_INCLUDE").unwrap_or_else(|_| "/usr/local/cuda/include".into());
+                let gpu = Arc::new(kernels::gpu::Gpu::open(ordinal, vec![include])?);
+                tracing::info!(gpu = ordinal, name = gpu.name, arch = gpu.arch, "computing on the GPU");
+                Ok(Compute::Gpu(gpu))
+            }
+        }
+    }
+}
+
+/// An opened device.
+pub enum Compute {
+    Cpu,
+    Gpu(Arc<kernels::gpu::Gpu>),
+}
+
+/// The engine on `compute`, starting from `model` and `opt` (a checkpoint's, or fresh): the one
+/// place that picks the CPU or the GPU implementation.
+pub fn open(
+    compute: &Compute,
+    model: Bert,
+    opt: AdamW,
+    precision: Precision,
+    peers: Peers,
+) -> anyhow::Result<Box<dyn Engine>> {
+    match (compute, peers) {
+        (Compute::Cpu, Peers::Nccl(..)) => anyhow::bail!("a CPU engine sums with the ring, not NCCL"),
+        (Compute::Cpu, peers) => {
+            anyhow::ensure!(
+                precision == Precision::Fp32,
+                "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
+            );
+            let ring = match peers {
+                Peers::Ring(r) => Some(r),
+                _ => None,
+            };
+            Ok(Box::new(CpuEngine { model, opt, ring }))
+        }
+        (Compute::Gpu(_), Peers::Ring(_)) => anyhow::bail!("a GPU engine sums with NCCL, not the ring"),
+        (Compute::Gpu(gpu), peers) => {
+            let mut dev = GpuBert::new(Arc::clone(gpu), model.cfg.clone(), model.layout.clone(), &model.params)?;
+            dev.set_precision(precision)?;
+            let dev_opt = GpuAdamW::from_host(gpu, &opt)?;
+            let nccl = match peers {
+                Peers::Nccl(n, cancel) => Some((n, cancel)),
+                _ => None,
+            };
+            let (host, host_opt, buckets, first) = (model, opt, Vec::new(), None);
+            Ok(Box::new(GpuEngine { dev, dev_opt, host, host_opt, nccl, buckets, first }))
+        }
+    }
+}
+
+struct CpuEngine {
+    model: Bert,
+    opt: AdamW,
+    ring: Option<Overlapped>,
+}
+
+impl Engine for CpuEngine {
+    fn model(&self) -> &Bert {
+        &self.model
+    }
+
+    fn zero_grads(&mut self) -> anyhow::Result<()> {
+        self.model.zero_grads();
+        Ok(())
+    }
+
+    fn forward(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> anyhow::Result<ForwardOut> {
+        Ok(self.model.forward(batch, dropout)?)
+    }
+
+    fn backward(&mut self, batch: &Batch, loss_scale: f32, sum: bool) -> anyhow::Result<()> {
+        let Some(ring) = self.ring.as_mut().filter(|_| sum) else {
+            self.model.backward(batch, loss_scale);
+            return Ok(());
+        };
+        // The word embeddings lead the buffer and are the last segment backward reports; their
+        // gradient is zero outside the batch's tokens (unless a tied decoder fills it), so they
+        // are summed as sparse rows.
+        let words = self.model.layout.range("embeddings.word_embeddings.weight");
+        let width = self.model.cfg.hidden_size;
+        self.model.backward_with(batch, loss_scale, &mut |range, g| {
+            if range.start == words.start && range.end >= words.end {
+                let (w, rest) = g.split_at(words.len());
+                ring.start_rows(words.clone(), w, width);
+                if !rest.is_empty() {
+                    ring.start(words.end..range.end, rest);
+                }
+            } else {
+                ring.start(range, g);
+            }
+        });
+        Ok(())
+    }
+
+    fn finish_sums(&mut self) -> anyhow::Result<SumTimes> {
+        let Some(ring) = self.ring.as_mut() else { return Ok(SumTimes::default()) };
+        let t0 = Instant::now();
+        ring.finish(&mut self.model.grads).context("all-reducing gradients")?;
+        Ok(SumTimes { waited: t0.elapsed(), busy: ring.take_busy() })
+    }
+
+    fn sum_values(&mut self, values: &mut [f32]) -> anyhow::Result<()> {
+        if let Some(ring) = self.ring.as_mut() {
+            ring.all_reduce_sum(values).context("all-reducing the loss")?;
+        }
+        Ok(())
+    }
+
+    fn has_peers(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    fn clip_grad_norm(&mut self, max_norm: f32) -> anyhow::Result<f32> {
+        let norm = gradnorm::global_norm(&self.model.grads);
+        if max_norm > 0.0 {
+            gradnorm::clip_grad_norm(&mut self.model.grads, norm, max_norm);
+        }
+        Ok(norm)
+    }
+
+    fn optimizer_step(&mut self, lr: f64) -> anyhow::Result<()> {
+        let m = &mut self.model;
+        self.opt.step(&m.layout, &mut m.params, &m.grads, lr);
+        Ok(())
+    }
+
+    fn outputs(&mut self) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        Ok((self.model.acts.logits.clone(), self.model.losses().to_vec()))
+    }
+
+    fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)> {
+        Ok((&self.model, &self.opt))
+    }
+
+    fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()> {
+        f(&mut self.model.params);
+        Ok(())
+    }
+}
+
+type Bucket = (std::ops::Range<usize>, cudarc::driver::CudaSlice<f32>);
+
+struct GpuEngine {
+    dev: GpuBert,
+    dev_opt: GpuAdamW,
+    /// The host twins, refreshed by `host`.
+    host: Bert,
+    host_opt: AdamW,
+    nccl: Option<(NcclRing, Arc<AtomicBool>)>,
+    /// The gradient segments being summed (each in a bucket of its own, so that the all-reduce
+    /// never waits on, nor holds up, the rest of backward), and an event before the first.
+    buckets: Vec<Bucket>,
+    first: Option<cudarc::driver::CudaEvent>,
+}
+
+impl Engine for GpuEngine {
+    fn model(&self) -> &Bert {
+        &self.host
+    }
+
+    fn zero_grads(&mut self) -> anyhow::Result<()> {
+        Ok(self.dev.zero_grads()?)
+    }
+
+    fn forward(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> anyhow::Result<ForwardOut> {
+        Ok(self.dev.forward(batch, dropout)?)
+    }
+
+    fn backward(&mut self, batch: &Batch, loss_scale: f32, sum: bool) -> anyhow::Result<()> {
+        let Some((ring, _)) = self.nccl.as_ref().filter(|_| sum) else {
+            return Ok(self.dev.backward(batch, loss_scale)?);
+        };
+        let gpu = Arc::clone(&self.dev.gpu);
+        let (buckets, first) = (&mut self.buckets, &mut self.first);
+        self.dev.backward_with(batch, loss_scale, &mut |range, grads| {
+            let mut bucket = gpu.stream.alloc_zeros::<f32>(range.len())?;
+            gpu.stream.memcpy_dtod(&grads.slice(range.clone()), &mut bucket)?;
+            if first.is_none() {
+                *first = Some(ring.mark()?);
+            }
+            ring.all_reduce_async(&mut bucket)?;
+            buckets.push((range, bucket));
+            Ok(())
+        })
+    }
+
+    fn finish_sums(&mut self) -> anyhow::Result<SumTimes> {
+        let Some((ring, cancel)) = self.nccl.as_ref() else { return Ok(SumTimes::default()) };
+        let buckets = std::mem::take(&mut self.buckets);
+        let waited = ring
+            .wait(&format!("NCCL all-reduce of {} gradient buckets", buckets.len()), Some(cancel))
+            .context("all-reducing gradients")?;
+        // From the first bucket's start to the last one's end on the communicator's stream.
+        let mut busy = Duration::ZERO;
+        if let Some(first) = self.first.take() {
+            let end = ring.mark()?;
+            end.synchronize()?;
+            busy = Duration::from_secs_f64(f64::from(first.elapsed_ms(&end)?.max(0.0)) / 1e3);
+        }
+        for (range, bucket) in &buckets {
+            self.dev.gpu.stream.memcpy_dtod(bucket, &mut self.dev.grads.slice_mut(range.clone()))?;
+        }
+        Ok(SumTimes { busy, waited })
+    }
+
+    fn sum_values(&mut self, values: &mut [f32]) -> anyhow::Result<()> {
+        if let Some((ring, cancel)) = self.nccl.as_ref() {
+            let mut sums = self.dev.gpu.upload(values)?;
+            ring.all_reduce_sum(&mut sums.as_view_mut(), Some(cancel)).context("all-reducing the loss")?;
+            values.copy_from_slice(&self.dev.gpu.download(&sums)?);
+        }
+        Ok(())
+    }
+
+    fn has_peers(&self) -> bool {
+        self.nccl.is_some()
+    }
+
+    fn clip_grad_norm(&mut self, max_norm: f32) -> anyhow::Result<f32> {
+        Ok(self.dev.clip_grad_norm(max_norm)?)
+    }
+
+    fn optimizer_step(&mut self, lr: f64) -> anyhow::Result<()> {
+        Ok(self.dev_opt.step(&mut self.dev, lr)?)
+    }
+
+    fn outputs(&mut self) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        Ok((self.dev.logits()?, self.dev.losses().to_vec()))
+    }
+
+    fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)> {
+        self.host.params = self.dev.download_params()?;
+        self.dev_opt.download_into(&self.dev.gpu, &mut self.host_opt)?;
+        Ok((&self.host, &self.host_opt))
+    }
+
+    fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()> {
+        let mut p = self.dev.download_params()?;
+        f(&mut p);
+        Ok(self.dev.upload_params(&p)?)
+    }
+}
