@@ -15,7 +15,7 @@
 
 use crate::bert_config::BertConfig;
 use crate::layout::{Head, Layout};
-use crate::model::{validate_batch, Batch, DropoutCtx, ForwardOut};
+use crate::model::{validate_batch, Batch, DropoutCtx, DropoutSite, ForwardOut};
 use crate::ModelError;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use job::config::Precision;
@@ -23,7 +23,7 @@ use kernels::adamw::AdamWParams;
 use kernels::attention::AttnDims;
 use kernels::crossentropy::IGNORE_INDEX;
 use kernels::device::{self, Bf16, DeviceAttnDropout, RowGroups};
-use kernels::dropout::{DropoutSpec, LogicalDims};
+use kernels::dropout::LogicalDims;
 use kernels::gpu::{Gpu, GpuError};
 use std::ops::Range;
 use std::sync::Arc;
@@ -238,9 +238,7 @@ impl GpuBert {
         let attn_logical = LogicalDims { t_max: cfg.max_position_embeddings, w_max: cfg.max_position_embeddings };
         let dims = AttnDims { b, nh, t, hd: cfg.head_dim() };
         let (hp, ap) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
-        let spec = |site: u32, prob: f32| {
-            dropout.filter(|_| prob > 0.0).map(|d| DropoutSpec { p: prob, seed: d.seed, step: d.step, site })
-        };
+        let spec = |site: DropoutSite, prob: f32| DropoutCtx::spec(dropout, site, prob);
         let lay = &self.layout;
         let p = &self.params;
         let pv = |r: Range<usize>| p.slice(r);
@@ -280,7 +278,7 @@ impl GpuBert {
             c,
             eps,
         )?;
-        if let Some(s) = spec(0, hp) {
+        if let Some(s) = spec(DropoutSite::Embeddings, hp) {
             device::dropout_apply(g, false, &mut x0.as_view_mut(), &exv, 1, t, c, hid, &s)?;
         }
 
@@ -300,7 +298,7 @@ impl GpuBert {
             let vh = qkv.pop().expect("v");
             let kh = qkv.pop().expect("k");
             let qh = qkv.pop().expect("q");
-            let attn_spec = spec(1 + 3 * l as u32, ap);
+            let attn_spec = spec(DropoutSite::AttentionProbs(l), ap);
             let mut probs = self.z(b * nh * t * t)?;
             let mut probs_drop = self.z(if attn_spec.is_some() { b * nh * t * t } else { 1 })?;
             let attn_drop = attn_spec.map(|s| DeviceAttnDropout { spec: s, example_ids: &exv, logical: attn_logical });
@@ -319,7 +317,7 @@ impl GpuBert {
             let mut ctx = self.z(bt * c)?;
             device::heads(g, "merge_heads_f32", &mut ctx.as_view_mut(), &tmp2.as_view(), dims)?;
             dense.fwd(&mut tmp.as_view_mut(), &ctx.as_view(), lp.ao_w.clone(), Some(lp.ao_b.clone()), bt, c, c)?;
-            if let Some(s) = spec(2 + 3 * l as u32, hp) {
+            if let Some(s) = spec(DropoutSite::AttentionOutput(l), hp) {
                 device::dropout_apply(g, false, &mut tmp.as_view_mut(), &exv, 1, t, c, hid, &s)?;
             }
             let mut res1 = self.z(bt * c)?;
@@ -357,7 +355,7 @@ impl GpuBert {
                 inter_size,
                 c,
             )?;
-            if let Some(s) = spec(3 + 3 * l as u32, hp) {
+            if let Some(s) = spec(DropoutSite::FeedForwardOutput(l), hp) {
                 device::dropout_apply(g, false, &mut tmp.as_view_mut(), &exv, 1, t, c, hid, &s)?;
             }
             let mut res2 = self.z(bt * c)?;
@@ -428,7 +426,7 @@ impl GpuBert {
                     )?;
                     device::tanh_forward(g, &mut head_act.as_view_mut(), &head_pre.as_view())?;
                     g.stream.memcpy_dtod(&head_act, &mut head_out)?;
-                    if let Some(s) = spec(1 + 3 * nl as u32, cfg.classifier_dropout_prob()) {
+                    if let Some(s) = spec(DropoutSite::Classifier { layers: nl }, cfg.classifier_dropout_prob()) {
                         device::dropout_apply(g, false, &mut head_out.as_view_mut(), &exv, 1, 1, c, hid, &s)?;
                     }
                     dense.fwd(
@@ -556,9 +554,7 @@ impl GpuBert {
         let dims = AttnDims { b, nh, t, hd: cfg.head_dim() };
         let (hp, ap) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
         let dropout = a.dropout;
-        let spec = |site: u32, prob: f32| {
-            dropout.filter(|_| prob > 0.0).map(|d| DropoutSpec { p: prob, seed: d.seed, step: d.step, site })
-        };
+        let spec = |site: DropoutSite, prob: f32| DropoutCtx::spec(dropout, site, prob);
         let exv = a.example_ids.as_view();
         let rows_n = a.rows.len();
         let classes = a.classes;
@@ -596,7 +592,7 @@ impl GpuBert {
                             num_labels,
                         )
                     })?;
-                    if let Some(sp) = spec(1 + 3 * nl as u32, cfg.classifier_dropout_prob()) {
+                    if let Some(sp) = spec(DropoutSite::Classifier { layers: nl }, cfg.classifier_dropout_prob()) {
                         device::dropout_apply(g, true, &mut d_a.as_view_mut(), &exv, 1, 1, c, hid, &sp)?;
                     }
                     device::tanh_backward(g, &mut d_b.as_view_mut(), &a.head_act.as_view(), &d_a.as_view())?;
@@ -715,7 +711,7 @@ impl GpuBert {
             })?;
             s.memcpy_dtod(&d_res, &mut d_ln1)?;
             s.memcpy_dtod(&d_res, &mut d_tmp)?;
-            if let Some(sp) = spec(3 + 3 * l as u32, hp) {
+            if let Some(sp) = spec(DropoutSite::FeedForwardOutput(l), hp) {
                 device::dropout_apply(g, true, &mut d_tmp.as_view_mut(), &exv, 1, t, c, hid, &sp)?;
             }
             s.memset_zeros(&mut d_act)?;
@@ -766,7 +762,7 @@ impl GpuBert {
             })?;
             s.memcpy_dtod(&d_res, &mut dx)?;
             s.memcpy_dtod(&d_res, &mut d_tmp)?;
-            if let Some(sp) = spec(2 + 3 * l as u32, hp) {
+            if let Some(sp) = spec(DropoutSite::AttentionOutput(l), hp) {
                 device::dropout_apply(g, true, &mut d_tmp.as_view_mut(), &exv, 1, t, c, hid, &sp)?;
             }
             s.memset_zeros(&mut d_ctx)?;
@@ -788,7 +784,7 @@ impl GpuBert {
             s.memset_zeros(&mut dqh)?;
             s.memset_zeros(&mut dkh)?;
             s.memset_zeros(&mut dvh)?;
-            let attn_drop = spec(1 + 3 * l as u32, ap).map(|sp| DeviceAttnDropout {
+            let attn_drop = spec(DropoutSite::AttentionProbs(l), ap).map(|sp| DeviceAttnDropout {
                 spec: sp,
                 example_ids: &exv,
                 logical: attn_logical,
@@ -845,7 +841,7 @@ impl GpuBert {
         }
 
         // Embeddings: `dy` now holds the gradient of x0.
-        if let Some(sp) = spec(0, hp) {
+        if let Some(sp) = spec(DropoutSite::Embeddings, hp) {
             device::dropout_apply(g, true, &mut dy.as_view_mut(), &exv, 1, t, c, hid, &sp)?;
         }
         s.memset_zeros(&mut d_res)?;

@@ -13,8 +13,8 @@
 //! loss = mean cross-entropy over the counted targets (ignore_index -100)
 //! ```
 //!
-//! Dropout sites are numbered 0 (embeddings), `1 + 3l`, `2 + 3l`, `3 + 3l` (attention
-//! probabilities, attention output, feed-forward output of layer `l`) and `1 + 3L` (classifier).
+//! Each dropout site ([`DropoutSite`]: the embeddings, three per layer, the classifier) keys its
+//! own masks.
 //! Activations are kept from forward for backward in [`Acts`]; buffers are reused across steps.
 
 use crate::bert_config::BertConfig;
@@ -45,6 +45,43 @@ pub struct Batch {
 pub struct DropoutCtx {
     pub seed: u64,
     pub step: u32,
+}
+
+impl DropoutCtx {
+    /// The mask of `site` at rate `p` in this step; none when evaluating (`ctx = None`) or when
+    /// `p` is 0.
+    pub fn spec(ctx: Option<DropoutCtx>, site: DropoutSite, p: f32) -> Option<DropoutSpec> {
+        ctx.filter(|_| p > 0.0).map(|d| DropoutSpec { p, seed: d.seed, step: d.step, site: site.id() })
+    }
+}
+
+/// Where in the model a dropout mask is drawn. The numbering is part of the masks (and so of
+/// every result with dropout on): the CPU and the GPU models both take it from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropoutSite {
+    /// After the embeddings' layer norm.
+    Embeddings,
+    /// On layer `l`'s attention probabilities.
+    AttentionProbs(usize),
+    /// On layer `l`'s attention output projection, before the residual.
+    AttentionOutput(usize),
+    /// On layer `l`'s feed-forward output, before the residual.
+    FeedForwardOutput(usize),
+    /// On the pooled `[CLS]` before the classifier, in a model of `layers` layers.
+    Classifier { layers: usize },
+}
+
+impl DropoutSite {
+    /// 0, then `1 + 3l`, `2 + 3l`, `3 + 3l` for layer `l`, then `1 + 3L`.
+    pub fn id(self) -> u32 {
+        match self {
+            DropoutSite::Embeddings => 0,
+            DropoutSite::AttentionProbs(l) => 1 + 3 * l as u32,
+            DropoutSite::AttentionOutput(l) => 2 + 3 * l as u32,
+            DropoutSite::FeedForwardOutput(l) => 3 + 3 * l as u32,
+            DropoutSite::Classifier { layers } => 1 + 3 * layers as u32,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -236,10 +273,8 @@ impl Bert {
         );
         let hp = cfg.hidden_dropout_prob;
         let ap = cfg.attention_probs_dropout_prob;
-        let spec = |site: u32, prob: f32| {
-            dropout.filter(|_| prob > 0.0).map(|d| DropoutSpec { p: prob, seed: d.seed, step: d.step, site })
-        };
-        if let Some(s) = spec(0, hp) {
+        let spec = |site: DropoutSite, prob: f32| DropoutCtx::spec(dropout, site, prob);
+        if let Some(s) = spec(DropoutSite::Embeddings, hp) {
             dropout::dropout_forward(&mut a.x0, &batch.example_ids, 1, t, c, hid, &s);
         }
 
@@ -260,7 +295,7 @@ impl Bert {
                 attention::split_heads(dst, &a.tmp, dims);
             }
             shaped(&mut la.probs, b * nh * t * t);
-            let attn_spec = spec(1 + 3 * l as u32, ap);
+            let attn_spec = spec(DropoutSite::AttentionProbs(l), ap);
             shaped(&mut la.probs_drop, if attn_spec.is_some() { b * nh * t * t } else { 0 });
             let attn_drop =
                 attn_spec.map(|s| AttnDropout { spec: s, example_ids: &batch.example_ids, logical: attn_logical });
@@ -278,7 +313,7 @@ impl Bert {
             shaped(&mut la.ctx, bt * c);
             attention::merge_heads(&mut la.ctx, &a.tmp2, dims);
             matmul::matmul_forward(&mut a.tmp, &la.ctx, &p[lp.ao_w.clone()], Some(&p[lp.ao_b.clone()]), bt, c, c);
-            if let Some(s) = spec(2 + 3 * l as u32, hp) {
+            if let Some(s) = spec(DropoutSite::AttentionOutput(l), hp) {
                 dropout::dropout_forward(&mut a.tmp, &batch.example_ids, 1, t, c, hid, &s);
             }
             shaped(&mut la.res1, bt * c);
@@ -318,7 +353,7 @@ impl Bert {
                 inter_size,
                 c,
             );
-            if let Some(s) = spec(3 + 3 * l as u32, hp) {
+            if let Some(s) = spec(DropoutSite::FeedForwardOutput(l), hp) {
                 dropout::dropout_forward(&mut a.tmp, &batch.example_ids, 1, t, c, hid, &s);
             }
             shaped(&mut la.res2, bt * c);
@@ -373,7 +408,7 @@ impl Bert {
                 );
                 tanh::tanh_forward(&mut a.head_act, &a.head_pre);
                 a.head_out.copy_from_slice(&a.head_act);
-                if let Some(s) = spec(1 + 3 * nl as u32, cfg.classifier_dropout_prob()) {
+                if let Some(s) = spec(DropoutSite::Classifier { layers: nl }, cfg.classifier_dropout_prob()) {
                     dropout::dropout_forward(&mut a.head_out, &batch.example_ids, 1, 1, c, hid, &s);
                 }
                 matmul::matmul_forward(
@@ -467,9 +502,7 @@ impl Bert {
         let dims = AttnDims { b, nh, t, hd: cfg.head_dim() };
         let (hp, ap) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
         let dropout = self.acts.dropout;
-        let spec = |site: u32, prob: f32| {
-            dropout.filter(|_| prob > 0.0).map(|d| DropoutSpec { p: prob, seed: d.seed, step: d.step, site })
-        };
+        let spec = |site: DropoutSite, prob: f32| DropoutCtx::spec(dropout, site, prob);
         let p = &self.params;
         let g = &mut self.grads;
         let lay = &self.layout;
@@ -498,7 +531,7 @@ impl Bert {
                     c,
                     num_labels,
                 );
-                if let Some(sp) = spec(1 + 3 * nl as u32, cfg.classifier_dropout_prob()) {
+                if let Some(sp) = spec(DropoutSite::Classifier { layers: nl }, cfg.classifier_dropout_prob()) {
                     dropout::dropout_backward(&mut s.d_head_a, &batch.example_ids, 1, 1, c, hid, &sp);
                 }
                 tanh::tanh_backward(&mut s.d_head_b, &a.head_act, &s.d_head_a);
@@ -609,7 +642,7 @@ impl Bert {
             );
             s.d_ln1.copy_from_slice(&s.d_res);
             s.d_tmp.copy_from_slice(&s.d_res);
-            if let Some(sp) = spec(3 + 3 * l as u32, hp) {
+            if let Some(sp) = spec(DropoutSite::FeedForwardOutput(l), hp) {
                 dropout::dropout_backward(&mut s.d_tmp, &batch.example_ids, 1, t, c, hid, &sp);
             }
             zero(&mut s.d_act);
@@ -656,7 +689,7 @@ impl Bert {
             );
             s.dx.copy_from_slice(&s.d_res);
             s.d_tmp.copy_from_slice(&s.d_res);
-            if let Some(sp) = spec(2 + 3 * l as u32, hp) {
+            if let Some(sp) = spec(DropoutSite::AttentionOutput(l), hp) {
                 dropout::dropout_backward(&mut s.d_tmp, &batch.example_ids, 1, t, c, hid, &sp);
             }
             zero(&mut s.d_ctx);
@@ -667,7 +700,7 @@ impl Bert {
             zero(&mut s.dqh);
             zero(&mut s.dkh);
             zero(&mut s.dvh);
-            let attn_drop = spec(1 + 3 * l as u32, ap).map(|sp| AttnDropout {
+            let attn_drop = spec(DropoutSite::AttentionProbs(l), ap).map(|sp| AttnDropout {
                 spec: sp,
                 example_ids: &batch.example_ids,
                 logical: attn_logical,
@@ -712,7 +745,7 @@ impl Bert {
         }
 
         // Embeddings: `dy` now holds the gradient of x0.
-        if let Some(sp) = spec(0, hp) {
+        if let Some(sp) = spec(DropoutSite::Embeddings, hp) {
             dropout::dropout_backward(&mut s.dy, &batch.example_ids, 1, t, c, hid, &sp);
         }
         s.d_res.iter_mut().for_each(|e| *e = 0.0);
@@ -790,4 +823,21 @@ pub(crate) fn validate_batch(cfg: &BertConfig, layout: &Layout, batch: &Batch) -
         return bad(format!("label {l} outside 0..{classes}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DropoutSite::*;
+
+    #[test]
+    fn dropout_sites_keep_their_numbers_and_never_share_one() {
+        // The numbers key the masks: changing one changes every result with dropout on.
+        let layers = 6;
+        let mut ids = vec![Embeddings.id()];
+        for l in 0..layers {
+            ids.extend([AttentionProbs(l).id(), AttentionOutput(l).id(), FeedForwardOutput(l).id()]);
+        }
+        ids.push(Classifier { layers }.id());
+        assert_eq!(ids, (0..=19).collect::<Vec<u32>>());
+    }
 }
