@@ -3,7 +3,6 @@
 //! the outside (status page, metrics, TensorBoard, the loss plot). What a job *is* (config, data,
 //! shards, counts) lives in the `job` crate, which the worker shares.
 
-pub mod checkpoints;
 pub mod gather;
 pub mod http;
 pub mod plot;

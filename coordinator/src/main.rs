@@ -21,8 +21,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use coordinator::checkpoints::Store;
 use coordinator::service::{CheckpointSetup, CoordinatorService, JobInfo};
+use job::checkpoints::Store;
 use job::config::JobConfig;
 use job::progress::ProgressBoard;
 use proto::v1::coordinator_server::CoordinatorServer;

@@ -2,10 +2,10 @@
 //! client) sees the generated proto types and `tonic::Status`; the logic lives in plain state
 //! machines such as [`Rendezvous`].
 
-use crate::checkpoints::{self, Manifest, Partial, Store};
 use crate::gather::EvalBoard;
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use crate::telemetry::{CheckpointStatus, JobStatus, Telemetry, WorkerStatus, CURVE_POINTS};
+use job::checkpoints::{self, Manifest, Partial, Store};
 use job::config::ElasticSection;
 use job::data::Datasets;
 use job::eval::EvalCounts;

@@ -11,7 +11,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -31,14 +32,25 @@ pub fn model_sha256(job: &JobConfig) -> std::io::Result<String> {
 }
 
 fn hash_file(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
-    let mut f = std::fs::File::open(path)?;
+    let f = std::fs::File::open(path)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     h.update((name.len() as u64).to_le_bytes());
     h.update(name.as_bytes());
     h.update(f.metadata()?.len().to_le_bytes());
+    feed(h, f)
+}
+
+/// The SHA-256 of a file's bytes, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    feed(&mut h, std::fs::File::open(path)?)?;
+    Ok(hex(&h.finalize()))
+}
+
+fn feed(h: &mut Sha256, mut r: impl Read) -> std::io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = r.read(&mut buf)?;
         if n == 0 {
             return Ok(());
         }

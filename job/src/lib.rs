@@ -1,12 +1,13 @@
 //! What a Tandem job is, shared by the coordinator and the worker (which depend on this crate and
 //! not on each other): the job config and its layers (`config`), the dataset readers and labels
-//! (`data`), which examples each rank sees (`shard`), evaluation counts and their metrics
+//! (`data`), the checkpoint directory (`checkpoints`), which examples each rank sees (`shard`), evaluation counts and their metrics
 //! (`eval`), step records and the progress reporter (`progress`), digests of the config and the
 //! model files (`fingerprint`), fault points for the failure tests (`fault`), and the binaries'
 //! logging and error reporting (`main_with`).
 //!
 //! Nothing here computes on tensors or talks to the network.
 
+pub mod checkpoints;
 pub mod config;
 pub mod data;
 pub mod eval;

@@ -152,8 +152,8 @@ fn a_coordinator_killed_while_writing_a_checkpoint_is_restarted_and_the_job_comp
     // Only complete checkpoints count: step 5; the partial one of step 10 is not a checkpoint.
     assert_eq!(checkpoint_steps(&out), vec![5], "{log1}");
     let ckpt = out.join("checkpoints");
-    let m = coordinator::checkpoints::read_manifest(&ckpt.join("step-00000005")).unwrap();
-    coordinator::checkpoints::verify(&ckpt.join("step-00000005"), &m).expect("the last complete checkpoint is intact");
+    let m = job::checkpoints::read_manifest(&ckpt.join("step-00000005")).unwrap();
+    job::checkpoints::verify(&ckpt.join("step-00000005"), &m).expect("the last complete checkpoint is intact");
     // The same command again: the workers, still running, find it and rejoin.
     let coord = coordinator_at(&cfg, 2, &out, port, &dir.join("coord-2.log")).spawn().unwrap();
     wait_ok(coord, "the restarted coordinator", &dir.join("coord-2.log"));
@@ -200,8 +200,8 @@ fn a_coordinator_killed_from_outside_at_random_steps_is_restarted_and_the_job_co
         let ckpt = out.join("checkpoints");
         for step in checkpoint_steps(&out) {
             let d = ckpt.join(format!("step-{step:08}"));
-            let m = coordinator::checkpoints::read_manifest(&d).unwrap();
-            coordinator::checkpoints::verify(&d, &m).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let m = job::checkpoints::read_manifest(&d).unwrap();
+            job::checkpoints::verify(&d, &m).unwrap_or_else(|e| panic!("round {round}: {e}"));
         }
     }
     println!("coordinator killed at steps {kills:?}");

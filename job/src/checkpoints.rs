@@ -163,21 +163,7 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 }
 
 fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
-    use std::io::Read;
-    let mut f = File::open(path).map_err(io(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            return Ok(hex(&h.finalize()));
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::fingerprint::sha256_file(path).map_err(io(path))
 }
 
 impl Store {
@@ -258,7 +244,7 @@ impl Store {
         manifest.files.clear();
         for (name, (f, hash, len)) in std::mem::take(&mut partial.files) {
             f.sync_all().map_err(io(&partial.dir.join(&name)))?;
-            manifest.files.insert(name, FileEntry { bytes: len, sha256: hex(&hash.finalize()) });
+            manifest.files.insert(name, FileEntry { bytes: len, sha256: crate::fingerprint::hex(&hash.finalize()) });
         }
         let mpath = partial.dir.join(MANIFEST);
         let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
