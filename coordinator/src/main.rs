@@ -378,16 +378,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let status = c.wait()?;
         anyhow::ensure!(status.success(), "a worker exited with {status}");
     }
+    let (mut dev, mut test) = (None, None);
     for ((split, step), m) in svc.eval_results() {
-        let name = proto::v1::Split::try_from(split).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default();
+        let split = proto::v1::Split::try_from(split).unwrap_or(proto::v1::Split::Train);
         println!(
-            "step {step}: {name} accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
-            m.accuracy, m.macro_f1, m.loss, m.examples
+            "step {step}: {} accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
+            split.as_str_name().to_lowercase(),
+            m.accuracy,
+            m.macro_f1,
+            m.loss,
+            m.examples
         );
+        // In step order within a split: the last one is the final evaluation.
+        match split {
+            proto::v1::Split::Dev => dev = Some(m),
+            proto::v1::Split::Test => test = Some(m),
+            proto::v1::Split::Train => {}
+        }
     }
     if let Some(Some(r0)) = svc.finish_reports().first() {
-        let model = svc.final_model().map(|p| p.display().to_string()).unwrap_or_else(|| "(not saved)".into());
-        println!("trained {} steps on {} workers; model saved to {model}", r0.steps, svc.world_size());
+        let model = svc.final_model();
+        let shown = model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(not saved)".into());
+        println!("trained {} steps on {} workers; model saved to {shown}", r0.steps, svc.world_size());
+        let (final_train_loss, train_seconds, tokens) = svc.progress_totals().unwrap_or((f64::NAN, 0.0, 0));
+        let summary = job::progress::Summary {
+            steps: r0.steps,
+            final_train_loss,
+            dev,
+            test,
+            model_dir: model.unwrap_or_default(),
+            train_seconds,
+            tokens_per_second: if train_seconds > 0.0 { tokens as f64 / train_seconds } else { 0.0 },
+        };
+        summary.write(&job.output.dir).context("writing the run's metrics")?;
     }
     Ok(())
 }

@@ -258,6 +258,11 @@ impl Inner {
         self.final_model.lock().expect("final lock").clone()
     }
 
+    /// The progress board's totals (smoothed loss, seconds, tokens; see `ProgressBoard::totals`).
+    pub fn progress_totals(&self) -> Option<(f64, f64, u64)> {
+        self.progress.lock().expect("progress lock").as_ref().map(ProgressBoard::totals)
+    }
+
     pub fn finish_progress(&self) {
         if let Some(p) = self.progress.lock().expect("progress lock").as_ref() {
             p.finish();

@@ -5,9 +5,10 @@
 //! Rank 0 reports after every step; its loss is the mean over the global batch (the ranks
 //! all-reduce it with the gradients), so the curve does not depend on the world size.
 
+use crate::eval::EvalMetrics;
 use serde::Serialize;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -28,11 +29,38 @@ pub struct StepRecord {
     pub time_s: f64,
 }
 
+/// What a finished run reports in `<output.dir>/metrics.json`, single-process or distributed.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    /// The smoothed training loss at the end (the progress bar's moving average).
+    pub final_train_loss: f64,
+    /// The last evaluation of each split.
+    pub dev: Option<EvalMetrics>,
+    pub test: Option<EvalMetrics>,
+    pub model_dir: PathBuf,
+    pub train_seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+impl Summary {
+    /// Writes `dir/metrics.json` and returns its path.
+    pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let path = dir.join("metrics.json");
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&path, json + "\n")
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Ok(path)
+    }
+}
+
 pub struct ProgressBoard {
     bar: indicatif::ProgressBar,
     log: Option<(PathBuf, std::fs::File)>,
     created: Instant,
     started: Option<(Instant, u64)>,
+    /// When the last record came, and the first record's own step time.
+    last: Option<(Instant, f64)>,
     tokens: u64,
     ema: f64,
     /// Log a line every this many steps when the bar is hidden.
@@ -63,7 +91,16 @@ impl ProgressBoard {
             }
             None => None,
         };
-        Ok(ProgressBoard { bar, log, created: Instant::now(), started: None, tokens: 0, ema: f64::NAN, log_every: 50 })
+        Ok(ProgressBoard {
+            bar,
+            log,
+            created: Instant::now(),
+            started: None,
+            last: None,
+            tokens: 0,
+            ema: f64::NAN,
+            log_every: 50,
+        })
     }
 
     /// Seconds since the board was made (the job's start).
@@ -74,6 +111,8 @@ impl ProgressBoard {
     pub fn record(&mut self, r: &StepRecord, total_steps: u64) {
         let (t0, step0) = *self.started.get_or_insert((Instant::now(), r.step.saturating_sub(1)));
         self.tokens += r.tokens;
+        let first_step_s = self.last.map_or(r.step_s, |(_, s)| s);
+        self.last = Some((Instant::now(), first_step_s));
         self.ema = if self.ema.is_nan() { r.loss } else { 0.95 * self.ema + 0.05 * r.loss };
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let tps = self.tokens as f64 / secs;
@@ -113,6 +152,16 @@ impl ProgressBoard {
                 tracing::warn!(path = %path.display(), error = %e, "cannot append to the loss log");
             }
         }
+    }
+
+    /// The smoothed loss, the seconds from the first recorded step's start to the last one's
+    /// end, and the tokens of the recorded steps.
+    pub fn totals(&self) -> (f64, f64, u64) {
+        let secs = match (self.started, self.last) {
+            (Some((t0, _)), Some((t1, first_step_s))) => (t1 - t0).as_secs_f64() + first_step_s,
+            _ => 0.0,
+        };
+        (self.ema, secs, self.tokens)
     }
 
     /// Prints a line above the bar (or plainly, when there is no bar).

@@ -188,6 +188,16 @@ fn equivalence(p_drop: f64) {
         if world == 1 {
             assert_bits_eq(&got, &single, "one worker through the coordinator vs worker train");
             assert_eq!(curve, single_curve, "and so is its loss curve");
+            // Both write metrics.json, with the same evaluations and the same smoothed loss.
+            let metrics = |dir: &Path| -> serde_json::Value {
+                let text = std::fs::read_to_string(dir.join("metrics.json")).expect("metrics.json is written");
+                serde_json::from_str(&text).unwrap()
+            };
+            let (m1, m) = (metrics(&single_out), metrics(&out));
+            for key in ["steps", "final_train_loss", "dev", "test"] {
+                assert_eq!(m1[key], m[key], "metrics.json's {key}: worker train vs one worker");
+            }
+            assert!(m["test"]["accuracy"].is_number() && m["tokens_per_second"].as_f64() > Some(0.0), "{m}");
         }
         assert!(d < 1e-5, "world {world}: relative difference {d}");
         assert_eq!(curve.len(), single_curve.len());

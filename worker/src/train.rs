@@ -12,8 +12,7 @@ use anyhow::Context;
 use job::config::{JobConfig, TrainSection};
 use job::data::{self, Record};
 use job::eval::{EvalCounts, EvalMetrics};
-use job::progress::StepRecord;
-use serde::Serialize;
+use job::progress::{StepRecord, Summary};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -139,17 +138,6 @@ pub fn argmax(row: &[f32]) -> usize {
         }
     }
     best
-}
-
-#[derive(Debug, Serialize)]
-pub struct Summary {
-    pub steps: u64,
-    pub final_train_loss: f64,
-    pub dev: Option<EvalMetrics>,
-    pub test: Option<EvalMetrics>,
-    pub model_dir: PathBuf,
-    pub train_seconds: f64,
-    pub tokens_per_second: f64,
 }
 
 /// Runs the whole job on `device`; `progress` draws a progress bar on stderr.
@@ -280,8 +268,6 @@ pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Su
         train_seconds,
         tokens_per_second: tokens as f64 / train_seconds,
     };
-    let metrics_path = job.output.dir.join("metrics.json");
-    std::fs::write(&metrics_path, serde_json::to_string_pretty(&summary)? + "\n")
-        .with_context(|| format!("writing {}", metrics_path.display()))?;
+    summary.write(&job.output.dir)?;
     Ok(summary)
 }
