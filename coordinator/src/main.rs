@@ -22,7 +22,6 @@
 use anyhow::Context;
 use clap::Parser;
 use coordinator::service::{CheckpointSetup, CoordinatorService, JobInfo};
-use job::checkpoints::Store;
 use job::config::JobConfig;
 use job::progress::ProgressBoard;
 use proto::v1::coordinator_server::CoordinatorServer;
@@ -96,44 +95,14 @@ struct Cli {
 /// The checkpoint directory, and the checkpoint to resume from when there is one that this job
 /// may continue.
 fn checkpoint_setup(job: &JobConfig, worlds: std::ops::RangeInclusive<usize>) -> anyhow::Result<CheckpointSetup> {
-    let c = &job.checkpoint;
-    let store = Store::open(&job.checkpoint_dir(), c.keep_last, &c.best_metric)?;
-    let latest = store.latest()?;
-    let resume = match latest {
-        None => None,
-        Some((dir, _)) if !c.resume => anyhow::bail!(
-            "{} holds checkpoints of an earlier run (newest: {}); set checkpoint.resume = true to continue it, or \
-             choose another checkpoint.dir or output.dir",
-            store.dir().display(),
-            dir.display()
-        ),
-        Some((dir, m)) => {
-            let then: JobConfig = serde_json::from_value(m.config.clone())
-                .with_context(|| format!("the job config recorded in {}", dir.display()))?;
-            let diff = job.differences_that_matter(&then);
-            anyhow::ensure!(
-                diff.is_empty(),
-                "cannot resume from {}: it was written by a job with another config ({}); use another output.dir \
-                 (or checkpoint.dir) for a new job",
-                dir.display(),
-                diff.join("; ")
-            );
-            anyhow::ensure!(
-                worlds.contains(&(m.cursor.world_size as usize)),
-                "cannot resume from {}: it was written by a world of {} workers and this job has {}",
-                dir.display(),
-                m.cursor.world_size,
-                if worlds.start() == worlds.end() {
-                    worlds.start().to_string()
-                } else {
-                    format!("{}..={}", worlds.start(), worlds.end())
-                }
-            );
-            tracing::info!(checkpoint = %dir.display(), step = m.step, epoch = m.cursor.epoch, "resuming");
-            Some((dir, m))
-        }
-    };
-    Ok(CheckpointSetup { store, resume, model_dir: job.output.dir.join("model"), config: serde_json::to_value(job)? })
+    let (store, resume) = job::checkpoints::open_for(job, worlds)?;
+    Ok(CheckpointSetup {
+        store,
+        resume,
+        model_dir: job.output.dir.join("model"),
+        publish: job.checkpoint.publish,
+        config: serde_json::to_value(job)?,
+    })
 }
 
 /// The HTTP listener: `explicit` when given (a bind failure is an error), else the host of the
@@ -215,7 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let info = JobInfo { config_json: serde_json::to_string(&job)?, seed: job.train.seed };
     let board = ProgressBoard::new(
         !cli.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        Some(job.output.dir.join("loss.jsonl")),
+        Some((job.output.dir.join("loss.jsonl"), setup.resume.is_some())),
     )
     .with_context(|| format!("opening {}", job.output.dir.join("loss.jsonl").display()))?;
     coordinator::service::write_state(setup.store.dir(), &restarts)
@@ -400,16 +369,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let model = svc.final_model();
         let shown = model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(not saved)".into());
         println!("trained {} steps on {} workers; model saved to {shown}", r0.steps, svc.world_size());
-        let (final_train_loss, train_seconds, tokens) = svc.progress_totals().unwrap_or((f64::NAN, 0.0, 0));
-        let summary = job::progress::Summary {
-            steps: r0.steps,
-            final_train_loss,
-            dev,
-            test,
-            model_dir: model.unwrap_or_default(),
-            train_seconds,
-            tokens_per_second: if train_seconds > 0.0 { tokens as f64 / train_seconds } else { 0.0 },
-        };
+        let totals = svc.progress_totals().unwrap_or((f64::NAN, 0.0, 0));
+        let summary = job::progress::Summary::new(r0.steps, totals, dev, test, model.unwrap_or_default());
         summary.write(&job.output.dir).context("writing the run's metrics")?;
     }
     Ok(())

@@ -49,8 +49,9 @@ pub struct CheckpointSetup {
     pub store: Store,
     /// The checkpoint every worker starts from: its directory and manifest.
     pub resume: Option<(PathBuf, Manifest)>,
-    /// Where the final checkpoint's model is published (`<output.dir>/model`).
+    /// Where the model is published at the end (`<output.dir>/model`), and which one.
     pub model_dir: PathBuf,
+    pub publish: job::config::Publish,
     /// The resolved job config (recorded in every manifest).
     pub config: serde_json::Value,
 }
@@ -508,21 +509,16 @@ impl Inner {
 
     /// The metrics recorded in the manifest of the checkpoint of `step`.
     fn metrics_at(&self, step: u64, train_loss: f64) -> BTreeMap<String, f64> {
-        let mut out = BTreeMap::new();
-        if train_loss.is_finite() {
-            out.insert("train/loss".to_string(), train_loss);
-        }
         let evals = self.evals.lock().expect("eval lock");
-        for ((split, s), m) in &evals.done {
-            if *s != step {
-                continue;
-            }
-            let name = Split::try_from(*split).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default();
-            out.insert(format!("{name}/accuracy"), m.accuracy);
-            out.insert(format!("{name}/macro_f1"), m.macro_f1);
-            out.insert(format!("{name}/loss"), m.loss);
-        }
-        out
+        let names: Vec<(String, &job::eval::EvalMetrics)> = evals
+            .done
+            .iter()
+            .filter(|((_, s), _)| *s == step)
+            .map(|((split, _), m)| {
+                (Split::try_from(*split).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default(), m)
+            })
+            .collect();
+        checkpoints::step_metrics(train_loss, names.iter().map(|(n, m)| (n.as_str(), *m)))
     }
 
     /// The whole job at this moment: what the status page and `/metrics` show.
@@ -781,20 +777,9 @@ impl Coordinator for CoordinatorService {
         self.current(header.generation, header.rank)?;
         let world = self.world_size() as u32;
         let setup = self.checkpoint_setup()?;
-        let manifest = Manifest {
-            format: checkpoints::FORMAT_VERSION,
-            step,
-            cursor: checkpoints::Cursor { epoch: header.epoch, position: header.position, world_size: world },
-            rng: checkpoints::Rng { seed: self.job.seed, step, epoch: header.epoch },
-            is_final: header.r#final,
-            config: setup.config.clone(),
-            metrics: self.metrics_at(step, header.train_loss),
-            files: BTreeMap::new(),
-            created_unix_s: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
+        let cursor = checkpoints::Cursor { epoch: header.epoch, position: header.position, world_size: world };
+        let metrics = self.metrics_at(step, header.train_loss);
+        let manifest = Manifest::new(step, cursor, self.job.seed, header.r#final, setup.config.clone(), metrics);
         let is_final = header.r#final;
         let commit_inner = Arc::clone(&self.inner);
         let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, checkpoints::CheckpointError> {
@@ -802,7 +787,8 @@ impl Coordinator for CoordinatorService {
             job::fault::coordinator_point("commit", step);
             let path = setup.store.commit(partial, manifest)?;
             if is_final {
-                checkpoints::publish_model(&path, &setup.model_dir)?;
+                let from = setup.store.publish_end(&path, setup.publish, &setup.model_dir)?;
+                tracing::info!(checkpoint = %from.display(), model = %setup.model_dir.display(), "model published");
             }
             Ok(path)
         })

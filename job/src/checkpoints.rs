@@ -19,6 +19,9 @@
 //!
 //! Plain file-system logic: no gRPC here (the service module streams into [`Partial`]).
 
+use crate::config::{JobConfig, Publish};
+use crate::eval::EvalMetrics;
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -94,6 +97,51 @@ pub struct Manifest {
     pub metrics: BTreeMap<String, f64>,
     pub files: BTreeMap<String, FileEntry>,
     pub created_unix_s: u64,
+}
+
+impl Manifest {
+    /// The manifest of the checkpoint of `step` (its files are filled in by [`Store::commit`]).
+    pub fn new(
+        step: u64,
+        cursor: Cursor,
+        seed: u64,
+        is_final: bool,
+        config: serde_json::Value,
+        metrics: BTreeMap<String, f64>,
+    ) -> Self {
+        let created_unix_s =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let rng = Rng { seed, step, epoch: cursor.epoch };
+        Manifest {
+            format: FORMAT_VERSION,
+            step,
+            cursor,
+            rng,
+            is_final,
+            config,
+            metrics,
+            files: BTreeMap::new(),
+            created_unix_s,
+        }
+    }
+}
+
+/// What a manifest records of a step: `train/loss` and each evaluation of the step, as
+/// `<split>/<metric>` (what `checkpoint.best_metric` names).
+pub fn step_metrics<'a>(
+    train_loss: f64,
+    evals: impl IntoIterator<Item = (&'a str, &'a EvalMetrics)>,
+) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if train_loss.is_finite() {
+        out.insert("train/loss".to_string(), train_loss);
+    }
+    for (split, m) in evals {
+        out.insert(format!("{split}/accuracy"), m.accuracy);
+        out.insert(format!("{split}/macro_f1"), m.macro_f1);
+        out.insert(format!("{split}/loss"), m.loss);
+    }
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -268,6 +316,19 @@ impl Store {
         Ok(target)
     }
 
+    /// Publishes the job's model as `to` at the end of training: the final checkpoint, or with
+    /// [`Publish::Best`] the best by `best_metric` (the final one when none has the metric).
+    /// Returns the checkpoint published.
+    pub fn publish_end(&self, final_checkpoint: &Path, choice: Publish, to: &Path) -> Result<PathBuf, CheckpointError> {
+        let from = match choice {
+            Publish::Final => None,
+            Publish::Best => self.best(&self.list()?),
+        }
+        .unwrap_or_else(|| final_checkpoint.to_owned());
+        publish_model(&from, to)?;
+        Ok(from)
+    }
+
     /// Keeps the `keep_last` newest checkpoints and the best by `best_metric`; deletes the rest.
     pub fn prune(&self) -> Result<Vec<PathBuf>, CheckpointError> {
         let all = self.list()?;
@@ -309,6 +370,53 @@ impl Store {
         }
         best.map(|(d, _)| d.clone())
     }
+}
+
+/// The checkpoint directory of `job`, opened, and the checkpoint the job resumes from when there
+/// is one that it may continue: the newest complete one, written by a world of a size in
+/// `worlds` under a config that differs from this one only in what does not change the
+/// computation. Checkpoints there with `checkpoint.resume = false` are an error, not overwritten.
+pub fn open_for(
+    job: &JobConfig,
+    worlds: std::ops::RangeInclusive<usize>,
+) -> anyhow::Result<(Store, Option<(PathBuf, Manifest)>)> {
+    let c = &job.checkpoint;
+    let store = Store::open(&job.checkpoint_dir(), c.keep_last, &c.best_metric)?;
+    let resume = match store.latest()? {
+        None => None,
+        Some((dir, _)) if !c.resume => anyhow::bail!(
+            "{} holds checkpoints of an earlier run (newest: {}); set checkpoint.resume = true to continue it, or \
+             choose another checkpoint.dir or output.dir",
+            store.dir().display(),
+            dir.display()
+        ),
+        Some((dir, m)) => {
+            let then: JobConfig = serde_json::from_value(m.config.clone())
+                .with_context(|| format!("the job config recorded in {}", dir.display()))?;
+            let diff = job.differences_that_matter(&then);
+            anyhow::ensure!(
+                diff.is_empty(),
+                "cannot resume from {}: it was written by a job with another config ({}); use another output.dir \
+                 (or checkpoint.dir) for a new job",
+                dir.display(),
+                diff.join("; ")
+            );
+            anyhow::ensure!(
+                worlds.contains(&(m.cursor.world_size as usize)),
+                "cannot resume from {}: it was written by a world of {} workers and this job has {}",
+                dir.display(),
+                m.cursor.world_size,
+                if worlds.start() == worlds.end() {
+                    worlds.start().to_string()
+                } else {
+                    format!("{}..={}", worlds.start(), worlds.end())
+                }
+            );
+            tracing::info!(checkpoint = %dir.display(), step = m.step, epoch = m.cursor.epoch, "resuming");
+            Some((dir, m))
+        }
+    };
+    Ok((store, resume))
 }
 
 /// Publishes the model files of a checkpoint (weights, config, tokenizer: not the optimizer

@@ -149,11 +149,31 @@ pub struct CheckpointSection {
     /// Resume from the latest complete checkpoint in `dir` when there is one. When false and
     /// `dir` already holds checkpoints, the job refuses to start rather than overwrite them.
     pub resume: bool,
+    /// Which model `<output.dir>/model` holds at the end: the `final` one, or the `best`
+    /// checkpoint by `best_metric` (the HF Trainer's `load_best_model_at_end`; the final one
+    /// when no checkpoint has the metric).
+    pub publish: Publish,
+}
+
+/// The model a job publishes at the end (`checkpoint.publish`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Publish {
+    #[default]
+    Final,
+    Best,
 }
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { dir: None, every: 500, keep_last: 2, best_metric: "dev/accuracy".into(), resume: true }
+        CheckpointSection {
+            dir: None,
+            every: 500,
+            keep_last: 2,
+            best_metric: "dev/accuracy".into(),
+            resume: true,
+            publish: Publish::Final,
+        }
     }
 }
 
@@ -334,6 +354,9 @@ impl JobConfig {
                     c.best_metric
                 ));
             }
+        }
+        if c.publish == Publish::Best && c.best_metric.is_empty() {
+            return Err("checkpoint.publish = \"best\" needs a checkpoint.best_metric to judge by".into());
         }
         Ok(())
     }

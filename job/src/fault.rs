@@ -11,7 +11,8 @@
 //! - `coordinator:commit@S`: with the checkpoint of step S written but not yet complete.
 //!
 //! A worker fires only in the job's first generation (a replacement started with the same
-//! environment does not kill itself again). Unset, nothing happens: one environment lookup.
+//! environment does not kill itself again); `worker train` is rank 0 of generation 0 and has the
+//! `step` point. Unset, nothing happens: one environment lookup.
 
 use std::sync::OnceLock;
 

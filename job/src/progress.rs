@@ -1,6 +1,7 @@
 //! The job's progress as the coordinator shows it: one progress bar on stderr (step, loss,
 //! tokens/s, ETA) when stderr is a terminal, a `tracing` line every few steps otherwise, and the
-//! loss curve appended to `loss.jsonl` (one JSON object per step) in the output directory.
+//! loss curve in `loss.jsonl` (one JSON object per step) in the output directory; for a
+//! distributed job in the coordinator, for `worker train` in the worker.
 //!
 //! Rank 0 reports after every step; its loss is the mean over the global batch (the ranks
 //! all-reduce it with the gradients), so the curve does not depend on the world size.
@@ -44,6 +45,19 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The summary of a run of `steps` whose progress board gave `totals` (see
+    /// [`ProgressBoard::totals`]).
+    pub fn new(
+        steps: u64,
+        (final_train_loss, train_seconds, tokens): (f64, f64, u64),
+        dev: Option<EvalMetrics>,
+        test: Option<EvalMetrics>,
+        model_dir: PathBuf,
+    ) -> Self {
+        let tokens_per_second = if train_seconds > 0.0 { tokens as f64 / train_seconds } else { 0.0 };
+        Summary { steps, final_train_loss, dev, test, model_dir, train_seconds, tokens_per_second }
+    }
+
     /// Writes `dir/metrics.json` and returns its path.
     pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
         let path = dir.join("metrics.json");
@@ -68,8 +82,10 @@ pub struct ProgressBoard {
 }
 
 impl ProgressBoard {
-    /// `loss_log`: the file the loss curve is appended to (None: keep no file).
-    pub fn new(show_bar: bool, loss_log: Option<PathBuf>) -> std::io::Result<Self> {
+    /// `loss_log`: the file the loss curve goes to (None: keep no file), and whether the run
+    /// resumes: a resumed run appends to it (the steps it repeats after the checkpoint appear
+    /// twice, and the last record of a step wins), a fresh one starts it anew.
+    pub fn new(show_bar: bool, loss_log: Option<(PathBuf, bool)>) -> std::io::Result<Self> {
         let bar = if show_bar {
             indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
         } else {
@@ -82,11 +98,14 @@ impl ProgressBoard {
             .expect("valid template"),
         );
         let log = match loss_log {
-            Some(p) => {
+            Some((p, resumed)) => {
                 if let Some(dir) = p.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                let f = std::fs::OpenOptions::new().create(true).append(true).open(&p)?;
+                let f = std::fs::OpenOptions::new().create(true).append(true).truncate(false).open(&p)?;
+                if !resumed {
+                    f.set_len(0)?;
+                }
                 Some((p, f))
             }
             None => None,
@@ -162,6 +181,11 @@ impl ProgressBoard {
             _ => 0.0,
         };
         (self.ema, secs, self.tokens)
+    }
+
+    /// Whether no bar is drawn.
+    pub fn is_hidden(&self) -> bool {
+        self.bar.is_hidden()
     }
 
     /// Prints a line above the bar (or plainly, when there is no bar).

@@ -252,6 +252,30 @@ pub fn save(
     Ok(())
 }
 
+/// The files of a checkpoint of the training state: the weights, the optimizer state, the config
+/// with the label names, and the tokenizer files found in `tokenizer_dir`.
+pub fn state_files(
+    model: &Bert,
+    opt: &crate::optim::AdamW,
+    labels: &[String],
+    tokenizer_dir: Option<&Path>,
+) -> Result<Vec<(String, Vec<u8>)>, ModelError> {
+    let mut files = vec![
+        (WEIGHTS_FILE.to_string(), weights_bytes(model)?),
+        (OPTIMIZER_FILE.to_string(), optimizer_bytes(&model.layout, opt)?),
+        (CONFIG_FILE.to_string(), config_json(model, Some(labels)).into_bytes()),
+    ];
+    if let Some(dir) = tokenizer_dir {
+        for f in TOKENIZER_FILES {
+            let p = dir.join(f);
+            if p.exists() {
+                files.push((f.to_string(), std::fs::read(&p).map_err(|e| ModelError::Io(p.clone(), e))?));
+            }
+        }
+    }
+    Ok(files)
+}
+
 /// `optimizer.safetensors`: AdamW's first and second moments per tensor (`<hf key>.exp_avg`,
 /// `<hf key>.exp_avg_sq`), and the completed step count in the metadata.
 pub fn optimizer_bytes(layout: &Layout, opt: &crate::optim::AdamW) -> Result<Vec<u8>, ModelError> {

@@ -1,31 +1,25 @@
-//! `worker --coordinator URL`: one rank of a distributed job, top to bottom: join (rank, config,
-//! peers, resume point), connect the ring, load the checkpoint (and, when resuming, the
-//! checkpoint's weights and optimizer state from the coordinator), then per step: take the next
-//! local batch from the prefetched shard, run the micro-batches, all-reduce the gradients once,
-//! clip, schedule, AdamW; report progress (rank 0); evaluate when due; upload a checkpoint when
-//! due (rank 0). At the end: evaluate dev and test, upload the final checkpoint (the coordinator
-//! publishes its model), finish.
+//! `worker --coordinator URL`: one rank of a distributed job. Per generation: join (rank,
+//! config, peers, resume point), connect the ring (or NCCL), then the one training loop
+//! (`train::run`) over this rank's job I/O, [`RankIo`]: the checkpoint to resume from fetched
+//! from the coordinator, the training shard streamed and tokenized in the background, progress
+//! reported (rank 0), evaluation counts of this rank's shard reported and gathered, parameter
+//! checksums compared, checkpoints uploaded (rank 0; the final one publishes the model), and
+//! Finish. Heartbeats run beside it; the coordinator's verdicts (restart, stop) interrupt it,
+//! and the worker joins the next generation.
 //!
 //! The loss of a step is the mean over the *global* batch, so each micro-step scales its
 //! backward by `1 / (local examples * world)` and the all-reduce is a plain sum. Clipping comes
 //! after the all-reduce and every rank applies the same update to the same bits, so the ranks'
 //! parameters never diverge.
-//!
-//! Everything a step depends on is a function of the step number and the restored tensors: the
-//! data cursor (epoch, position) of step `s` is `(s / per_epoch, (s % per_epoch) * local_batch)`,
-//! the learning rate is the schedule at `s`, the dropout masks are keyed by `(seed, s, example)`.
-//! That is why a resumed run continues bit for bit.
 
 use crate::checkpoint;
 use crate::collective::{Collective, Overlapped, RingHandle, TcpRing};
 use crate::engine::{self, Compute, Engine, Peers};
-use crate::layout::Head;
-use crate::model::Batch;
-use crate::optim::{linear_schedule, schedule_steps, AdamW};
-use crate::tokenize::{Encoded, TextEncoder};
-use crate::train::{batch_of, optimizer_step, Split};
+use crate::tokenize::TextEncoder;
+use crate::train::{CheckpointAt, EvalSplit, Example, JobIo, Resume, RunInfo, Split};
 use anyhow::Context;
 use job::config::{ElasticSection, JobConfig};
+use job::progress::StepRecord;
 use proto::auth::ClientAuth;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{
@@ -34,7 +28,6 @@ use proto::v1::{
     Split as WireSplit,
 };
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,16 +109,9 @@ async fn fetch_shard(
     Ok((ids, Split { path: split.as_str_name().into(), examples, labels }))
 }
 
-/// One training example as the feed delivers it.
-struct Fed {
-    index: u32,
-    example: Encoded,
-    label: i64,
-}
-
 /// What the data feed sends: the examples of an epoch in shard order, then the epoch's end.
 enum Feed {
-    Example(Fed),
+    Example(Example),
     EpochEnd,
 }
 
@@ -149,8 +135,8 @@ fn spawn_feed(
                 while let Some(batch) = stream.message().await? {
                     for e in batch.examples {
                         let index = u32::try_from(e.index).context("example index beyond 2^32")?;
-                        let example = enc.encode(&e.text, e.text_pair.as_deref())?;
-                        let fed = Feed::Example(Fed { index, example, label: e.label });
+                        let encoded = enc.encode(&e.text, e.text_pair.as_deref())?;
+                        let fed = Feed::Example(Example { index, encoded, label: e.label });
                         if tx.send(Ok(fed)).await.is_err() {
                             return Ok(()); // training is over
                         }
@@ -211,29 +197,6 @@ fn evaluate(
         );
     }
     Ok(m)
-}
-
-/// The files of a checkpoint, as rank 0 uploads them.
-fn checkpoint_files(
-    model: &crate::model::Bert,
-    opt: &AdamW,
-    labels: &[String],
-    tokenizer_dir: Option<&Path>,
-) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    let mut files = vec![
-        (checkpoint::WEIGHTS_FILE.to_string(), checkpoint::weights_bytes(model)?),
-        (checkpoint::OPTIMIZER_FILE.to_string(), checkpoint::optimizer_bytes(&model.layout, opt)?),
-        (checkpoint::CONFIG_FILE.to_string(), checkpoint::config_json(model, Some(labels)).into_bytes()),
-    ];
-    if let Some(dir) = tokenizer_dir {
-        for f in checkpoint::TOKENIZER_FILES {
-            let p = dir.join(f);
-            if p.exists() {
-                files.push((f.to_string(), std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?));
-            }
-        }
-    }
-    Ok(files)
 }
 
 /// Uploads a checkpoint to the coordinator; resolves once it is complete on disk, to its path
@@ -717,19 +680,62 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     }
 }
 
-/// One generation: connect the ring, load the start state (the base checkpoint, or the
-/// checkpoint the job resumes from), train to the end, evaluate, save, finish.
+/// One generation: connect the ring (or NCCL), then train through the loop with this rank's
+/// job I/O.
 fn train_generation(
     g: &Gen,
     opts: &WorkerOpts,
-    mut client: Client,
+    client: Client,
     reply: &proto::v1::JoinReply,
     job: &JobConfig,
     listener: &TcpListener,
     compute: &Compute,
 ) -> anyhow::Result<()> {
+    tracing::info!(world = reply.world_size, "joined");
+    let completed = Arc::new(AtomicU64::new(0));
+    let peers = connect_peers(g, opts, reply, job, listener, compute, &completed)?;
+    let t = &job.train;
+    if t.threads > 0 {
+        rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global().ok();
+    }
+    let enc = Arc::new(TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?);
+    let info = RunInfo {
+        rank: g.rank,
+        world: reply.world_size as usize,
+        train_examples: reply.train_examples as usize,
+        labels: reply.labels.clone(),
+        pad_id: enc.pad_id,
+        has_dev: job.data.dev.is_some(),
+        has_test: job.data.test.is_some(),
+    };
+    let mut io = RankIo {
+        g,
+        client,
+        reply,
+        job,
+        info,
+        enc,
+        completed,
+        feed: None,
+        progress: None,
+        pending_upload: None,
+        model_dir: String::new(),
+    };
+    crate::train::run(&mut io, job, compute, peers)
+}
+
+/// The gradient sums of this generation's world: the TCP ring on its own thread, overlapped
+/// with backward, on CPUs; NCCL on GPUs; none for a world of one.
+fn connect_peers(
+    g: &Gen,
+    opts: &WorkerOpts,
+    reply: &proto::v1::JoinReply,
+    job: &JobConfig,
+    listener: &TcpListener,
+    compute: &Compute,
+    completed: &Arc<AtomicU64>,
+) -> anyhow::Result<Peers> {
     let (rank, world) = (g.rank, reply.world_size as usize);
-    tracing::info!(world, "joined");
     g.phase("connecting the ring");
     let peers: Vec<SocketAddr> = reply
         .ring_peers
@@ -742,35 +748,26 @@ fn train_generation(
         peers.len()
     );
     let e = &job.elastic;
-    // The ring runs on its own thread, overlapped with backward; a world of one needs none, and
-    // GPUs sum with NCCL instead.
-    let completed = Arc::new(AtomicU64::new(0));
-    let gpu = match compute {
-        Compute::Gpu(gpu) => Some(gpu),
-        Compute::Cpu => None,
-    };
-    let ring: Option<Overlapped> = if world == 1 || gpu.is_some() {
-        None
-    } else {
-        let r = TcpRing::connect_generation(
-            rank,
-            &peers,
-            listener.try_clone()?,
-            ElasticSection::secs(e.collective_timeout_s),
-            opts.token.as_ref(),
-            g.generation,
-            Some(Arc::clone(&g.abort.flag)),
-        );
-        g.check()?;
-        let r = r?;
-        g.abort.watch_ring(r.handle()?);
-        let fp =
-            FaultPoint { inner: r, rank, generation: g.generation, completed: Arc::clone(&completed), calls: (0, 0) };
-        Some(Overlapped::new(Box::new(fp)))
-    };
-
-    let nccl = match gpu {
-        Some(gpu) if world > 1 => {
+    match compute {
+        _ if world == 1 => Ok(Peers::Alone),
+        Compute::Cpu => {
+            let r = TcpRing::connect_generation(
+                rank,
+                &peers,
+                listener.try_clone()?,
+                ElasticSection::secs(e.collective_timeout_s),
+                opts.token.as_ref(),
+                g.generation,
+                Some(Arc::clone(&g.abort.flag)),
+            );
+            g.check()?;
+            let r = r?;
+            g.abort.watch_ring(r.handle()?);
+            let completed = Arc::clone(completed);
+            let fp = FaultPoint { inner: r, rank, generation: g.generation, completed, calls: (0, 0) };
+            Ok(Peers::Ring(Overlapped::new(Box::new(fp))))
+        }
+        Compute::Gpu(gpu) => {
             g.phase("connecting NCCL");
             let watchdog = crate::watchdog::Watchdog::new(
                 ElasticSection::secs(e.collective_timeout_s),
@@ -779,246 +776,189 @@ fn train_generation(
             // Its own stream: gradient buckets are summed there while backward runs on the
             // compute stream.
             let side = gpu.ctx.new_stream()?;
-            Some(crate::nccl::NcclRing::connect(side, rank, world, &reply.nccl_id, watchdog)?)
+            let nccl = crate::nccl::NcclRing::connect(side, rank, world, &reply.nccl_id, watchdog)?;
+            Ok(Peers::Nccl(nccl, Arc::clone(&g.abort.flag)))
         }
-        _ => None,
-    };
-
-    g.phase("loading the model");
-    let t = &job.train;
-    if t.threads > 0 {
-        rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global().ok();
     }
-    let enc = Arc::new(TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?);
-    let head = Head::Classification { num_labels: reply.labels.len() };
-    let (mut model, _) = checkpoint::load(&job.model.path, head, t.seed)
-        .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
-    if !t.dropout {
-        model.cfg.disable_dropout();
-    }
-    anyhow::ensure!(
-        t.batch_size.is_multiple_of(world),
-        "train.batch_size {} is not a multiple of the world {world}",
-        t.batch_size
-    );
-    let local_batch = t.batch_size / world;
-    let micro = if t.micro_batch_size == 0 { local_batch } else { t.micro_batch_size.min(local_batch) };
-    let shard_len = (reply.train_examples as usize).div_ceil(world);
-    anyhow::ensure!(shard_len > 0, "the training split is empty");
-    // ceil(ceil(n / world) / (batch / world)) = ceil(n / batch): the schedule does not depend
-    // on the world size, so an elastic job keeps it when it continues with fewer workers.
-    let per_epoch = shard_len.div_ceil(local_batch) as u64;
-    let (total, warmup) = schedule_steps(per_epoch, t);
-    let cursor_of = |step: u64| ((step / per_epoch) as u32, (step % per_epoch) * local_batch as u64);
-    let mut opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
+}
 
-    let mut step = 0u64;
-    if let Some(r) = &reply.resume {
-        // The checkpoint's cursor is a position in the shard of the world that wrote it; the
-        // same global position, position * world, is where every world resumes.
-        let written_by = (r.world_size as u64).max(1);
-        let (epoch, position) = cursor_of(r.step);
-        anyhow::ensure!(
-            (epoch, position * world as u64) == (r.epoch, r.position * written_by),
-            "checkpoint {} says step {} is at epoch {} position {} of a world of {written_by}, but this job's schedule \
-             puts it at {:?} of a world of {world}",
-            r.checkpoint,
-            r.step,
-            r.epoch,
-            r.position,
-            (epoch, position)
-        );
-        g.phase("fetching the checkpoint");
-        let files = fetch_checkpoint(g, &mut client, &r.checkpoint)?;
-        let get = |name: &str| {
-            files.get(name).ok_or_else(|| anyhow::anyhow!("checkpoint {} arrived without {name}", r.checkpoint))
+/// A distributed rank's job I/O: everything goes through the coordinator.
+struct RankIo<'a, 'g> {
+    g: &'a Gen<'g>,
+    client: Client,
+    reply: &'a proto::v1::JoinReply,
+    job: &'a JobConfig,
+    info: RunInfo,
+    enc: Arc<TextEncoder>,
+    /// Completed steps, for the all-reduce fault point.
+    completed: Arc<AtomicU64>,
+    feed: Option<tokio::sync::mpsc::Receiver<anyhow::Result<Feed>>>,
+    /// Rank 0's progress reports, sent in order from the runtime thread, never delaying a step.
+    progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+    pending_upload: Option<(u64, Upload)>,
+    /// Where the coordinator published the final model (rank 0).
+    model_dir: String,
+}
+
+impl JobIo for RankIo<'_, '_> {
+    fn info(&self) -> &RunInfo {
+        &self.info
+    }
+
+    fn resume(&mut self) -> anyhow::Result<Option<Resume>> {
+        let Some(r) = &self.reply.resume else { return Ok(None) };
+        self.g.phase("fetching the checkpoint");
+        let mut files = fetch_checkpoint(self.g, &mut self.client, &r.checkpoint)?;
+        let mut take = |name: &str| {
+            files.remove(name).ok_or_else(|| anyhow::anyhow!("checkpoint {} arrived without {name}", r.checkpoint))
         };
-        let origin = Path::new(&r.checkpoint);
-        let report = checkpoint::load_weights(
-            &mut model,
-            get(checkpoint::WEIGHTS_FILE)?,
-            &origin.join(checkpoint::WEIGHTS_FILE),
-        )?;
-        anyhow::ensure!(report.initialized.is_empty(), "checkpoint {} lacks {:?}", r.checkpoint, report.initialized);
-        checkpoint::load_optimizer(
-            &model.layout,
-            &mut opt,
-            get(checkpoint::OPTIMIZER_FILE)?,
-            &origin.join(checkpoint::OPTIMIZER_FILE),
-        )?;
-        anyhow::ensure!(
-            opt.t == r.step,
-            "checkpoint {}: the optimizer has taken {} steps, the manifest says {}",
-            r.checkpoint,
-            opt.t,
-            r.step
-        );
-        step = r.step;
-        tracing::info!(step, checkpoint = r.checkpoint, "resumed");
+        Ok(Some(Resume {
+            origin: r.checkpoint.clone().into(),
+            step: r.step,
+            cursor: job::checkpoints::Cursor { epoch: r.epoch, position: r.position, world_size: r.world_size },
+            weights: take(checkpoint::WEIGHTS_FILE)?,
+            optimizer: take(checkpoint::OPTIMIZER_FILE)?,
+        }))
     }
-    completed.store(step, Ordering::Relaxed);
-    g.beats.step.store(step, Ordering::Relaxed);
-    // The model and the optimizer state (restored above on the host) go to the engine, with
-    // the gradient sums of this world.
-    let peers = match (ring, nccl) {
-        (Some(r), _) => Peers::Ring(r),
-        (None, Some(n)) => Peers::Nccl(n, Arc::clone(&g.abort.flag)),
-        (None, None) => Peers::Alone,
-    };
-    let mut engine = engine::open(compute, model, opt, t.precision, peers)?;
-    let engine = &mut *engine;
 
-    // Rank 0's progress reports go out in order from the runtime thread, never delaying a step.
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-    let progress_task = rank == 0;
-    if progress_task {
-        let mut c = client.clone();
-        g.rt.spawn(async move {
-            while let Some(p) = progress_rx.recv().await {
-                if let Err(e) = c.report_progress(p).await {
-                    tracing::debug!(error = %e, "progress report failed");
+    fn start(&mut self, step: u64, cursor: (u32, u64)) -> anyhow::Result<()> {
+        let g = self.g;
+        self.completed.store(step, Ordering::Relaxed);
+        g.beats.step.store(step, Ordering::Relaxed);
+        let who = (g.rank as u32, g.generation);
+        self.feed = Some(spawn_feed(g.rt, self.client.clone(), who, Arc::clone(&self.enc), cursor));
+        if g.rank == 0 {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+            let mut c = self.client.clone();
+            g.rt.spawn(async move {
+                while let Some(p) = rx.recv().await {
+                    if let Err(e) = c.report_progress(p).await {
+                        tracing::debug!(error = %e, "progress report failed");
+                    }
                 }
-            }
-        });
+            });
+            self.progress = Some(tx);
+        }
+        Ok(())
     }
 
-    let eval_split = if job.data.dev.is_some() {
-        Some(WireSplit::Dev)
-    } else if job.data.test.is_some() {
-        Some(WireSplit::Test)
-    } else {
-        None
-    };
-    let best_split = job.checkpoint.best_metric.split_once('/').and_then(|(s, _)| match s {
-        "dev" if job.data.dev.is_some() => Some(WireSplit::Dev),
-        "test" if job.data.test.is_some() => Some(WireSplit::Test),
-        _ => None,
-    });
-    let tokenizer_dir = job.tokenizer_path().parent().map(Path::to_path_buf);
-    let mut feed = spawn_feed(g.rt, client.clone(), (rank as u32, g.generation), Arc::clone(&enc), cursor_of(step));
-    let started = Instant::now();
-    let mut last_loss = f64::NAN;
-    let mut pending_upload: Option<(u64, Upload)> = None;
-    // What rank 0 says about a checkpoint it uploads: step, data cursor, loss, generation.
-    let checkpoint_header = |step: u64, train_loss: f64, is_final: bool| {
-        let (epoch, position) = cursor_of(step);
-        CheckpointHeader { rank: 0, step, epoch, position, train_loss, r#final: is_final, generation: g.generation }
-    };
-    while step < total {
-        g.check()?;
-        let step_started = Instant::now();
-        // The next local batch: up to `local_batch` examples, fewer at the end of an epoch.
-        g.phase("waiting for data");
-        let mut local: Vec<Fed> = Vec::with_capacity(local_batch);
-        while local.len() < local_batch {
-            let next = g.wait(async { Ok(feed.recv().await) })?;
-            match next {
-                Some(Ok(Feed::Example(f))) => local.push(f),
+    fn phase(&self, what: &str) {
+        self.g.phase(what);
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        self.g.check()
+    }
+
+    fn next_examples(&mut self, n: usize) -> anyhow::Result<Vec<Example>> {
+        let feed = self.feed.as_mut().context("the data feed has not started")?;
+        let mut local = Vec::with_capacity(n);
+        while local.len() < n {
+            match self.g.wait(async { Ok(feed.recv().await) })? {
+                Some(Ok(Feed::Example(e))) => local.push(e),
                 Some(Ok(Feed::EpochEnd)) if local.is_empty() => continue,
                 Some(Ok(Feed::EpochEnd)) => break,
                 Some(Err(e)) => return Err(e),
                 None => anyhow::bail!("the data feed stopped"),
             }
         }
-        let data_wait = step_started.elapsed();
-        g.phase("training");
-        let lr = linear_schedule(t.lr, step, warmup, total);
-        let count = local.len();
-        let mut shard = Split { path: "train".into(), examples: Vec::with_capacity(count), labels: Vec::new() };
-        let mut ids = Vec::with_capacity(count);
-        for f in local {
-            ids.push(f.index);
-            shard.examples.push(f.example);
-            shard.labels.push(f.label);
-        }
-        let positions: Vec<usize> = (0..count).collect();
-        let batches: Vec<Batch> =
-            positions.chunks(micro).map(|m| batch_of(&shard, m, |i| ids[i], enc.pad_id)).collect();
-        let r = optimizer_step(engine, &batches, count * world, t, step, lr);
-        g.check()?;
-        let r = r?;
-        last_loss = r.loss_sum / (count * world) as f64;
-        let epoch = cursor_of(step).0;
-        step += 1;
-        completed.store(step, Ordering::Relaxed);
+        Ok(local)
+    }
+
+    fn step_done(&mut self, engine: &mut dyn Engine, rec: &StepRecord, total_steps: u64) -> anyhow::Result<()> {
+        let (g, step) = (self.g, rec.step);
+        self.completed.store(step, Ordering::Relaxed);
         g.beats.step.store(step, Ordering::Relaxed);
-        job::fault::worker_point(rank, g.generation, "step", step);
-        if job::fault::worker_due(rank, g.generation, "perturb", step) {
+        job::fault::worker_point(g.rank, g.generation, "step", step);
+        if job::fault::worker_due(g.rank, g.generation, "perturb", step) {
             tracing::warn!(step, "TANDEM_FAULT: perturbing one parameter of this rank");
             engine.edit_params(&mut |p| p[0] += 1e-3)?;
         }
-        if progress_task {
-            let _ = progress_tx.send(Progress {
+        if let Some(tx) = &self.progress {
+            let _ = tx.send(Progress {
                 rank: 0,
                 step,
-                total_steps: total,
-                epoch,
-                loss: last_loss,
-                lr,
-                grad_norm: f64::from(r.grad_norm),
-                tokens: r.tokens as u64,
-                allreduce_s: r.allreduce.as_secs_f64(),
-                allreduce_wait_s: r.allreduce_wait.as_secs_f64(),
-                data_wait_s: data_wait.as_secs_f64(),
-                step_s: step_started.elapsed().as_secs_f64(),
+                total_steps,
+                epoch: rec.epoch,
+                loss: rec.loss,
+                lr: rec.lr,
+                grad_norm: rec.grad_norm,
+                tokens: rec.tokens,
+                allreduce_s: rec.allreduce_s,
+                allreduce_wait_s: rec.allreduce_wait_s,
+                data_wait_s: rec.data_wait_s,
+                step_s: rec.step_s,
                 generation: g.generation,
             });
         }
-        if e.checksum_every > 0 && step.is_multiple_of(e.checksum_every) {
+        let every = self.job.elastic.checksum_every;
+        if every > 0 && step.is_multiple_of(every) {
             g.phase("comparing parameter checksums");
             let checksum = checksum(&engine.host()?.0.params);
-            let report = ChecksumReport { rank: rank as u32, generation: g.generation, step, checksum };
+            let report = ChecksumReport { rank: g.rank as u32, generation: g.generation, step, checksum };
+            let client = &mut self.client;
             g.wait(async { Ok(client.report_checksum(report).await?) })
                 .with_context(|| format!("comparing parameter checksums at step {step}"))?;
         }
-        if step == total {
-            break; // the final evaluation and checkpoint follow
-        }
-        let ckpt_due = job.checkpoint.every > 0 && step.is_multiple_of(job.checkpoint.every);
-        let eval_due =
-            if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(per_epoch) };
-        let mut evaluated = None;
-        if let (true, Some(split)) = (eval_due, eval_split) {
-            evaluate(g, &mut client, engine, &enc, split, step, t.eval_batch_size)?;
-            evaluated = Some(split);
-        }
-        // The best checkpoint is judged by its metric at the checkpoint's own step.
-        if let (true, Some(split)) = (ckpt_due, best_split) {
-            if evaluated != Some(split) {
-                evaluate(g, &mut client, engine, &enc, split, step, t.eval_batch_size)?;
-            }
-        }
-        if ckpt_due && rank == 0 {
-            let header = checkpoint_header(step, last_loss, false);
-            // A snapshot of the state now; the upload runs on the runtime thread while the next
-            // steps compute. At most one is in flight: the previous one must have landed.
-            wait_upload(g, &mut pending_upload)?;
-            let (model, opt) = engine.host()?;
-            let files = checkpoint_files(model, opt, &reply.labels, tokenizer_dir.as_deref())?;
-            let handle = g.rt.spawn(upload_checkpoint(client.clone(), header, files));
-            pending_upload = Some((step, Upload(Some(handle))));
-        }
+        Ok(())
     }
-    wait_upload(g, &mut pending_upload)?;
-    drop(feed);
-    let train_seconds = started.elapsed().as_secs_f64();
 
-    for (split, has) in [(WireSplit::Dev, job.data.dev.is_some()), (WireSplit::Test, job.data.test.is_some())] {
-        if has {
-            evaluate(g, &mut client, engine, &enc, split, step, t.eval_batch_size)?;
+    fn evaluate(&mut self, engine: &mut dyn Engine, split: EvalSplit, step: u64) -> anyhow::Result<()> {
+        let wire = match split {
+            EvalSplit::Dev => WireSplit::Dev,
+            EvalSplit::Test => WireSplit::Test,
+        };
+        evaluate(self.g, &mut self.client, engine, &self.enc, wire, step, self.job.train.eval_batch_size)?;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, engine: &mut dyn Engine, at: &CheckpointAt) -> anyhow::Result<()> {
+        let g = self.g;
+        if g.rank != 0 {
+            return Ok(()); // rank 0 saves
         }
-    }
-    let mut model_dir = String::new();
-    if rank == 0 {
-        g.phase("saving the final checkpoint");
-        let header = checkpoint_header(step, last_loss, true);
+        let header = CheckpointHeader {
+            rank: 0,
+            step: at.step,
+            epoch: at.epoch,
+            position: at.position,
+            train_loss: at.train_loss,
+            r#final: at.is_final,
+            generation: g.generation,
+        };
+        if at.is_final {
+            g.phase("saving the final checkpoint");
+        } else {
+            // At most one upload is in flight: the previous one must have landed.
+            wait_upload(g, &mut self.pending_upload)?;
+        }
         let (model, opt) = engine.host()?;
-        let files = checkpoint_files(model, opt, &reply.labels, tokenizer_dir.as_deref())?;
-        model_dir = g.wait(upload_checkpoint(client.clone(), header, files))?;
+        let files = checkpoint::state_files(model, opt, &self.reply.labels, self.job.tokenizer_path().parent())?;
+        let upload = upload_checkpoint(self.client.clone(), header, files);
+        if at.is_final {
+            self.model_dir = g.wait(upload)?;
+        } else {
+            // A snapshot of the state now; the upload runs on the runtime thread while the
+            // next steps compute.
+            self.pending_upload = Some((at.step, Upload(Some(g.rt.spawn(upload)))));
+        }
+        Ok(())
     }
-    drop(progress_tx);
-    let fin = FinishRequest { rank: rank as u32, model_dir, steps: step, generation: g.generation };
-    g.wait(async { Ok(client.finish(fin).await?) })?;
-    tracing::info!(steps = step, seconds = train_seconds, "finished");
-    Ok(())
+
+    fn end_of_training(&mut self) -> anyhow::Result<()> {
+        wait_upload(self.g, &mut self.pending_upload)?;
+        self.feed = None;
+        Ok(())
+    }
+
+    fn finish(&mut self, steps: u64) -> anyhow::Result<()> {
+        self.progress = None;
+        let g = self.g;
+        let model_dir = std::mem::take(&mut self.model_dir);
+        let fin = FinishRequest { rank: g.rank as u32, model_dir, steps, generation: g.generation };
+        let client = &mut self.client;
+        g.wait(async { Ok(client.finish(fin).await?) })?;
+        tracing::info!(steps, "finished");
+        Ok(())
+    }
 }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod gpu_check;
 pub mod gpu_model;
 pub mod layout;
+pub mod local;
 pub mod model;
 pub mod nccl;
 pub mod optim;

@@ -199,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rayon::ThreadPoolBuilder::new().num_threads(job.train.threads).build_global().ok();
             }
             tracing::info!(config = %serde_json::to_string(&job)?, "resolved job config");
-            let s = worker::train::run(&job, !no_progress, device)?;
+            let s = worker::local::train(&job, !no_progress, device)?;
             println!("trained {} steps in {:.0} s ({:.0} tokens/s)", s.steps, s.train_seconds, s.tokens_per_second);
             if let Some(d) = &s.dev {
                 println!(

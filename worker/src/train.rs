@@ -1,19 +1,28 @@
-//! Single-process fine-tuning of a sequence classifier (`worker train`), top to bottom:
-//! read data, tokenize, load the checkpoint, then for each step: shuffle-ordered batch, forward,
-//! backward, global-norm clip, schedule, AdamW, log; evaluate on dev; save; test.
+//! The training loop, once: [`run`] trains `worker train` (a world of one whose I/O is local
+//! files, see `local`) and every rank of a distributed job (whose I/O is the coordinator, see
+//! `distributed`). Top to bottom: the schedule, the model and the resume point, the steps (each
+//! a shuffle-ordered batch, forward, backward, gradient sum, global-norm clip, schedule, AdamW,
+//! a progress record), the evaluations and checkpoints when due, and at the end the final
+//! evaluations and checkpoint. Where the data, the counts, the checkpoints and the progress go
+//! is the [`JobIo`] seam; where the model computes is the [`Engine`] seam.
+//!
+//! Everything a step depends on is a function of the step number and the restored tensors: the
+//! data cursor (epoch, position) of step `s` is `(s / per_epoch, (s % per_epoch) * local_batch)`,
+//! the learning rate is the schedule at `s`, the dropout masks are keyed by `(seed, s, example)`.
+//! That is why a resumed run continues bit for bit.
 
 use crate::checkpoint;
-use crate::engine::{self, Device, Engine, Peers};
+use crate::engine::{self, Compute, Engine, Peers};
 use crate::layout::Head;
 use crate::model::{Batch, DropoutCtx};
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
 use crate::tokenize::{collate, Encoded, TextEncoder};
 use anyhow::Context;
+use job::checkpoints::Cursor;
 use job::config::{JobConfig, TrainSection};
-use job::data::{self, Record};
+use job::data::Record;
 use job::eval::{EvalCounts, EvalMetrics};
-use job::progress::{StepRecord, Summary};
-use std::io::Write;
+use job::progress::StepRecord;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -140,134 +149,305 @@ pub fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// Runs the whole job on `device`; `progress` draws a progress bar on stderr.
-pub fn run(job: &JobConfig, progress: bool, device: Device) -> anyhow::Result<Summary> {
-    let t = &job.train;
-    let enc = TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?;
-    let data = data::load(job)?;
-    let labels = data.labels.clone();
-    let train = tokenize_split(&job.data.train, &data.train, &enc)?;
-    let dev = match (&job.data.dev, &data.dev) {
-        (Some(p), Some(r)) => Some(tokenize_split(p, r, &enc)?),
-        _ => None,
-    };
-    let test = match (&job.data.test, &data.test) {
-        (Some(p), Some(r)) => Some(tokenize_split(p, r, &enc)?),
-        _ => None,
-    };
-    tracing::info!(
-        train = train.examples.len(),
-        dev = dev.as_ref().map(|s| s.examples.len()),
-        test = test.as_ref().map(|s| s.examples.len()),
-        labels = ?labels.names,
-        "data loaded"
-    );
+/// One training example as the job's I/O delivers it.
+pub struct Example {
+    /// Its index in the dataset (it keys the example's dropout masks).
+    pub index: u32,
+    pub encoded: Encoded,
+    pub label: i64,
+}
 
-    let head = Head::Classification { num_labels: labels.names.len() };
+/// A split that is evaluated during and after training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EvalSplit {
+    Dev,
+    Test,
+}
+
+impl EvalSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Dev => "dev",
+            EvalSplit::Test => "test",
+        }
+    }
+}
+
+/// Where training stands at a checkpoint: its step, the data cursor of that step in this
+/// world's shards, the training loss of the step, and whether it is the end.
+#[derive(Clone, Debug)]
+pub struct CheckpointAt {
+    pub step: u64,
+    pub epoch: u32,
+    pub position: u64,
+    pub train_loss: f64,
+    pub is_final: bool,
+}
+
+/// The checkpoint a run resumes from, as its I/O found it.
+pub struct Resume {
+    /// Where it came from (named in errors).
+    pub origin: PathBuf,
+    pub step: u64,
+    /// The data cursor it recorded, in shards of the world that wrote it.
+    pub cursor: Cursor,
+    pub weights: Vec<u8>,
+    pub optimizer: Vec<u8>,
+}
+
+/// What a run is, as its I/O knows it before training starts.
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    pub rank: usize,
+    pub world: usize,
+    /// Examples in the whole training split.
+    pub train_examples: usize,
+    pub labels: Vec<String>,
+    pub pad_id: u32,
+    pub has_dev: bool,
+    pub has_test: bool,
+}
+
+/// The job's I/O, the loop's second seam: where the training examples come from, where the
+/// evaluation counts, the checkpoints and the progress records go, and how the run ends. Local
+/// files for `worker train` (`local::LocalIo`), the coordinator for a distributed rank
+/// (`distributed::RankIo`).
+pub trait JobIo {
+    fn info(&self) -> &RunInfo;
+    /// The checkpoint to resume from, if any.
+    fn resume(&mut self) -> anyhow::Result<Option<Resume>>;
+    /// Training starts (or resumes) at `step`, whose data cursor is `(epoch, position)` in this
+    /// rank's shard.
+    fn start(&mut self, step: u64, cursor: (u32, u64)) -> anyhow::Result<()>;
+    /// What the run is doing now (a distributed rank heartbeats it).
+    fn phase(&self, _what: &str) {}
+    /// Fails when the run was interrupted from outside (a distributed rank: the coordinator
+    /// restarts or stops the job).
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// This rank's next `n` training examples, fewer at the end of an epoch (the next call then
+    /// starts the next epoch).
+    fn next_examples(&mut self, n: usize) -> anyhow::Result<Vec<Example>>;
+    /// A step is done: `rec` is its record (rank 0's, over the global batch).
+    fn step_done(&mut self, engine: &mut dyn Engine, rec: &StepRecord, total_steps: u64) -> anyhow::Result<()>;
+    /// Evaluates `split` (this rank's share of it) at `step`.
+    fn evaluate(&mut self, engine: &mut dyn Engine, split: EvalSplit, step: u64) -> anyhow::Result<()>;
+    /// Saves the training state as a checkpoint (the final one publishes the model).
+    fn checkpoint(&mut self, engine: &mut dyn Engine, at: &CheckpointAt) -> anyhow::Result<()>;
+    /// The last step is done: stop the data and let the work in flight (an upload) land.
+    fn end_of_training(&mut self) -> anyhow::Result<()>;
+    /// The run is over after `steps` steps (its final evaluations and checkpoint are done).
+    fn finish(&mut self, steps: u64) -> anyhow::Result<()>;
+}
+
+/// The schedule of a run: a function of the training set's size, the world size and the config.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// This rank's share of the global batch, and the micro-batch it computes at a time.
+    pub local_batch: usize,
+    pub micro: usize,
+    pub per_epoch: u64,
+    pub total: u64,
+    pub warmup: u64,
+}
+
+impl Plan {
+    pub fn new(t: &TrainSection, train_examples: usize, world: usize) -> anyhow::Result<Plan> {
+        anyhow::ensure!(
+            t.batch_size.is_multiple_of(world),
+            "train.batch_size {} is not a multiple of the world {world}",
+            t.batch_size
+        );
+        let local_batch = t.batch_size / world;
+        let micro = if t.micro_batch_size == 0 { local_batch } else { t.micro_batch_size.min(local_batch) };
+        let shard_len = train_examples.div_ceil(world);
+        anyhow::ensure!(shard_len > 0, "the training split is empty");
+        // ceil(ceil(n / world) / (batch / world)) = ceil(n / batch): the schedule does not
+        // depend on the world size, so an elastic job keeps it when it continues with fewer.
+        let per_epoch = shard_len.div_ceil(local_batch) as u64;
+        let (total, warmup) = schedule_steps(per_epoch, t);
+        Ok(Plan { local_batch, micro, per_epoch, total, warmup })
+    }
+
+    /// The data cursor of `step` in a rank's shard: (epoch, position).
+    pub fn cursor(&self, step: u64) -> (u32, u64) {
+        ((step / self.per_epoch) as u32, (step % self.per_epoch) * self.local_batch as u64)
+    }
+}
+
+/// Trains the job from start (or its resume point) to end, on `compute` with the gradient sums
+/// of `peers`, its data and results going through `io`.
+pub fn run(io: &mut dyn JobIo, job: &JobConfig, compute: &Compute, peers: Peers) -> anyhow::Result<()> {
+    let t = &job.train;
+    let info = io.info().clone();
+    let plan = Plan::new(t, info.train_examples, info.world)?;
+
+    // The model, and where it resumes.
+    io.phase("loading the model");
+    let resume = io.resume()?;
+    let (model, opt, mut step) = load_start(job, &info, &plan, resume)?;
+    io.start(step, plan.cursor(step))?;
+    let mut engine = engine::open(compute, model, opt, t.precision, peers)?;
+    let engine = &mut *engine;
+
+    // The steps, with the evaluations and checkpoints due between them.
+    let mut train_loss = f64::NAN;
+    while step < plan.total {
+        train_loss = train_step(io, engine, t, &plan, step)?;
+        step += 1;
+        if step < plan.total {
+            evaluate_and_save(io, engine, job, &plan, step, train_loss)?;
+        }
+    }
+    io.end_of_training()?;
+
+    // The end: every evaluation split, then the final checkpoint.
+    for (split, has) in [(EvalSplit::Dev, info.has_dev), (EvalSplit::Test, info.has_test)] {
+        if has {
+            io.evaluate(engine, split, step)?;
+        }
+    }
+    let (epoch, position) = plan.cursor(step);
+    io.checkpoint(engine, &CheckpointAt { step, epoch, position, train_loss, is_final: true })?;
+    io.finish(step)
+}
+
+/// The model and optimizer a run starts from, and the step: the base checkpoint with the
+/// task's head, then, when resuming, the checkpoint's weights and optimizer state.
+fn load_start(
+    job: &JobConfig,
+    info: &RunInfo,
+    plan: &Plan,
+    resume: Option<Resume>,
+) -> anyhow::Result<(crate::model::Bert, AdamW, u64)> {
+    let t = &job.train;
+    let head = Head::Classification { num_labels: info.labels.len() };
     let (mut model, report) = checkpoint::load(&job.model.path, head, t.seed)
         .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
     tracing::info!(initialized = ?report.initialized, skipped = ?report.skipped, params = model.layout.total, "checkpoint loaded");
     if !t.dropout {
         model.cfg.disable_dropout();
     }
-
-    let n = train.examples.len();
-    let per_epoch = n.div_ceil(t.batch_size) as u64;
-    let (total, warmup) = schedule_steps(per_epoch, t);
-    let micro = if t.micro_batch_size == 0 { t.batch_size } else { t.micro_batch_size };
-    let opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
-    let mut engine = engine::open(&device.open()?, model, opt, t.precision, Peers::Alone)?;
-    let engine = &mut *engine;
-
-    let bar = if progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template"),
+    let mut opt = AdamW::new(model.layout.total, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay);
+    let Some(r) = resume else { return Ok((model, opt, 0)) };
+    // The checkpoint's cursor is a position in the shard of the world that wrote it; the same
+    // global position, position * world, is where every world resumes.
+    let (world, written_by) = (info.world as u64, u64::from(r.cursor.world_size).max(1));
+    let (epoch, position) = plan.cursor(r.step);
+    anyhow::ensure!(
+        (epoch, position * world) == (r.cursor.epoch, r.cursor.position * written_by),
+        "checkpoint {} says step {} is at epoch {} position {} of a world of {written_by}, but this job's schedule \
+         puts it at {:?} of a world of {world}",
+        r.origin.display(),
+        r.step,
+        r.cursor.epoch,
+        r.cursor.position,
+        (epoch, position)
     );
-    std::fs::create_dir_all(&job.output.dir).with_context(|| format!("creating {}", job.output.dir.display()))?;
-    let loss_log_path = job.output.dir.join("loss.jsonl");
-    let mut loss_log =
-        std::fs::File::create(&loss_log_path).with_context(|| format!("creating {}", loss_log_path.display()))?;
+    let loaded = checkpoint::load_weights(&mut model, &r.weights, &r.origin.join(checkpoint::WEIGHTS_FILE))?;
+    anyhow::ensure!(loaded.initialized.is_empty(), "checkpoint {} lacks {:?}", r.origin.display(), loaded.initialized);
+    checkpoint::load_optimizer(&model.layout, &mut opt, &r.optimizer, &r.origin.join(checkpoint::OPTIMIZER_FILE))?;
+    anyhow::ensure!(
+        opt.t == r.step,
+        "checkpoint {}: the optimizer has taken {} steps, the manifest says {}",
+        r.origin.display(),
+        opt.t,
+        r.step
+    );
+    tracing::info!(step = r.step, checkpoint = %r.origin.display(), "resumed");
+    Ok((model, opt, r.step))
+}
+
+/// Step `step + 1`: this rank's next batch, the optimizer step over the global batch, the
+/// record. Returns the step's loss (the mean over the global batch).
+fn train_step(
+    io: &mut dyn JobIo,
+    engine: &mut dyn Engine,
+    t: &TrainSection,
+    plan: &Plan,
+    step: u64,
+) -> anyhow::Result<f64> {
+    io.check()?;
     let started = Instant::now();
-    let (mut step, mut tokens, mut ema_loss) = (0u64, 0usize, f64::NAN);
-    let mut last_dev = None;
-    'epochs: for epoch in 0.. {
-        let order = philox::permutation(n, t.seed, epoch);
-        for idx in order.chunks(t.batch_size) {
-            if step >= total {
-                break 'epochs;
-            }
-            let step_started = Instant::now();
-            let lr = linear_schedule(t.lr, step, warmup, total);
-            let batches: Vec<Batch> =
-                idx.chunks(micro).map(|m| batch_of(&train, m, |i| i as u32, enc.pad_id)).collect();
-            let r = optimizer_step(engine, &batches, idx.len(), t, step, lr)?;
-            let (loss_sum, norm) = (r.loss_sum, r.grad_norm);
-            tokens += r.tokens;
-            step += 1;
-            let loss = loss_sum / idx.len() as f64;
-            let rec = StepRecord {
-                step,
-                epoch,
-                loss,
-                lr,
-                grad_norm: f64::from(norm),
-                tokens: r.tokens as u64,
-                allreduce_s: 0.0,
-                allreduce_wait_s: 0.0,
-                data_wait_s: 0.0,
-                step_s: step_started.elapsed().as_secs_f64(),
-                time_s: started.elapsed().as_secs_f64(),
-            };
-            writeln!(loss_log, "{}", serde_json::to_string(&rec)?)
-                .with_context(|| format!("writing {}", loss_log_path.display()))?;
-            ema_loss = if ema_loss.is_nan() { loss } else { 0.95 * ema_loss + 0.05 * loss };
-            let tps = tokens as f64 / started.elapsed().as_secs_f64();
-            bar.set_message(format!("epoch {epoch}  loss {ema_loss:.4}  lr {lr:.2e}  |g| {norm:.2}  {tps:.0} tok/s"));
-            bar.inc(1);
-            if bar.is_hidden() && (step % 50 == 0 || step == total) {
-                tracing::info!(step, epoch, loss = ema_loss, lr, grad_norm = norm, tokens_per_s = tps as u64, "train");
-            }
-            let end_of_epoch = step % per_epoch == 0;
-            let due = if t.eval_every > 0 { step % t.eval_every == 0 } else { end_of_epoch };
-            if let (true, Some(d)) = (due || step == total, dev.as_ref()) {
-                let m = evaluate(engine, d, t.eval_batch_size, enc.pad_id)?;
-                let line = format!(
-                    "step {step}: dev loss {:.4}  accuracy {:.4}  macro-F1 {:.4}  ({} examples)",
-                    m.loss, m.accuracy, m.macro_f1, m.examples
-                );
-                // A hidden bar (no terminal, or --no-progress) drops its println.
-                if bar.is_hidden() {
-                    println!("{line}");
-                } else {
-                    bar.println(line);
-                }
-                last_dev = Some(m);
-            }
-        }
-        if n == 0 {
-            break;
+    io.phase("waiting for data");
+    let local = io.next_examples(plan.local_batch)?;
+    let data_wait = started.elapsed();
+    io.phase("training");
+    let (world, pad_id) = (io.info().world, io.info().pad_id);
+    let lr = linear_schedule(t.lr, step, plan.warmup, plan.total);
+    let batches: Vec<Batch> = local.chunks(plan.micro).map(|m| collate_examples(m, pad_id)).collect();
+    let global = local.len() * world;
+    let r = optimizer_step(engine, &batches, global, t, step, lr);
+    io.check()?; // an interrupted all-reduce fails the step: say why
+    let r = r?;
+    let loss = r.loss_sum / global as f64;
+    let rec = StepRecord {
+        step: step + 1,
+        epoch: plan.cursor(step).0,
+        loss,
+        lr,
+        grad_norm: f64::from(r.grad_norm),
+        tokens: r.tokens as u64,
+        allreduce_s: r.allreduce.as_secs_f64(),
+        allreduce_wait_s: r.allreduce_wait.as_secs_f64(),
+        data_wait_s: data_wait.as_secs_f64(),
+        step_s: started.elapsed().as_secs_f64(),
+        time_s: 0.0,
+    };
+    io.step_done(engine, &rec, plan.total)?;
+    Ok(loss)
+}
+
+/// The evaluations and the checkpoint due after `step` (not the last one, which ends the run):
+/// the evaluation split (dev, else test) every `train.eval_every` steps or each epoch, and a
+/// checkpoint every `checkpoint.every` steps, judged by `checkpoint.best_metric` at its own step.
+fn evaluate_and_save(
+    io: &mut dyn JobIo,
+    engine: &mut dyn Engine,
+    job: &JobConfig,
+    plan: &Plan,
+    step: u64,
+    train_loss: f64,
+) -> anyhow::Result<()> {
+    let info = io.info();
+    let eval_split = if info.has_dev {
+        Some(EvalSplit::Dev)
+    } else if info.has_test {
+        Some(EvalSplit::Test)
+    } else {
+        None
+    };
+    let best_split = job.checkpoint.best_metric.split_once('/').and_then(|(s, _)| match s {
+        "dev" if info.has_dev => Some(EvalSplit::Dev),
+        "test" if info.has_test => Some(EvalSplit::Test),
+        _ => None,
+    });
+    let t = &job.train;
+    let ckpt_due = job.checkpoint.every > 0 && step.is_multiple_of(job.checkpoint.every);
+    let eval_due =
+        if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(plan.per_epoch) };
+    let mut evaluated = None;
+    if let (true, Some(split)) = (eval_due, eval_split) {
+        io.evaluate(engine, split, step)?;
+        evaluated = Some(split);
+    }
+    if let (true, Some(split)) = (ckpt_due, best_split) {
+        if evaluated != Some(split) {
+            io.evaluate(engine, split, step)?;
         }
     }
-    bar.finish_and_clear();
-    let train_seconds = started.elapsed().as_secs_f64();
+    if ckpt_due {
+        let (epoch, position) = plan.cursor(step);
+        io.checkpoint(engine, &CheckpointAt { step, epoch, position, train_loss, is_final: false })?;
+    }
+    Ok(())
+}
 
-    let model_dir = job.output.dir.join("model");
-    let (model, _) = engine.host()?;
-    checkpoint::save(model, &model_dir, Some(&labels.names), job.tokenizer_path().parent())
-        .with_context(|| format!("saving the model to {}", model_dir.display()))?;
-    let test_metrics = test.as_ref().map(|s| evaluate(engine, s, t.eval_batch_size, enc.pad_id)).transpose()?;
-    let summary = Summary {
-        steps: step,
-        final_train_loss: ema_loss,
-        dev: last_dev,
-        test: test_metrics,
-        model_dir,
-        train_seconds,
-        tokens_per_second: tokens as f64 / train_seconds,
-    };
-    summary.write(&job.output.dir)?;
-    Ok(summary)
+/// The batch of `examples`.
+fn collate_examples(examples: &[Example], pad_id: u32) -> Batch {
+    let exs: Vec<&Encoded> = examples.iter().map(|e| &e.encoded).collect();
+    let ids: Vec<u32> = examples.iter().map(|e| e.index).collect();
+    let ys: Vec<i64> = examples.iter().map(|e| e.label).collect();
+    collate(&exs, &ids, &ys, pad_id)
 }

@@ -365,3 +365,109 @@ fn bf16_precision_needs_a_gpu_and_an_unknown_precision_is_named() {
     assert_fails_with(&train(&cfg, &["--set", "train.precision=bf16"]), &["train.precision", "--device cuda"]);
     assert_fails_with(&train(&cfg, &["--set", "train.precision=fp8"]), &["precision", "fp8"]);
 }
+
+/// The bytes of the weights in a model or checkpoint directory.
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// Each step's record in `loss.jsonl` (the last record of a step wins), without the timings.
+fn loss_records(out: &Path) -> std::collections::BTreeMap<u64, String> {
+    let text = std::fs::read_to_string(out.join("loss.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let key = ["epoch", "loss", "lr", "grad_norm", "tokens"].map(|k| v[k].to_string()).join(" ");
+            (v["step"].as_u64().unwrap(), key)
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_train_resumes_bit_for_bit() {
+    let dir = TempDir::new("resume");
+    let train_csv = dir.write("train.csv", &csv_rows(32));
+    let cfg = job(&dir, &fixture_model(), &train_csv, "\n[checkpoint]\nevery = 4\n");
+    let run = |out: &str, fault: Option<&str>| {
+        let out_set = format!("output.dir={}", dir.path().join(out).display());
+        let mut c = Command::new(env!("CARGO_BIN_EXE_worker"));
+        c.args(["train", "--config", cfg.to_str().unwrap(), "--no-progress", "--set", "train.epochs=3"])
+            .args(["--set", &out_set])
+            .env_remove("RUST_LOG");
+        match fault {
+            Some(f) => c.env("TANDEM_FAULT", f),
+            None => c.env_remove("TANDEM_FAULT"),
+        };
+        c.output().unwrap()
+    };
+    let whole = run("whole", None);
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
+
+    // Killed right after step 6: the checkpoint of step 4 is there, and the same command
+    // continues from it to the same bits.
+    let killed = run("cut", Some("rank0:step@6"));
+    assert!(!killed.status.success(), "the fault did not fire");
+    let cut = dir.path().join("cut");
+    assert!(cut.join("checkpoints/step-00000004/manifest.json").exists());
+    assert!(!cut.join("model").exists(), "an interrupted run published a model");
+    let resumed = run("cut", None);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{err}");
+    assert!(err.contains("resumed"), "{err}");
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("trained 12 steps"));
+    assert!(weights(&cut.join("model")) == weights(&dir.path().join("whole/model")), "the resumed run diverged");
+    assert_eq!(loss_records(&cut), loss_records(&dir.path().join("whole")));
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["steps"], 12);
+
+    // Run again, the job is done: nothing more to train, the same model.
+    let again = run("cut", None);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(weights(&cut.join("model")) == weights(&dir.path().join("whole/model")));
+}
+
+#[test]
+fn without_a_dev_split_the_test_split_is_evaluated_during_training_and_the_best_is_published() {
+    let dir = TempDir::new("best");
+    let train_csv = dir.write("train.csv", &csv_rows(32));
+    let cfg = dir.write(
+        "job.toml",
+        &format!(
+            "[model]\npath = {:?}\nmax_seq_len = 32\n\n[data]\ntrain = {train_csv:?}\ntest = {train_csv:?}\nlabels = [\"negative\", \"positive\", \"neutral\"]\n\n[train]\nepochs = 3\nbatch_size = 8\nlr = 1e-3\neval_every = 4\n\n[checkpoint]\nevery = 4\nkeep_last = 1\nbest_metric = \"test/accuracy\"\npublish = \"best\"\n\n[output]\ndir = {:?}\n",
+            fixture_model(),
+            dir.path().join("out")
+        ),
+    );
+    let out = train(&cfg, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for step in [4, 8, 12] {
+        assert!(stdout.contains(&format!("step {step}: test loss")), "no test evaluation at step {step}:\n{stdout}");
+    }
+    // The published model is the checkpoint with the highest test accuracy (the earliest of
+    // equals) among those kept (the best and the last), here not the last one.
+    let ckpts = dir.path().join("out/checkpoints");
+    let mut kept: Vec<(u64, f64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(&ckpts).unwrap() {
+        let p = entry.unwrap().path();
+        if !p.file_name().unwrap().to_string_lossy().starts_with("step-") {
+            continue;
+        }
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p.join("manifest.json")).unwrap()).unwrap();
+        kept.push((m["step"].as_u64().unwrap(), m["metrics"]["test/accuracy"].as_f64().unwrap(), p));
+    }
+    kept.sort_by_key(|k| k.0);
+    let best = kept.iter().fold(None::<&(u64, f64, PathBuf)>, |b, k| match b {
+        Some(b) if b.1 >= k.1 => Some(b),
+        _ => Some(k),
+    });
+    let (step, _, best) = best.expect("checkpoints were kept");
+    assert_ne!(*step, 12, "the final checkpoint is the best: this run cannot tell best from final ({kept:?})");
+    assert!(weights(&dir.path().join("out/model")) == weights(best), "the published model is not {}", best.display());
+
+    // The choice is checked: "best" needs a metric.
+    let out = train(&cfg, &["--set", "checkpoint.best_metric="]);
+    assert_fails_with(&out, &["checkpoint.publish", "best_metric"]);
+}
