@@ -1,6 +1,7 @@
 //! The coordinator's side of evaluation: each rank's counts for a (split, step) gathered until
 //! the world has reported, then merged in rank order into the metrics of the whole split.
 
+pub use job::eval::EvalSplit;
 use job::eval::{EvalCounts, EvalMetrics};
 use std::collections::BTreeMap;
 
@@ -9,9 +10,9 @@ use std::collections::BTreeMap;
 #[derive(Debug)]
 pub struct EvalBoard {
     world: usize,
-    pending: BTreeMap<(i32, u64), Vec<Option<EvalCounts>>>,
+    pending: BTreeMap<(EvalSplit, u64), Vec<Option<EvalCounts>>>,
     /// Finished evaluations: (split, step) -> metrics of the whole split.
-    pub done: BTreeMap<(i32, u64), EvalMetrics>,
+    pub done: BTreeMap<(EvalSplit, u64), EvalMetrics>,
 }
 
 impl EvalBoard {
@@ -23,7 +24,7 @@ impl EvalBoard {
     pub fn report(
         &mut self,
         rank: usize,
-        split: i32,
+        split: EvalSplit,
         step: u64,
         counts: EvalCounts,
     ) -> Result<Option<EvalMetrics>, String> {
@@ -49,7 +50,7 @@ impl EvalBoard {
             }
         }
         if slots[rank].is_some() {
-            return Err(format!("rank {rank} already reported split {split} at step {step}"));
+            return Err(format!("rank {rank} already reported the {} split at step {step}", split.name()));
         }
         slots[rank] = Some(counts);
         if slots.iter().any(Option::is_none) {
@@ -73,7 +74,7 @@ impl EvalBoard {
     }
 
     /// The metrics of a finished evaluation.
-    pub fn result(&self, split: i32, step: u64) -> Option<&EvalMetrics> {
+    pub fn result(&self, split: EvalSplit, step: u64) -> Option<&EvalMetrics> {
         self.done.get(&(split, step))
     }
 }
@@ -89,17 +90,17 @@ mod tests {
         c0.add(0, 0, 1.0);
         let mut c1 = EvalCounts::new(2);
         c1.add(1, 0, 3.0);
-        assert_eq!(b.report(1, 2, 10, c1.clone()), Ok(None));
-        assert!(b.report(1, 2, 10, c1.clone()).unwrap_err().contains("already reported"));
-        assert!(b.report(2, 2, 10, c1.clone()).unwrap_err().contains("outside the world"));
-        assert!(b.report(0, 2, 10, EvalCounts::new(3)).unwrap_err().contains("3 classes"));
+        assert_eq!(b.report(1, EvalSplit::Test, 10, c1.clone()), Ok(None));
+        assert!(b.report(1, EvalSplit::Test, 10, c1.clone()).unwrap_err().contains("already reported"));
+        assert!(b.report(2, EvalSplit::Test, 10, c1.clone()).unwrap_err().contains("outside the world"));
+        assert!(b.report(0, EvalSplit::Test, 10, EvalCounts::new(3)).unwrap_err().contains("3 classes"));
         let bad = EvalCounts { classes: 2, confusion: vec![1], loss_sum: 0.0 };
-        assert!(b.report(0, 2, 10, bad).unwrap_err().contains("needs 4 entries"));
-        let m = b.report(0, 2, 10, c0).unwrap().unwrap();
+        assert!(b.report(0, EvalSplit::Test, 10, bad).unwrap_err().contains("needs 4 entries"));
+        let m = b.report(0, EvalSplit::Test, 10, c0).unwrap().unwrap();
         assert_eq!((m.examples, m.accuracy, m.loss), (2, 0.5, 2.0));
-        assert_eq!(b.result(2, 10), Some(&m));
+        assert_eq!(b.result(EvalSplit::Test, 10), Some(&m));
         // Evaluated again (a restarted generation): the new counts replace the old result.
-        assert_eq!(b.report(0, 2, 10, EvalCounts::new(2)), Ok(None));
-        assert_eq!(b.result(2, 10), None);
+        assert_eq!(b.report(0, EvalSplit::Test, 10, EvalCounts::new(2)), Ok(None));
+        assert_eq!(b.result(EvalSplit::Test, 10), None);
     }
 }

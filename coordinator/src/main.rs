@@ -349,10 +349,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let (mut dev, mut test) = (None, None);
     for ((split, step), m) in svc.eval_results() {
-        let split = proto::v1::Split::try_from(split).unwrap_or(proto::v1::Split::Train);
         println!(
             "step {step}: {} accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
-            split.as_str_name().to_lowercase(),
+            split.name(),
             m.accuracy,
             m.macro_f1,
             m.loss,
@@ -360,9 +359,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
         // In step order within a split: the last one is the final evaluation.
         match split {
-            proto::v1::Split::Dev => dev = Some(m),
-            proto::v1::Split::Test => test = Some(m),
-            proto::v1::Split::Train => {}
+            job::eval::EvalSplit::Dev => dev = Some(m),
+            job::eval::EvalSplit::Test => test = Some(m),
         }
     }
     if let Some(Some(r0)) = svc.finish_reports().first() {

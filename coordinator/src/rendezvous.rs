@@ -108,6 +108,10 @@ impl Rendezvous {
         }
     }
 
+    pub fn protocol_version(&self) -> u32 {
+        self.protocol_version
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -1,9 +1,13 @@
-//! The coordinator's gRPC service. The protocol boundary: only this module (and the worker's
-//! client) sees the generated proto types and `tonic::Status`; the logic lives in plain state
-//! machines such as [`Rendezvous`].
+//! The coordinator's gRPC service: a thin adapter between the protocol and the job's state
+//! machine ([`crate::state::JobState`]). Only this module (and the worker's client) sees the
+//! generated proto types and `tonic::Status`; it converts them to the state's plain types and
+//! back, does the I/O the state asks for (the checkpoint directory, the restart count on disk,
+//! the heartbeat streams, the waiting calls) outside the state's lock, and streams the data and
+//! the checkpoint files. See `state.rs` for the lock order.
 
-use crate::gather::EvalBoard;
+use crate::gather::EvalSplit;
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
+use crate::state::{Effect, Finished, JobState, JoinWait, Limits, Refusal};
 use crate::telemetry::{CheckpointStatus, JobStatus, Telemetry, WorkerStatus, CURVE_POINTS};
 use job::checkpoints::{self, Manifest, Partial, Store};
 use job::config::ElasticSection;
@@ -20,10 +24,12 @@ use proto::v1::{
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
+
+pub use crate::state::Restarts;
 
 /// The size of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
 pub const NCCL_ID_BYTES: usize = 128;
@@ -67,67 +73,31 @@ pub struct Signal {
     pub end: Option<Result<(), String>>,
 }
 
-/// What the coordinator last heard from a rank of the running generation.
-#[derive(Clone, Debug)]
-struct Seen {
-    at: Instant,
-    step: u64,
-    phase: String,
-    /// Since when `(step, phase)` has not changed.
-    unchanged_since: Instant,
-}
-
-/// The coordinator's restart bookkeeping, kept in `<checkpoint dir>/coordinator.json`: a
-/// restarted coordinator continues the generation numbers (its restart budget starts afresh;
-/// `restarts` is this process's count, for the record).
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Restarts {
-    pub generation: u64,
-    pub restarts: u32,
-}
-
 pub const STATE_FILE: &str = "coordinator.json";
 
 pub struct Inner {
-    rdv: Mutex<Rendezvous>,
+    /// The job's lifecycle: the one lock of its state (see `state.rs`).
+    state: Mutex<JobState>,
+    /// Woken when the rendezvous changes (waiting joins) and when a gather completes
+    /// (waiting evaluation and checksum reports); both on every restart and at the end.
     changed: Notify,
-    evals: Mutex<EvalBoard>,
-    evals_changed: Notify,
-    finished: Mutex<Vec<Option<FinishRequest>>>,
+    gathered: Notify,
     /// Notified once the job has ended (see [`Inner::outcome`]).
     pub all_finished: Notify,
+    signal: tokio::sync::watch::Sender<Signal>,
     job: JobInfo,
     data: Datasets,
     /// How long a call that waits for every rank (Join, ReportEval) waits.
     gather_timeout: Duration,
     elastic: ElasticSection,
     ckpt: Option<CheckpointSetup>,
-    /// The checkpoint the current generation starts from.
-    resume: Mutex<Option<(PathBuf, Manifest)>>,
-    /// Checkpoints written, by step, and the final model's directory once published.
-    saved: Mutex<BTreeMap<u64, PathBuf>>,
-    final_model: Mutex<Option<PathBuf>>,
     progress: Mutex<Option<ProgressBoard>>,
     /// The step and evaluation history behind the status page, /metrics and TensorBoard.
     telemetry: Mutex<Telemetry>,
     /// The job's output directory (for the status page).
     output_dir: PathBuf,
-    signal: tokio::sync::watch::Sender<Signal>,
-    seen: Mutex<Vec<Seen>>,
-    restarts: Mutex<Restarts>,
-    checksums: Mutex<BTreeMap<u64, Vec<Option<u64>>>>,
-    /// SHA-256 of `job.config_json`: a joining worker must have been handed this config.
-    config_sha256: String,
-    /// SHA-256 of the model files every worker must load: the coordinator's own when it can
-    /// read them, else the first admitted worker's.
-    model_sha256: Mutex<Option<String>>,
-    /// Set once a signal asked the coordinator to stop (see [`Inner::terminate`]).
-    stopping: std::sync::atomic::AtomicBool,
     /// Checkpoint uploads being received now.
     uploads: std::sync::atomic::AtomicUsize,
-    /// The generation this coordinator process started with (its gathering may take the
-    /// gather timeout; later ones the rejoin timeout).
-    first_generation: u64,
 }
 
 /// The gRPC service; clones share one job.
@@ -147,34 +117,26 @@ impl CoordinatorService {
     pub fn new(world: usize, job: JobInfo, data: Datasets, gather_timeout: Duration) -> Self {
         let (signal, _) = tokio::sync::watch::channel(Signal { generation: 0, end: None });
         let config_sha256 = job::fingerprint::sha256_hex(job.config_json.as_bytes());
+        let elastic = ElasticSection::default();
+        let limits = Limits { gather_timeout, elastic: elastic.clone() };
+        let rdv = Rendezvous::new(world, proto::PROTOCOL_VERSION);
+        let state = JobState::new(rdv, limits, Restarts::default(), config_sha256);
         CoordinatorService {
             inner: Arc::new(Inner {
-                rdv: Mutex::new(Rendezvous::new(world, proto::PROTOCOL_VERSION)),
+                state: Mutex::new(state),
                 changed: Notify::new(),
-                evals: Mutex::new(EvalBoard::new(world)),
-                evals_changed: Notify::new(),
-                finished: Mutex::new(vec![None; world]),
+                gathered: Notify::new(),
                 all_finished: Notify::new(),
+                signal,
                 job,
                 data,
                 gather_timeout,
-                elastic: ElasticSection::default(),
+                elastic,
                 ckpt: None,
-                resume: Mutex::new(None),
-                saved: Mutex::default(),
-                final_model: Mutex::default(),
                 progress: Mutex::default(),
                 telemetry: Mutex::default(),
                 output_dir: PathBuf::new(),
-                signal,
-                seen: Mutex::new(Vec::new()),
-                restarts: Mutex::default(),
-                checksums: Mutex::default(),
-                first_generation: 0,
-                stopping: Default::default(),
                 uploads: Default::default(),
-                config_sha256,
-                model_sha256: Mutex::new(None),
             }),
         }
     }
@@ -187,9 +149,10 @@ impl CoordinatorService {
     /// [`CoordinatorService::new`], restarts, timeouts; `restarts` continues an earlier count.
     pub fn with_elastic(mut self, elastic: ElasticSection, batch_size: usize, restarts: Restarts) -> Self {
         let inner = self.setup_mut();
-        let max = inner.rdv.get_mut().expect("rendezvous lock").max_workers();
+        let state = inner.state.get_mut().expect("state lock");
+        let max = state.max_workers();
         let min = if elastic.min_workers == 0 { max } else { elastic.min_workers.min(max) };
-        *inner.rdv.get_mut().expect("rendezvous lock") = Rendezvous::elastic(
+        let rdv = Rendezvous::elastic(
             min,
             max,
             batch_size,
@@ -198,23 +161,22 @@ impl CoordinatorService {
             restarts.generation,
         );
         inner.signal.send_replace(Signal { generation: restarts.generation, end: None });
+        state.reconfigure(rdv, Limits { gather_timeout: inner.gather_timeout, elastic: elastic.clone() }, restarts);
         inner.elastic = elastic;
-        inner.first_generation = restarts.generation;
-        *inner.restarts.get_mut().expect("restarts lock") = restarts;
         self
     }
 
     /// Accepts checkpoints from rank 0 (without, SaveCheckpoint is refused) and resumes from one.
     pub fn with_checkpoints(mut self, setup: CheckpointSetup) -> Self {
         let inner = self.setup_mut();
-        *inner.resume.get_mut().expect("resume lock") = setup.resume.clone();
+        inner.state.get_mut().expect("state lock").set_resume(setup.resume.clone());
         inner.ckpt = Some(setup);
         self
     }
 
     /// The digest of the model files every worker must load (see `fingerprint`).
     pub fn with_model_sha256(mut self, digest: Option<String>) -> Self {
-        *self.setup_mut().model_sha256.get_mut().expect("model digest lock") = digest;
+        self.setup_mut().state.get_mut().expect("state lock").set_model_sha256(digest);
         self
     }
 
@@ -237,26 +199,104 @@ impl CoordinatorService {
     /// last call is over, declares a rank failed when its heartbeats stop or its progress
     /// stalls, and ends the job when a generation cannot gather its workers in time.
     pub fn spawn_monitor(&self) {
-        let inner = Arc::clone(&self.inner);
+        let svc = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
-            while inner.signal.borrow().end.is_none() {
+            while svc.signal.borrow().end.is_none() {
                 tick.tick().await;
-                inner.check(Instant::now());
+                let effect = svc.state().tick(Instant::now());
+                svc.apply(effect).await;
             }
         });
+    }
+
+    /// Does what the state machine asked for, outside its lock.
+    async fn apply(&self, effect: Option<Effect>) {
+        match effect {
+            None => {}
+            // Reading the checkpoint directory hashes whole checkpoints: a blocking thread.
+            Some(e @ Effect::Restarting { .. }) => {
+                let inner = Arc::clone(&self.inner);
+                let _ = tokio::task::spawn_blocking(move || inner.apply_blocking(Some(e))).await;
+            }
+            e => self.apply_blocking(e),
+        }
     }
 }
 
 impl Inner {
+    fn state(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().expect("state lock")
+    }
+
+    /// Does what the state machine asked for (blocking: a restart reads the checkpoint
+    /// directory); called without the state lock.
+    fn apply_blocking(&self, mut effect: Option<Effect>) {
+        while let Some(e) = effect.take() {
+            match e {
+                Effect::Started => self.changed.notify_waiters(),
+                Effect::Gathered => self.gathered.notify_waiters(),
+                Effect::Restarting { generation, reason } => {
+                    let resume = self.ckpt.as_ref().and_then(|c| match c.store.latest() {
+                        Ok(latest) => latest,
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the checkpoint directory");
+                            None
+                        }
+                    });
+                    let from = resume.as_ref().map_or("the start (no checkpoint yet)".to_string(), |(d, m)| {
+                        format!("{} (step {})", d.file_name().unwrap_or_default().to_string_lossy(), m.step)
+                    });
+                    let next = self.state().restart(generation, resume, Instant::now());
+                    if next.is_some() {
+                        tracing::warn!(
+                            reason,
+                            generation = generation + 1,
+                            max_restarts = self.elastic.max_restarts,
+                            "restarting the job from {from}; waiting for the workers to rejoin"
+                        );
+                    }
+                    effect = next;
+                }
+                Effect::Restarted { restarts, step, dir } => {
+                    if let Some(c) = &self.ckpt {
+                        if let Err(e) = write_state(c.store.dir(), &restarts) {
+                            tracing::error!(error = %e, "saving the coordinator's restart count");
+                        }
+                    }
+                    let name = dir.map(|d| d.display().to_string()).unwrap_or_default();
+                    self.telemetry.lock().expect("telemetry lock").record_restart(step, &name);
+                    self.signal.send_replace(Signal { generation: restarts.generation, end: None });
+                    self.changed.notify_waiters();
+                    self.gathered.notify_waiters();
+                }
+                Effect::Ended => {
+                    let (generation, outcome, stopping) = {
+                        let s = self.state();
+                        (s.generation(), s.outcome(), s.is_stopping())
+                    };
+                    match &outcome {
+                        Some(Err(why)) if stopping => tracing::warn!(reason = %why, "the job stopped"),
+                        Some(Err(why)) => tracing::error!(reason = %why, "the job failed"),
+                        _ => {}
+                    }
+                    self.signal.send_replace(Signal { generation, end: outcome });
+                    self.changed.notify_waiters();
+                    self.gathered.notify_waiters();
+                    self.all_finished.notify_one();
+                }
+            }
+        }
+    }
+
     /// The checkpoints this run wrote, by step.
     pub fn saved_checkpoints(&self) -> BTreeMap<u64, PathBuf> {
-        self.saved.lock().expect("saved lock").clone()
+        self.state().saved_checkpoints().clone()
     }
 
     /// The final model's directory, once the final checkpoint is published.
     pub fn final_model(&self) -> Option<PathBuf> {
-        self.final_model.lock().expect("final lock").clone()
+        self.state().final_model().cloned()
     }
 
     /// The progress board's totals (smoothed loss, seconds, tokens; see `ProgressBoard::totals`).
@@ -278,25 +318,8 @@ impl Inner {
 
     /// Ends the job (the server's shutdown signal fires).
     pub fn end(&self, outcome: Result<(), String>) {
-        let generation = self.rdv.lock().expect("rendezvous lock").generation();
-        let mut first = false;
-        self.signal.send_if_modified(|s| {
-            first = s.end.is_none();
-            if first {
-                *s = Signal { generation, end: Some(outcome.clone()) };
-            }
-            first
-        });
-        if first {
-            match &outcome {
-                Err(why) if self.is_stopping() => tracing::warn!(reason = %why, "the job stopped"),
-                Err(why) => tracing::error!(reason = %why, "the job failed"),
-                Ok(()) => {}
-            }
-            self.changed.notify_waiters();
-            self.evals_changed.notify_waiters();
-            self.all_finished.notify_one();
-        }
+        let effect = self.state().end(outcome);
+        self.apply_blocking(effect);
     }
 
     /// Stops the job on a signal (SIGTERM: a pod eviction or deletion, say): waits up to
@@ -305,7 +328,7 @@ impl Inner {
     /// checkpoint directory (and `checkpoint.resume = true`) continues from the newest one.
     pub async fn terminate(&self, signal: &str, grace: Duration) {
         use std::sync::atomic::Ordering;
-        if self.stopping.swap(true, Ordering::SeqCst) || self.signal.borrow().end.is_some() {
+        if !self.state().stop() {
             return;
         }
         tracing::warn!(signal, "stopping the job");
@@ -325,7 +348,7 @@ impl Inner {
 
     /// Whether a signal asked the coordinator to stop.
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        self.state().is_stopping()
     }
 
     fn checkpoint_setup(&self) -> Result<&CheckpointSetup, Status> {
@@ -334,251 +357,55 @@ impl Inner {
 
     /// A message of generation `generation` is still current, and its rank is inside the world.
     fn current(&self, generation: u64, rank: u32) -> Result<usize, Status> {
-        let rdv = self.rdv.lock().expect("rendezvous lock");
-        if let Some(Err(why)) = &self.signal.borrow().end {
-            return Err(Status::aborted(format!("the job has failed: {why}")));
-        }
-        if generation != rdv.generation() || rdv.is_open() {
-            return Err(Status::aborted(format!(
-                "generation {generation} is over: the job is restarting as generation {}",
-                rdv.generation()
-            )));
-        }
-        let world = rdv.world_size();
-        let rank = rank as usize;
-        if rank >= world {
-            return Err(Status::invalid_argument(format!("rank {rank} is outside the world of {world}")));
-        }
-        Ok(rank)
+        self.state().current(generation, rank as usize).map_err(|r| status(&r))
     }
 
-    /// The current generation failed (`reason`): restart the job from its last complete
-    /// checkpoint as the next generation, or give up once `elastic.max_restarts` is spent.
-    /// A failure reported for a generation that is already over changes nothing.
-    pub fn fail(&self, generation: u64, reason: &str) {
-        let mut rdv = self.rdv.lock().expect("rendezvous lock");
-        if rdv.generation() != generation || rdv.is_open() || self.signal.borrow().end.is_some() {
-            return;
-        }
-        if self.is_stopping() {
-            // Workers leaving because the job is being stopped (Ctrl-C reaches the local
-            // workers too) are not a failure to recover from.
-            tracing::info!(reason, "not restarting: the job is stopping");
-            return;
-        }
-        let mut r = self.restarts.lock().expect("restarts lock");
-        if r.restarts >= self.elastic.max_restarts {
-            drop((r, rdv));
-            self.end(Err(format!(
-                "{reason}; the job has restarted {} times already (elastic.max_restarts), giving up",
-                self.elastic.max_restarts
-            )));
-            return;
-        }
-        r.restarts += 1;
-        let next = rdv.restart(Instant::now());
-        r.generation = next;
-        let resume = self.ckpt.as_ref().and_then(|c| match c.store.latest() {
-            Ok(latest) => latest,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the checkpoint directory");
-                None
-            }
-        });
-        if let Some(c) = &self.ckpt {
-            if let Err(e) = write_state(c.store.dir(), &r) {
-                tracing::error!(error = %e, "saving the coordinator's restart count");
-            }
-        }
-        let from = resume.as_ref().map_or("the start (no checkpoint yet)".to_string(), |(d, m)| {
-            format!("{} (step {})", d.file_name().unwrap_or_default().to_string_lossy(), m.step)
-        });
-        tracing::warn!(
-            reason,
-            generation = next,
-            restart = r.restarts,
-            max_restarts = self.elastic.max_restarts,
-            "restarting the job from {from}; waiting for the workers to rejoin"
-        );
-        let (step, name) = resume.as_ref().map_or((0, String::new()), |(d, m)| (m.step, d.display().to_string()));
-        self.telemetry.lock().expect("telemetry lock").record_restart(step, &name);
-        *self.resume.lock().expect("resume lock") = resume;
-        self.checksums.lock().expect("checksum lock").clear();
-        self.seen.lock().expect("seen lock").clear();
-        drop((r, rdv));
-        self.signal.send_replace(Signal { generation: next, end: None });
-        self.changed.notify_waiters();
-        self.evals_changed.notify_waiters();
-    }
-
-    /// A generation's world has closed: start watching its members.
-    fn started(&self, rdv: &Rendezvous) {
-        let world = rdv.world_size();
-        let now = Instant::now();
-        *self.seen.lock().expect("seen lock") =
-            vec![Seen { at: now, step: 0, phase: "joining".into(), unchanged_since: now }; world];
-        *self.finished.lock().expect("finish lock") = vec![None; world];
-        self.evals.lock().expect("eval lock").set_world(world);
-        tracing::info!(generation = rdv.generation(), world, "the world is complete; training starts");
-    }
-
-    /// One look at the job (every 100 ms).
-    fn check(&self, now: Instant) {
-        if self.signal.borrow().end.is_some() {
-            return;
-        }
-        let (generation, failure) = {
-            let mut rdv = self.rdv.lock().expect("rendezvous lock");
-            let generation = rdv.generation();
-            if rdv.is_open() {
-                if rdv.tick(now) {
-                    self.started(&rdv);
-                    drop(rdv);
-                    self.changed.notify_waiters();
-                    return;
-                }
-                let limit = if generation == self.first_generation {
-                    self.gather_timeout
-                } else {
-                    ElasticSection::secs(self.elastic.rejoin_timeout_s)
-                };
-                if rdv.gathering_for(now) > limit {
-                    let (joined, min) = rdv.count();
-                    let missing = rdv.missing();
-                    drop(rdv);
-                    self.end(Err(format!(
-                        "generation {generation}: {joined} of the {min} workers needed joined within {limit:?} \
-                         (slots {missing:?} never did)"
-                    )));
-                }
-                return;
-            }
-            let hb = ElasticSection::secs(self.elastic.heartbeat_timeout_s);
-            let stall = ElasticSection::secs(self.elastic.progress_timeout_s);
-            let seen = self.seen.lock().expect("seen lock");
-            let members = rdv.members().unwrap_or_default();
-            let finished: Vec<bool> = self.finished.lock().expect("finish lock").iter().map(Option::is_some).collect();
-            let failure = seen.iter().enumerate().find_map(|(rank, s)| {
-                if finished.get(rank).copied().unwrap_or(false) {
-                    return None; // done, waiting for the others: silence is not a failure
-                }
-                let host = members.get(rank).map_or("?", |m| m.hostname.as_str());
-                let silent = now.saturating_duration_since(s.at);
-                if silent > hb {
-                    return Some(format!(
-                        "rank {rank} ({host}) stalled: no heartbeat for {:.1} s (last at step {}, {})",
-                        silent.as_secs_f64(),
-                        s.step,
-                        s.phase
-                    ));
-                }
-                let stuck = now.saturating_duration_since(s.unchanged_since);
-                if !stall.is_zero() && stuck > stall {
-                    return Some(format!(
-                        "rank {rank} ({host}) stalled: no progress for {:.1} s (at step {}, {})",
-                        stuck.as_secs_f64(),
-                        s.step,
-                        s.phase
-                    ));
-                }
-                None
-            });
-            (generation, failure)
-        };
-        if let Some(why) = failure {
-            self.fail(generation, &why);
-        }
-    }
-
-    /// A heartbeat from `rank` of `generation` (already checked to be current).
-    fn beat(&self, rank: usize, b: &Beat) {
-        let now = Instant::now();
-        let mut seen = self.seen.lock().expect("seen lock");
-        if let Some(s) = seen.get_mut(rank) {
-            if s.step != b.step || s.phase != b.phase {
-                s.unchanged_since = now;
-            }
-            *s = Seen { at: now, step: b.step, phase: b.phase.clone(), unchanged_since: s.unchanged_since };
-        }
-    }
-
-    /// Whether `rank` of the current generation has said it finished.
-    fn has_finished(&self, rank: usize) -> bool {
-        self.finished.lock().expect("finish lock").get(rank).is_some_and(Option::is_some)
-    }
-
-    /// The metrics recorded in the manifest of the checkpoint of `step`.
-    fn metrics_at(&self, step: u64, train_loss: f64) -> BTreeMap<String, f64> {
-        let evals = self.evals.lock().expect("eval lock");
-        let names: Vec<(String, &job::eval::EvalMetrics)> = evals
-            .done
-            .iter()
-            .filter(|((_, s), _)| *s == step)
-            .map(|((split, _), m)| {
-                (Split::try_from(*split).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default(), m)
-            })
-            .collect();
-        checkpoints::step_metrics(train_loss, names.iter().map(|(n, m)| (n.as_str(), *m)))
-    }
-
-    /// The whole job at this moment: what the status page and `/metrics` show.
+    /// The whole job at this moment: what the status page and `/metrics` show. The state's
+    /// snapshot is taken under its lock, the rest after.
     pub fn job_status(&self) -> JobStatus {
         let now = Instant::now();
-        let (generation, open, world_size, min_workers, max_workers, joined, hosts) = {
-            let rdv = self.rdv.lock().expect("rendezvous lock");
-            let hosts: Vec<String> = rdv.members().unwrap_or_default().iter().map(|m| m.hostname.clone()).collect();
-            let (joined, min) = rdv.count();
-            (rdv.generation(), rdv.is_open(), rdv.world_size(), min, rdv.max_workers(), joined, hosts)
-        };
-        let end = self.signal.borrow().end.clone();
-        let (state, message) = match (&end, open) {
+        let s = self.state().snapshot();
+        let (state, message) = match (&s.end, s.open) {
             (Some(Ok(())), _) => ("finished", "every rank finished".to_string()),
-            (Some(Err(why)), _) if self.is_stopping() => ("stopped", why.clone()),
+            (Some(Err(why)), _) if s.stopping => ("stopped", why.clone()),
             (Some(Err(why)), _) => ("failed", why.clone()),
-            (None, true) if generation == self.first_generation => {
-                ("gathering", format!("{joined} of at least {min_workers} workers have joined"))
+            (None, true) if s.first_generation => {
+                ("gathering", format!("{} of at least {} workers have joined", s.joined, s.min_workers))
             }
-            (None, true) => ("restarting", format!("{joined} of at least {min_workers} workers have rejoined")),
+            (None, true) => ("restarting", format!("{} of at least {} workers have rejoined", s.joined, s.min_workers)),
             (None, false) => ("training", String::new()),
         };
-        let finished: Vec<bool> = self.finished.lock().expect("finish lock").iter().map(Option::is_some).collect();
-        let workers = if open {
-            Vec::new()
-        } else {
-            self.seen
-                .lock()
-                .expect("seen lock")
-                .iter()
-                .enumerate()
-                .map(|(rank, s)| WorkerStatus {
-                    rank,
-                    host: hosts.get(rank).cloned().unwrap_or_default(),
-                    step: s.step,
-                    phase: s.phase.clone(),
-                    heartbeat_age_s: now.saturating_duration_since(s.at).as_secs_f64(),
-                    finished: finished.get(rank).copied().unwrap_or(false),
-                })
-                .collect()
-        };
-        let checkpoints = self
-            .saved_checkpoints()
-            .into_iter()
-            .filter(|(_, path)| path.exists()) // keep_last prunes old ones
-            .map(|(step, path)| CheckpointStatus { step, path: path.display().to_string() })
+        let workers = s
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(rank, (host, seen, finished))| WorkerStatus {
+                rank,
+                host: host.clone(),
+                step: seen.step,
+                phase: seen.phase.clone(),
+                heartbeat_age_s: now.saturating_duration_since(seen.at).as_secs_f64(),
+                finished: *finished,
+            })
             .collect();
-        let restarts = self.restarts.lock().expect("restarts lock").restarts;
+        let checkpoints = s
+            .saved
+            .iter()
+            .filter(|(_, path)| path.exists()) // keep_last prunes old ones
+            .map(|(step, path)| CheckpointStatus { step: *step, path: path.display().to_string() })
+            .collect();
         let t = self.telemetry.lock().expect("telemetry lock");
         let last = t.last().cloned();
         JobStatus {
             state,
             message,
             output_dir: self.output_dir.display().to_string(),
-            generation,
-            world_size: if open { joined } else { world_size },
-            min_workers,
-            max_workers,
-            joined,
-            restarts,
+            generation: s.generation,
+            world_size: if s.open { s.joined } else { s.world_size },
+            min_workers: s.min_workers,
+            max_workers: s.max_workers,
+            joined: s.joined,
+            restarts: s.restarts,
             max_restarts: self.elastic.max_restarts,
             elapsed_s: t.now_s(),
             step: last.as_ref().map_or(0, |r| r.step),
@@ -588,7 +415,7 @@ impl Inner {
             totals: t.totals().clone(),
             workers,
             checkpoints,
-            final_model: self.final_model().map(|p| p.display().to_string()),
+            final_model: s.final_model.map(|p| p.display().to_string()),
             curve: t.curve(CURVE_POINTS).iter().map(|r| [r.step as f64, r.loss, r.lr, r.time_s]).collect(),
             evals: t.evals().to_vec(),
             last,
@@ -601,27 +428,43 @@ impl Inner {
     }
 
     /// What the ranks reported when they finished (rank 0's model directory among it).
-    pub fn finish_reports(&self) -> Vec<Option<FinishRequest>> {
-        self.finished.lock().expect("finish lock").clone()
+    pub fn finish_reports(&self) -> Vec<Option<Finished>> {
+        self.state().finish_reports().to_vec()
     }
 
     /// The finished evaluations: (split, step) -> metrics.
-    pub fn eval_results(&self) -> Vec<((i32, u64), job::eval::EvalMetrics)> {
-        self.evals.lock().expect("eval lock").done.iter().map(|(k, v)| (*k, v.clone())).collect()
+    pub fn eval_results(&self) -> Vec<((EvalSplit, u64), job::eval::EvalMetrics)> {
+        self.state().eval_results().iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     /// The world size of the generation that ran last.
     pub fn world_size(&self) -> usize {
-        self.rdv.lock().expect("rendezvous lock").world_size()
+        self.state().world_size()
     }
+}
 
-    fn status(e: &JoinError) -> Status {
-        match e {
+/// The gRPC status of a refusal.
+fn status(r: &Refusal) -> Status {
+    match r {
+        Refusal::Failed(_) | Refusal::Stale { .. } => Status::aborted(r.to_string()),
+        Refusal::OutsideWorld { .. } | Refusal::Invalid(_) => Status::invalid_argument(r.to_string()),
+        Refusal::NotAllowed(_) => Status::permission_denied(r.to_string()),
+        Refusal::Mismatch(_) => Status::failed_precondition(r.to_string()),
+        Refusal::Join(e) => match e {
             JoinError::WorldFull { .. } | JoinError::Running { .. } => Status::resource_exhausted(e.to_string()),
             JoinError::ProtocolMismatch { .. } => Status::failed_precondition(e.to_string()),
             JoinError::RankTaken { .. } => Status::already_exists(e.to_string()),
             JoinError::RankOutOfRange { .. } | JoinError::BadRingAddr(_) => Status::invalid_argument(e.to_string()),
-        }
+        },
+    }
+}
+
+/// The split of an evaluation report.
+fn eval_split(split: i32) -> Result<EvalSplit, Status> {
+    match Split::try_from(split) {
+        Ok(Split::Dev) => Ok(EvalSplit::Dev),
+        Ok(Split::Test) => Ok(EvalSplit::Test),
+        _ => Err(Status::invalid_argument(format!("split {split} is not an evaluation split"))),
     }
 }
 
@@ -658,7 +501,7 @@ impl Drop for SlotGuard {
         if self.kept {
             return;
         }
-        let freed = self.inner.rdv.lock().map(|mut r| r.leave(self.slot, &self.host)).unwrap_or(false);
+        let freed = self.inner.state.lock().map(|mut s| s.leave(self.slot, &self.host)).unwrap_or(false);
         if freed {
             tracing::warn!(
                 host = self.host,
@@ -722,13 +565,7 @@ impl Coordinator for CoordinatorService {
             Some(CheckpointPart { part: Some(Part::Header(h)) }) => h,
             _ => return Err(Status::invalid_argument("a checkpoint stream starts with its header")),
         };
-        if header.rank != 0 {
-            return Err(Status::permission_denied(format!(
-                "rank {} sent a checkpoint: only rank 0 saves",
-                header.rank
-            )));
-        }
-        self.current(header.generation, header.rank)?;
+        self.state().accept_upload(header.generation, header.rank as usize).map_err(|r| status(&r))?;
         self.checkpoint_setup()?;
         let _in_flight = InFlight::new(&self.uploads);
         // The files go to disk on a blocking thread; a stream that breaks off drops the
@@ -774,11 +611,13 @@ impl Coordinator for CoordinatorService {
         })?;
         // A checkpoint of a generation that failed meanwhile is not kept: the job has already
         // chosen where it restarts from.
-        self.current(header.generation, header.rank)?;
-        let world = self.world_size() as u32;
+        let (world, metrics) = {
+            let s = self.state();
+            s.accept_upload(header.generation, 0).map_err(|r| status(&r))?;
+            (s.world_size() as u32, s.metrics_at(step, header.train_loss))
+        };
         let setup = self.checkpoint_setup()?;
         let cursor = checkpoints::Cursor { epoch: header.epoch, position: header.position, world_size: world };
-        let metrics = self.metrics_at(step, header.train_loss);
         let manifest = Manifest::new(step, cursor, self.job.seed, header.r#final, setup.config.clone(), metrics);
         let is_final = header.r#final;
         let commit_inner = Arc::clone(&self.inner);
@@ -796,10 +635,8 @@ impl Coordinator for CoordinatorService {
         .map_err(|e| internal(&e))?
         .map_err(|e| internal(&e))?;
         tracing::info!(step, path = %path.display(), is_final, "checkpoint saved");
-        self.saved.lock().expect("saved lock").insert(step, path.clone());
-        if is_final {
-            *self.final_model.lock().expect("final lock") = Some(setup.model_dir.clone());
-        }
+        let model = is_final.then(|| setup.model_dir.clone());
+        self.state().saved(step, path.clone(), model);
         Ok(Response::new(CheckpointSaved { path: path.display().to_string() }))
     }
 
@@ -810,10 +647,8 @@ impl Coordinator for CoordinatorService {
         self.checkpoint_setup()?;
         let r = request.into_inner();
         let dir = self
-            .resume
-            .lock()
-            .expect("resume lock")
-            .as_ref()
+            .state()
+            .resume_point()
             .map(|(dir, _)| dir.clone())
             .filter(|dir| dir.file_name().is_some_and(|n| n.to_string_lossy() == r.checkpoint))
             .ok_or_else(|| {
@@ -873,6 +708,7 @@ impl Coordinator for CoordinatorService {
             step_s: r.step_s,
             time_s: 0.0,
         };
+        // Lock order (telemetry, then the board): the state lock is not held.
         let mut telemetry = self.telemetry.lock().expect("telemetry lock");
         let rec = StepRecord { time_s: telemetry.now_s(), ..rec };
         if let Some(board) = self.progress.lock().expect("progress lock").as_mut() {
@@ -936,16 +772,9 @@ impl Coordinator for CoordinatorService {
 
     async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
         let r = request.into_inner();
-        let rank = self.current(r.generation, r.rank)?;
-        let all = {
-            let mut f = self.finished.lock().expect("finish lock");
-            tracing::info!(rank, steps = r.steps, model_dir = r.model_dir, "worker finished");
-            f[rank] = Some(r);
-            f.iter().all(Option::is_some)
-        };
-        if all {
-            self.end(Ok(()));
-        }
+        let f = Finished { steps: r.steps, model_dir: r.model_dir };
+        let effect = self.state().finish(r.generation, r.rank as usize, f).map_err(|e| status(&e))?;
+        self.apply(effect).await;
         Ok(Response::new(FinishReply {}))
     }
 
@@ -954,20 +783,13 @@ impl Coordinator for CoordinatorService {
         if r.classes == 0 || r.classes > MAX_CLASSES {
             return Err(Status::invalid_argument(format!("classes = {} is outside 1..={MAX_CLASSES}", r.classes)));
         }
-        let rank = self.current(r.generation, r.rank)?;
-        let split =
-            Split::try_from(r.split).map_err(|_| Status::invalid_argument(format!("unknown split {}", r.split)))?;
+        let split = eval_split(r.split)?;
         let counts = EvalCounts { classes: r.classes as usize, confusion: r.confusion, loss_sum: r.loss_sum };
-        let key = (split as i32, r.step);
-        let done = self
-            .evals
-            .lock()
-            .expect("eval lock")
-            .report(rank, key.0, key.1, counts)
-            .map_err(Status::invalid_argument)?;
+        let done =
+            self.state().report_eval(r.generation, r.rank as usize, split, r.step, counts).map_err(|e| status(&e))?;
         if let Some(m) = done {
             tracing::info!(
-                split = split.as_str_name(),
+                split = split.name(),
                 step = r.step,
                 examples = m.examples,
                 loss = m.loss,
@@ -975,26 +797,28 @@ impl Coordinator for CoordinatorService {
                 macro_f1 = m.macro_f1,
                 "evaluation"
             );
-            let name = split.as_str_name().to_lowercase();
-            self.telemetry.lock().expect("telemetry lock").record_eval(&name, r.step, &m);
-            self.evals_changed.notify_waiters();
+            self.telemetry.lock().expect("telemetry lock").record_eval(split.name(), r.step, &m);
+            self.gathered.notify_waiters();
         }
         let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
-            let notified = self.evals_changed.notified();
-            self.current(r.generation, r.rank)?;
-            if let Some(m) = self.evals.lock().expect("eval lock").result(key.0, key.1) {
-                return Ok(Response::new(EvalResult {
-                    examples: m.examples,
-                    loss: m.loss,
-                    accuracy: m.accuracy,
-                    macro_f1: m.macro_f1,
-                }));
+            let notified = self.gathered.notified();
+            {
+                let s = self.state();
+                s.current(r.generation, r.rank as usize).map_err(|e| status(&e))?;
+                if let Some(m) = s.eval_result(split, r.step) {
+                    return Ok(Response::new(EvalResult {
+                        examples: m.examples,
+                        loss: m.loss,
+                        accuracy: m.accuracy,
+                        macro_f1: m.macro_f1,
+                    }));
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(Status::deadline_exceeded(format!(
                     "evaluation of {} at step {} did not complete within {:?}: not every rank reported",
-                    split.as_str_name(),
+                    split.name(),
                     r.step,
                     self.gather_timeout
                 )));
@@ -1004,43 +828,16 @@ impl Coordinator for CoordinatorService {
 
     async fn report_checksum(&self, request: Request<ChecksumReport>) -> Result<Response<ChecksumResult>, Status> {
         let r = request.into_inner();
-        let rank = self.current(r.generation, r.rank)?;
-        let world = self.world_size();
-        let verdict = {
-            let mut all = self.checksums.lock().expect("checksum lock");
-            let sums = all.entry(r.step).or_insert_with(|| vec![None; world]);
-            if sums[rank].is_some() {
-                return Err(Status::invalid_argument(format!("rank {rank} already reported step {}", r.step)));
-            }
-            sums[rank] = Some(r.checksum);
-            if sums.iter().all(Option::is_some) {
-                let first = sums[0];
-                let differ: Vec<usize> = (1..world).filter(|&k| sums[k] != first).collect();
-                Some(differ)
-            } else {
-                None
-            }
-        };
-        match verdict {
-            Some(differ) if differ.is_empty() => {
-                tracing::debug!(step = r.step, checksum = format!("{:016x}", r.checksum), "parameters agree");
-                self.evals_changed.notify_waiters();
-            }
-            Some(differ) => {
-                self.end(Err(format!(
-                    "the workers' parameters diverged at step {}: ranks {differ:?} differ from rank 0 (a silent \
-                     desync: a faulty device, memory corruption, or nondeterministic code)",
-                    r.step
-                )));
-            }
-            None => {}
-        }
+        let effect =
+            self.state().report_checksum(r.generation, r.rank as usize, r.step, r.checksum).map_err(|e| status(&e))?;
+        self.apply(effect).await;
         let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
-            let notified = self.evals_changed.notified();
-            self.current(r.generation, r.rank)?;
-            if let Some(sums) = self.checksums.lock().expect("checksum lock").get(&r.step) {
-                if sums.iter().all(Option::is_some) {
+            let notified = self.gathered.notified();
+            {
+                let s = self.state();
+                s.current(r.generation, r.rank as usize).map_err(|e| status(&e))?;
+                if s.checksums_complete(r.step) {
                     return Ok(Response::new(ChecksumResult {}));
                 }
             }
@@ -1077,25 +874,13 @@ impl Coordinator for CoordinatorService {
                 return Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
             }
         };
-        let host = self
-            .rdv
-            .lock()
-            .expect("rendezvous lock")
-            .members()
-            .and_then(|m| m.get(rank).map(|j| j.hostname.clone()))
-            .unwrap_or_default();
-        let inner = Arc::clone(&self.inner);
         let svc = self.clone();
         tokio::spawn(async move {
             let mut next = Some(first);
             loop {
                 if let Some(b) = next.take() {
-                    if svc.current(generation, b.rank).is_ok() {
-                        inner.beat(rank, &b);
-                        if !b.failure.is_empty() {
-                            inner.fail(generation, &format!("rank {rank} ({host}) failed: {}", b.failure));
-                        }
-                    }
+                    let effect = svc.state().beat(generation, rank, b.step, &b.phase, &b.failure, Instant::now());
+                    svc.apply(effect).await;
                     let v = verdict(&signal.borrow_and_update(), generation);
                     if tx.send(Ok(v)).await.is_err() {
                         return;
@@ -1105,12 +890,8 @@ impl Coordinator for CoordinatorService {
                     m = inbound.message() => match m {
                         Ok(Some(b)) => next = Some(b),
                         Ok(None) | Err(_) => {
-                            if !inner.has_finished(rank) {
-                                inner.fail(
-                                    generation,
-                                    &format!("rank {rank} ({host}) is gone: its heartbeat connection closed"),
-                                );
-                            }
+                            let effect = svc.state().gone(generation, rank);
+                            svc.apply(effect).await;
                             return;
                         }
                     },
@@ -1133,14 +914,14 @@ impl Coordinator for CoordinatorService {
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<JobSpec>, Status> {
         let theirs = request.into_inner().protocol_version;
         if theirs != proto::PROTOCOL_VERSION {
-            return Err(Inner::status(&JoinError::ProtocolMismatch { ours: proto::PROTOCOL_VERSION, theirs }));
+            let e = JoinError::ProtocolMismatch { ours: proto::PROTOCOL_VERSION, theirs };
+            return Err(status(&Refusal::Join(e)));
         }
         Ok(Response::new(JobSpec { job_config_json: self.job.config_json.clone() }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let r = request.into_inner();
-        let (config_sha256, model_sha256) = (r.config_sha256, r.model_sha256);
         let joiner = Joiner {
             protocol_version: r.protocol_version,
             rank_hint: r.rank_hint,
@@ -1155,47 +936,16 @@ impl Coordinator for CoordinatorService {
             )));
         }
         let host = joiner.hostname.clone();
-        if let Some(Err(why)) = self.outcome() {
-            return Err(Status::failed_precondition(format!("the job has failed: {why}")));
-        }
-        let (slot, generation) = {
-            let mut rdv = self.rdv.lock().expect("rendezvous lock");
-            let was_open = rdv.is_open();
-            let mut model = self.model_sha256.lock().expect("model digest lock");
-            if joiner.protocol_version == proto::PROTOCOL_VERSION {
-                let refuse = |why: String| {
-                    tracing::warn!(host, reason = why, "join refused");
-                    Status::failed_precondition(why)
-                };
-                if config_sha256 != self.config_sha256 {
-                    return Err(refuse(format!(
-                        "this worker holds another job config (sha256 {config_sha256:?}, the job's is {}): \
-                         was the coordinator restarted with another config?",
-                        self.config_sha256
-                    )));
-                }
-                if let Some(want) = model.as_ref().filter(|want| **want != model_sha256) {
-                    return Err(refuse(format!(
-                        "this worker's model files (config.json, model.safetensors, tokenizer) differ from the \
-                         job's: sha256 {model_sha256} here, {want} for the job; give every worker the same \
-                         checkpoint"
-                    )));
-                }
+        let joined = self.state().join(joiner, &r.config_sha256, r.model_sha256, Instant::now());
+        let (slot, generation, started) = joined.map_err(|e| {
+            tracing::warn!(host, reason = %e, "join refused");
+            match e {
+                // Not to be retried: the worker exits.
+                Refusal::Failed(_) => Status::failed_precondition(e.to_string()),
+                e => status(&e),
             }
-            let slot = rdv.join(joiner, Instant::now()).map_err(|e| {
-                tracing::warn!(host, error = %e, "join refused");
-                Inner::status(&e)
-            })?;
-            if model.is_none() {
-                *model = Some(model_sha256);
-            }
-            drop(model);
-            tracing::info!(host, slot, generation = rdv.generation(), missing = ?rdv.missing(), "worker joined");
-            if was_open && !rdv.is_open() {
-                self.started(&rdv);
-            }
-            (slot, rdv.generation())
-        };
+        })?;
+        self.apply(started).await;
         self.changed.notify_waiters();
         // Until the world is complete, a worker that times out or hangs up gives its slot back
         // (dropping this guard), so that its restarted self or a replacement can take it.
@@ -1203,27 +953,19 @@ impl Coordinator for CoordinatorService {
         let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
             let notified = self.changed.notified();
-            if let Some(Err(why)) = self.outcome() {
-                return Err(Status::failed_precondition(format!("the job has failed: {why}")));
-            }
-            {
-                let rdv = self.rdv.lock().expect("rendezvous lock");
-                if rdv.generation() != generation {
-                    guard.kept = true; // the restart already emptied every slot
-                    return Err(Status::aborted("the job restarted while this worker waited; join again"));
-                }
-                if let (Some(members), Some(rank)) = (rdv.members(), rdv.rank_of_slot(slot)) {
+            let wait = self.state().assignment(slot, generation);
+            match wait {
+                JoinWait::Ready(a) => {
                     guard.kept = true;
-                    let resume = self.resume.lock().expect("resume lock");
                     return Ok(Response::new(JoinReply {
-                        rank: rank as u32,
-                        world_size: rdv.world_size() as u32,
+                        rank: a.rank as u32,
+                        world_size: a.world as u32,
                         job_config_json: self.job.config_json.clone(),
-                        ring_peers: members.iter().map(|m| m.ring_addr.clone()).collect(),
-                        nccl_id: members[0].nccl_id.clone(),
+                        ring_peers: a.ring_peers,
+                        nccl_id: a.nccl_id,
                         labels: self.data.labels.names.clone(),
                         train_examples: self.data.train.len() as u64,
-                        resume: resume.as_ref().map(|(dir, m)| ResumePoint {
+                        resume: a.resume.as_ref().map(|(dir, m)| ResumePoint {
                             step: m.step,
                             epoch: m.cursor.epoch,
                             position: m.cursor.position,
@@ -1233,14 +975,19 @@ impl Coordinator for CoordinatorService {
                         generation,
                     }));
                 }
-                if !rdv.is_open() {
-                    // The world closed without this slot (an elastic world of fewer).
+                JoinWait::Failed(why) => return Err(Status::failed_precondition(format!("the job has failed: {why}"))),
+                JoinWait::Restarted => {
+                    guard.kept = true; // the restart already emptied every slot
+                    return Err(Status::aborted("the job restarted while this worker waited; join again"));
+                }
+                JoinWait::Left => {
                     guard.kept = true;
                     return Err(Status::resource_exhausted("the world closed without this worker"));
                 }
+                JoinWait::Waiting => {}
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let missing = self.rdv.lock().expect("rendezvous lock").missing();
+                let missing = self.state().missing();
                 return Err(Status::deadline_exceeded(format!(
                     "rendezvous timed out after {:?}: ranks {missing:?} never joined",
                     self.gather_timeout

@@ -117,3 +117,20 @@ mod tests {
         assert_eq!(EvalCounts::new(2).metrics().accuracy, 0.0);
     }
 }
+
+/// A split that is evaluated during and after training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EvalSplit {
+    Dev,
+    Test,
+}
+
+impl EvalSplit {
+    /// `dev` or `test`, as metrics are named (`dev/accuracy`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Dev => "dev",
+            EvalSplit::Test => "test",
+        }
+    }
+}

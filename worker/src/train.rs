@@ -21,6 +21,7 @@ use anyhow::Context;
 use job::checkpoints::Cursor;
 use job::config::{JobConfig, TrainSection};
 use job::data::Record;
+pub use job::eval::EvalSplit;
 use job::eval::{EvalCounts, EvalMetrics};
 use job::progress::StepRecord;
 use std::path::{Path, PathBuf};
@@ -155,22 +156,6 @@ pub struct Example {
     pub index: u32,
     pub encoded: Encoded,
     pub label: i64,
-}
-
-/// A split that is evaluated during and after training.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum EvalSplit {
-    Dev,
-    Test,
-}
-
-impl EvalSplit {
-    pub fn name(self) -> &'static str {
-        match self {
-            EvalSplit::Dev => "dev",
-            EvalSplit::Test => "test",
-        }
-    }
 }
 
 /// Where training stands at a checkpoint: its step, the data cursor of that step in this
