@@ -4,7 +4,8 @@
 // H = NH, W = T and t_max = w_max = max_position_embeddings. What is left:
 //
 //   split_heads / merge_heads    [B, T, NH*HD] <-> [B, NH, T, HD], and their backward (+=)
-//   softmax_forward_f32          P = softmax(S + mask[b, None, :]) over keys, in place on S
+//   softmax_forward_f32          P = softmax(S + mask[b, None, :]) over keys, in place on S; with
+//                                segments (else null), keys of another segment score f32::MIN
 //   softmax_backward_f32         dS = P * (dP - rowsum(P * dP)), in place on dP
 //
 // S, P, dP are [B, NH, T, T]; mask is [B, T], additive (0, or a large negative for padding, so
@@ -66,15 +67,24 @@ extern "C" __global__ void merge_heads_backward_f32(float* dsrc, const float* dd
 }
 
 // In place: each row s of S [B, NH, T, T] becomes softmax(s + mask[b, :]).
-extern "C" __global__ void softmax_forward_f32(float* s, const float* mask, int b, int nh, int t) {
+extern "C" __global__ void softmax_forward_f32(
+    float* s, const float* mask, const unsigned int* segments, int b, int nh, int t)
+{
     long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= (long long)b * nh * t) return;
     long long bi = row / ((long long)nh * t);
+    int qi = (int)(row % t);
     float* x = s + row * t;
     const float* m = mask + bi * t;
+    const unsigned int* sg = segments ? segments + bi * t : 0;
     float mx = __int_as_float(0xff800000);  // -inf
-    for (int j = lane; j < t; j += 32) { float v = x[j] + m[j]; x[j] = v; mx = fmaxf(mx, v); }
+    for (int j = lane; j < t; j += 32) {
+        float v = x[j] + m[j];
+        if (sg && sg[j] != sg[qi]) v = -3.40282347e38f;  // f32::MIN
+        x[j] = v;
+        mx = fmaxf(mx, v);
+    }
     mx = warp_max(mx);
     float sum = 0.0f;
     for (int j = lane; j < t; j += 32) { float e = expf(x[j] - mx); x[j] = e; sum += e; }

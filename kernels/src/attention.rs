@@ -8,8 +8,11 @@
 //! O  = P' V                                    [T, HD]
 //! ```
 //!
-//! `mask` is additive over keys: 0 for a real token, a large negative number (the model uses
-//! `f32::MIN`, like `transformers`) for padding, so padded keys get exactly zero weight.
+//! The [`Mask`] is additive over keys: 0 for a real token, a large negative number (the model
+//! uses `f32::MIN`, like `transformers`) for padding, so padded keys get exactly zero weight.
+//! A row that packs several documents also gives each token's segment: a query's scores
+//! against the keys of other segments are set to `f32::MIN` (after the padding is added), so
+//! each document attends only to itself, as a block-diagonal 4-D mask does in `transformers`.
 //!
 //! Q, K, V and O are head-major, `[B, NH, T, HD]`, so each (b, h) pair owns one contiguous
 //! block and runs as one task; [`split_heads`] and [`merge_heads`] convert from and to the
@@ -95,10 +98,18 @@ pub fn merge_heads_backward(dsrc: &mut [f32], ddst: &[f32], d: AttnDims) {
     });
 }
 
-fn check(d: AttnDims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) {
+/// Which keys each query sees.
+#[derive(Clone, Copy, Debug)]
+pub struct Mask<'a> {
+    /// `[B, T]`: added to every query's score of that key (0, or `f32::MIN` for padding).
+    pub add: &'a [f32],
+    /// `[B, T]`: each token's segment (document) in its row; empty for one segment per row.
+    pub segments: &'a [u32],
+}
+
+fn check(d: AttnDims, q: &[f32], k: &[f32], v: &[f32]) {
     let n = d.b * d.nh * d.t * d.hd;
     assert!(q.len() == n && k.len() == n && v.len() == n, "attention: q/k/v must be [B, NH, T, HD]");
-    assert_eq!(mask.len(), d.b * d.t, "attention: mask must be [B, T]");
 }
 
 /// The multiplier of dropout for element (i, j) of head `h` of example `b`.
@@ -117,11 +128,13 @@ pub fn attention_forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    mask: &[f32],
+    mask: Mask<'_>,
     d: AttnDims,
     dropout: Option<&AttnDropout<'_>>,
 ) {
-    check(d, q, k, v, mask);
+    check(d, q, k, v);
+    assert_eq!(mask.add.len(), d.b * d.t, "attention: mask must be [B, T]");
+    assert!(mask.segments.is_empty() || mask.segments.len() == d.b * d.t, "attention: segments must be [B, T]");
     let dropout = dropout.filter(|dr| dr.spec.p > 0.0);
     let (tt, th) = (d.t * d.t, d.t * d.hd);
     assert_eq!(out.len(), d.b * d.nh * th, "attention_forward: out must be [B, NH, T, HD]");
@@ -140,7 +153,8 @@ pub fn attention_forward(
         |(bh, ((o, p), pd))| {
             let (b, h) = (bh / d.nh, bh % d.nh);
             let (qs, ks, vs) = (&q[bh * th..(bh + 1) * th], &k[bh * th..(bh + 1) * th], &v[bh * th..(bh + 1) * th]);
-            let m = &mask[b * d.t..(b + 1) * d.t];
+            let m = &mask.add[b * d.t..(b + 1) * d.t];
+            let segs = if mask.segments.is_empty() { None } else { Some(&mask.segments[b * d.t..(b + 1) * d.t]) };
             gemm(
                 p,
                 d.t,
@@ -152,10 +166,13 @@ pub fn attention_forward(
                 false,
                 false,
             );
-            for row in p.chunks_mut(d.t) {
+            for (i, row) in p.chunks_mut(d.t).enumerate() {
                 let mut max = f32::NEG_INFINITY;
-                for (s, &mk) in row.iter_mut().zip(m) {
+                for (j, (s, &mk)) in row.iter_mut().zip(m).enumerate() {
                     *s += mk;
+                    if segs.is_some_and(|sg| sg[j] != sg[i]) {
+                        *s = f32::MIN;
+                    }
                     max = max.max(*s);
                 }
                 let mut sum = 0.0f32;
@@ -206,11 +223,10 @@ pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    mask: &[f32],
     d: AttnDims,
     dropout: Option<&AttnDropout<'_>>,
 ) {
-    check(d, q, k, v, mask);
+    check(d, q, k, v);
     let dropout = dropout.filter(|dr| dr.spec.p > 0.0);
     let (tt, th) = (d.t * d.t, d.t * d.hd);
     let n = d.b * d.nh * th;

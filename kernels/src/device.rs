@@ -142,6 +142,15 @@ pub fn matmul_backward_weight(
     Ok(())
 }
 
+/// Which keys each query sees (`attention::Mask` on the device).
+#[derive(Clone, Copy)]
+pub struct DeviceMask<'a> {
+    /// `[B, T]`, additive.
+    pub add: &'a CudaView<'a, f32>,
+    /// `[B, T]`: each token's segment in its row; `None` for one segment per row.
+    pub segments: Option<&'a CudaView<'a, u32>>,
+}
+
 /// Dropout on the attention probabilities, as the CPU draws it (see `attention::AttnDropout`).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceAttnDropout<'a> {
@@ -178,30 +187,31 @@ pub fn attention_forward(
     q: &CudaView<'_, f32>,
     k: &CudaView<'_, f32>,
     v: &CudaView<'_, f32>,
-    mask: &CudaView<'_, f32>,
+    mask: DeviceMask<'_>,
     d: AttnDims,
     dropout: Option<&DeviceAttnDropout<'_>>,
 ) -> Result<(), GpuError> {
     let dropout = dropout.filter(|dr| dr.spec.p > 0.0);
     let (bh, tt, th) = (d.b * d.nh, d.t * d.t, d.t * d.hd);
     assert!(q.len() == bh * th && k.len() == bh * th && v.len() == bh * th && out.len() == bh * th, "attention: qkv");
-    assert!(probs.len() == bh * tt && mask.len() == d.b * d.t, "attention: probs, mask");
+    assert!(probs.len() == bh * tt && mask.add.len() == d.b * d.t, "attention: probs, mask");
+    assert!(mask.segments.is_none_or(|sg| sg.len() == d.b * d.t), "attention: segments must be [B, T]");
     let blas = gpu.blas()?;
     let scale = 1.0 / (d.hd as f32).sqrt();
     let s = batched(gemm_cfg(T, N, d.t, d.t, d.hd, d.hd, d.hd, d.t, scale, 0.0), bh, th, th, tt);
     unsafe { blas.gemm_strided_batched(s, k, q, probs) }?;
     let f = gpu.function("attention", "softmax_forward_f32")?;
     let (bi, nhi, ti) = (d.b as i32, d.nh as i32, d.t as i32);
-    unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(&mut *probs)
-            .arg(mask)
-            .arg(&bi)
-            .arg(&nhi)
-            .arg(&ti)
-            .launch(rows_launch(bh * d.t))
-    }?;
+    // No segments: a null pointer, which the kernel reads as one segment per row.
+    let null = 0u64;
+    let mut launch = gpu.stream.launch_builder(&f);
+    launch.arg(&mut *probs).arg(mask.add);
+    match mask.segments {
+        Some(sg) => launch.arg(sg),
+        None => launch.arg(&null),
+    };
+    launch.arg(&bi).arg(&nhi).arg(&ti);
+    unsafe { launch.launch(rows_launch(bh * d.t)) }?;
     let o = batched(gemm_cfg(N, N, d.hd, d.t, d.t, d.hd, d.t, d.hd, 1.0, 0.0), bh, th, tt, th);
     match dropout {
         Some(dr) => {
@@ -468,13 +478,14 @@ pub fn dropout_apply(
     Ok(())
 }
 
-/// `out[b, t] = wte[ids] + wpe[t] + wtt[types]`.
+/// `out[b, t] = wte[ids] + wpe[positions] + wtt[types]`.
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_forward(
     gpu: &Gpu,
     out: Out<'_, '_>,
     input_ids: In<'_, '_, u32>,
     token_type_ids: In<'_, '_, u32>,
+    position_ids: In<'_, '_, u32>,
     wte: In<'_, '_>,
     wpe: In<'_, '_>,
     wtt: In<'_, '_>,
@@ -483,6 +494,7 @@ pub fn embedding_forward(
     c: usize,
 ) -> Result<(), GpuError> {
     assert!(out.len() == b * t * c && input_ids.len() == b * t && token_type_ids.len() == b * t);
+    assert_eq!(position_ids.len(), b * t);
     let f = gpu.function("embedding", "embedding_forward_f32")?;
     let (bi, ti, ci) = (b as i32, t as i32, c as i32);
     let cfg = LaunchConfig {
@@ -496,6 +508,7 @@ pub fn embedding_forward(
             .arg(out)
             .arg(input_ids)
             .arg(token_type_ids)
+            .arg(position_ids)
             .arg(wte)
             .arg(wpe)
             .arg(wtt)

@@ -307,15 +307,20 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             .map(|i| philox::philox4x32_10([i as u32, 0, 0, 0], [1, 2])[0] % 50 + (i % 3 == 0) as u32)
             .collect();
         let types: Vec<u32> = (0..b * t).map(|i| ((i % t) >= t / 2) as u32).collect();
+        // Every other row packs two documents, the second restarting at position 0.
+        let pos: Vec<u32> =
+            (0..b * t).map(|i| (i % t - if (i / t) % 2 == 1 && i % t >= 40 { 40 } else { 0 }) as u32).collect();
         let (wte, wpe, wtt) = (randn(v * c, 12, 0.02), randn(p * c, 13, 0.02), randn(tt * c, 14, 0.02));
         let mut out = s.alloc_zeros::<f32>(b * t * c)?;
         let (di, dt, de, dpp, dtt) =
             (gpu.upload(&ids)?, gpu.upload(&types)?, gpu.upload(&wte)?, gpu.upload(&wpe)?, gpu.upload(&wtt)?);
+        let dpos = gpu.upload(&pos)?;
         device::embedding_forward(
             gpu,
             &mut out.as_view_mut(),
             &di.as_view(),
             &dt.as_view(),
+            &dpos.as_view(),
             &de.as_view(),
             &dpp.as_view(),
             &dtt.as_view(),
@@ -324,7 +329,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             c,
         )?;
         let mut want = vec![0.0; b * t * c];
-        embedding::embedding_forward(&mut want, &ids, &types, &wte, &wpe, &wtt, b, t, c);
+        embedding::embedding_forward(&mut want, &ids, &types, &pos, &wte, &wpe, &wtt, b, t, c);
         rows.push(compare("embedding_forward_f32", &gpu.download(&out)?, &want, TOL));
 
         // Backward into the word table only (the other two tables take the same kernel).
@@ -336,7 +341,19 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         let mut dte = gpu.upload(&init)?;
         device::scatter_add_rows(gpu, &mut dte.as_view_mut(), &ddout.as_view(), &groups, c)?;
         let (mut want_te, mut want_pe, mut want_tt) = (init.clone(), vec![0.0; p * c], vec![0.0; tt * c]);
-        embedding::embedding_backward(&mut want_te, &mut want_pe, &mut want_tt, &dout, &ids, &types, pad, b, t, c);
+        embedding::embedding_backward(
+            &mut want_te,
+            &mut want_pe,
+            &mut want_tt,
+            &dout,
+            &ids,
+            &types,
+            &pos,
+            pad,
+            b,
+            t,
+            c,
+        );
         rows.push(compare("scatter_add_rows_f32 (word embeddings)", &gpu.download(&dte)?, &want_te, TOL));
     }
 
@@ -458,7 +475,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         rows.push(compare("matmul_backward_bf16 (dbias)", &gpu.download(&d_gb)?, &wb, TOL));
     }
 
-    // Attention forward and backward with padding and dropout on the probabilities.
+    // Attention forward and backward with padding, packed segments and dropout on the probabilities.
     {
         use crate::attention::{self, AttnDims, AttnDropout};
         use crate::device::{self, DeviceAttnDropout};
@@ -469,12 +486,17 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         // Example b has 128 - 16 b real tokens; padded keys get the additive mask.
         let mask: Vec<f32> =
             (0..d.b * d.t).map(|i| if i % d.t < d.t - 16 * (i / d.t) { 0.0 } else { f32::MIN }).collect();
+        // Odd examples pack two documents: tokens from 60 on are a second segment.
+        let segs: Vec<u32> = (0..d.b * d.t).map(|i| u32::from((i / d.t) % 2 == 1 && i % d.t >= 60)).collect();
         let ids: Vec<u32> = (0..d.b as u32).map(|i| 5000 + 3 * i).collect();
         let spec = dropout::DropoutSpec { p: 0.1, seed: 0xfeed_beef_1234, step: 9, site: 7 };
         let logical = dropout::LogicalDims { t_max: 512, w_max: 512 };
         let (dq_, dk_, dv_, dm, dids) =
             (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?, gpu.upload(&mask)?, gpu.upload(&ids)?);
         let ids_view = dids.as_view();
+        let (dsegs, mask_view) = (gpu.upload(&segs)?, dm.as_view());
+        let segs_view = dsegs.as_view();
+        let dmask = device::DeviceMask { add: &mask_view, segments: Some(&segs_view) };
         let ddrop = DeviceAttnDropout { spec, example_ids: &ids_view, logical };
         let (mut d_out, mut d_p, mut d_pd) =
             (s.alloc_zeros::<f32>(bh * th)?, s.alloc_zeros::<f32>(bh * tt)?, s.alloc_zeros::<f32>(bh * tt)?);
@@ -486,13 +508,14 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             &dq_.as_view(),
             &dk_.as_view(),
             &dv_.as_view(),
-            &dm.as_view(),
+            dmask,
             d,
             Some(&ddrop),
         )?;
         let cdrop = AttnDropout { spec, example_ids: &ids, logical };
         let (mut out, mut p, mut pd) = (vec![0.0; bh * th], vec![0.0; bh * tt], vec![0.0; bh * tt]);
-        attention::attention_forward(&mut out, &mut p, &mut pd, &q, &k, &v, &mask, d, Some(&cdrop));
+        let cmask = attention::Mask { add: &mask, segments: &segs };
+        attention::attention_forward(&mut out, &mut p, &mut pd, &q, &k, &v, cmask, d, Some(&cdrop));
         rows.push(compare("attention_forward (probs)", &gpu.download(&d_p)?, &p, TOL));
         rows.push(compare("attention_forward (out, dropout)", &gpu.download(&d_out)?, &out, TOL));
 
@@ -516,7 +539,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             Some(&ddrop),
         )?;
         let (mut wq, mut wk, mut wv) = (g0.clone(), g1.clone(), g2.clone());
-        attention::attention_backward(&mut wq, &mut wk, &mut wv, &dout, &p, &pd, &q, &k, &v, &mask, d, Some(&cdrop));
+        attention::attention_backward(&mut wq, &mut wk, &mut wv, &dout, &p, &pd, &q, &k, &v, d, Some(&cdrop));
         rows.push(compare("attention_backward (dq)", &gpu.download(&dgq)?, &wq, TOL));
         rows.push(compare("attention_backward (dk)", &gpu.download(&dgk)?, &wk, TOL));
         rows.push(compare("attention_backward (dv)", &gpu.download(&dgv)?, &wv, TOL));

@@ -138,22 +138,24 @@ fn embedding_gradients() {
     let (b, t, c, v, p, tt) = (3, 5, 8, 11, 7, 2);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % v) as u32).collect();
     let types: Vec<u32> = (0..b * t).map(|i| (i % 3 == 0) as u32).collect();
+    // The second row packs two documents: positions 0, 1, 2, then 0, 1.
+    let pos: Vec<u32> = (0..b * t).map(|i| if i / t == 1 && i % t >= 3 { i % t - 3 } else { i % t } as u32).collect();
     let (wte, wpe, wtt, r) =
         (randn(v * c, 12, 1.0), randn(p * c, 13, 1.0), randn(tt * c, 14, 1.0), randn(b * t * c, 15, 1.0));
     let fwd = |wte: &[f32], wpe: &[f32], wtt: &[f32]| {
         let mut out = vec![0.0; b * t * c];
-        embedding::embedding_forward(&mut out, &ids, &types, wte, wpe, wtt, b, t, c);
+        embedding::embedding_forward(&mut out, &ids, &types, &pos, wte, wpe, wtt, b, t, c);
         dot(&out, &r)
     };
     let (mut dte, mut dpe, mut dtt) = (vec![0.0; v * c], vec![0.0; p * c], vec![0.0; tt * c]);
-    embedding::embedding_backward(&mut dte, &mut dpe, &mut dtt, &r, &ids, &types, None, b, t, c);
+    embedding::embedding_backward(&mut dte, &mut dpe, &mut dtt, &r, &ids, &types, &pos, None, b, t, c);
     check("embedding.dwte", &wte, &dte, 88, |x| fwd(x, &wpe, &wtt));
     check("embedding.dwpe", &wpe, &dpe, 56, |x| fwd(&wte, x, &wtt));
     check("embedding.dwtt", &wtt, &dtt, 16, |x| fwd(&wte, &wpe, x));
     // With a padding index, that row gets nothing even though it is used.
     let pad = ids[4];
     let mut dte_pad = vec![0.0; v * c];
-    embedding::embedding_backward(&mut dte_pad, &mut dpe, &mut dtt, &r, &ids, &types, Some(pad), b, t, c);
+    embedding::embedding_backward(&mut dte_pad, &mut dpe, &mut dtt, &r, &ids, &types, &pos, Some(pad), b, t, c);
     let pad = pad as usize;
     assert!(dte_pad[pad * c..(pad + 1) * c].iter().all(|&g| g == 0.0));
     assert!(dte[pad * c..(pad + 1) * c].iter().any(|&g| g != 0.0));
@@ -181,7 +183,8 @@ fn crossentropy_gradients_with_ignored_rows() {
     assert!((f64::from(losses[0]) - (lse - f64::from(z[3]))).abs() < 1e-5);
 }
 
-fn attention_case(d: AttnDims, valid: &[usize], p_drop: f32) {
+/// `segments`: `[B, T]` segment ids, or empty.
+fn attention_case(d: AttnDims, valid: &[usize], p_drop: f32, segments: &[u32]) {
     let n = d.b * d.nh * d.t * d.hd;
     let (q, k, v, r) = (randn(n, 17, 1.0), randn(n, 18, 1.0), randn(n, 19, 1.0), randn(n, 20, 1.0));
     let mut mask = vec![0.0f32; d.b * d.t];
@@ -200,20 +203,26 @@ fn attention_case(d: AttnDims, valid: &[usize], p_drop: f32) {
     let drop_len = if p_drop > 0.0 { pp } else { 0 };
     let fwd = |q: &[f32], k: &[f32], v: &[f32]| {
         let (mut out, mut probs, mut pd) = (vec![0.0; n], vec![0.0; pp], vec![0.0; drop_len]);
-        attention::attention_forward(&mut out, &mut probs, &mut pd, q, k, v, &mask, d, Some(&dr));
+        let m = attention::Mask { add: &mask, segments };
+        attention::attention_forward(&mut out, &mut probs, &mut pd, q, k, v, m, d, Some(&dr));
         dot(&out, &r)
     };
     let (mut out, mut probs, mut pd) = (vec![0.0; n], vec![0.0; pp], vec![0.0; drop_len]);
-    attention::attention_forward(&mut out, &mut probs, &mut pd, &q, &k, &v, &mask, d, Some(&dr));
-    // Padded keys get exactly zero weight.
+    let m = attention::Mask { add: &mask, segments };
+    attention::attention_forward(&mut out, &mut probs, &mut pd, &q, &k, &v, m, d, Some(&dr));
+    // Padded keys, and keys of another segment, get exactly zero weight.
     for b in 0..d.b {
-        for row in probs[b * d.nh * d.t * d.t..(b + 1) * d.nh * d.t * d.t].chunks(d.t) {
+        for (r, row) in probs[b * d.nh * d.t * d.t..(b + 1) * d.nh * d.t * d.t].chunks(d.t).enumerate() {
             assert!(row[valid[b]..].iter().all(|&x| x == 0.0));
+            if !segments.is_empty() {
+                let seg = |j: usize| segments[b * d.t + j];
+                assert!((0..d.t).all(|j| seg(j) == seg(r % d.t) || row[j] == 0.0), "a key of another segment");
+            }
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         }
     }
     let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    attention::attention_backward(&mut dq, &mut dk, &mut dv, &r, &probs, &pd, &q, &k, &v, &mask, d, Some(&dr));
+    attention::attention_backward(&mut dq, &mut dk, &mut dv, &r, &probs, &pd, &q, &k, &v, d, Some(&dr));
     let tag = format!("attention(b{} nh{} t{} hd{} p{p_drop})", d.b, d.nh, d.t, d.hd);
     check(&format!("{tag}.dq"), &q, &dq, 80, |x| fwd(x, &k, &v));
     check(&format!("{tag}.dk"), &k, &dk, 80, |x| fwd(&q, x, &v));
@@ -222,11 +231,19 @@ fn attention_case(d: AttnDims, valid: &[usize], p_drop: f32) {
 
 #[test]
 fn attention_gradients_with_padding_and_dropout() {
-    attention_case(AttnDims { b: 1, nh: 1, t: 4, hd: 3 }, &[4], 0.0);
-    attention_case(AttnDims { b: 2, nh: 3, t: 7, hd: 4 }, &[7, 3], 0.0);
-    attention_case(AttnDims { b: 3, nh: 2, t: 16, hd: 8 }, &[16, 9, 1], 0.0);
-    attention_case(AttnDims { b: 2, nh: 3, t: 7, hd: 4 }, &[5, 7], 0.3);
-    attention_case(AttnDims { b: 3, nh: 2, t: 16, hd: 8 }, &[2, 16, 11], 0.1);
+    attention_case(AttnDims { b: 1, nh: 1, t: 4, hd: 3 }, &[4], 0.0, &[]);
+    attention_case(AttnDims { b: 2, nh: 3, t: 7, hd: 4 }, &[7, 3], 0.0, &[]);
+    attention_case(AttnDims { b: 3, nh: 2, t: 16, hd: 8 }, &[16, 9, 1], 0.0, &[]);
+    attention_case(AttnDims { b: 2, nh: 3, t: 7, hd: 4 }, &[5, 7], 0.3, &[]);
+    attention_case(AttnDims { b: 3, nh: 2, t: 16, hd: 8 }, &[2, 16, 11], 0.1, &[]);
+}
+
+#[test]
+fn attention_gradients_with_packed_segments() {
+    // Row 0: documents of 3 and 4 tokens; row 1: 2, 2, then padding (in the last segment).
+    let segs = [0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1];
+    attention_case(AttnDims { b: 2, nh: 2, t: 7, hd: 4 }, &[7, 4], 0.0, &segs);
+    attention_case(AttnDims { b: 2, nh: 2, t: 7, hd: 4 }, &[7, 4], 0.2, &segs);
 }
 
 #[test]

@@ -25,6 +25,8 @@ fn batch(ids: &[u32], t: usize) -> Batch {
         input_ids,
         token_type_ids: vec![0; b * t],
         attention_mask,
+        position_ids: Vec::new(),
+        segment_ids: Vec::new(),
         example_ids: ids.to_vec(),
         labels: ids.iter().map(|&x| i64::from(x % 3)).collect(),
     }
@@ -46,9 +48,9 @@ fn train(threads: usize) -> (Vec<f32>, Vec<f64>) {
         for step in 0..4u32 {
             let ids: Vec<u32> = (0..16).map(|i| (i * 7 + step * 3) % 50).collect();
             let b = batch(&ids, 20);
-            m.zero_grads();
+            m.zero_grads().unwrap();
             let out = m.forward(&b, Some(DropoutCtx { seed: 11, step })).unwrap();
-            m.backward(&b, 1.0 / out.count as f32);
+            m.backward(&b, 1.0 / out.count as f32).unwrap();
             let norm = gradnorm::global_norm(&m.grads);
             gradnorm::clip_grad_norm(&mut m.grads, norm, 1.0);
             opt.step(&m.layout, &mut m.params, &m.grads, 1e-3);
@@ -99,11 +101,11 @@ fn accumulating_micro_batches_equals_one_batch() {
         let mut opt = AdamW::new(m.layout.total, 0.9, 0.999, 1e-8, 0.01);
         for step in 0..3u32 {
             let ids: Vec<u32> = (0..16).map(|i| (i * 5 + step * 11) % 60).collect();
-            m.zero_grads();
+            m.zero_grads().unwrap();
             for chunk in ids.chunks(micro) {
                 let b = batch(chunk, 20);
                 m.forward(&b, Some(DropoutCtx { seed: 4, step })).unwrap();
-                m.backward(&b, 1.0 / ids.len() as f32);
+                m.backward(&b, 1.0 / ids.len() as f32).unwrap();
             }
             let norm = gradnorm::global_norm(&m.grads);
             gradnorm::clip_grad_norm(&mut m.grads, norm, 1.0);
@@ -120,4 +122,56 @@ fn accumulating_micro_batches_equals_one_batch() {
     println!("accumulation: relative difference {rel:.2e}, largest elementwise {max_abs:.2e}");
     assert!(rel < 1e-5, "relative difference {rel}");
     assert!(max_abs < 0.1 * 1e-3, "an element moved by more than a tenth of a step: {max_abs}");
+}
+
+#[test]
+fn a_packed_row_computes_each_document_as_its_own_row() {
+    // Two documents as two padded rows, and packed into one row (positions restarting, one
+    // segment each, as masked-LM pretraining packs them): each token's final hidden state is the
+    // same either way, because each document attends only to itself.
+    let (mut m, _) = checkpoint::load(&fixtures().join("tiny-cls"), Head::Classification { num_labels: 3 }, 0).unwrap();
+    let docs: [Vec<u32>; 2] = [(0..5).map(|j| 7 + j * 11).collect(), (0..4).map(|j| 9 + j * 13).collect()];
+    let t = 9;
+    let mut separate = Batch {
+        b: 2,
+        t,
+        input_ids: vec![0; 2 * t],
+        token_type_ids: vec![0; 2 * t],
+        attention_mask: vec![0; 2 * t],
+        position_ids: Vec::new(),
+        segment_ids: Vec::new(),
+        example_ids: vec![0, 1],
+        labels: vec![0, 1],
+    };
+    for (i, d) in docs.iter().enumerate() {
+        separate.input_ids[i * t..i * t + d.len()].copy_from_slice(d);
+        separate.attention_mask[i * t..i * t + d.len()].fill(1);
+    }
+    let packed = Batch {
+        b: 1,
+        t,
+        input_ids: docs.concat(),
+        token_type_ids: vec![0; t],
+        attention_mask: vec![1; t],
+        position_ids: (0..5).chain(0..4).collect(),
+        segment_ids: [vec![0; 5], vec![1; 4]].concat(),
+        example_ids: vec![0],
+        labels: vec![0],
+    };
+    let c = m.cfg.hidden_size;
+    m.forward(&separate, None).unwrap();
+    let sep = m.last_hidden().to_vec();
+    let want: Vec<f32> = [&sep[..5 * c], &sep[t * c..(t + 4) * c]].concat();
+    m.forward(&packed, None).unwrap();
+    let rel = kernels::tolerance::rel_error(m.last_hidden(), &want);
+    assert!(rel < 1e-5, "packed documents differ from separate rows: relative error {rel}");
+    // Without the segments (or the positions) the documents see each other: the test can tell.
+    let mut unsegmented = packed.clone();
+    unsegmented.segment_ids.clear();
+    m.forward(&unsegmented, None).unwrap();
+    assert!(kernels::tolerance::rel_error(m.last_hidden(), &want) > 1e-3);
+    let mut unpositioned = packed;
+    unpositioned.position_ids.clear();
+    m.forward(&unpositioned, None).unwrap();
+    assert!(kernels::tolerance::rel_error(m.last_hidden(), &want) > 1e-3);
 }

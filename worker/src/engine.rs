@@ -8,7 +8,7 @@
 //! refreshes them from the device when asked ([`Engine::host`]).
 
 use crate::collective::{Collective, Overlapped};
-use crate::gpu_model::{GpuAdamW, GpuBert};
+use crate::cuda_ops::{GpuAdamW, GpuBert};
 use crate::model::{Batch, Bert, DropoutCtx, ForwardOut};
 use crate::nccl::NcclRing;
 use crate::optim::AdamW;
@@ -69,8 +69,8 @@ pub trait Engine {
     fn clip_grad_norm(&mut self, max_norm: f32) -> anyhow::Result<f32>;
     /// One AdamW step at `lr`.
     fn optimizer_step(&mut self, lr: f64) -> anyhow::Result<()>;
-    /// The logits `[rows, classes]` and per-row losses of the last forward.
-    fn outputs(&mut self) -> anyhow::Result<(Vec<f32>, Vec<f32>)>;
+    /// Each row's predicted class and loss in the last forward: what evaluation counts.
+    fn predictions(&mut self) -> anyhow::Result<(Vec<u32>, Vec<f32>)>;
     /// The parameters and optimizer state, copied to the host where they live elsewhere.
     fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)>;
     /// Changes the parameters through `f` (the fault tests' silent desync).
@@ -148,8 +148,7 @@ impl Engine for CpuEngine {
     }
 
     fn zero_grads(&mut self) -> anyhow::Result<()> {
-        self.model.zero_grads();
-        Ok(())
+        self.model.zero_grads()
     }
 
     fn forward(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> anyhow::Result<ForwardOut> {
@@ -158,15 +157,15 @@ impl Engine for CpuEngine {
 
     fn backward(&mut self, batch: &Batch, loss_scale: f32, sum: bool) -> anyhow::Result<()> {
         let Some(ring) = self.ring.as_mut().filter(|_| sum) else {
-            self.model.backward(batch, loss_scale);
-            return Ok(());
+            return Ok(self.model.backward(batch, loss_scale)?);
         };
         // The word embeddings lead the buffer and are the last segment backward reports; their
         // gradient is zero outside the batch's tokens (unless a tied decoder fills it), so they
         // are summed as sparse rows.
         let words = self.model.layout.range("embeddings.word_embeddings.weight");
         let width = self.model.cfg.hidden_size;
-        self.model.backward_with(batch, loss_scale, &mut |range, g| {
+        self.model.backward_with(batch, loss_scale, &mut |range, grads| {
+            let g = &grads[range.clone()];
             if range.start == words.start && range.end >= words.end {
                 let (w, rest) = g.split_at(words.len());
                 ring.start_rows(words.clone(), w, width);
@@ -176,7 +175,8 @@ impl Engine for CpuEngine {
             } else {
                 ring.start(range, g);
             }
-        });
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -212,8 +212,8 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
-    fn outputs(&mut self) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
-        Ok((self.model.acts.logits.clone(), self.model.losses().to_vec()))
+    fn predictions(&mut self) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
+        self.model.predictions()
     }
 
     fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)> {
@@ -247,7 +247,7 @@ impl Engine for GpuEngine {
     }
 
     fn zero_grads(&mut self) -> anyhow::Result<()> {
-        Ok(self.dev.zero_grads()?)
+        self.dev.zero_grads()
     }
 
     fn forward(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> anyhow::Result<ForwardOut> {
@@ -258,9 +258,9 @@ impl Engine for GpuEngine {
         let Some((ring, _)) = self.nccl.as_ref().filter(|_| sum) else {
             return Ok(self.dev.backward(batch, loss_scale)?);
         };
-        let gpu = Arc::clone(&self.dev.gpu);
+        let gpu = Arc::clone(self.dev.gpu());
         let (buckets, first) = (&mut self.buckets, &mut self.first);
-        self.dev.backward_with(batch, loss_scale, &mut |range, grads| {
+        Ok(self.dev.backward_with(batch, loss_scale, &mut |range, grads| {
             let mut bucket = gpu.stream.alloc_zeros::<f32>(range.len())?;
             gpu.stream.memcpy_dtod(&grads.slice(range.clone()), &mut bucket)?;
             if first.is_none() {
@@ -269,7 +269,7 @@ impl Engine for GpuEngine {
             ring.all_reduce_async(&mut bucket)?;
             buckets.push((range, bucket));
             Ok(())
-        })
+        })?)
     }
 
     fn finish_sums(&mut self) -> anyhow::Result<SumTimes> {
@@ -286,16 +286,16 @@ impl Engine for GpuEngine {
             busy = Duration::from_secs_f64(f64::from(first.elapsed_ms(&end)?.max(0.0)) / 1e3);
         }
         for (range, bucket) in &buckets {
-            self.dev.gpu.stream.memcpy_dtod(bucket, &mut self.dev.grads.slice_mut(range.clone()))?;
+            self.dev.ops.gpu.stream.memcpy_dtod(bucket, &mut self.dev.grads.slice_mut(range.clone()))?;
         }
         Ok(SumTimes { busy, waited })
     }
 
     fn sum_values(&mut self, values: &mut [f32]) -> anyhow::Result<()> {
         if let Some((ring, cancel)) = self.nccl.as_ref() {
-            let mut sums = self.dev.gpu.upload(values)?;
+            let mut sums = self.dev.gpu().upload(values)?;
             ring.all_reduce_sum(&mut sums.as_view_mut(), Some(cancel)).context("all-reducing the loss")?;
-            values.copy_from_slice(&self.dev.gpu.download(&sums)?);
+            values.copy_from_slice(&self.dev.gpu().download(&sums)?);
         }
         Ok(())
     }
@@ -305,26 +305,26 @@ impl Engine for GpuEngine {
     }
 
     fn clip_grad_norm(&mut self, max_norm: f32) -> anyhow::Result<f32> {
-        Ok(self.dev.clip_grad_norm(max_norm)?)
+        self.dev.clip_grad_norm(max_norm)
     }
 
     fn optimizer_step(&mut self, lr: f64) -> anyhow::Result<()> {
-        Ok(self.dev_opt.step(&mut self.dev, lr)?)
+        self.dev_opt.step(&mut self.dev, lr)
     }
 
-    fn outputs(&mut self) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
-        Ok((self.dev.logits()?, self.dev.losses().to_vec()))
+    fn predictions(&mut self) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
+        self.dev.predictions()
     }
 
     fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)> {
         self.host.params = self.dev.download_params()?;
-        self.dev_opt.download_into(&self.dev.gpu, &mut self.host_opt)?;
+        self.dev_opt.download_into(self.dev.gpu(), &mut self.host_opt)?;
         Ok((&self.host, &self.host_opt))
     }
 
     fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()> {
         let mut p = self.dev.download_params()?;
         f(&mut p);
-        Ok(self.dev.upload_params(&p)?)
+        self.dev.upload_params(&p)
     }
 }

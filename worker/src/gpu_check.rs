@@ -10,8 +10,8 @@
 
 use crate::bert_config::BertConfig;
 use crate::checkpoint;
+use crate::cuda_ops::{GpuAdamW, GpuBert};
 use crate::engine::Peers;
-use crate::gpu_model::{GpuAdamW, GpuBert};
 use crate::layout::Head;
 use crate::model::{Batch, DropoutCtx};
 use crate::optim::AdamW;
@@ -60,6 +60,8 @@ pub fn batch(b: usize, t: usize, step: usize) -> Batch {
         input_ids,
         token_type_ids: (0..b * t).map(|i| u32::from(i % t >= t / 2)).collect(),
         attention_mask,
+        position_ids: Vec::new(),
+        segment_ids: Vec::new(),
         example_ids: (0..b as u32).map(|k| k + (step * b) as u32).collect(),
         labels: (0..b).map(|k| ((k + step) % 2) as i64).collect(),
     }
@@ -98,9 +100,9 @@ pub fn training_parity(
     for step in 0..steps {
         let bt = batch(b, t, step);
         let drop = Some(DropoutCtx { seed: 42, step: step as u32 });
-        cpu.zero_grads();
+        cpu.zero_grads()?;
         let out = cpu.forward(&bt, drop)?;
-        cpu.backward(&bt, 1.0 / out.count as f32);
+        cpu.backward(&bt, 1.0 / out.count as f32)?;
         let norm = kernels::gradnorm::global_norm(&cpu.grads);
         kernels::gradnorm::clip_grad_norm(&mut cpu.grads, norm, 1.0);
         dev.zero_grads()?;

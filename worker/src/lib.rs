@@ -6,14 +6,15 @@
 pub mod bert_config;
 pub mod checkpoint;
 pub mod collective;
+pub mod cuda_ops;
 pub mod distributed;
 pub mod engine;
 pub mod gpu_check;
-pub mod gpu_model;
 pub mod layout;
 pub mod local;
 pub mod model;
 pub mod nccl;
+pub mod ops;
 pub mod optim;
 pub mod tokenize;
 pub mod train;

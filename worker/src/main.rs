@@ -266,15 +266,17 @@ fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool) -> anyho
         input_ids: (0..b * t).map(|i| 1000 + (i as u32 * 7919) % 20000).collect(),
         token_type_ids: vec![0; b * t],
         attention_mask: vec![1; b * t],
+        position_ids: Vec::new(),
+        segment_ids: Vec::new(),
         example_ids: (0..b as u32).collect(),
         labels: (0..b as i64).map(|i| i % 2).collect(),
     };
     let mut times = Vec::new();
     for s in 0..steps + 1 {
         let start = Instant::now();
-        model.zero_grads();
+        model.zero_grads()?;
         let out = model.forward(&batch, Some(DropoutCtx { seed: 1, step: s as u32 }))?;
-        model.backward(&batch, 1.0 / out.count as f32);
+        model.backward(&batch, 1.0 / out.count as f32)?;
         if s > 0 {
             times.push(start.elapsed().as_secs_f64());
         }

@@ -1,11 +1,12 @@
-//! BERT over one flat parameter buffer and one flat gradient buffer, on the CPU kernels.
+//! BERT over one flat parameter buffer and one flat gradient buffer: the op sequence of its
+//! forward and backward, written once over [`Ops`] (the CPU's kernels, or the GPU's launchers).
 //!
 //! The forward pass follows `transformers`' `BertModel` op for op (post-LN encoder):
 //!
 //! ```text
-//! x0      = dropout(LayerNorm(wte[ids] + wtt[types] + wpe[pos]))                 [B*T, C]
+//! x0      = dropout(LayerNorm(wte[ids] + wtt[types] + wpe[positions]))            [B*T, C]
 //! layer l:  q,k,v = x Wq^T + bq, ...                                              [B*T, C]
-//!           ctx   = attention(q, k, v, padding mask)    (dropout on probabilities)
+//!           ctx   = attention(q, k, v, padding and segment mask)  (dropout on probabilities)
 //!           ln1   = LayerNorm(dropout(ctx Wao^T + bao) + x)
 //!           ln2   = LayerNorm(dropout(gelu(ln1 Wi^T + bi) Wo^T + bo) + ln1)       -> next x
 //! classification: logits = dropout(tanh(x[CLS] Wp^T + bp)) Wc^T + bc              [B, L]
@@ -14,15 +15,17 @@
 //! ```
 //!
 //! Each dropout site ([`DropoutSite`]: the embeddings, three per layer, the classifier) keys its
-//! own masks.
-//! Activations are kept from forward for backward in [`Acts`]; buffers are reused across steps.
+//! own masks. Activations are kept from forward for backward in [`Acts`]; buffers keep their
+//! size between steps. [`Bert`] is the model on the CPU, `cuda_ops::GpuBert` on a GPU.
 
 use crate::bert_config::BertConfig;
 use crate::layout::{Head, Layout};
+use crate::ops::{AttnDrop, Cpu, Heads, Inputs, Ops, Param};
 use crate::ModelError;
-use kernels::attention::{self, AttnDims, AttnDropout};
-use kernels::dropout::{self, DropoutSpec, LogicalDims};
-use kernels::{crossentropy, embedding, gather, gelu, layernorm, matmul, residual, tanh};
+use job::config::Precision;
+use kernels::attention::AttnDims;
+use kernels::crossentropy;
+use kernels::dropout::{DropoutSpec, LogicalDims};
 use std::ops::Range;
 
 /// One padded batch. `t` is the padded length; `labels` has one entry per example for
@@ -35,12 +38,17 @@ pub struct Batch {
     pub token_type_ids: Vec<u32>,
     /// 1 for a real token, 0 for padding.
     pub attention_mask: Vec<u8>,
+    /// `[B*T]` each token's position; empty for `0..T` in every row.
+    pub position_ids: Vec<u32>,
+    /// `[B*T]` each token's document within its row (rows that pack several): a token attends
+    /// only within its own. Empty for one document per row.
+    pub segment_ids: Vec<u32>,
     /// Each example's index in its dataset: the dropout masks are keyed by it.
     pub example_ids: Vec<u32>,
     pub labels: Vec<i64>,
 }
 
-/// What keys the dropout masks of a training step; `None` in [`Bert::forward`] means evaluation.
+/// What keys the dropout masks of a training step; `None` in [`Model::forward`] means evaluation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DropoutCtx {
     pub seed: u64,
@@ -56,7 +64,7 @@ impl DropoutCtx {
 }
 
 /// Where in the model a dropout mask is drawn. The numbering is part of the masks (and so of
-/// every result with dropout on): the CPU and the GPU models both take it from here.
+/// every result with dropout on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropoutSite {
     /// After the embeddings' layer norm.
@@ -92,114 +100,93 @@ pub struct ForwardOut {
 }
 
 #[derive(Default)]
-struct LayerActs {
-    qh: Vec<f32>,
-    kh: Vec<f32>,
-    vh: Vec<f32>,
-    probs: Vec<f32>,
-    probs_drop: Vec<f32>,
-    ctx: Vec<f32>,
-    res1: Vec<f32>,
-    ln1: Vec<f32>,
-    ln1_mean: Vec<f32>,
-    ln1_rstd: Vec<f32>,
-    inter: Vec<f32>,
-    act: Vec<f32>,
-    res2: Vec<f32>,
-    ln2: Vec<f32>,
-    ln2_mean: Vec<f32>,
-    ln2_rstd: Vec<f32>,
+pub struct LayerActs<B> {
+    qh: B,
+    kh: B,
+    vh: B,
+    probs: B,
+    probs_drop: B,
+    ctx: B,
+    res1: B,
+    ln1: B,
+    ln1_mean: B,
+    ln1_rstd: B,
+    inter: B,
+    act: B,
+    res2: B,
+    ln2: B,
+    ln2_mean: B,
+    ln2_rstd: B,
 }
 
-/// Activations saved by forward, plus scratch. Buffers keep their capacity between steps.
+/// Activations saved by forward, plus scratch.
 #[derive(Default)]
-pub struct Acts {
+pub struct Acts<B> {
     shape: (usize, usize),
     dropout: Option<DropoutCtx>,
-    mask_add: Vec<f32>,
-    emb_sum: Vec<f32>,
-    emb_mean: Vec<f32>,
-    emb_rstd: Vec<f32>,
-    x0: Vec<f32>,
-    layers: Vec<LayerActs>,
-    tmp: Vec<f32>,
-    tmp2: Vec<f32>,
-    // heads
-    rows: Vec<usize>,
-    targets: Vec<i64>,
-    head_in: Vec<f32>,
-    head_pre: Vec<f32>,
-    head_act: Vec<f32>,
-    head_out: Vec<f32>,
-    head_mean: Vec<f32>,
-    head_rstd: Vec<f32>,
+    emb_sum: B,
+    emb_mean: B,
+    emb_rstd: B,
+    x0: B,
+    layers: Vec<LayerActs<B>>,
+    tmp: B,
+    tmp2: B,
+    head_in: B,
+    head_pre: B,
+    head_act: B,
+    head_out: B,
+    head_mean: B,
+    head_rstd: B,
     /// Classification `[B, L]` or masked-LM `[R, V]` logits of the last forward.
-    pub logits: Vec<f32>,
-    losses: Vec<f32>,
+    pub logits: B,
+    losses: B,
 }
 
-/// Resizes to `n` zeros: for accumulators, which backward adds into.
-fn sized(v: &mut Vec<f32>, n: usize) {
-    v.clear();
-    v.resize(n, 0.0);
-}
-
-/// Resizes to `n` without clearing: for forward outputs, which their op overwrites entirely.
-fn shaped(v: &mut Vec<f32>, n: usize) {
-    v.resize(n, 0.0);
-}
-
-/// Mutable views of disjoint ranges of one buffer (gradients of several tensors at once).
-fn disjoint_mut<const N: usize>(buf: &mut [f32], ranges: [Range<usize>; N]) -> [&mut [f32]; N] {
-    let mut order: Vec<usize> = (0..N).collect();
-    order.sort_by_key(|&i| ranges[i].start);
-    let mut out: Vec<Option<&mut [f32]>> = (0..N).map(|_| None).collect();
-    let mut rest = buf;
-    let mut base = 0;
-    for &i in &order {
-        let r = &ranges[i];
-        assert!(r.start >= base, "disjoint_mut: overlapping ranges");
-        let (_, tail) = rest.split_at_mut(r.start - base);
-        let (mid, tail) = tail.split_at_mut(r.len());
-        out[i] = Some(mid);
-        rest = tail;
-        base = r.end;
-    }
-    let views: Vec<&mut [f32]> = out.into_iter().map(|o| o.expect("every range assigned")).collect();
-    match views.try_into() {
-        Ok(arr) => arr,
-        Err(_) => unreachable!("exactly N views"),
-    }
-}
-
-/// Gradient scratch for backward, reused across steps.
+/// Gradient scratch for backward.
 #[derive(Default)]
-struct GradScratch {
-    dy: Vec<f32>,
-    dx: Vec<f32>,
-    d_res: Vec<f32>,
-    d_ln1: Vec<f32>,
-    d_tmp: Vec<f32>,
-    d_act: Vec<f32>,
-    d_inter: Vec<f32>,
-    d_ctx: Vec<f32>,
-    d_ctxh: Vec<f32>,
-    dqh: Vec<f32>,
-    dkh: Vec<f32>,
-    dvh: Vec<f32>,
-    d_logits: Vec<f32>,
-    d_head_a: Vec<f32>,
-    d_head_b: Vec<f32>,
-    d_head_c: Vec<f32>,
+struct GradScratch<B> {
+    dy: B,
+    dx: B,
+    d_res: B,
+    d_ln1: B,
+    d_tmp: B,
+    d_act: B,
+    d_inter: B,
+    d_ctx: B,
+    d_ctxh: B,
+    dqh: B,
+    dkh: B,
+    dvh: B,
+    d_logits: B,
+    d_head_a: B,
+    d_head_b: B,
+    d_head_c: B,
 }
 
-pub struct Bert {
+/// BERT on one device: its parameters and gradients (flat buffers in the [`Layout`]), the
+/// activations of the last forward, and the device's ops.
+pub struct Model<O: Ops> {
     pub cfg: BertConfig,
     pub layout: Layout,
-    pub params: Vec<f32>,
-    pub grads: Vec<f32>,
-    pub acts: Acts,
-    scratch: GradScratch,
+    pub params: O::Buf,
+    pub grads: O::Buf,
+    pub acts: Acts<O::Buf>,
+    scratch: GradScratch<O::Buf>,
+    /// The last forward's batch, where the ops read it.
+    inputs: Option<O::Inputs>,
+    pub ops: O,
+    /// The dense layers' arithmetic.
+    pub precision: Precision,
+}
+
+/// BERT on the CPU.
+pub type Bert = Model<Cpu>;
+
+/// Backward's hook: `(range, grads)` once the gradients in `range` of the flat buffer are final.
+pub type SegmentReady<'a, O> = dyn FnMut(Range<usize>, &<O as Ops>::Buf) -> anyhow::Result<()> + 'a;
+
+fn device(e: anyhow::Error) -> ModelError {
+    ModelError::Device(format!("{e:#}"))
 }
 
 impl Bert {
@@ -207,258 +194,7 @@ impl Bert {
     pub fn zeros(cfg: BertConfig, head: Head) -> Self {
         let layout = Layout::new(&cfg, head);
         let params = vec![0.0; layout.total];
-        let grads = vec![0.0; layout.total];
-        Bert { cfg, layout, params, grads, acts: Acts::default(), scratch: GradScratch::default() }
-    }
-
-    pub fn zero_grads(&mut self) {
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
-    }
-
-    fn hidden_logical(&self) -> LogicalDims {
-        LogicalDims { t_max: self.cfg.max_position_embeddings, w_max: self.cfg.hidden_size }
-    }
-
-    fn validate(&self, batch: &Batch) -> Result<(), ModelError> {
-        validate_batch(&self.cfg, &self.layout, batch)
-    }
-
-    /// Forward pass and loss. `dropout = None` evaluates (no dropout). Saves what backward needs.
-    pub fn forward(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> Result<ForwardOut, ModelError> {
-        self.validate(batch)?;
-        let cfg = &self.cfg;
-        let (b, t, c, nh) = (batch.b, batch.t, cfg.hidden_size, cfg.num_attention_heads);
-        let (bt, inter_size, nl) = (b * t, cfg.intermediate_size, cfg.num_hidden_layers);
-        let eps = cfg.layer_norm_eps as f32;
-        let hid = self.hidden_logical();
-        let attn_logical = LogicalDims { t_max: cfg.max_position_embeddings, w_max: cfg.max_position_embeddings };
-        let dims = AttnDims { b, nh, t, hd: cfg.head_dim() };
-        let p = &self.params;
-        let lay = &self.layout;
-        let a = &mut self.acts;
-        a.shape = (b, t);
-        a.dropout = dropout;
-
-        shaped(&mut a.mask_add, bt);
-        for (m, &am) in a.mask_add.iter_mut().zip(&batch.attention_mask) {
-            *m = if am != 0 { 0.0 } else { f32::MIN };
-        }
-
-        // Embeddings.
-        shaped(&mut a.emb_sum, bt * c);
-        shaped(&mut a.emb_mean, bt);
-        shaped(&mut a.emb_rstd, bt);
-        shaped(&mut a.x0, bt * c);
-        embedding::embedding_forward(
-            &mut a.emb_sum,
-            &batch.input_ids,
-            &batch.token_type_ids,
-            &p[lay.range("embeddings.word_embeddings.weight")],
-            &p[lay.range("embeddings.position_embeddings.weight")],
-            &p[lay.range("embeddings.token_type_embeddings.weight")],
-            b,
-            t,
-            c,
-        );
-        layernorm::layernorm_forward(
-            &mut a.x0,
-            &mut a.emb_mean,
-            &mut a.emb_rstd,
-            &a.emb_sum,
-            &p[lay.range("embeddings.LayerNorm.weight")],
-            &p[lay.range("embeddings.LayerNorm.bias")],
-            bt,
-            c,
-            eps,
-        );
-        let hp = cfg.hidden_dropout_prob;
-        let ap = cfg.attention_probs_dropout_prob;
-        let spec = |site: DropoutSite, prob: f32| DropoutCtx::spec(dropout, site, prob);
-        if let Some(s) = spec(DropoutSite::Embeddings, hp) {
-            dropout::dropout_forward(&mut a.x0, &batch.example_ids, 1, t, c, hid, &s);
-        }
-
-        // Encoder.
-        a.layers.resize_with(nl, LayerActs::default);
-        shaped(&mut a.tmp, bt * c);
-        shaped(&mut a.tmp2, bt * c);
-        for l in 0..nl {
-            let lp = lay.layer(l);
-            let (prev, rest) = a.layers.split_at_mut(l);
-            let la = &mut rest[0];
-            let x: &[f32] = if l == 0 { &a.x0 } else { &prev[l - 1].ln2 };
-            for (dst, w, bias) in
-                [(&mut la.qh, &lp.q_w, &lp.q_b), (&mut la.kh, &lp.k_w, &lp.k_b), (&mut la.vh, &lp.v_w, &lp.v_b)]
-            {
-                matmul::matmul_forward(&mut a.tmp, x, &p[w.clone()], Some(&p[bias.clone()]), bt, c, c);
-                shaped(dst, bt * c);
-                attention::split_heads(dst, &a.tmp, dims);
-            }
-            shaped(&mut la.probs, b * nh * t * t);
-            let attn_spec = spec(DropoutSite::AttentionProbs(l), ap);
-            shaped(&mut la.probs_drop, if attn_spec.is_some() { b * nh * t * t } else { 0 });
-            let attn_drop =
-                attn_spec.map(|s| AttnDropout { spec: s, example_ids: &batch.example_ids, logical: attn_logical });
-            attention::attention_forward(
-                &mut a.tmp2,
-                &mut la.probs,
-                &mut la.probs_drop,
-                &la.qh,
-                &la.kh,
-                &la.vh,
-                &a.mask_add,
-                dims,
-                attn_drop.as_ref(),
-            );
-            shaped(&mut la.ctx, bt * c);
-            attention::merge_heads(&mut la.ctx, &a.tmp2, dims);
-            matmul::matmul_forward(&mut a.tmp, &la.ctx, &p[lp.ao_w.clone()], Some(&p[lp.ao_b.clone()]), bt, c, c);
-            if let Some(s) = spec(DropoutSite::AttentionOutput(l), hp) {
-                dropout::dropout_forward(&mut a.tmp, &batch.example_ids, 1, t, c, hid, &s);
-            }
-            shaped(&mut la.res1, bt * c);
-            residual::residual_forward(&mut la.res1, &a.tmp, x);
-            shaped(&mut la.ln1, bt * c);
-            shaped(&mut la.ln1_mean, bt);
-            shaped(&mut la.ln1_rstd, bt);
-            layernorm::layernorm_forward(
-                &mut la.ln1,
-                &mut la.ln1_mean,
-                &mut la.ln1_rstd,
-                &la.res1,
-                &p[lp.ln1_w.clone()],
-                &p[lp.ln1_b.clone()],
-                bt,
-                c,
-                eps,
-            );
-            shaped(&mut la.inter, bt * inter_size);
-            shaped(&mut la.act, bt * inter_size);
-            matmul::matmul_forward(
-                &mut la.inter,
-                &la.ln1,
-                &p[lp.i_w.clone()],
-                Some(&p[lp.i_b.clone()]),
-                bt,
-                c,
-                inter_size,
-            );
-            gelu::gelu_forward(&mut la.act, &la.inter);
-            matmul::matmul_forward(
-                &mut a.tmp,
-                &la.act,
-                &p[lp.o_w.clone()],
-                Some(&p[lp.o_b.clone()]),
-                bt,
-                inter_size,
-                c,
-            );
-            if let Some(s) = spec(DropoutSite::FeedForwardOutput(l), hp) {
-                dropout::dropout_forward(&mut a.tmp, &batch.example_ids, 1, t, c, hid, &s);
-            }
-            shaped(&mut la.res2, bt * c);
-            residual::residual_forward(&mut la.res2, &a.tmp, &la.ln1);
-            shaped(&mut la.ln2, bt * c);
-            shaped(&mut la.ln2_mean, bt);
-            shaped(&mut la.ln2_rstd, bt);
-            layernorm::layernorm_forward(
-                &mut la.ln2,
-                &mut la.ln2_mean,
-                &mut la.ln2_rstd,
-                &la.res2,
-                &p[lp.ln2_w.clone()],
-                &p[lp.ln2_b.clone()],
-                bt,
-                c,
-                eps,
-            );
-        }
-        let h: &[f32] = if nl == 0 { &a.x0 } else { &a.layers[nl - 1].ln2 };
-
-        // Head.
-        let (rows_n, classes) = match lay.head {
-            Head::Classification { num_labels } => {
-                a.rows = (0..b).map(|i| i * t).collect();
-                a.targets = batch.labels.clone();
-                (b, num_labels)
-            }
-            Head::MaskedLm => {
-                a.rows = (0..bt).filter(|&i| batch.labels[i] != crossentropy::IGNORE_INDEX).collect();
-                a.targets = a.rows.iter().map(|&i| batch.labels[i]).collect();
-                (a.rows.len(), cfg.vocab_size)
-            }
-        };
-        shaped(&mut a.head_in, rows_n * c);
-        shaped(&mut a.head_pre, rows_n * c);
-        shaped(&mut a.head_act, rows_n * c);
-        shaped(&mut a.head_out, rows_n * c);
-        shaped(&mut a.logits, rows_n * classes);
-        shaped(&mut a.losses, rows_n);
-        gather::gather_rows_forward(&mut a.head_in, h, &a.rows, c);
-        match lay.head {
-            Head::Classification { num_labels } => {
-                matmul::matmul_forward(
-                    &mut a.head_pre,
-                    &a.head_in,
-                    &p[lay.range("pooler.dense.weight")],
-                    Some(&p[lay.range("pooler.dense.bias")]),
-                    b,
-                    c,
-                    c,
-                );
-                tanh::tanh_forward(&mut a.head_act, &a.head_pre);
-                a.head_out.copy_from_slice(&a.head_act);
-                if let Some(s) = spec(DropoutSite::Classifier { layers: nl }, cfg.classifier_dropout_prob()) {
-                    dropout::dropout_forward(&mut a.head_out, &batch.example_ids, 1, 1, c, hid, &s);
-                }
-                matmul::matmul_forward(
-                    &mut a.logits,
-                    &a.head_out,
-                    &p[lay.range("classifier.weight")],
-                    Some(&p[lay.range("classifier.bias")]),
-                    b,
-                    c,
-                    num_labels,
-                );
-            }
-            Head::MaskedLm => {
-                shaped(&mut a.head_mean, rows_n);
-                shaped(&mut a.head_rstd, rows_n);
-                matmul::matmul_forward(
-                    &mut a.head_pre,
-                    &a.head_in,
-                    &p[lay.range("cls.predictions.transform.dense.weight")],
-                    Some(&p[lay.range("cls.predictions.transform.dense.bias")]),
-                    rows_n,
-                    c,
-                    c,
-                );
-                gelu::gelu_forward(&mut a.head_act, &a.head_pre);
-                layernorm::layernorm_forward(
-                    &mut a.head_out,
-                    &mut a.head_mean,
-                    &mut a.head_rstd,
-                    &a.head_act,
-                    &p[lay.range("cls.predictions.transform.LayerNorm.weight")],
-                    &p[lay.range("cls.predictions.transform.LayerNorm.bias")],
-                    rows_n,
-                    c,
-                    eps,
-                );
-                matmul::matmul_forward(
-                    &mut a.logits,
-                    &a.head_out,
-                    &p[lay.range("embeddings.word_embeddings.weight")],
-                    Some(&p[lay.range("cls.predictions.bias")]),
-                    rows_n,
-                    c,
-                    cfg.vocab_size,
-                );
-            }
-        }
-        let count = crossentropy::crossentropy_forward(&mut a.losses, &a.logits, &a.targets, rows_n, classes);
-        let loss_sum = a.losses.iter().map(|&l| f64::from(l)).sum();
-        Ok(ForwardOut { loss_sum, count })
+        Model::with_params(Cpu, cfg, layout, params)
     }
 
     /// The final hidden states `[B*T, C]` of the last forward.
@@ -478,318 +214,474 @@ impl Bert {
     pub fn pooled(&self) -> &[f32] {
         &self.acts.head_act
     }
+}
 
-    /// Backward of the last [`Bert::forward`] for the loss `sum(per-target losses) * loss_scale`
-    /// (`loss_scale = 1 / count` gives the mean). Accumulates into `self.grads`.
-    pub fn backward(&mut self, batch: &Batch, loss_scale: f32) {
-        self.backward_with(batch, loss_scale, &mut |_, _| {});
+impl<O: Ops> Model<O> {
+    /// The model over `params` (already on the device, in `layout`), gradients zero.
+    pub fn with_params(ops: O, cfg: BertConfig, layout: Layout, params: O::Buf) -> Self {
+        let mut grads = O::Buf::default();
+        ops.zeroed(&mut grads, layout.total).expect("allocating the gradients");
+        Model {
+            cfg,
+            layout,
+            params,
+            grads,
+            acts: Acts::default(),
+            scratch: GradScratch::default(),
+            inputs: None,
+            ops,
+            precision: Precision::Fp32,
+        }
+    }
+
+    pub fn zero_grads(&mut self) -> anyhow::Result<()> {
+        self.ops.zero(&mut self.grads)
+    }
+
+    /// The logits `[rows, classes]` and per-row losses of the last forward, on the host.
+    pub fn outputs(&self) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        Ok((self.ops.to_host(&self.acts.logits)?.into_owned(), self.ops.to_host(&self.acts.losses)?.into_owned()))
+    }
+
+    /// Each row's predicted class and loss in the last forward (`[rows]` each): what
+    /// evaluation counts.
+    pub fn predictions(&self) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
+        let rows = self.inputs.as_ref().map_or(0, |x| O::host_inputs(x).rows.len());
+        let classes = match self.layout.head {
+            Head::Classification { num_labels } => num_labels,
+            Head::MaskedLm => self.cfg.vocab_size,
+        };
+        let predicted = if rows == 0 { Vec::new() } else { self.ops.argmax_rows(&self.acts.logits, rows, classes)? };
+        Ok((predicted, self.ops.to_host(&self.acts.losses)?.into_owned()))
+    }
+
+    /// The batch as the ops read it: tokens, positions, segments, the padding mask, and the
+    /// head's rows and targets.
+    fn inputs_of(&self, batch: &Batch) -> Inputs {
+        let (b, t) = (batch.b, batch.t);
+        let (rows, targets) = match self.layout.head {
+            Head::Classification { .. } => ((0..b).map(|i| i * t).collect(), batch.labels.clone()),
+            Head::MaskedLm => {
+                let rows: Vec<usize> = (0..b * t).filter(|&i| batch.labels[i] != crossentropy::IGNORE_INDEX).collect();
+                let targets = rows.iter().map(|&i| batch.labels[i]).collect();
+                (rows, targets)
+            }
+        };
+        let position_ids = match batch.position_ids.is_empty() {
+            true => (0..b * t).map(|i| (i % t) as u32).collect(),
+            false => batch.position_ids.clone(),
+        };
+        Inputs {
+            b,
+            t,
+            input_ids: batch.input_ids.clone(),
+            token_type_ids: batch.token_type_ids.clone(),
+            position_ids,
+            segment_ids: batch.segment_ids.clone(),
+            mask_add: batch.attention_mask.iter().map(|&m| if m != 0 { 0.0 } else { f32::MIN }).collect(),
+            example_ids: batch.example_ids.clone(),
+            rows,
+            targets,
+        }
+    }
+
+    /// Forward pass and loss. `dropout = None` evaluates (no dropout). Saves what backward needs.
+    pub fn forward(&mut self, batch: &Batch, dropout: Option<DropoutCtx>) -> Result<ForwardOut, ModelError> {
+        validate_batch(&self.cfg, &self.layout, batch)?;
+        let inputs = self.ops.inputs(self.inputs_of(batch)).map_err(device)?;
+        self.inputs = Some(inputs);
+        self.acts.shape = (batch.b, batch.t);
+        self.acts.dropout = dropout;
+        self.forward_ops().map_err(device)
+    }
+
+    fn forward_ops(&mut self) -> anyhow::Result<ForwardOut> {
+        let Model { cfg, layout, params, acts, inputs, ops, precision, .. } = self;
+        let x = inputs.as_ref().expect("inputs of this forward");
+        let pass = Pass::new(ops, params, x, cfg, layout, *precision, acts.dropout);
+        pass.embeddings_forward(acts)?;
+        acts.layers.resize_with(cfg.num_hidden_layers, LayerActs::default);
+        let n = pass.bt() * cfg.hidden_size;
+        ops.shape(&mut acts.tmp, n)?;
+        ops.shape(&mut acts.tmp2, n)?;
+        for l in 0..cfg.num_hidden_layers {
+            pass.layer_forward(acts, l)?;
+        }
+        pass.head_forward(acts)
+    }
+
+    /// Backward of the last [`Model::forward`] for the loss `sum(per-target losses) *
+    /// loss_scale` (`loss_scale = 1 / count` gives the mean). Accumulates into `self.grads`.
+    pub fn backward(&mut self, batch: &Batch, loss_scale: f32) -> Result<(), ModelError> {
+        self.backward_with(batch, loss_scale, &mut |_, _| Ok(()))
     }
 
     /// `backward`, calling `ready(range, grads)` each time the gradients of a segment of the flat
-    /// buffer are final (`Layout::backward_segments`, in that order): the hook that lets the
-    /// all-reduce of the layers already done run while backward continues with the rest.
-    pub fn backward_with(&mut self, batch: &Batch, loss_scale: f32, ready: &mut dyn FnMut(Range<usize>, &[f32])) {
-        let segments = self.layout.backward_segments(self.cfg.num_hidden_layers);
-        let mut segments = segments.into_iter();
-        let cfg = &self.cfg;
-        let (b, t) = self.acts.shape;
-        assert_eq!((b, t), (batch.b, batch.t), "backward: batch differs from the last forward");
-        let (c, nh, nl, inter_size) =
-            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.intermediate_size);
-        let bt = b * t;
-        let hid = self.hidden_logical();
-        let attn_logical = LogicalDims { t_max: cfg.max_position_embeddings, w_max: cfg.max_position_embeddings };
-        let dims = AttnDims { b, nh, t, hd: cfg.head_dim() };
-        let (hp, ap) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
-        let dropout = self.acts.dropout;
-        let spec = |site: DropoutSite, prob: f32| DropoutCtx::spec(dropout, site, prob);
-        let p = &self.params;
-        let g = &mut self.grads;
-        let lay = &self.layout;
-        let a = &self.acts;
-        let s = &mut self.scratch;
-        let rows_n = a.rows.len();
+    /// buffer are final (`Layout::backward_segments`, in that order: head, last layer .. first,
+    /// embeddings), with the work that produced them issued: the hook that lets the all-reduce of
+    /// the layers already done run while backward continues with the rest.
+    pub fn backward_with(
+        &mut self,
+        batch: &Batch,
+        loss_scale: f32,
+        ready: &mut SegmentReady<'_, O>,
+    ) -> Result<(), ModelError> {
+        assert_eq!(self.acts.shape, (batch.b, batch.t), "backward: batch differs from the last forward");
+        self.backward_ops(loss_scale, ready).map_err(device)
+    }
 
-        // Head.
-        let classes = a.logits.len() / rows_n.max(1);
-        sized(&mut s.d_logits, rows_n * classes);
-        crossentropy::crossentropy_backward(&mut s.d_logits, &a.logits, &a.targets, loss_scale, rows_n, classes);
-        sized(&mut s.d_head_a, rows_n * c);
-        sized(&mut s.d_head_b, rows_n * c);
-        sized(&mut s.d_head_c, rows_n * c);
-        match lay.head {
-            Head::Classification { num_labels } => {
-                let [dw, db] = disjoint_mut(g, [lay.range("classifier.weight"), lay.range("classifier.bias")]);
-                matmul::matmul_backward(
-                    &mut s.d_head_a,
-                    dw,
-                    Some(db),
-                    &s.d_logits,
-                    &a.head_out,
-                    &p[lay.range("classifier.weight")],
-                    b,
-                    c,
-                    num_labels,
-                );
-                if let Some(sp) = spec(DropoutSite::Classifier { layers: nl }, cfg.classifier_dropout_prob()) {
-                    dropout::dropout_backward(&mut s.d_head_a, &batch.example_ids, 1, 1, c, hid, &sp);
-                }
-                tanh::tanh_backward(&mut s.d_head_b, &a.head_act, &s.d_head_a);
-                let [dw, db] = disjoint_mut(g, [lay.range("pooler.dense.weight"), lay.range("pooler.dense.bias")]);
-                matmul::matmul_backward(
-                    &mut s.d_head_c,
-                    dw,
-                    Some(db),
-                    &s.d_head_b,
-                    &a.head_in,
-                    &p[lay.range("pooler.dense.weight")],
-                    b,
-                    c,
-                    c,
-                );
-            }
-            Head::MaskedLm => {
-                let v = cfg.vocab_size;
-                let [dw, db] = disjoint_mut(
-                    g,
-                    [lay.range("embeddings.word_embeddings.weight"), lay.range("cls.predictions.bias")],
-                );
-                matmul::matmul_backward(
-                    &mut s.d_head_a,
-                    dw,
-                    Some(db),
-                    &s.d_logits,
-                    &a.head_out,
-                    &p[lay.range("embeddings.word_embeddings.weight")],
-                    rows_n,
-                    c,
-                    v,
-                );
-                let [dw, db] = disjoint_mut(
-                    g,
-                    [
-                        lay.range("cls.predictions.transform.LayerNorm.weight"),
-                        lay.range("cls.predictions.transform.LayerNorm.bias"),
-                    ],
-                );
-                layernorm::layernorm_backward(
-                    &mut s.d_head_b,
-                    dw,
-                    db,
-                    &s.d_head_a,
-                    &a.head_act,
-                    &p[lay.range("cls.predictions.transform.LayerNorm.weight")],
-                    &a.head_mean,
-                    &a.head_rstd,
-                    rows_n,
-                    c,
-                );
-                s.d_head_a.iter_mut().for_each(|x| *x = 0.0);
-                gelu::gelu_backward(&mut s.d_head_a, &a.head_pre, &s.d_head_b);
-                let [dw, db] = disjoint_mut(
-                    g,
-                    [
-                        lay.range("cls.predictions.transform.dense.weight"),
-                        lay.range("cls.predictions.transform.dense.bias"),
-                    ],
-                );
-                matmul::matmul_backward(
-                    &mut s.d_head_c,
-                    dw,
-                    Some(db),
-                    &s.d_head_a,
-                    &a.head_in,
-                    &p[lay.range("cls.predictions.transform.dense.weight")],
-                    rows_n,
-                    c,
-                    c,
-                );
-            }
-        }
-        sized(&mut s.dy, bt * c);
-        gather::gather_rows_backward(&mut s.dy, &s.d_head_c, &a.rows, c);
-        let head = segments.next().expect("a head segment");
-        ready(head.clone(), &g[head]);
+    fn backward_ops(&mut self, loss_scale: f32, ready: &mut SegmentReady<'_, O>) -> anyhow::Result<()> {
+        let Model { cfg, layout, params, grads, acts, scratch: s, inputs, ops, precision, .. } = self;
+        let x = inputs.as_ref().expect("backward follows a forward");
+        let pass = Pass::new(ops, params, x, cfg, layout, *precision, acts.dropout);
+        let nl = cfg.num_hidden_layers;
+        let mut segments = layout.backward_segments(nl).into_iter();
+        pass.head_backward(acts, s, grads, loss_scale)?;
+        ready(segments.next().expect("a head segment"), grads)?;
 
-        // Encoder, last layer first. `dy` is the gradient of the layer's output.
+        let (n, ni) = (pass.bt() * cfg.hidden_size, pass.bt() * cfg.intermediate_size);
         for buf in [&mut s.dx, &mut s.d_res, &mut s.d_ln1, &mut s.d_tmp, &mut s.d_ctx, &mut s.d_ctxh] {
-            sized(buf, bt * c);
+            ops.zeroed(buf, n)?;
         }
         for buf in [&mut s.dqh, &mut s.dkh, &mut s.dvh] {
-            sized(buf, bt * c);
+            ops.zeroed(buf, n)?;
         }
-        sized(&mut s.d_act, bt * inter_size);
-        sized(&mut s.d_inter, bt * inter_size);
+        ops.zeroed(&mut s.d_act, ni)?;
+        ops.zeroed(&mut s.d_inter, ni)?;
         for l in (0..nl).rev() {
-            let lp = lay.layer(l);
-            let la = &a.layers[l];
-            let x: &[f32] = if l == 0 { &a.x0 } else { &a.layers[l - 1].ln2 };
-            let zero = |v: &mut Vec<f32>| v.iter_mut().for_each(|e| *e = 0.0);
-
-            zero(&mut s.d_res);
-            let [dw, db] = disjoint_mut(g, [lp.ln2_w.clone(), lp.ln2_b.clone()]);
-            layernorm::layernorm_backward(
-                &mut s.d_res,
-                dw,
-                db,
-                &s.dy,
-                &la.res2,
-                &p[lp.ln2_w.clone()],
-                &la.ln2_mean,
-                &la.ln2_rstd,
-                bt,
-                c,
-            );
-            s.d_ln1.copy_from_slice(&s.d_res);
-            s.d_tmp.copy_from_slice(&s.d_res);
-            if let Some(sp) = spec(DropoutSite::FeedForwardOutput(l), hp) {
-                dropout::dropout_backward(&mut s.d_tmp, &batch.example_ids, 1, t, c, hid, &sp);
-            }
-            zero(&mut s.d_act);
-            let [dw, db] = disjoint_mut(g, [lp.o_w.clone(), lp.o_b.clone()]);
-            matmul::matmul_backward(
-                &mut s.d_act,
-                dw,
-                Some(db),
-                &s.d_tmp,
-                &la.act,
-                &p[lp.o_w.clone()],
-                bt,
-                inter_size,
-                c,
-            );
-            zero(&mut s.d_inter);
-            gelu::gelu_backward(&mut s.d_inter, &la.inter, &s.d_act);
-            let [dw, db] = disjoint_mut(g, [lp.i_w.clone(), lp.i_b.clone()]);
-            matmul::matmul_backward(
-                &mut s.d_ln1,
-                dw,
-                Some(db),
-                &s.d_inter,
-                &la.ln1,
-                &p[lp.i_w.clone()],
-                bt,
-                c,
-                inter_size,
-            );
-
-            zero(&mut s.d_res);
-            let [dw, db] = disjoint_mut(g, [lp.ln1_w.clone(), lp.ln1_b.clone()]);
-            layernorm::layernorm_backward(
-                &mut s.d_res,
-                dw,
-                db,
-                &s.d_ln1,
-                &la.res1,
-                &p[lp.ln1_w.clone()],
-                &la.ln1_mean,
-                &la.ln1_rstd,
-                bt,
-                c,
-            );
-            s.dx.copy_from_slice(&s.d_res);
-            s.d_tmp.copy_from_slice(&s.d_res);
-            if let Some(sp) = spec(DropoutSite::AttentionOutput(l), hp) {
-                dropout::dropout_backward(&mut s.d_tmp, &batch.example_ids, 1, t, c, hid, &sp);
-            }
-            zero(&mut s.d_ctx);
-            let [dw, db] = disjoint_mut(g, [lp.ao_w.clone(), lp.ao_b.clone()]);
-            matmul::matmul_backward(&mut s.d_ctx, dw, Some(db), &s.d_tmp, &la.ctx, &p[lp.ao_w.clone()], bt, c, c);
-            zero(&mut s.d_ctxh);
-            attention::merge_heads_backward(&mut s.d_ctxh, &s.d_ctx, dims);
-            zero(&mut s.dqh);
-            zero(&mut s.dkh);
-            zero(&mut s.dvh);
-            let attn_drop = spec(DropoutSite::AttentionProbs(l), ap).map(|sp| AttnDropout {
-                spec: sp,
-                example_ids: &batch.example_ids,
-                logical: attn_logical,
-            });
-            attention::attention_backward(
-                &mut s.dqh,
-                &mut s.dkh,
-                &mut s.dvh,
-                &s.d_ctxh,
-                &la.probs,
-                &la.probs_drop,
-                &la.qh,
-                &la.kh,
-                &la.vh,
-                &a.mask_add,
-                dims,
-                attn_drop.as_ref(),
-            );
-            // The key bias gets no gradient, exactly: it adds `q_i . b_k` to every score of row i,
-            // which the softmax cancels, so its gradient `sum_i (sum_j dS_ij) q_i` is identically
-            // zero (each row of the softmax backward sums to zero, dropout and padding included).
-            // Computed, it is rounding noise (~1e-11) that Adam's normalisation turns into
-            // steps of up to `lr` that depend on the order of float sums, and so on the world
-            // size. Leaving it at zero is the exact gradient and keeps the key bias where it was.
-            for (dh, w, bias) in
-                [(&s.dqh, &lp.q_w, Some(&lp.q_b)), (&s.dkh, &lp.k_w, None), (&s.dvh, &lp.v_w, Some(&lp.v_b))]
-            {
-                zero(&mut s.d_tmp);
-                attention::split_heads_backward(&mut s.d_tmp, dh, dims);
-                let (dw, db) = match bias {
-                    Some(bias) => {
-                        let [dw, db] = disjoint_mut(g, [w.clone(), bias.clone()]);
-                        (dw, Some(db))
-                    }
-                    None => (&mut g[w.clone()], None),
-                };
-                matmul::matmul_backward(&mut s.dx, dw, db, &s.d_tmp, x, &p[w.clone()], bt, c, c);
-            }
+            pass.layer_backward(acts, s, grads, l)?;
             std::mem::swap(&mut s.dy, &mut s.dx);
-            let done = segments.next().expect("a segment per layer");
-            ready(done.clone(), &g[done]);
+            ready(segments.next().expect("a segment per layer"), grads)?;
         }
-
-        // Embeddings: `dy` now holds the gradient of x0.
-        if let Some(sp) = spec(DropoutSite::Embeddings, hp) {
-            dropout::dropout_backward(&mut s.dy, &batch.example_ids, 1, t, c, hid, &sp);
-        }
-        s.d_res.iter_mut().for_each(|e| *e = 0.0);
-        let [dw, db] =
-            disjoint_mut(g, [lay.range("embeddings.LayerNorm.weight"), lay.range("embeddings.LayerNorm.bias")]);
-        layernorm::layernorm_backward(
-            &mut s.d_res,
-            dw,
-            db,
-            &s.dy,
-            &a.emb_sum,
-            &p[lay.range("embeddings.LayerNorm.weight")],
-            &a.emb_mean,
-            &a.emb_rstd,
-            bt,
-            c,
-        );
-        let [dte, dpe, dtt] = disjoint_mut(
-            g,
-            [
-                lay.range("embeddings.word_embeddings.weight"),
-                lay.range("embeddings.position_embeddings.weight"),
-                lay.range("embeddings.token_type_embeddings.weight"),
-            ],
-        );
-        embedding::embedding_backward(
-            dte,
-            dpe,
-            dtt,
-            &s.d_res,
-            &batch.input_ids,
-            &batch.token_type_ids,
-            cfg.pad_token_id,
-            b,
-            t,
-            c,
-        );
-        let emb = segments.next().expect("an embeddings segment");
-        ready(emb.clone(), &g[emb]);
+        pass.embeddings_backward(acts, s, grads)?;
+        ready(segments.next().expect("an embeddings segment"), grads)
     }
 }
 
-/// Checks a batch against the model's shapes and vocabulary (CPU and GPU models alike).
-pub(crate) fn validate_batch(cfg: &BertConfig, layout: &Layout, batch: &Batch) -> Result<(), ModelError> {
+/// One forward or backward pass: the ops, the parameters, the batch, and what the pass's
+/// shapes and dropout masks derive from.
+struct Pass<'a, O: Ops> {
+    o: &'a O,
+    p: &'a O::Buf,
+    x: &'a O::Inputs,
+    cfg: &'a BertConfig,
+    lay: &'a Layout,
+    precision: Precision,
+    dropout: Option<DropoutCtx>,
+}
+
+impl<'a, O: Ops> Pass<'a, O> {
+    fn new(
+        o: &'a O,
+        p: &'a O::Buf,
+        x: &'a O::Inputs,
+        cfg: &'a BertConfig,
+        lay: &'a Layout,
+        precision: Precision,
+        dropout: Option<DropoutCtx>,
+    ) -> Self {
+        Pass { o, p, x, cfg, lay, precision, dropout }
+    }
+
+    fn host(&self) -> &Inputs {
+        O::host_inputs(self.x)
+    }
+
+    fn bt(&self) -> usize {
+        self.host().b * self.host().t
+    }
+
+    fn dims(&self) -> AttnDims {
+        let (cfg, h) = (self.cfg, self.host());
+        AttnDims { b: h.b, nh: cfg.num_attention_heads, t: h.t, hd: cfg.head_dim() }
+    }
+
+    fn r(&self, name: &str) -> Param {
+        self.lay.range(name)
+    }
+
+    /// Hidden-state dropout at `site` (forward, or its `backward`) on `buf: [B, t, C]`, if the
+    /// pass has one there.
+    fn drop(&self, buf: &mut O::Buf, site: DropoutSite, t: usize, backward: bool) -> anyhow::Result<()> {
+        let p = match site {
+            DropoutSite::Classifier { .. } => self.cfg.classifier_dropout_prob(),
+            _ => self.cfg.hidden_dropout_prob,
+        };
+        let Some(spec) = DropoutCtx::spec(self.dropout, site, p) else { return Ok(()) };
+        let c = self.cfg.hidden_size;
+        let logical = LogicalDims { t_max: self.cfg.max_position_embeddings, w_max: c };
+        self.o.dropout(buf, self.x, t, c, logical, &spec, backward)
+    }
+
+    fn attn_drop(&self, l: usize) -> Option<AttnDrop> {
+        let t_max = self.cfg.max_position_embeddings;
+        DropoutCtx::spec(self.dropout, DropoutSite::AttentionProbs(l), self.cfg.attention_probs_dropout_prob)
+            .map(|spec| AttnDrop { spec, logical: LogicalDims { t_max, w_max: t_max } })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dense(
+        &self,
+        out: &mut O::Buf,
+        inp: &O::Buf,
+        w: Param,
+        bias: Param,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> anyhow::Result<()> {
+        self.o.dense_forward(out, inp, self.p, w, Some(bias), n, c, oc, self.precision)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dense_back(
+        &self,
+        dinp: &mut O::Buf,
+        g: &mut O::Buf,
+        dout: &O::Buf,
+        inp: &O::Buf,
+        w: Param,
+        bias: Option<Param>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> anyhow::Result<()> {
+        self.o.dense_backward(dinp, g, dout, inp, self.p, w, bias, n, c, oc, self.precision)
+    }
+
+    /// The word, position and token-type tables.
+    fn embedding_tables(&self) -> [Param; 3] {
+        ["word_embeddings", "position_embeddings", "token_type_embeddings"]
+            .map(|t| self.r(&format!("embeddings.{t}.weight")))
+    }
+
+    fn embeddings_forward(&self, a: &mut Acts<O::Buf>) -> anyhow::Result<()> {
+        let (o, bt, c) = (self.o, self.bt(), self.cfg.hidden_size);
+        o.shape(&mut a.emb_sum, bt * c)?;
+        o.shape(&mut a.emb_mean, bt)?;
+        o.shape(&mut a.emb_rstd, bt)?;
+        o.shape(&mut a.x0, bt * c)?;
+        o.embedding_forward(&mut a.emb_sum, self.x, self.p, self.embedding_tables(), c)?;
+        let (w, b) = (self.r("embeddings.LayerNorm.weight"), self.r("embeddings.LayerNorm.bias"));
+        let eps = self.cfg.layer_norm_eps as f32;
+        o.layernorm_forward(&mut a.x0, &mut a.emb_mean, &mut a.emb_rstd, &a.emb_sum, self.p, w, b, bt, c, eps)?;
+        self.drop(&mut a.x0, DropoutSite::Embeddings, self.host().t, false)
+    }
+
+    fn layer_forward(&self, a: &mut Acts<O::Buf>, l: usize) -> anyhow::Result<()> {
+        let (o, p, cfg) = (self.o, self.p, self.cfg);
+        let (bt, c, inter, t) = (self.bt(), cfg.hidden_size, cfg.intermediate_size, self.host().t);
+        let (eps, dims, lp) = (cfg.layer_norm_eps as f32, self.dims(), self.lay.layer(l));
+        let (prev, rest) = a.layers.split_at_mut(l);
+        let la = &mut rest[0];
+        let x = if l == 0 { &a.x0 } else { &prev[l - 1].ln2 };
+        for (dst, w, bias) in
+            [(&mut la.qh, &lp.q_w, &lp.q_b), (&mut la.kh, &lp.k_w, &lp.k_b), (&mut la.vh, &lp.v_w, &lp.v_b)]
+        {
+            self.dense(&mut a.tmp, x, w.clone(), bias.clone(), bt, c, c)?;
+            o.shape(dst, bt * c)?;
+            o.heads(Heads::Split, dst, &a.tmp, dims)?;
+        }
+        let probs_n = dims.b * dims.nh * t * t;
+        let drop = self.attn_drop(l);
+        o.shape(&mut la.probs, probs_n)?;
+        o.shape(&mut la.probs_drop, if drop.is_some() { probs_n } else { 0 })?;
+        let qkv = [&la.qh, &la.kh, &la.vh];
+        o.attention_forward(&mut a.tmp2, &mut la.probs, &mut la.probs_drop, qkv, self.x, dims, drop)?;
+        o.shape(&mut la.ctx, bt * c)?;
+        o.heads(Heads::Merge, &mut la.ctx, &a.tmp2, dims)?;
+        self.dense(&mut a.tmp, &la.ctx, lp.ao_w.clone(), lp.ao_b.clone(), bt, c, c)?;
+        self.drop(&mut a.tmp, DropoutSite::AttentionOutput(l), t, false)?;
+        o.shape(&mut la.res1, bt * c)?;
+        o.residual_forward(&mut la.res1, &a.tmp, x)?;
+        o.shape(&mut la.ln1, bt * c)?;
+        o.shape(&mut la.ln1_mean, bt)?;
+        o.shape(&mut la.ln1_rstd, bt)?;
+        let (w, b) = (lp.ln1_w.clone(), lp.ln1_b.clone());
+        o.layernorm_forward(&mut la.ln1, &mut la.ln1_mean, &mut la.ln1_rstd, &la.res1, p, w, b, bt, c, eps)?;
+        o.shape(&mut la.inter, bt * inter)?;
+        o.shape(&mut la.act, bt * inter)?;
+        self.dense(&mut la.inter, &la.ln1, lp.i_w.clone(), lp.i_b.clone(), bt, c, inter)?;
+        o.gelu_forward(&mut la.act, &la.inter)?;
+        self.dense(&mut a.tmp, &la.act, lp.o_w.clone(), lp.o_b.clone(), bt, inter, c)?;
+        self.drop(&mut a.tmp, DropoutSite::FeedForwardOutput(l), t, false)?;
+        o.shape(&mut la.res2, bt * c)?;
+        o.residual_forward(&mut la.res2, &a.tmp, &la.ln1)?;
+        o.shape(&mut la.ln2, bt * c)?;
+        o.shape(&mut la.ln2_mean, bt)?;
+        o.shape(&mut la.ln2_rstd, bt)?;
+        let (w, b) = (lp.ln2_w.clone(), lp.ln2_b.clone());
+        o.layernorm_forward(&mut la.ln2, &mut la.ln2_mean, &mut la.ln2_rstd, &la.res2, p, w, b, bt, c, eps)
+    }
+
+    fn classes(&self) -> usize {
+        match self.lay.head {
+            Head::Classification { num_labels } => num_labels,
+            Head::MaskedLm => self.cfg.vocab_size,
+        }
+    }
+
+    fn head_forward(&self, a: &mut Acts<O::Buf>) -> anyhow::Result<ForwardOut> {
+        let (o, c, nl) = (self.o, self.cfg.hidden_size, self.cfg.num_hidden_layers);
+        let (rows_n, classes) = (self.host().rows.len(), self.classes());
+        for buf in [&mut a.head_in, &mut a.head_pre, &mut a.head_act, &mut a.head_out] {
+            o.shape(buf, rows_n * c)?;
+        }
+        o.shape(&mut a.logits, rows_n * classes)?;
+        o.shape(&mut a.losses, rows_n)?;
+        if rows_n > 0 {
+            let h = match a.layers.last() {
+                Some(last) => &last.ln2,
+                None => &a.x0,
+            };
+            o.gather_rows_forward(&mut a.head_in, h, self.x, c)?;
+            match self.lay.head {
+                Head::Classification { num_labels } => {
+                    let (w, b) = (self.r("pooler.dense.weight"), self.r("pooler.dense.bias"));
+                    self.dense(&mut a.head_pre, &a.head_in, w, b, rows_n, c, c)?;
+                    o.tanh_forward(&mut a.head_act, &a.head_pre)?;
+                    o.copy(&mut a.head_out, &a.head_act)?;
+                    self.drop(&mut a.head_out, DropoutSite::Classifier { layers: nl }, 1, false)?;
+                    let (w, b) = (self.r("classifier.weight"), self.r("classifier.bias"));
+                    self.dense(&mut a.logits, &a.head_out, w, b, rows_n, c, num_labels)?;
+                }
+                Head::MaskedLm => {
+                    o.shape(&mut a.head_mean, rows_n)?;
+                    o.shape(&mut a.head_rstd, rows_n)?;
+                    let w = self.r("cls.predictions.transform.dense.weight");
+                    let b = self.r("cls.predictions.transform.dense.bias");
+                    self.dense(&mut a.head_pre, &a.head_in, w, b, rows_n, c, c)?;
+                    o.gelu_forward(&mut a.head_act, &a.head_pre)?;
+                    let w = self.r("cls.predictions.transform.LayerNorm.weight");
+                    let b = self.r("cls.predictions.transform.LayerNorm.bias");
+                    let eps = self.cfg.layer_norm_eps as f32;
+                    let (mean, rstd) = (&mut a.head_mean, &mut a.head_rstd);
+                    o.layernorm_forward(&mut a.head_out, mean, rstd, &a.head_act, self.p, w, b, rows_n, c, eps)?;
+                    let (w, b) = (self.r("embeddings.word_embeddings.weight"), self.r("cls.predictions.bias"));
+                    self.dense(&mut a.logits, &a.head_out, w, b, rows_n, c, classes)?;
+                }
+            }
+            o.crossentropy_forward(&mut a.losses, &a.logits, self.x, rows_n, classes)?;
+        }
+        let loss_sum = o.to_host(&a.losses)?.iter().map(|&l| f64::from(l)).sum();
+        Ok(ForwardOut { loss_sum, count: self.host().counted() })
+    }
+
+    fn head_backward(
+        &self,
+        a: &Acts<O::Buf>,
+        s: &mut GradScratch<O::Buf>,
+        g: &mut O::Buf,
+        loss_scale: f32,
+    ) -> anyhow::Result<()> {
+        let (o, c, nl) = (self.o, self.cfg.hidden_size, self.cfg.num_hidden_layers);
+        let (rows_n, classes) = (self.host().rows.len(), self.classes());
+        o.zeroed(&mut s.dy, self.bt() * c)?;
+        if rows_n == 0 {
+            return Ok(());
+        }
+        o.zeroed(&mut s.d_logits, rows_n * classes)?;
+        o.crossentropy_backward(&mut s.d_logits, &a.logits, self.x, loss_scale, rows_n, classes)?;
+        for buf in [&mut s.d_head_a, &mut s.d_head_b, &mut s.d_head_c] {
+            o.zeroed(buf, rows_n * c)?;
+        }
+        match self.lay.head {
+            Head::Classification { num_labels } => {
+                let (w, b) = (self.r("classifier.weight"), self.r("classifier.bias"));
+                self.dense_back(&mut s.d_head_a, g, &s.d_logits, &a.head_out, w, Some(b), rows_n, c, num_labels)?;
+                self.drop(&mut s.d_head_a, DropoutSite::Classifier { layers: nl }, 1, true)?;
+                o.tanh_backward(&mut s.d_head_b, &a.head_act, &s.d_head_a)?;
+                let (w, b) = (self.r("pooler.dense.weight"), self.r("pooler.dense.bias"));
+                self.dense_back(&mut s.d_head_c, g, &s.d_head_b, &a.head_in, w, Some(b), rows_n, c, c)?;
+            }
+            Head::MaskedLm => {
+                let (w, b) = (self.r("embeddings.word_embeddings.weight"), self.r("cls.predictions.bias"));
+                self.dense_back(&mut s.d_head_a, g, &s.d_logits, &a.head_out, w, Some(b), rows_n, c, classes)?;
+                let ln = [
+                    self.r("cls.predictions.transform.LayerNorm.weight"),
+                    self.r("cls.predictions.transform.LayerNorm.bias"),
+                ];
+                let (mean, rstd) = (&a.head_mean, &a.head_rstd);
+                o.layernorm_backward(&mut s.d_head_b, g, &s.d_head_a, &a.head_act, self.p, ln, mean, rstd, rows_n, c)?;
+                o.zero(&mut s.d_head_a)?;
+                o.gelu_backward(&mut s.d_head_a, &a.head_pre, &s.d_head_b)?;
+                let w = self.r("cls.predictions.transform.dense.weight");
+                let b = self.r("cls.predictions.transform.dense.bias");
+                self.dense_back(&mut s.d_head_c, g, &s.d_head_a, &a.head_in, w, Some(b), rows_n, c, c)?;
+            }
+        }
+        o.gather_rows_backward(&mut s.dy, &s.d_head_c, self.x, c)
+    }
+
+    /// Layer `l`'s backward: `s.dy` holds the gradient of its output, `s.dx` receives its input's.
+    fn layer_backward(
+        &self,
+        a: &Acts<O::Buf>,
+        s: &mut GradScratch<O::Buf>,
+        g: &mut O::Buf,
+        l: usize,
+    ) -> anyhow::Result<()> {
+        let (o, p, cfg) = (self.o, self.p, self.cfg);
+        let (bt, c, inter, t) = (self.bt(), cfg.hidden_size, cfg.intermediate_size, self.host().t);
+        let (dims, lp, la) = (self.dims(), self.lay.layer(l), &a.layers[l]);
+        let x = if l == 0 { &a.x0 } else { &a.layers[l - 1].ln2 };
+
+        o.zero(&mut s.d_res)?;
+        let ln = [lp.ln2_w.clone(), lp.ln2_b.clone()];
+        o.layernorm_backward(&mut s.d_res, g, &s.dy, &la.res2, p, ln, &la.ln2_mean, &la.ln2_rstd, bt, c)?;
+        o.copy(&mut s.d_ln1, &s.d_res)?;
+        o.copy(&mut s.d_tmp, &s.d_res)?;
+        self.drop(&mut s.d_tmp, DropoutSite::FeedForwardOutput(l), t, true)?;
+        o.zero(&mut s.d_act)?;
+        self.dense_back(&mut s.d_act, g, &s.d_tmp, &la.act, lp.o_w.clone(), Some(lp.o_b.clone()), bt, inter, c)?;
+        o.zero(&mut s.d_inter)?;
+        o.gelu_backward(&mut s.d_inter, &la.inter, &s.d_act)?;
+        self.dense_back(&mut s.d_ln1, g, &s.d_inter, &la.ln1, lp.i_w.clone(), Some(lp.i_b.clone()), bt, c, inter)?;
+
+        o.zero(&mut s.d_res)?;
+        let ln = [lp.ln1_w.clone(), lp.ln1_b.clone()];
+        o.layernorm_backward(&mut s.d_res, g, &s.d_ln1, &la.res1, p, ln, &la.ln1_mean, &la.ln1_rstd, bt, c)?;
+        o.copy(&mut s.dx, &s.d_res)?;
+        o.copy(&mut s.d_tmp, &s.d_res)?;
+        self.drop(&mut s.d_tmp, DropoutSite::AttentionOutput(l), t, true)?;
+        o.zero(&mut s.d_ctx)?;
+        self.dense_back(&mut s.d_ctx, g, &s.d_tmp, &la.ctx, lp.ao_w.clone(), Some(lp.ao_b.clone()), bt, c, c)?;
+        o.zero(&mut s.d_ctxh)?;
+        o.heads(Heads::MergeBackward, &mut s.d_ctxh, &s.d_ctx, dims)?;
+        o.zero(&mut s.dqh)?;
+        o.zero(&mut s.dkh)?;
+        o.zero(&mut s.dvh)?;
+        let (dqkv, qkv) = ([&mut s.dqh, &mut s.dkh, &mut s.dvh], [&la.qh, &la.kh, &la.vh]);
+        o.attention_backward(dqkv, &s.d_ctxh, &la.probs, &la.probs_drop, qkv, self.x, dims, self.attn_drop(l))?;
+        // The key bias gets no gradient, exactly: it adds `q_i . b_k` to every score of row i,
+        // which the softmax cancels, so its gradient `sum_i (sum_j dS_ij) q_i` is identically
+        // zero (each row of the softmax backward sums to zero, dropout and padding included).
+        // Computed, it is rounding noise (~1e-11) that Adam's normalisation turns into
+        // steps of up to `lr` that depend on the order of float sums, and so on the world
+        // size. Leaving it at zero is the exact gradient and keeps the key bias where it was.
+        for (dh, w, bias) in
+            [(&s.dqh, &lp.q_w, Some(&lp.q_b)), (&s.dkh, &lp.k_w, None), (&s.dvh, &lp.v_w, Some(&lp.v_b))]
+        {
+            o.zero(&mut s.d_tmp)?;
+            o.heads(Heads::SplitBackward, &mut s.d_tmp, dh, dims)?;
+            self.dense_back(&mut s.dx, g, &s.d_tmp, x, w.clone(), bias.cloned(), bt, c, c)?;
+        }
+        Ok(())
+    }
+
+    /// `s.dy` holds the gradient of `x0`.
+    fn embeddings_backward(&self, a: &Acts<O::Buf>, s: &mut GradScratch<O::Buf>, g: &mut O::Buf) -> anyhow::Result<()> {
+        let (o, bt, c) = (self.o, self.bt(), self.cfg.hidden_size);
+        self.drop(&mut s.dy, DropoutSite::Embeddings, self.host().t, true)?;
+        o.zero(&mut s.d_res)?;
+        let ln = [self.r("embeddings.LayerNorm.weight"), self.r("embeddings.LayerNorm.bias")];
+        o.layernorm_backward(&mut s.d_res, g, &s.dy, &a.emb_sum, self.p, ln, &a.emb_mean, &a.emb_rstd, bt, c)?;
+        o.embedding_backward(g, self.embedding_tables(), &s.d_res, self.x, self.cfg.pad_token_id, c)
+    }
+}
+
+/// Checks a batch against the model's shapes and vocabulary.
+fn validate_batch(cfg: &BertConfig, layout: &Layout, batch: &Batch) -> Result<(), ModelError> {
     let (b, t) = (batch.b, batch.t);
     let bad = |what: String| Err(ModelError::Batch(what));
     if b == 0 || t == 0 {
@@ -800,6 +692,15 @@ pub(crate) fn validate_batch(cfg: &BertConfig, layout: &Layout, batch: &Batch) -
     }
     if batch.input_ids.len() != b * t || batch.token_type_ids.len() != b * t || batch.attention_mask.len() != b * t {
         return bad(format!("input_ids/token_type_ids/attention_mask must hold B*T = {}", b * t));
+    }
+    if !batch.position_ids.is_empty() && batch.position_ids.len() != b * t {
+        return bad(format!("position_ids must hold B*T = {} (or none)", b * t));
+    }
+    if let Some(&p) = batch.position_ids.iter().find(|&&p| p as usize >= cfg.max_position_embeddings) {
+        return bad(format!("position {p} outside max_position_embeddings {}", cfg.max_position_embeddings));
+    }
+    if !batch.segment_ids.is_empty() && batch.segment_ids.len() != b * t {
+        return bad(format!("segment_ids must hold B*T = {} (or none)", b * t));
     }
     if batch.example_ids.len() != b {
         return bad(format!("example_ids must hold B = {b}"));

@@ -64,6 +64,8 @@ pub fn collate(examples: &[&Encoded], example_ids: &[u32], labels: &[i64], pad_i
         input_ids: vec![pad_id; b * t],
         token_type_ids: vec![0; b * t],
         attention_mask: vec![0; b * t],
+        position_ids: Vec::new(),
+        segment_ids: Vec::new(),
         example_ids: example_ids.to_vec(),
         labels: labels.to_vec(),
     };

@@ -116,38 +116,28 @@ pub fn count_split(
     };
     count_batches(split, batch_size, pad_id, classes, |batch| {
         engine.forward(batch, None)?;
-        engine.outputs()
+        engine.predictions()
     })
 }
 
-/// Runs `forward` (giving each batch's logits `[B, classes]` and per-example losses) over the
+/// Runs `forward` (giving each batch's predicted classes and per-example losses) over the
 /// split in batches without dropout, and counts predictions against the labels.
 fn count_batches(
     split: &Split,
     batch_size: usize,
     pad_id: u32,
     classes: usize,
-    mut forward: impl FnMut(&Batch) -> anyhow::Result<(Vec<f32>, Vec<f32>)>,
+    mut forward: impl FnMut(&Batch) -> anyhow::Result<(Vec<u32>, Vec<f32>)>,
 ) -> anyhow::Result<EvalCounts> {
     let mut counts = EvalCounts::new(classes);
     for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
         let batch = batch_of(split, idx, |i| i as u32, pad_id);
-        let (logits, losses) = forward(&batch).with_context(|| format!("evaluating batch {chunk_i}"))?;
-        for ((row, &y), &loss) in logits.chunks(classes).zip(&batch.labels).zip(&losses) {
-            counts.add(y as usize, argmax(row), f64::from(loss));
+        let (predicted, losses) = forward(&batch).with_context(|| format!("evaluating batch {chunk_i}"))?;
+        for ((&p, &y), &loss) in predicted.iter().zip(&batch.labels).zip(&losses) {
+            counts.add(y as usize, p as usize, f64::from(loss));
         }
     }
     Ok(counts)
-}
-
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// One training example as the job's I/O delivers it.
