@@ -15,10 +15,10 @@ use crate::bert_config::BertConfig;
 use crate::layout::Layout;
 use crate::model::Model;
 use crate::ops::{self, AttnDrop, Heads, Inputs, Ops, Param};
+use crate::optim::AdamW;
 use anyhow::Context;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 use job::config::Precision;
-use kernels::adamw::AdamWParams;
 use kernels::attention::AttnDims;
 use kernels::device::{self, Bf16, DeviceAttnDropout, DeviceMask, RowGroups};
 use kernels::dropout::{DropoutSpec, LogicalDims};
@@ -493,7 +493,7 @@ impl GpuBert {
         assert_eq!(params.len(), layout.total, "GpuBert::new: params must follow the layout");
         let ops = Cuda::new(gpu);
         let params = ops.upload(params)?;
-        Ok(Model::with_params(ops, cfg, layout, params))
+        Model::with_params(ops, cfg, layout, params)
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -548,48 +548,26 @@ impl GpuBert {
 
 /// AdamW's moments on the device, stepped tensor by tensor as `optim::AdamW` does (weight
 /// decay only where the layout says).
-pub struct GpuAdamW {
-    pub m: CudaSlice<f32>,
-    pub v: CudaSlice<f32>,
-    pub t: u64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
+pub type GpuAdamW = AdamW<CudaSlice<f32>>;
 
 impl GpuAdamW {
     /// The device copy of a host optimizer (a resumed job's restored state).
-    pub fn from_host(gpu: &Gpu, opt: &crate::optim::AdamW) -> anyhow::Result<Self> {
-        Ok(GpuAdamW {
-            m: gpu.upload(&opt.m)?,
-            v: gpu.upload(&opt.v)?,
-            t: opt.t,
-            beta1: opt.beta1,
-            beta2: opt.beta2,
-            eps: opt.eps,
-            weight_decay: opt.weight_decay,
-        })
+    pub fn from_host(gpu: &Gpu, opt: &AdamW) -> anyhow::Result<Self> {
+        Ok(opt.with_moments(gpu.upload(&opt.m)?, gpu.upload(&opt.v)?))
     }
 
     /// Copies the moments and step count back into `opt` (for a checkpoint).
-    pub fn download_into(&self, gpu: &Gpu, opt: &mut crate::optim::AdamW) -> anyhow::Result<()> {
+    pub fn download_into(&self, gpu: &Gpu, opt: &mut AdamW) -> anyhow::Result<()> {
         opt.m = gpu.download(&self.m)?;
         opt.v = gpu.download(&self.v)?;
         opt.t = self.t;
         Ok(())
     }
 
-    pub fn new(gpu: &Gpu, n: usize, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> anyhow::Result<Self> {
-        Ok(GpuAdamW {
-            m: gpu.stream.alloc_zeros::<f32>(n)?,
-            v: gpu.stream.alloc_zeros::<f32>(n)?,
-            t: 0,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        })
+    /// Zero moments for `n` parameters on `gpu`.
+    pub fn zeros(gpu: &Gpu, n: usize, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> anyhow::Result<Self> {
+        let (m, v) = (gpu.stream.alloc_zeros::<f32>(n)?, gpu.stream.alloc_zeros::<f32>(n)?);
+        Ok(AdamW::new(0, beta1, beta2, eps, weight_decay).with_moments(m, v))
     }
 
     /// One step at learning rate `lr` over every tensor of the model.
@@ -597,13 +575,7 @@ impl GpuAdamW {
         self.t += 1;
         for e in &model.layout.entries {
             let r = e.range();
-            let hp = AdamWParams {
-                lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: if e.decay { self.weight_decay } else { 0.0 },
-            };
+            let hp = self.tensor_params(lr, e.decay);
             device::adamw_update(
                 &model.ops.gpu,
                 &mut model.params.slice_mut(r.clone()),

@@ -95,7 +95,7 @@ pub fn training_parity(
     dev.set_precision(precision)?;
     let (lr, wd) = (1e-4, 0.01);
     let mut opt = AdamW::new(cpu.layout.total, 0.9, 0.999, 1e-8, wd);
-    let mut dopt = GpuAdamW::new(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, wd)?;
+    let mut dopt = GpuAdamW::zeros(gpu, cpu.layout.total, 0.9, 0.999, 1e-8, wd)?;
     let (mut losses, mut grad_rel_error) = (Vec::new(), 0.0);
     for step in 0..steps {
         let bt = batch(b, t, step);
@@ -181,7 +181,7 @@ pub fn throughput(
     let mut dev = GpuBert::new(Arc::clone(gpu), cfg, cpu.layout.clone(), &cpu.params)?;
     dev.set_precision(precision)?;
     drop(cpu);
-    let mut opt = GpuAdamW::new(gpu, n_params, 0.9, 0.999, 1e-8, 0.01)?;
+    let mut opt = GpuAdamW::zeros(gpu, n_params, 0.9, 0.999, 1e-8, 0.01)?;
     let bt = batch(b, t, 0);
     let mut times = Vec::new();
     for step in 0..steps + 2 {

@@ -194,7 +194,7 @@ impl Bert {
     pub fn zeros(cfg: BertConfig, head: Head) -> Self {
         let layout = Layout::new(&cfg, head);
         let params = vec![0.0; layout.total];
-        Model::with_params(Cpu, cfg, layout, params)
+        Model::with_params(Cpu, cfg, layout, params).expect("the CPU's ops do not fail")
     }
 
     /// The final hidden states `[B*T, C]` of the last forward.
@@ -218,10 +218,10 @@ impl Bert {
 
 impl<O: Ops> Model<O> {
     /// The model over `params` (already on the device, in `layout`), gradients zero.
-    pub fn with_params(ops: O, cfg: BertConfig, layout: Layout, params: O::Buf) -> Self {
+    pub fn with_params(ops: O, cfg: BertConfig, layout: Layout, params: O::Buf) -> anyhow::Result<Self> {
         let mut grads = O::Buf::default();
-        ops.zeroed(&mut grads, layout.total).expect("allocating the gradients");
-        Model {
+        ops.zeroed(&mut grads, layout.total)?;
+        Ok(Model {
             cfg,
             layout,
             params,
@@ -231,7 +231,7 @@ impl<O: Ops> Model<O> {
             inputs: None,
             ops,
             precision: Precision::Fp32,
-        }
+        })
     }
 
     pub fn zero_grads(&mut self) -> anyhow::Result<()> {

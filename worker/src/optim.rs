@@ -7,15 +7,36 @@
 use crate::layout::Layout;
 use kernels::adamw::{adamw_update, AdamWParams};
 
-pub struct AdamW {
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+/// AdamW's state: the moments (host buffers here; `cuda_ops::GpuAdamW` holds device ones), the
+/// step count and the hyperparameters.
+pub struct AdamW<B = Vec<f32>> {
+    pub m: B,
+    pub v: B,
     /// Completed steps.
     pub t: u64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+}
+
+impl<B> AdamW<B> {
+    /// The arithmetic of a step at `lr` for a tensor with or without weight decay.
+    pub fn tensor_params(&self, lr: f64, decay: bool) -> AdamWParams {
+        AdamWParams {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: if decay { self.weight_decay } else { 0.0 },
+        }
+    }
+
+    /// The same optimizer (step count, hyperparameters) over the moments `m` and `v`.
+    pub fn with_moments<C>(&self, m: C, v: C) -> AdamW<C> {
+        let AdamW { t, beta1, beta2, eps, weight_decay, .. } = *self;
+        AdamW { m, v, t, beta1, beta2, eps, weight_decay }
+    }
 }
 
 impl AdamW {
@@ -28,13 +49,7 @@ impl AdamW {
         self.t += 1;
         for e in &layout.entries {
             let r = e.range();
-            let hp = AdamWParams {
-                lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: if e.decay { self.weight_decay } else { 0.0 },
-            };
+            let hp = self.tensor_params(lr, e.decay);
             adamw_update(
                 &mut params[r.clone()],
                 &grads[r.clone()],
