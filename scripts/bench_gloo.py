@@ -1,5 +1,5 @@
 """PyTorch's CPU all-reduce (gloo) between WORLD processes on loopback, the peer of our TCP ring in
-scripts/bench-ring.sh: the same sizes, the same iteration count, the same median and the same bus
+`worker bench-ring` in scripts/bench.py: the same sizes, the same iteration count, the same median and the same bus
 bandwidth formula 2(N-1)/N x bytes / time. Prints one JSON line per size (rank 0).
 
     python scripts/bench_gloo.py --world 2 --sizes-mib 1,16,64,256 --iters 5

@@ -706,6 +706,9 @@ impl Coordinator for CoordinatorService {
             allreduce_wait_s: r.allreduce_wait_s,
             data_wait_s: r.data_wait_s,
             step_s: r.step_s,
+            forward_s: r.forward_s,
+            backward_s: r.backward_s,
+            optimizer_s: r.optimizer_s,
             time_s: 0.0,
         };
         // Lock order (telemetry, then the board): the state lock is not held.

@@ -101,6 +101,9 @@ impl Telemetry {
                 ("perf/allreduce_seconds", r.allreduce_s),
                 ("perf/allreduce_exposed_seconds", r.allreduce_wait_s),
                 ("perf/data_wait_seconds", r.data_wait_s),
+                ("perf/forward_seconds", r.forward_s),
+                ("perf/backward_seconds", r.backward_s),
+                ("perf/optimizer_seconds", r.optimizer_s),
             ];
             tb.scalars(r.step, &scalars);
         }
@@ -282,6 +285,19 @@ pub fn prometheus_text(s: &JobStatus) -> String {
         );
         metric("data_wait_seconds", "gauge", "Rank 0's wait for its next batch in the last step.", &one(r.data_wait_s));
         metric("step_seconds", "gauge", "Wall time of the last step on rank 0.", &one(r.step_s));
+        metric("forward_seconds", "gauge", "Rank 0's time in forward passes in the last step.", &one(r.forward_s));
+        metric(
+            "backward_seconds",
+            "gauge",
+            "Rank 0's time in backward passes (all-reduce overlapped) in the last step.",
+            &one(r.backward_s),
+        );
+        metric(
+            "optimizer_seconds",
+            "gauge",
+            "Rank 0's time in clipping and AdamW in the last step.",
+            &one(r.optimizer_s),
+        );
     }
     metric(
         "tokens_per_second",
@@ -382,6 +398,9 @@ mod tests {
             allreduce_wait_s: 0.001,
             data_wait_s: 0.002,
             step_s: 0.5,
+            forward_s: 0.1,
+            backward_s: 0.3,
+            optimizer_s: 0.05,
             time_s: step as f64,
         }
     }

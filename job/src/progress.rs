@@ -26,6 +26,10 @@ pub struct StepRecord {
     /// Seconds rank 0 waited for its batch, and the step's wall time (data wait included).
     pub data_wait_s: f64,
     pub step_s: f64,
+    /// Seconds in forward passes, in backward passes, and in clipping and the optimizer.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
     /// When the coordinator received the report: seconds since the job started.
     pub time_s: f64,
 }

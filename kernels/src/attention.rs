@@ -22,7 +22,7 @@
 //! `dS = P * (dP - rowsum(P * dP))`; `dQ += scale * dS K`; `dK += scale * dS^T Q`.
 //! The dropout mask is regenerated from its Philox counters, never stored.
 
-use crate::dropout::{mask_value, DropoutSpec, LogicalDims};
+use crate::dropout::{mask_run, DropoutSpec, LogicalDims};
 use crate::matmul::{gemm, Mat};
 use rayon::prelude::*;
 
@@ -112,11 +112,12 @@ fn check(d: AttnDims, q: &[f32], k: &[f32], v: &[f32]) {
     assert!(q.len() == n && k.len() == n && v.len() == n, "attention: q/k/v must be [B, NH, T, HD]");
 }
 
-/// The multiplier of dropout for element (i, j) of head `h` of example `b`.
+/// Calls `f(j, multiplier)` for dropout's multipliers of row `i` (keys `0..t`) of head `h` of
+/// example `b`.
 #[inline]
-fn drop_mult(dr: &AttnDropout<'_>, b: usize, h: usize, i: usize, j: usize) -> f32 {
-    let idx = ((h * dr.logical.t_max + i) * dr.logical.w_max + j) as u64;
-    mask_value(&dr.spec, dr.example_ids[b], idx)
+fn drop_row(dr: &AttnDropout<'_>, b: usize, h: usize, i: usize, t: usize, f: impl FnMut(usize, f32)) {
+    let base = ((h * dr.logical.t_max + i) * dr.logical.w_max) as u64;
+    mask_run(&dr.spec, dr.example_ids[b], base, t, f);
 }
 
 /// Forward. `out: [B, NH, T, HD]`; `probs: [B, NH, T, T]`; `probs_drop` is `[B, NH, T, T]` when
@@ -188,9 +189,7 @@ pub fn attention_forward(
             let weights: &[f32] = match (dropout, pd) {
                 (Some(dr), Some(pd)) => {
                     for i in 0..d.t {
-                        for j in 0..d.t {
-                            pd[i * d.t + j] = p[i * d.t + j] * drop_mult(dr, b, h, i, j);
-                        }
+                        drop_row(dr, b, h, i, d.t, |j, m| pd[i * d.t + j] = p[i * d.t + j] * m);
                     }
                     pd
                 }
@@ -270,9 +269,7 @@ pub fn attention_backward(
             );
             if let Some(dr) = dropout {
                 for i in 0..d.t {
-                    for j in 0..d.t {
-                        dp[i * d.t + j] *= drop_mult(dr, b, h, i, j);
-                    }
+                    drop_row(dr, b, h, i, d.t, |j, m| dp[i * d.t + j] *= m);
                 }
             }
             // dS = P * (dP - rowsum(P * dP)), reusing dp

@@ -43,6 +43,26 @@ pub fn mask_value(spec: &DropoutSpec, example: u32, idx: u64) -> f32 {
     }
 }
 
+/// Calls `f(j, multiplier)` for the run of elements `base..base + n` of one example (a row):
+/// the multipliers of [`mask_value`], drawing each block of four from Philox once.
+#[inline]
+pub fn mask_run(spec: &DropoutSpec, example: u32, base: u64, n: usize, mut f: impl FnMut(usize, f32)) {
+    let key = key_from_seed(spec.seed);
+    let keep = 1.0 / (1.0 - spec.p);
+    let mut j = 0;
+    while j < n {
+        let idx = base + j as u64;
+        let r = philox4x32_10([(idx >> 2) as u32, example, spec.step, spec.site], key);
+        for &word in &r[(idx & 3) as usize..] {
+            if j == n {
+                break;
+            }
+            f(j, if u32_to_unit_f32(word) >= spec.p { keep } else { 0.0 });
+            j += 1;
+        }
+    }
+}
+
 /// Applies the mask in place: forward on activations, backward on their gradients.
 /// `x`: `[B, H, T, W]`, `example_ids`: `[B]`.
 pub fn dropout_forward(
@@ -66,9 +86,7 @@ pub fn dropout_forward(
         let hi = (row / t) % h;
         let ti = row % t;
         let base = ((hi * logical.t_max + ti) * logical.w_max) as u64;
-        for (wi, v) in xs.iter_mut().enumerate() {
-            *v *= mask_value(spec, example_ids[bi], base + wi as u64);
-        }
+        mask_run(spec, example_ids[bi], base, xs.len(), |wi, m| xs[wi] *= m);
     });
 }
 
@@ -90,6 +108,17 @@ pub fn dropout_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_draws_the_masks_of_its_elements() {
+        let spec = DropoutSpec { p: 0.3, seed: 7, step: 2, site: 5 };
+        for (base, n) in [(0u64, 13usize), (1, 1), (2, 9), (3, 4), (1021, 70), (4, 0)] {
+            let mut got = vec![f32::NAN; n];
+            mask_run(&spec, 11, base, n, |j, m| got[j] = m);
+            let want: Vec<f32> = (0..n as u64).map(|j| mask_value(&spec, 11, base + j)).collect();
+            assert_eq!(got, want, "base {base}, n {n}");
+        }
+    }
 
     #[test]
     fn rate_and_scale() {

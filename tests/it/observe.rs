@@ -237,7 +237,15 @@ fn a_job_is_watched_over_http_survives_a_sigterm_to_a_worker_and_stops_cleanly_o
     let acc = &tb["test/accuracy"];
     assert_eq!(acc.len() as u64, STEPS / 20, "{acc:?}");
     assert!(acc.iter().all(|(s, a)| s % 20 == 0 && (0.0..=1.0).contains(a)), "{acc:?}");
-    for tag in ["train/learning_rate", "perf/tokens_per_second", "perf/allreduce_seconds", "perf/data_wait_seconds"] {
+    for tag in [
+        "train/learning_rate",
+        "perf/tokens_per_second",
+        "perf/allreduce_seconds",
+        "perf/data_wait_seconds",
+        "perf/forward_seconds",
+        "perf/backward_seconds",
+        "perf/optimizer_seconds",
+    ] {
         assert_eq!(tb[tag].len() as u64, STEPS, "{tag}");
     }
     assert_eq!(png_size(&std::fs::read(full.join("loss.png")).unwrap()), (960, 480));
@@ -286,6 +294,9 @@ fn a_job_is_watched_over_http_survives_a_sigterm_to_a_worker_and_stops_cleanly_o
         "tandem_allreduce_seconds_total",
         "tandem_data_wait_seconds",
         "tandem_data_wait_seconds_total",
+        "tandem_forward_seconds",
+        "tandem_backward_seconds",
+        "tandem_optimizer_seconds",
         "tandem_eval_accuracy{split=\"test\"}",
         "tandem_eval_macro_f1{split=\"test\"}",
         "tandem_workers",

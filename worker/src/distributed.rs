@@ -889,6 +889,9 @@ impl JobIo for RankIo<'_, '_> {
                 data_wait_s: rec.data_wait_s,
                 step_s: rec.step_s,
                 generation: g.generation,
+                forward_s: rec.forward_s,
+                backward_s: rec.backward_s,
+                optimizer_s: rec.optimizer_s,
             });
         }
         let every = self.job.elastic.checksum_every;

@@ -5,7 +5,7 @@
 //! worker train --config job.toml --set train.epochs=1 --set train.lr=3e-5
 //! TANDEM_TRAIN__BATCH_SIZE=16 worker train --config job.toml    # environment layer
 //! worker predict --model runs/rotten-tomatoes/model --text "a gem of a film"
-//! worker bench --preset minilm                                  # forward+backward tokens/s
+//! worker bench --preset minilm                                  # training-step tokens/s
 //! worker --coordinator http://127.0.0.1:29400                   # one rank of a distributed job
 //! ```
 //!
@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use worker::checkpoint;
 use worker::layout::Head;
-use worker::model::{Batch, DropoutCtx};
+use worker::model::Batch;
 use worker::tokenize::{collate, TextEncoder};
 
 #[derive(Parser)]
@@ -111,7 +111,8 @@ enum Cmd {
         #[arg(long, default_value_t = 128)]
         max_seq_len: usize,
     },
-    /// Time forward+backward passes on random tokens and print tokens/s.
+    /// Time the training step (forward, backward, clipping, AdamW) on random tokens; print
+    /// tokens/s and the time split as one JSON line.
     Bench {
         /// tiny (2 layers, hidden 128, vocab 30522) or minilm (the packaged checkpoint's shape).
         #[arg(long, default_value = "minilm")]
@@ -125,6 +126,9 @@ enum Cmd {
         /// Dropout on (training) or off.
         #[arg(long)]
         dropout: bool,
+        /// fp32, or bf16 (dense layers in bf16 with f32 accumulation).
+        #[arg(long, default_value = "fp32")]
+        precision: String,
     },
     /// On a machine with an NVIDIA GPU: run every CUDA kernel against its CPU twin on random
     /// inputs and print the table (scripts/gpu-check.sh). Exits 1 if any kernel fails.
@@ -134,7 +138,7 @@ enum Cmd {
         #[arg(long)]
         cuda_include: Option<String>,
     },
-    /// Time the CPU ring all-reduce between processes (run one per rank; see scripts/bench-ring.sh).
+    /// Time the CPU ring all-reduce between processes (run one per rank; see scripts/bench.py).
     BenchRing {
         #[arg(long)]
         rank: usize,
@@ -217,7 +221,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Predict { model, text, input, max_seq_len } => predict(&model, text, input, max_seq_len),
-        Cmd::Bench { preset, batch, seq, steps, dropout } => bench(&preset, batch, seq, steps, dropout),
+        Cmd::Bench { preset, batch, seq, steps, dropout, precision } => {
+            bench(&preset, batch, seq, steps, dropout, &precision)
+        }
         Cmd::BenchRing { rank, peers, sizes_mib, iters } => bench_ring(rank, &peers, &sizes_mib, iters),
         Cmd::GpuCheck { .. } => unreachable!("handled above"),
     }
@@ -247,11 +253,17 @@ fn predict(
     Ok(())
 }
 
-fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool) -> anyhow::Result<()> {
+fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool, precision: &str) -> anyhow::Result<()> {
+    use worker::engine::{self, Compute, Peers};
     let (layers, hidden, heads, inter) = match preset {
         "tiny" => (2, 128, 2, 512),
         "minilm" => (6, 384, 12, 1536),
         other => anyhow::bail!("unknown preset {other:?} (tiny, minilm)"),
+    };
+    let precision = match precision {
+        "fp32" => job::config::Precision::Fp32,
+        "bf16" => job::config::Precision::Bf16,
+        other => anyhow::bail!("unknown precision {other:?} (fp32, bf16)"),
     };
     let p = if dropout { 0.1 } else { 0.0 };
     let cfg = worker::bert_config::BertConfig::from_json_str(&format!(
@@ -259,7 +271,16 @@ fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool) -> anyho
             "intermediate_size": {inter}, "max_position_embeddings": 512, "type_vocab_size": 2,
             "hidden_dropout_prob": {p}, "attention_probs_dropout_prob": {p}, "pad_token_id": 0}}"#
     ))?;
-    let mut model = checkpoint::init_model(cfg, Head::Classification { num_labels: 2 }, 1);
+    let model = checkpoint::init_model(cfg, Head::Classification { num_labels: 2 }, 1);
+    let train = job::config::TrainSection { dropout, precision, ..Default::default() };
+    let opt = worker::optim::AdamW::new(
+        model.layout.total,
+        train.adam_beta1,
+        train.adam_beta2,
+        train.adam_eps,
+        train.weight_decay,
+    );
+    let mut engine = engine::open(&Compute::Cpu, model, opt, precision, Peers::Alone)?;
     let batch = Batch {
         b,
         t,
@@ -271,24 +292,44 @@ fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool) -> anyho
         example_ids: (0..b as u32).collect(),
         labels: (0..b as i64).map(|i| i % 2).collect(),
     };
-    let mut times = Vec::new();
-    for s in 0..steps + 1 {
+    // The training loop's own step (forward, backward, clipping, AdamW); the first is warm-up.
+    let mut reports = Vec::new();
+    for s in 0..steps as u64 + 1 {
         let start = Instant::now();
-        model.zero_grads()?;
-        let out = model.forward(&batch, Some(DropoutCtx { seed: 1, step: s as u32 }))?;
-        model.backward(&batch, 1.0 / out.count as f32)?;
+        let r = worker::train::optimizer_step(engine.as_mut(), std::slice::from_ref(&batch), b, &train, s, 1e-5)?;
         if s > 0 {
-            times.push(start.elapsed().as_secs_f64());
+            reports.push((start.elapsed().as_secs_f64(), r));
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = |f: &dyn Fn(&(f64, worker::train::StepReport)) -> f64| {
+        let mut v: Vec<f64> = reports.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let step_s = median(&|r| r.0);
     println!(
-        "{{\"impl\": \"tandem\", \"preset\": \"{preset}\", \"batch\": {b}, \"seq\": {t}, \"threads\": {}, \"step_s\": {median:.4}, \"tokens_per_s\": {:.1}}}",
-        rayon::current_num_threads(),
-        (b * t) as f64 / median
+        "{}",
+        serde_json::json!({
+            "impl": "tandem", "preset": preset, "batch": b, "seq": t, "precision": format!("{precision:?}").to_lowercase(),
+            "threads": rayon::current_num_threads(), "step_s": step_s,
+            "tokens_per_s": (b * t) as f64 / step_s,
+            "forward_s": median(&|r| r.1.forward.as_secs_f64()),
+            "backward_s": median(&|r| r.1.backward.as_secs_f64()),
+            "optimizer_s": median(&|r| r.1.optimizer.as_secs_f64()),
+            "peak_rss_mb": peak_rss_mb(),
+        })
     );
     Ok(())
+}
+
+/// This process's peak resident set (VmHWM in /proc/self/status), in MiB; 0 where unknown.
+fn peak_rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }
 
 fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {

@@ -54,6 +54,10 @@ pub struct StepReport {
     /// backward), and the part of it the step waited for after backward.
     pub allreduce: Duration,
     pub allreduce_wait: Duration,
+    /// This rank's time in forward passes, in backward passes, and in clipping and AdamW.
+    pub forward: Duration,
+    pub backward: Duration,
+    pub optimizer: Duration,
 }
 
 /// One optimizer step, as single-process and distributed training both run it, on any engine:
@@ -73,9 +77,14 @@ pub fn optimizer_step(
 ) -> anyhow::Result<StepReport> {
     engine.zero_grads()?;
     let (mut loss_sum, mut tokens) = (0.0, 0);
+    let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
     for (i, batch) in micro_batches.iter().enumerate() {
+        let started = Instant::now();
         let out = engine.forward(batch, Some(DropoutCtx { seed: t.seed, step: step as u32 }))?;
+        forward += started.elapsed();
+        let started = Instant::now();
         engine.backward(batch, 1.0 / global_count as f32, i + 1 == micro_batches.len())?;
+        backward += started.elapsed();
         loss_sum += out.loss_sum;
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
     }
@@ -86,9 +95,20 @@ pub fn optimizer_step(
         engine.sum_values(&mut values)?;
         (loss_sum, tokens) = (f64::from(values[0]), values[1] as usize);
     }
+    let started = Instant::now();
     let grad_norm = engine.clip_grad_norm(t.max_grad_norm as f32)?;
     engine.optimizer_step(lr)?;
-    Ok(StepReport { loss_sum, grad_norm, tokens, allreduce: sums.busy, allreduce_wait: sums.waited })
+    let optimizer = started.elapsed();
+    Ok(StepReport {
+        loss_sum,
+        grad_norm,
+        tokens,
+        allreduce: sums.busy,
+        allreduce_wait: sums.waited,
+        forward,
+        backward,
+        optimizer,
+    })
 }
 
 /// Tokenizes a labelled split.
@@ -368,6 +388,9 @@ fn train_step(
         allreduce_wait_s: r.allreduce_wait.as_secs_f64(),
         data_wait_s: data_wait.as_secs_f64(),
         step_s: started.elapsed().as_secs_f64(),
+        forward_s: r.forward.as_secs_f64(),
+        backward_s: r.backward.as_secs_f64(),
+        optimizer_s: r.optimizer.as_secs_f64(),
         time_s: 0.0,
     };
     io.step_done(engine, &rec, plan.total)?;
