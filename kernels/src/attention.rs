@@ -14,9 +14,13 @@
 //! against the keys of other segments are set to `f32::MIN` (after the padding is added), so
 //! each document attends only to itself, as a block-diagonal 4-D mask does in `transformers`.
 //!
-//! Q, K, V and O are head-major, `[B, NH, T, HD]`, so each (b, h) pair owns one contiguous
-//! block and runs as one task; [`split_heads`] and [`merge_heads`] convert from and to the
-//! `[B, T, C]` layout of the dense layers (`C = NH * HD`, head `h` in columns `h*HD..(h+1)*HD`).
+//! The batch is a list of sequences ([`Seqs`]): the CPU runs on unpadded batches (each example,
+//! or each packed document, its own sequence, as varlen attention does), a padded batch is `B`
+//! sequences of `T`. Q, K, V and O are head-major per sequence, `[S][NH, len, HD]` (for a padded
+//! batch `[B, NH, T, HD]`), so each (sequence, head) pair owns one contiguous block and runs as
+//! one task; [`split_heads`] and [`merge_heads`] convert from and to the `[N, C]` rows of the
+//! dense layers (`C = NH * HD`, head `h` in columns `h*HD..(h+1)*HD`). The probabilities are
+//! `[S][NH, len, len]`.
 //!
 //! Backward, with `dP' = dO V^T`: `dV += P'^T dO`; `dP = dropout_mask * dP'`;
 //! `dS = P * (dP - rowsum(P * dP))`; `dQ += scale * dS K`; `dK += scale * dS^T Q`.
@@ -24,9 +28,10 @@
 
 use crate::dropout::{mask_run, DropoutSpec, LogicalDims};
 use crate::matmul::{gemm, Mat};
+use crate::seqs::{blocks_mut, Seqs};
 use rayon::prelude::*;
 
-/// The shape of one attention call.
+/// The shape of one attention call on a padded batch (the GPU's launchers).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnDims {
     pub b: usize,
@@ -35,93 +40,121 @@ pub struct AttnDims {
     pub hd: usize,
 }
 
-/// Dropout on the attention probabilities: the spec, the dataset index of each example, and the
-/// logical extents that number the elements (`t_max = w_max = max_position_embeddings`).
+/// Heads and head size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadDims {
+    pub nh: usize,
+    pub hd: usize,
+}
+
+/// Dropout on the attention probabilities: the spec and the logical extents that number the
+/// elements (`t_max = w_max = max_position_embeddings`); each sequence's example id keys it.
 #[derive(Clone, Copy, Debug)]
-pub struct AttnDropout<'a> {
+pub struct AttnDropout {
     pub spec: DropoutSpec,
-    pub example_ids: &'a [u32],
     pub logical: LogicalDims,
 }
 
-/// `dst[b, h, t, d] = src[b, t, h * HD + d]`.
-pub fn split_heads(dst: &mut [f32], src: &[f32], d: AttnDims) {
-    let c = d.nh * d.hd;
-    assert!(dst.len() == d.b * d.t * c && src.len() == d.b * d.t * c, "split_heads: shapes");
-    dst.par_chunks_mut(d.t * d.hd).enumerate().for_each(|(bh, blk)| {
-        let (b, h) = (bh / d.nh, bh % d.nh);
-        for t in 0..d.t {
-            let s = (b * d.t + t) * c + h * d.hd;
-            blk[t * d.hd..(t + 1) * d.hd].copy_from_slice(&src[s..s + d.hd]);
-        }
-    });
+/// Each (sequence, head) block of a `[S][NH, len, HD]` tensor, in order.
+fn head_blocks<'a>(buf: &'a mut [f32], d: HeadDims, seqs: &Seqs<'_>) -> Vec<&'a mut [f32]> {
+    blocks_mut(buf, (0..seqs.count()).flat_map(|s| std::iter::repeat_n(seqs.len(s) * d.hd, d.nh)))
 }
 
-/// `dst[b, t, h * HD + d] = src[b, h, t, d]`.
-pub fn merge_heads(dst: &mut [f32], src: &[f32], d: AttnDims) {
-    let c = d.nh * d.hd;
-    assert!(dst.len() == d.b * d.t * c && src.len() == d.b * d.t * c, "merge_heads: shapes");
-    dst.par_chunks_mut(c).enumerate().for_each(|(bt, row)| {
-        let (b, t) = (bt / d.t, bt % d.t);
-        for h in 0..d.nh {
-            let s = ((b * d.nh + h) * d.t + t) * d.hd;
-            row[h * d.hd..(h + 1) * d.hd].copy_from_slice(&src[s..s + d.hd]);
-        }
-    });
+/// (sequence, head) of each block of [`head_blocks`].
+fn block_index(d: HeadDims, seqs: &Seqs<'_>) -> Vec<(usize, usize)> {
+    (0..seqs.count()).flat_map(|s| (0..d.nh).map(move |h| (s, h))).collect()
 }
 
-/// Backward of [`split_heads`]: `dsrc[b, t, h*HD + d] += ddst[b, h, t, d]`.
-pub fn split_heads_backward(dsrc: &mut [f32], ddst: &[f32], d: AttnDims) {
+/// `dst[s][h, t, d] = src[cu[s] + t, h * HD + d]`, or with `accumulate`, the backward of
+/// [`merge_heads`] (`+=`).
+fn to_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>, accumulate: bool) {
+    seqs.check();
     let c = d.nh * d.hd;
-    dsrc.par_chunks_mut(c).enumerate().for_each(|(bt, row)| {
-        let (b, t) = (bt / d.t, bt % d.t);
-        for h in 0..d.nh {
-            let s = ((b * d.nh + h) * d.t + t) * d.hd;
-            for (o, &g) in row[h * d.hd..(h + 1) * d.hd].iter_mut().zip(&ddst[s..s + d.hd]) {
-                *o += g;
+    assert!(dst.len() == seqs.tokens() * c && src.len() == seqs.tokens() * c, "split_heads: shapes");
+    let index = block_index(d, &seqs);
+    head_blocks(dst, d, &seqs).into_par_iter().zip(index).for_each(|(blk, (s, h))| {
+        for t in 0..seqs.len(s) {
+            let from = (seqs.cu[s] + t) * c + h * d.hd;
+            let (o, i) = (&mut blk[t * d.hd..(t + 1) * d.hd], &src[from..from + d.hd]);
+            if accumulate {
+                o.iter_mut().zip(i).for_each(|(o, &g)| *o += g);
+            } else {
+                o.copy_from_slice(i);
             }
         }
     });
 }
 
-/// Backward of [`merge_heads`]: `dsrc[b, h, t, d] += ddst[b, t, h*HD + d]`.
-pub fn merge_heads_backward(dsrc: &mut [f32], ddst: &[f32], d: AttnDims) {
+/// `dst[cu[s] + t, h * HD + d] = src[s][h, t, d]`, or with `accumulate`, the backward of
+/// [`split_heads`] (`+=`).
+fn from_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>, accumulate: bool) {
+    seqs.check();
     let c = d.nh * d.hd;
-    dsrc.par_chunks_mut(d.t * d.hd).enumerate().for_each(|(bh, blk)| {
-        let (b, h) = (bh / d.nh, bh % d.nh);
-        for t in 0..d.t {
-            let s = (b * d.t + t) * c + h * d.hd;
-            for (o, &g) in blk[t * d.hd..(t + 1) * d.hd].iter_mut().zip(&ddst[s..s + d.hd]) {
-                *o += g;
+    assert!(dst.len() == seqs.tokens() * c && src.len() == seqs.tokens() * c, "merge_heads: shapes");
+    let owner: Vec<usize> = (0..seqs.count()).flat_map(|s| std::iter::repeat_n(s, seqs.len(s))).collect();
+    dst.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+        let s = owner[r];
+        let (t, len) = (r - seqs.cu[s], seqs.len(s));
+        for h in 0..d.nh {
+            let from = (seqs.cu[s] * d.nh + h * len + t) * d.hd;
+            let (o, i) = (&mut row[h * d.hd..(h + 1) * d.hd], &src[from..from + d.hd]);
+            if accumulate {
+                o.iter_mut().zip(i).for_each(|(o, &g)| *o += g);
+            } else {
+                o.copy_from_slice(i);
             }
         }
     });
 }
 
-/// Which keys each query sees.
+/// `[N, NH*HD]` rows to head-major `[S][NH, len, HD]`.
+pub fn split_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>) {
+    to_heads(dst, src, d, seqs, false);
+}
+
+/// Head-major `[S][NH, len, HD]` back to `[N, NH*HD]` rows.
+pub fn merge_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>) {
+    from_heads(dst, src, d, seqs, false);
+}
+
+/// Backward of [`split_heads`]: accumulates into the `[N, C]` source's gradient.
+pub fn split_heads_backward(dsrc: &mut [f32], ddst: &[f32], d: HeadDims, seqs: Seqs<'_>) {
+    from_heads(dsrc, ddst, d, seqs, true);
+}
+
+/// Backward of [`merge_heads`]: accumulates into the head-major source's gradient.
+pub fn merge_heads_backward(dsrc: &mut [f32], ddst: &[f32], d: HeadDims, seqs: Seqs<'_>) {
+    to_heads(dsrc, ddst, d, seqs, true);
+}
+
+/// Which keys each query sees, besides its own sequence's.
 #[derive(Clone, Copy, Debug)]
 pub struct Mask<'a> {
-    /// `[B, T]`: added to every query's score of that key (0, or `f32::MIN` for padding).
+    /// `[N]`: added to every query's score of that key (0, or `f32::MIN` for padding); empty
+    /// when nothing is padded.
     pub add: &'a [f32],
-    /// `[B, T]`: each token's segment (document) in its row; empty for one segment per row.
+    /// `[N]`: each token's segment (document) in its sequence; empty for one segment each.
     pub segments: &'a [u32],
 }
 
-fn check(d: AttnDims, q: &[f32], k: &[f32], v: &[f32]) {
-    let n = d.b * d.nh * d.t * d.hd;
-    assert!(q.len() == n && k.len() == n && v.len() == n, "attention: q/k/v must be [B, NH, T, HD]");
+fn check(d: HeadDims, seqs: &Seqs<'_>, q: &[f32], k: &[f32], v: &[f32]) {
+    seqs.check();
+    let n = seqs.tokens() * d.nh * d.hd;
+    assert!(q.len() == n && k.len() == n && v.len() == n, "attention: q/k/v must be [S][NH, len, HD]");
 }
 
-/// Calls `f(j, multiplier)` for dropout's multipliers of row `i` (keys `0..t`) of head `h` of
-/// example `b`.
+/// Calls `f(j, multiplier)` for dropout's multipliers of query `i` (keys `0..len`) of head `h` of
+/// sequence `s`: the elements of its batch row, numbered by column.
 #[inline]
-fn drop_row(dr: &AttnDropout<'_>, b: usize, h: usize, i: usize, t: usize, f: impl FnMut(usize, f32)) {
-    let base = ((h * dr.logical.t_max + i) * dr.logical.w_max) as u64;
-    mask_run(&dr.spec, dr.example_ids[b], base, t, f);
+fn drop_row(dr: &AttnDropout, seqs: &Seqs<'_>, s: usize, h: usize, i: usize, f: impl FnMut(usize, f32)) {
+    let col = seqs.cols[s];
+    let base = ((h * dr.logical.t_max + col + i) * dr.logical.w_max + col) as u64;
+    mask_run(&dr.spec, seqs.example_ids[s], base, seqs.len(s), f);
 }
 
-/// Forward. `out: [B, NH, T, HD]`; `probs: [B, NH, T, T]`; `probs_drop` is `[B, NH, T, T]` when
-/// `dropout` is given with `p > 0`, otherwise empty.
+/// Forward. `out: [S][NH, len, HD]`; `probs: [S][NH, len, len]`; `probs_drop` is the same shape
+/// as `probs` when `dropout` is given with `p > 0`, otherwise empty.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
     probs: &mut [f32],
@@ -130,88 +163,74 @@ pub fn attention_forward(
     k: &[f32],
     v: &[f32],
     mask: Mask<'_>,
-    d: AttnDims,
-    dropout: Option<&AttnDropout<'_>>,
+    d: HeadDims,
+    seqs: Seqs<'_>,
+    dropout: Option<&AttnDropout>,
 ) {
-    check(d, q, k, v);
-    assert_eq!(mask.add.len(), d.b * d.t, "attention: mask must be [B, T]");
-    assert!(mask.segments.is_empty() || mask.segments.len() == d.b * d.t, "attention: segments must be [B, T]");
+    check(d, &seqs, q, k, v);
+    let n = seqs.tokens();
+    assert!(mask.add.is_empty() || mask.add.len() == n, "attention: mask must be [N]");
+    assert!(mask.segments.is_empty() || mask.segments.len() == n, "attention: segments must be [N]");
     let dropout = dropout.filter(|dr| dr.spec.p > 0.0);
-    let (tt, th) = (d.t * d.t, d.t * d.hd);
-    assert_eq!(out.len(), d.b * d.nh * th, "attention_forward: out must be [B, NH, T, HD]");
-    assert_eq!(probs.len(), d.b * d.nh * tt, "attention_forward: probs must be [B, NH, T, T]");
+    assert_eq!(out.len(), q.len(), "attention_forward: out must be [S][NH, len, HD]");
+    assert_eq!(probs.len(), seqs.probs_len(d.nh), "attention_forward: probs must be [S][NH, len, len]");
     if let Some(dr) = dropout {
-        assert_eq!(probs_drop.len(), probs.len(), "attention_forward: probs_drop must be [B, NH, T, T]");
-        assert!(dr.example_ids.len() == d.b && d.t <= dr.logical.t_max && d.t <= dr.logical.w_max);
+        assert_eq!(probs_drop.len(), probs.len(), "attention_forward: probs_drop must be probs' shape");
+        let max = (0..seqs.count()).map(|s| seqs.cols[s] + seqs.len(s)).max().unwrap_or(0);
+        assert!(max <= dr.logical.t_max && max <= dr.logical.w_max, "attention: rows exceed logical extents");
     }
     let scale = 1.0 / (d.hd as f32).sqrt();
-    let drop_blocks: Vec<Option<&mut [f32]>> = if dropout.is_some() {
-        probs_drop.chunks_mut(tt).map(Some).collect()
-    } else {
-        (0..d.b * d.nh).map(|_| None).collect()
+    let sq = |s: usize| seqs.len(s) * seqs.len(s);
+    let p_sizes = (0..seqs.count()).flat_map(|s| std::iter::repeat_n(sq(s), d.nh));
+    let p_blocks = blocks_mut(probs, p_sizes.clone());
+    let pd_blocks: Vec<Option<&mut [f32]>> = match dropout {
+        Some(_) => blocks_mut(probs_drop, p_sizes).into_iter().map(Some).collect(),
+        None => p_blocks.iter().map(|_| None).collect(),
     };
-    out.par_chunks_mut(th).zip(probs.par_chunks_mut(tt)).zip(drop_blocks.into_par_iter()).enumerate().for_each(
-        |(bh, ((o, p), pd))| {
-            let (b, h) = (bh / d.nh, bh % d.nh);
-            let (qs, ks, vs) = (&q[bh * th..(bh + 1) * th], &k[bh * th..(bh + 1) * th], &v[bh * th..(bh + 1) * th]);
-            let m = &mask.add[b * d.t..(b + 1) * d.t];
-            let segs = if mask.segments.is_empty() { None } else { Some(&mask.segments[b * d.t..(b + 1) * d.t]) };
-            gemm(
-                p,
-                d.t,
-                d.t,
-                d.hd,
-                Mat { data: qs, rs: d.hd, cs: 1 },
-                Mat { data: ks, rs: 1, cs: d.hd },
-                scale,
-                false,
-                false,
-            );
-            for (i, row) in p.chunks_mut(d.t).enumerate() {
-                let mut max = f32::NEG_INFINITY;
-                for (j, (s, &mk)) in row.iter_mut().zip(m).enumerate() {
-                    *s += mk;
-                    if segs.is_some_and(|sg| sg[j] != sg[i]) {
-                        *s = f32::MIN;
-                    }
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0f32;
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for s in row.iter_mut() {
-                    *s *= inv;
-                }
+    let index = block_index(d, &seqs);
+    let tasks = head_blocks(out, d, &seqs).into_iter().zip(p_blocks).zip(pd_blocks).zip(index);
+    tasks.collect::<Vec<_>>().into_par_iter().for_each(|(((o, p), pd), (s, h))| {
+        let (t, start) = (seqs.len(s), seqs.cu[s]);
+        let off = (start * d.nh + h * t) * d.hd;
+        let r = off..off + t * d.hd;
+        let (qs, ks, vs) = (&q[r.clone()], &k[r.clone()], &v[r]);
+        let m = (!mask.add.is_empty()).then(|| &mask.add[start..start + t]);
+        let segs = (!mask.segments.is_empty()).then(|| &mask.segments[start..start + t]);
+        gemm(p, t, t, d.hd, Mat { data: qs, rs: d.hd, cs: 1 }, Mat { data: ks, rs: 1, cs: d.hd }, scale, false, false);
+        for (i, row) in p.chunks_mut(t).enumerate() {
+            if let Some(m) = m {
+                row.iter_mut().zip(m).for_each(|(s, &mk)| *s += mk);
             }
-            let weights: &[f32] = match (dropout, pd) {
-                (Some(dr), Some(pd)) => {
-                    for i in 0..d.t {
-                        drop_row(dr, b, h, i, d.t, |j, m| pd[i * d.t + j] = p[i * d.t + j] * m);
-                    }
-                    pd
+            if let Some(sg) = segs {
+                row.iter_mut().zip(sg).filter(|(_, &g)| g != sg[i]).for_each(|(s, _)| *s = f32::MIN);
+            }
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+            let mut sum = 0.0f32;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
+        let weights: &[f32] = match (dropout, pd) {
+            (Some(dr), Some(pd)) => {
+                for i in 0..t {
+                    drop_row(dr, &seqs, s, h, i, |j, m| pd[i * t + j] = p[i * t + j] * m);
                 }
-                _ => p,
-            };
-            gemm(
-                o,
-                d.t,
-                d.hd,
-                d.t,
-                Mat { data: weights, rs: d.t, cs: 1 },
-                Mat { data: vs, rs: d.hd, cs: 1 },
-                1.0,
-                false,
-                false,
-            );
-        },
-    );
+                pd
+            }
+            _ => p,
+        };
+        gemm(o, t, d.hd, t, Mat { data: weights, rs: t, cs: 1 }, Mat { data: vs, rs: d.hd, cs: 1 }, 1.0, false, false);
+    });
 }
 
-/// Backward; accumulates into `dq`, `dk`, `dv` (all `[B, NH, T, HD]`). `probs`/`probs_drop` are
-/// the buffers saved by [`attention_forward`] with the same `dropout`.
+/// Backward; accumulates into `dq`, `dk`, `dv` (all `[S][NH, len, HD]`). `probs`/`probs_drop`
+/// are the buffers saved by [`attention_forward`] with the same `dropout`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
     dk: &mut [f32],
@@ -222,85 +241,55 @@ pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    d: AttnDims,
-    dropout: Option<&AttnDropout<'_>>,
+    d: HeadDims,
+    seqs: Seqs<'_>,
+    dropout: Option<&AttnDropout>,
 ) {
-    check(d, q, k, v);
+    check(d, &seqs, q, k, v);
     let dropout = dropout.filter(|dr| dr.spec.p > 0.0);
-    let (tt, th) = (d.t * d.t, d.t * d.hd);
-    let n = d.b * d.nh * th;
-    assert!(dq.len() == n && dk.len() == n && dv.len() == n && dout.len() == n, "attention_backward: [B, NH, T, HD]");
-    assert_eq!(probs.len(), d.b * d.nh * tt, "attention_backward: probs must be [B, NH, T, T]");
+    let n = q.len();
+    assert!(dq.len() == n && dk.len() == n && dv.len() == n && dout.len() == n, "attention_backward: [S][NH, len, HD]");
+    assert_eq!(probs.len(), seqs.probs_len(d.nh), "attention_backward: probs must be [S][NH, len, len]");
     if dropout.is_some() {
-        assert_eq!(probs_drop.len(), probs.len(), "attention_backward: probs_drop must be [B, NH, T, T]");
+        assert_eq!(probs_drop.len(), probs.len(), "attention_backward: probs_drop must be probs' shape");
     }
     let scale = 1.0 / (d.hd as f32).sqrt();
-    dq.par_chunks_mut(th).zip(dk.par_chunks_mut(th)).zip(dv.par_chunks_mut(th)).enumerate().for_each(
-        |(bh, ((dqs, dks), dvs))| {
-            let (b, h) = (bh / d.nh, bh % d.nh);
-            let r = bh * th..(bh + 1) * th;
+    let index = block_index(d, &seqs);
+    // Where each (sequence, head) block of the probabilities starts.
+    let mut p_off = Vec::with_capacity(index.len());
+    let mut at = 0;
+    for &(s, _) in &index {
+        p_off.push(at);
+        at += seqs.len(s) * seqs.len(s);
+    }
+    let tasks = head_blocks(dq, d, &seqs).into_iter().zip(head_blocks(dk, d, &seqs)).zip(head_blocks(dv, d, &seqs));
+    tasks.zip(index.into_iter().zip(p_off)).collect::<Vec<_>>().into_par_iter().for_each(
+        |(((dqs, dks), dvs), ((s, h), po))| {
+            let t = seqs.len(s);
+            let off = (seqs.cu[s] * d.nh + h * t) * d.hd;
+            let r = off..off + t * d.hd;
             let (qs, ks, vs, go) = (&q[r.clone()], &k[r.clone()], &v[r.clone()], &dout[r]);
-            let p = &probs[bh * tt..(bh + 1) * tt];
-            let weights = if dropout.is_some() { &probs_drop[bh * tt..(bh + 1) * tt] } else { p };
+            let p = &probs[po..po + t * t];
+            let weights = if dropout.is_some() { &probs_drop[po..po + t * t] } else { p };
             // dV += P'^T dO
-            gemm(
-                dvs,
-                d.t,
-                d.hd,
-                d.t,
-                Mat { data: weights, rs: 1, cs: d.t },
-                Mat { data: go, rs: d.hd, cs: 1 },
-                1.0,
-                true,
-                false,
-            );
+            gemm(dvs, t, d.hd, t, Mat { data: weights, rs: 1, cs: t }, Mat { data: go, rs: d.hd, cs: 1 }, 1.0, true, false);
             // dP' = dO V^T
-            let mut dp = vec![0.0f32; tt];
-            gemm(
-                &mut dp,
-                d.t,
-                d.t,
-                d.hd,
-                Mat { data: go, rs: d.hd, cs: 1 },
-                Mat { data: vs, rs: 1, cs: d.hd },
-                1.0,
-                false,
-                false,
-            );
+            let mut dp = vec![0.0f32; t * t];
+            gemm(&mut dp, t, t, d.hd, Mat { data: go, rs: d.hd, cs: 1 }, Mat { data: vs, rs: 1, cs: d.hd }, 1.0, false, false);
             if let Some(dr) = dropout {
-                for i in 0..d.t {
-                    drop_row(dr, b, h, i, d.t, |j, m| dp[i * d.t + j] *= m);
+                for i in 0..t {
+                    drop_row(dr, &seqs, s, h, i, |j, m| dp[i * t + j] *= m);
                 }
             }
             // dS = P * (dP - rowsum(P * dP)), reusing dp
-            for (prow, dprow) in p.chunks(d.t).zip(dp.chunks_mut(d.t)) {
+            for (prow, dprow) in p.chunks(t).zip(dp.chunks_mut(t)) {
                 let dot: f32 = prow.iter().zip(dprow.iter()).map(|(&a, &g)| a * g).sum();
                 for (g, &a) in dprow.iter_mut().zip(prow) {
                     *g = a * (*g - dot);
                 }
             }
-            gemm(
-                dqs,
-                d.t,
-                d.hd,
-                d.t,
-                Mat { data: &dp, rs: d.t, cs: 1 },
-                Mat { data: ks, rs: d.hd, cs: 1 },
-                scale,
-                true,
-                false,
-            );
-            gemm(
-                dks,
-                d.t,
-                d.hd,
-                d.t,
-                Mat { data: &dp, rs: 1, cs: d.t },
-                Mat { data: qs, rs: d.hd, cs: 1 },
-                scale,
-                true,
-                false,
-            );
+            gemm(dqs, t, d.hd, t, Mat { data: &dp, rs: t, cs: 1 }, Mat { data: ks, rs: d.hd, cs: 1 }, scale, true, false);
+            gemm(dks, t, d.hd, t, Mat { data: &dp, rs: 1, cs: t }, Mat { data: qs, rs: d.hd, cs: 1 }, scale, true, false);
         },
     );
 }

@@ -290,7 +290,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
         let dids = gpu.upload(&ids)?;
         device::dropout_apply(gpu, false, &mut dxx.as_view_mut(), &dids.as_view(), 1, t, c, logical, &spec)?;
         let mut want = x.clone();
-        dropout::dropout_forward(&mut want, &ids, 1, t, c, logical, &spec);
+        dropout::dropout_forward(&mut want, crate::seqs::SeqsBuf::regular(t, &ids).view(), c, logical, &spec);
         let got = gpu.download(&dxx)?;
         let mismatched = got.iter().zip(&want).filter(|(a, b)| (**a == 0.0) != (**b == 0.0)).count();
         let mut row = compare("dropout_forward_f32", &got, &want, TOL);
@@ -477,7 +477,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
 
     // Attention forward and backward with padding, packed segments and dropout on the probabilities.
     {
-        use crate::attention::{self, AttnDims, AttnDropout};
+        use crate::attention::{self, AttnDims, AttnDropout, HeadDims};
         use crate::device::{self, DeviceAttnDropout};
         let d = AttnDims { b: 4, nh: 12, t: 128, hd: 64 };
         let (bh, tt, th) = (d.b * d.nh, d.t * d.t, d.t * d.hd);
@@ -512,10 +512,11 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             d,
             Some(&ddrop),
         )?;
-        let cdrop = AttnDropout { spec, example_ids: &ids, logical };
+        let cdrop = AttnDropout { spec, logical };
+        let (hdims, seqs) = (HeadDims { nh: d.nh, hd: d.hd }, crate::seqs::SeqsBuf::regular(d.t, &ids));
         let (mut out, mut p, mut pd) = (vec![0.0; bh * th], vec![0.0; bh * tt], vec![0.0; bh * tt]);
         let cmask = attention::Mask { add: &mask, segments: &segs };
-        attention::attention_forward(&mut out, &mut p, &mut pd, &q, &k, &v, cmask, d, Some(&cdrop));
+        attention::attention_forward(&mut out, &mut p, &mut pd, &q, &k, &v, cmask, hdims, seqs.view(), Some(&cdrop));
         rows.push(compare("attention_forward (probs)", &gpu.download(&d_p)?, &p, TOL));
         rows.push(compare("attention_forward (out, dropout)", &gpu.download(&d_out)?, &out, TOL));
 
@@ -539,7 +540,8 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             Some(&ddrop),
         )?;
         let (mut wq, mut wk, mut wv) = (g0.clone(), g1.clone(), g2.clone());
-        attention::attention_backward(&mut wq, &mut wk, &mut wv, &dout, &p, &pd, &q, &k, &v, d, Some(&cdrop));
+        let (w, sv) = (&mut wq, seqs.view());
+        attention::attention_backward(w, &mut wk, &mut wv, &dout, &p, &pd, &q, &k, &v, hdims, sv, Some(&cdrop));
         rows.push(compare("attention_backward (dq)", &gpu.download(&dgq)?, &wq, TOL));
         rows.push(compare("attention_backward (dk)", &gpu.download(&dgk)?, &wk, TOL));
         rows.push(compare("attention_backward (dv)", &gpu.download(&dgv)?, &wv, TOL));

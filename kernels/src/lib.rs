@@ -29,5 +29,6 @@ pub mod layernorm;
 pub mod matmul;
 
 pub mod residual;
+pub mod seqs;
 pub mod tanh;
 pub mod tolerance;

@@ -10,7 +10,8 @@
 //! (a dropped term, a transposed operand) is off by O(1) and fails by orders of magnitude; the
 //! largest error seen is printed.
 
-use kernels::attention::{self, AttnDims, AttnDropout};
+use kernels::attention::{self, AttnDropout, HeadDims};
+use kernels::seqs::SeqsBuf;
 use kernels::dropout::{self, DropoutSpec, LogicalDims};
 use kernels::{crossentropy, embedding, gather, gelu, layernorm, matmul, residual, tanh};
 use philox::normal;
@@ -183,95 +184,171 @@ fn crossentropy_gradients_with_ignored_rows() {
     assert!((f64::from(losses[0]) - (lse - f64::from(z[3]))).abs() < 1e-5);
 }
 
-/// `segments`: `[B, T]` segment ids, or empty.
-fn attention_case(d: AttnDims, valid: &[usize], p_drop: f32, segments: &[u32]) {
-    let n = d.b * d.nh * d.t * d.hd;
+/// Attention's gradients by finite differences over `seqs` (a padded batch when `mask` marks
+/// padding), `segments`: `[N]` segment ids, or empty.
+fn attention_case(d: HeadDims, seqs: &SeqsBuf, mask: &[f32], p_drop: f32, segments: &[u32]) {
+    let sv = seqs.view();
+    let n = sv.tokens() * d.nh * d.hd;
     let (q, k, v, r) = (randn(n, 17, 1.0), randn(n, 18, 1.0), randn(n, 19, 1.0), randn(n, 20, 1.0));
-    let mut mask = vec![0.0f32; d.b * d.t];
-    for b in 0..d.b {
-        for t in valid[b]..d.t {
-            mask[b * d.t + t] = f32::MIN;
-        }
-    }
-    let ids: Vec<u32> = (0..d.b as u32).map(|i| 100 + 3 * i).collect();
     let dr = AttnDropout {
         spec: DropoutSpec { p: p_drop, seed: 5, step: 2, site: 7 },
-        example_ids: &ids,
         logical: LogicalDims { t_max: 32, w_max: 32 },
     };
-    let pp = d.b * d.nh * d.t * d.t;
+    let pp = sv.probs_len(d.nh);
     let drop_len = if p_drop > 0.0 { pp } else { 0 };
     let fwd = |q: &[f32], k: &[f32], v: &[f32]| {
         let (mut out, mut probs, mut pd) = (vec![0.0; n], vec![0.0; pp], vec![0.0; drop_len]);
-        let m = attention::Mask { add: &mask, segments };
-        attention::attention_forward(&mut out, &mut probs, &mut pd, q, k, v, m, d, Some(&dr));
+        let m = attention::Mask { add: mask, segments };
+        attention::attention_forward(&mut out, &mut probs, &mut pd, q, k, v, m, d, sv, Some(&dr));
         dot(&out, &r)
     };
     let (mut out, mut probs, mut pd) = (vec![0.0; n], vec![0.0; pp], vec![0.0; drop_len]);
-    let m = attention::Mask { add: &mask, segments };
-    attention::attention_forward(&mut out, &mut probs, &mut pd, &q, &k, &v, m, d, Some(&dr));
+    let m = attention::Mask { add: mask, segments };
+    attention::attention_forward(&mut out, &mut probs, &mut pd, &q, &k, &v, m, d, sv, Some(&dr));
     // Padded keys, and keys of another segment, get exactly zero weight.
-    for b in 0..d.b {
-        for (r, row) in probs[b * d.nh * d.t * d.t..(b + 1) * d.nh * d.t * d.t].chunks(d.t).enumerate() {
-            assert!(row[valid[b]..].iter().all(|&x| x == 0.0));
-            if !segments.is_empty() {
-                let seg = |j: usize| segments[b * d.t + j];
-                assert!((0..d.t).all(|j| seg(j) == seg(r % d.t) || row[j] == 0.0), "a key of another segment");
+    let mut at = 0;
+    for s in 0..sv.count() {
+        let (t, start) = (sv.len(s), sv.cu[s]);
+        for (r, row) in probs[at..at + d.nh * t * t].chunks(t).enumerate() {
+            let i = r % t;
+            for j in 0..t {
+                let padded = mask.get(start + j).is_some_and(|&x| x != 0.0);
+                let other = !segments.is_empty() && segments[start + j] != segments[start + i];
+                assert!(!(padded || other) || row[j] == 0.0, "a padded key or a key of another segment");
             }
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         }
+        at += d.nh * t * t;
     }
     let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    attention::attention_backward(&mut dq, &mut dk, &mut dv, &r, &probs, &pd, &q, &k, &v, d, Some(&dr));
-    let tag = format!("attention(b{} nh{} t{} hd{} p{p_drop})", d.b, d.nh, d.t, d.hd);
+    attention::attention_backward(&mut dq, &mut dk, &mut dv, &r, &probs, &pd, &q, &k, &v, d, sv, Some(&dr));
+    let tag = format!("attention(seqs {:?} nh{} hd{} p{p_drop})", seqs.cu, d.nh, d.hd);
     check(&format!("{tag}.dq"), &q, &dq, 80, |x| fwd(x, &k, &v));
     check(&format!("{tag}.dk"), &k, &dk, 80, |x| fwd(&q, x, &v));
     check(&format!("{tag}.dv"), &v, &dv, 80, |x| fwd(&q, &k, x));
 }
 
+/// A padded batch of `valid.len()` rows of `t` and its additive mask.
+fn padded(t: usize, valid: &[usize]) -> (SeqsBuf, Vec<f32>) {
+    let ids: Vec<u32> = (0..valid.len() as u32).map(|i| 100 + 3 * i).collect();
+    let mask = (0..valid.len() * t).map(|i| if i % t < valid[i / t] { 0.0 } else { f32::MIN }).collect();
+    (SeqsBuf::regular(t, &ids), mask)
+}
+
+/// Sequences of these lengths, unpadded.
+fn ragged(lens: &[usize]) -> SeqsBuf {
+    let mut cu = vec![0];
+    for &l in lens {
+        cu.push(cu.last().unwrap() + l);
+    }
+    SeqsBuf { cu, cols: vec![0; lens.len()], example_ids: (0..lens.len() as u32).map(|i| 100 + 3 * i).collect() }
+}
+
 #[test]
 fn attention_gradients_with_padding_and_dropout() {
-    attention_case(AttnDims { b: 1, nh: 1, t: 4, hd: 3 }, &[4], 0.0, &[]);
-    attention_case(AttnDims { b: 2, nh: 3, t: 7, hd: 4 }, &[7, 3], 0.0, &[]);
-    attention_case(AttnDims { b: 3, nh: 2, t: 16, hd: 8 }, &[16, 9, 1], 0.0, &[]);
-    attention_case(AttnDims { b: 2, nh: 3, t: 7, hd: 4 }, &[5, 7], 0.3, &[]);
-    attention_case(AttnDims { b: 3, nh: 2, t: 16, hd: 8 }, &[2, 16, 11], 0.1, &[]);
+    let hd = |nh, hd| HeadDims { nh, hd };
+    for (d, t, valid, p) in [
+        (hd(1, 3), 4, vec![4], 0.0),
+        (hd(3, 4), 7, vec![7, 3], 0.0),
+        (hd(2, 8), 16, vec![16, 9, 1], 0.0),
+        (hd(3, 4), 7, vec![5, 7], 0.3),
+        (hd(2, 8), 16, vec![2, 16, 11], 0.1),
+    ] {
+        let (seqs, mask) = padded(t, &valid);
+        attention_case(d, &seqs, &mask, p, &[]);
+        // The same examples unpadded: each sequence as long as its example.
+        attention_case(d, &ragged(&valid), &[], p, &[]);
+    }
 }
 
 #[test]
 fn attention_gradients_with_packed_segments() {
     // Row 0: documents of 3 and 4 tokens; row 1: 2, 2, then padding (in the last segment).
     let segs = [0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1];
-    attention_case(AttnDims { b: 2, nh: 2, t: 7, hd: 4 }, &[7, 4], 0.0, &segs);
-    attention_case(AttnDims { b: 2, nh: 2, t: 7, hd: 4 }, &[7, 4], 0.2, &segs);
+    let (seqs, mask) = padded(7, &[7, 4]);
+    attention_case(HeadDims { nh: 2, hd: 4 }, &seqs, &mask, 0.0, &segs);
+    attention_case(HeadDims { nh: 2, hd: 4 }, &seqs, &mask, 0.2, &segs);
+}
+
+#[test]
+fn unpadded_attention_is_the_real_rows_of_padded_attention() {
+    // The same examples padded (with the mask) and unpadded, dropout on: every real query's
+    // output and every real key's gradient agree. The output gradient is zero at padded rows, as
+    // in the model (a padded row feeds only padded rows, which no loss reads).
+    let (d, t, valid) = (HeadDims { nh: 3, hd: 8 }, 12, [12usize, 5, 1, 9]);
+    let (pad, mask) = padded(t, &valid);
+    let rag = ragged(&valid);
+    let dr = AttnDropout { spec: DropoutSpec { p: 0.2, seed: 3, step: 8, site: 1 }, logical: LogicalDims { t_max: 32, w_max: 32 } };
+    let c = d.nh * d.hd;
+    // [N, C] rows, the padded batch's real rows being the unpadded batch's.
+    let np = pad.view().tokens() * c;
+    let real: Vec<usize> = (0..valid.len() * t).filter(|&i| i % t < valid[i / t]).collect();
+    let mut gp = randn(np, 43, 1.0);
+    for i in (0..valid.len() * t).filter(|i| !real.contains(i)) {
+        gp[i * c..(i + 1) * c].fill(0.0);
+    }
+    let xp = [randn(np, 40, 1.0), randn(np, 41, 1.0), randn(np, 42, 1.0), gp];
+    let unpad = |x: &[f32]| -> Vec<f32> { real.iter().flat_map(|&i| x[i * c..(i + 1) * c].to_vec()).collect() };
+    let run = |seqs: &SeqsBuf, rows: [Vec<f32>; 4], mask: &[f32]| {
+        let sv = seqs.view();
+        let n = sv.tokens() * c;
+        let heads = |x: &[f32]| {
+            let mut o = vec![0.0; n];
+            attention::split_heads(&mut o, x, d, sv);
+            o
+        };
+        let (q, k, v) = (heads(&rows[0]), heads(&rows[1]), heads(&rows[2]));
+        let pp = sv.probs_len(d.nh);
+        let (mut out, mut probs, mut pd) = (vec![0.0; n], vec![0.0; pp], vec![0.0; pp]);
+        let m = attention::Mask { add: mask, segments: &[] };
+        attention::attention_forward(&mut out, &mut probs, &mut pd, &q, &k, &v, m, d, sv, Some(&dr));
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let dout = heads(&rows[3]);
+        attention::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &probs, &pd, &q, &k, &v, d, sv, Some(&dr));
+        [out, dq, dk, dv].map(|h| {
+            let mut o = vec![0.0; n];
+            attention::merge_heads(&mut o, &h, d, sv);
+            o
+        })
+    };
+    let padded_out = run(&pad, xp.clone(), &mask);
+    let unpadded_out = run(&rag, xp.map(|x| unpad(&x)), &[]);
+    for (name, (p, u)) in ["out", "dq", "dk", "dv"].iter().zip(padded_out.iter().zip(&unpadded_out)) {
+        let p = unpad(p);
+        let err = p.iter().zip(u).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-5, "{name}: padded and unpadded differ by {err}");
+    }
 }
 
 #[test]
 fn head_permutes_and_gather_are_adjoint() {
-    let d = AttnDims { b: 2, nh: 3, t: 5, hd: 4 };
-    let n = d.b * d.nh * d.t * d.hd;
-    let (x, r) = (randn(n, 21, 1.0), randn(n, 22, 1.0));
-    let split_loss = |x: &[f32]| {
-        let mut o = vec![0.0; n];
-        attention::split_heads(&mut o, x, d);
-        dot(&o, &r)
-    };
-    let mut dx = vec![0.0; n];
-    attention::split_heads_backward(&mut dx, &r, d);
-    check("split_heads", &x, &dx, n, split_loss);
-    let merge_loss = |x: &[f32]| {
-        let mut o = vec![0.0; n];
-        attention::merge_heads(&mut o, x, d);
-        dot(&o, &r)
-    };
-    let mut dx = vec![0.0; n];
-    attention::merge_heads_backward(&mut dx, &r, d);
-    check("merge_heads", &x, &dx, n, merge_loss);
-    // merge undoes split.
-    let (mut s, mut m) = (vec![0.0; n], vec![0.0; n]);
-    attention::split_heads(&mut s, &x, d);
-    attention::merge_heads(&mut m, &s, d);
-    assert_eq!(m, x);
+    let d = HeadDims { nh: 3, hd: 4 };
+    for seqs in [SeqsBuf::regular(5, &[0, 1]), ragged(&[3, 1, 6, 0, 2])] {
+        let sv = seqs.view();
+        let n = sv.tokens() * d.nh * d.hd;
+        let (x, r) = (randn(n, 21, 1.0), randn(n, 22, 1.0));
+        let split_loss = |x: &[f32]| {
+            let mut o = vec![0.0; n];
+            attention::split_heads(&mut o, x, d, sv);
+            dot(&o, &r)
+        };
+        let mut dx = vec![0.0; n];
+        attention::split_heads_backward(&mut dx, &r, d, sv);
+        check("split_heads", &x, &dx, n, split_loss);
+        let merge_loss = |x: &[f32]| {
+            let mut o = vec![0.0; n];
+            attention::merge_heads(&mut o, x, d, sv);
+            dot(&o, &r)
+        };
+        let mut dx = vec![0.0; n];
+        attention::merge_heads_backward(&mut dx, &r, d, sv);
+        check("merge_heads", &x, &dx, n, merge_loss);
+        // merge undoes split.
+        let (mut s, mut m) = (vec![0.0; n], vec![0.0; n]);
+        attention::split_heads(&mut s, &x, d, sv);
+        attention::merge_heads(&mut m, &s, d, sv);
+        assert_eq!(m, x);
+    }
 
     let (rows, c) = ([4usize, 0, 4, 2], 6);
     let (inp, r) = (randn(5 * c, 23, 1.0), randn(rows.len() * c, 24, 1.0));
@@ -294,10 +371,10 @@ fn dropout_backward_is_its_own_mask() {
     let (x, r) = (randn(b * t * w, 25, 1.0), randn(b * t * w, 26, 1.0));
     let loss = |x: &[f32]| {
         let mut o = x.to_vec();
-        dropout::dropout_forward(&mut o, &ids, 1, t, w, logical, &spec);
+        dropout::dropout_forward(&mut o, SeqsBuf::regular(t, &ids).view(), w, logical, &spec);
         dot(&o, &r)
     };
     let mut dx = r.clone();
-    dropout::dropout_backward(&mut dx, &ids, 1, t, w, logical, &spec);
+    dropout::dropout_backward(&mut dx, SeqsBuf::regular(t, &ids).view(), w, logical, &spec);
     check("dropout", &x, &dx, b * t * w, loss);
 }

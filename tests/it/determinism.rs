@@ -163,15 +163,15 @@ fn a_packed_row_computes_each_document_as_its_own_row() {
     let sep = m.last_hidden().to_vec();
     let want: Vec<f32> = [&sep[..5 * c], &sep[t * c..(t + 4) * c]].concat();
     m.forward(&packed, None).unwrap();
-    let rel = kernels::tolerance::rel_error(m.last_hidden(), &want);
+    let rel = kernels::tolerance::rel_error(&m.last_hidden(), &want);
     assert!(rel < 1e-5, "packed documents differ from separate rows: relative error {rel}");
     // Without the segments (or the positions) the documents see each other: the test can tell.
     let mut unsegmented = packed.clone();
     unsegmented.segment_ids.clear();
     m.forward(&unsegmented, None).unwrap();
-    assert!(kernels::tolerance::rel_error(m.last_hidden(), &want) > 1e-3);
+    assert!(kernels::tolerance::rel_error(&m.last_hidden(), &want) > 1e-3);
     let mut unpositioned = packed;
     unpositioned.position_ids.clear();
     m.forward(&unpositioned, None).unwrap();
-    assert!(kernels::tolerance::rel_error(m.last_hidden(), &want) > 1e-3);
+    assert!(kernels::tolerance::rel_error(&m.last_hidden(), &want) > 1e-3);
 }

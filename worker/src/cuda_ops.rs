@@ -14,7 +14,7 @@
 use crate::bert_config::BertConfig;
 use crate::layout::Layout;
 use crate::model::Model;
-use crate::ops::{self, AttnDrop, Heads, Inputs, Ops, Param};
+use crate::ops::{self, AttnDropout, Heads, Inputs, Ops, Param};
 use crate::optim::AdamW;
 use anyhow::Context;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
@@ -201,7 +201,16 @@ impl Ops for Cuda {
         Ok(())
     }
 
+    /// The GPU runs padded batches: `B` sequences of `T`, padding masked in attention.
     fn inputs(&self, x: Inputs) -> anyhow::Result<DevInputs> {
+        anyhow::ensure!(
+            x.tokens() == x.b * x.t && x.seqs == kernels::seqs::SeqsBuf::regular(x.t, &x.example_ids),
+            "the GPU's ops take a padded batch ({} tokens in {} sequences for {}x{})",
+            x.tokens(),
+            x.example_ids.len(),
+            x.b,
+            x.t
+        );
         let rows: Vec<i64> = x.rows.iter().map(|&r| r as i64).collect();
         Ok(DevInputs {
             ids: self.up(&x.input_ids)?,
@@ -356,7 +365,7 @@ impl Ops for Cuda {
         }
     }
 
-    fn heads(&self, op: Heads, dst: &mut DevBuf, src: &DevBuf, d: AttnDims) -> anyhow::Result<()> {
+    fn heads(&self, op: Heads, dst: &mut DevBuf, src: &DevBuf, _x: &DevInputs, d: AttnDims) -> anyhow::Result<()> {
         let kernel = match op {
             Heads::Split => "split_heads_f32",
             Heads::Merge => "merge_heads_f32",
@@ -375,7 +384,7 @@ impl Ops for Cuda {
         [q, k, v]: [&DevBuf; 3],
         x: &DevInputs,
         d: AttnDims,
-        dropout: Option<AttnDrop>,
+        dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()> {
         let (exv, add) = (x.example_ids.slice(0..d.b), x.mask.slice(0..d.b * d.t));
         let segs = x.segments.as_ref().map(|s| s.slice(0..d.b * d.t));
@@ -396,7 +405,7 @@ impl Ops for Cuda {
         [q, k, v]: [&DevBuf; 3],
         x: &DevInputs,
         d: AttnDims,
-        dropout: Option<AttnDrop>,
+        dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()> {
         let mut scratch = self.scratch.borrow_mut();
         self.shape(&mut scratch, d.b * d.nh * d.t * d.t)?;
@@ -413,12 +422,13 @@ impl Ops for Cuda {
         &self,
         buf: &mut DevBuf,
         x: &DevInputs,
-        t: usize,
+        rows: ops::DropRows,
         w: usize,
         logical: LogicalDims,
         spec: &DropoutSpec,
         backward: bool,
     ) -> anyhow::Result<()> {
+        let t = if rows == ops::DropRows::Tokens { x.host.t } else { 1 };
         let exv = x.example_ids.slice(0..x.host.b);
         device::dropout_apply(&self.gpu, backward, &mut buf.view_mut(), &exv, 1, t, w, logical, spec)?;
         Ok(())

@@ -20,10 +20,11 @@
 
 use crate::bert_config::BertConfig;
 use crate::layout::{Head, Layout};
-use crate::ops::{AttnDrop, Cpu, Heads, Inputs, Ops, Param};
+use crate::ops::{AttnDropout, Cpu, DropRows, Heads, Inputs, Ops, Param};
 use crate::ModelError;
 use job::config::Precision;
 use kernels::attention::AttnDims;
+use kernels::seqs::SeqsBuf;
 use kernels::crossentropy;
 use kernels::dropout::{DropoutSpec, LogicalDims};
 use std::ops::Range;
@@ -197,12 +198,21 @@ impl Bert {
         Model::with_params(Cpu, cfg, layout, params).expect("the CPU's ops do not fail")
     }
 
-    /// The final hidden states `[B*T, C]` of the last forward.
-    pub fn last_hidden(&self) -> &[f32] {
-        match self.acts.layers.last() {
+    /// The final hidden states `[B*T, C]` of the last forward, zero at padding.
+    pub fn last_hidden(&self) -> Vec<f32> {
+        let h = match self.acts.layers.last() {
             Some(l) => &l.ln2,
             None => &self.acts.x0,
+        };
+        let Some(x) = self.inputs.as_ref().filter(|x| !x.padded_at.is_empty()) else {
+            return h.clone();
+        };
+        let c = self.cfg.hidden_size;
+        let mut out = vec![0.0; x.b * x.t * c];
+        for (row, &at) in x.padded_at.iter().enumerate() {
+            out[at * c..(at + 1) * c].copy_from_slice(&h[row * c..(row + 1) * c]);
         }
+        out
     }
 
     /// The per-target losses of the last forward (0 for ignored targets).
@@ -280,6 +290,8 @@ impl<O: Ops> Model<O> {
             segment_ids: batch.segment_ids.clone(),
             mask_add: batch.attention_mask.iter().map(|&m| if m != 0 { 0.0 } else { f32::MIN }).collect(),
             example_ids: batch.example_ids.clone(),
+            seqs: SeqsBuf::regular(t, &batch.example_ids),
+            padded_at: Vec::new(),
             rows,
             targets,
         }
@@ -387,8 +399,9 @@ impl<'a, O: Ops> Pass<'a, O> {
         O::host_inputs(self.x)
     }
 
+    /// Token rows (the batch's real tokens where the ops unpad).
     fn bt(&self) -> usize {
-        self.host().b * self.host().t
+        self.host().tokens()
     }
 
     fn dims(&self) -> AttnDims {
@@ -400,9 +413,9 @@ impl<'a, O: Ops> Pass<'a, O> {
         self.lay.range(name)
     }
 
-    /// Hidden-state dropout at `site` (forward, or its `backward`) on `buf: [B, t, C]`, if the
+    /// Hidden-state dropout at `site` (forward, or its `backward`) on `buf: [rows, C]`, if the
     /// pass has one there.
-    fn drop(&self, buf: &mut O::Buf, site: DropoutSite, t: usize, backward: bool) -> anyhow::Result<()> {
+    fn drop(&self, buf: &mut O::Buf, site: DropoutSite, rows: DropRows, backward: bool) -> anyhow::Result<()> {
         let p = match site {
             DropoutSite::Classifier { .. } => self.cfg.classifier_dropout_prob(),
             _ => self.cfg.hidden_dropout_prob,
@@ -410,13 +423,13 @@ impl<'a, O: Ops> Pass<'a, O> {
         let Some(spec) = DropoutCtx::spec(self.dropout, site, p) else { return Ok(()) };
         let c = self.cfg.hidden_size;
         let logical = LogicalDims { t_max: self.cfg.max_position_embeddings, w_max: c };
-        self.o.dropout(buf, self.x, t, c, logical, &spec, backward)
+        self.o.dropout(buf, self.x, rows, c, logical, &spec, backward)
     }
 
-    fn attn_drop(&self, l: usize) -> Option<AttnDrop> {
+    fn attn_drop(&self, l: usize) -> Option<AttnDropout> {
         let t_max = self.cfg.max_position_embeddings;
         DropoutCtx::spec(self.dropout, DropoutSite::AttentionProbs(l), self.cfg.attention_probs_dropout_prob)
-            .map(|spec| AttnDrop { spec, logical: LogicalDims { t_max, w_max: t_max } })
+            .map(|spec| AttnDropout { spec, logical: LogicalDims { t_max, w_max: t_max } })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -465,12 +478,12 @@ impl<'a, O: Ops> Pass<'a, O> {
         let (w, b) = (self.r("embeddings.LayerNorm.weight"), self.r("embeddings.LayerNorm.bias"));
         let eps = self.cfg.layer_norm_eps as f32;
         o.layernorm_forward(&mut a.x0, &mut a.emb_mean, &mut a.emb_rstd, &a.emb_sum, self.p, w, b, bt, c, eps)?;
-        self.drop(&mut a.x0, DropoutSite::Embeddings, self.host().t, false)
+        self.drop(&mut a.x0, DropoutSite::Embeddings, DropRows::Tokens, false)
     }
 
     fn layer_forward(&self, a: &mut Acts<O::Buf>, l: usize) -> anyhow::Result<()> {
         let (o, p, cfg) = (self.o, self.p, self.cfg);
-        let (bt, c, inter, t) = (self.bt(), cfg.hidden_size, cfg.intermediate_size, self.host().t);
+        let (bt, c, inter) = (self.bt(), cfg.hidden_size, cfg.intermediate_size);
         let (eps, dims, lp) = (cfg.layer_norm_eps as f32, self.dims(), self.lay.layer(l));
         let (prev, rest) = a.layers.split_at_mut(l);
         let la = &mut rest[0];
@@ -480,18 +493,18 @@ impl<'a, O: Ops> Pass<'a, O> {
         {
             self.dense(&mut a.tmp, x, w.clone(), bias.clone(), bt, c, c)?;
             o.shape(dst, bt * c)?;
-            o.heads(Heads::Split, dst, &a.tmp, dims)?;
+            o.heads(Heads::Split, dst, &a.tmp, self.x, dims)?;
         }
-        let probs_n = dims.b * dims.nh * t * t;
+        let probs_n = self.host().probs_len(dims.nh);
         let drop = self.attn_drop(l);
         o.shape(&mut la.probs, probs_n)?;
         o.shape(&mut la.probs_drop, if drop.is_some() { probs_n } else { 0 })?;
         let qkv = [&la.qh, &la.kh, &la.vh];
         o.attention_forward(&mut a.tmp2, &mut la.probs, &mut la.probs_drop, qkv, self.x, dims, drop)?;
         o.shape(&mut la.ctx, bt * c)?;
-        o.heads(Heads::Merge, &mut la.ctx, &a.tmp2, dims)?;
+        o.heads(Heads::Merge, &mut la.ctx, &a.tmp2, self.x, dims)?;
         self.dense(&mut a.tmp, &la.ctx, lp.ao_w.clone(), lp.ao_b.clone(), bt, c, c)?;
-        self.drop(&mut a.tmp, DropoutSite::AttentionOutput(l), t, false)?;
+        self.drop(&mut a.tmp, DropoutSite::AttentionOutput(l), DropRows::Tokens, false)?;
         o.shape(&mut la.res1, bt * c)?;
         o.residual_forward(&mut la.res1, &a.tmp, x)?;
         o.shape(&mut la.ln1, bt * c)?;
@@ -504,7 +517,7 @@ impl<'a, O: Ops> Pass<'a, O> {
         self.dense(&mut la.inter, &la.ln1, lp.i_w.clone(), lp.i_b.clone(), bt, c, inter)?;
         o.gelu_forward(&mut la.act, &la.inter)?;
         self.dense(&mut a.tmp, &la.act, lp.o_w.clone(), lp.o_b.clone(), bt, inter, c)?;
-        self.drop(&mut a.tmp, DropoutSite::FeedForwardOutput(l), t, false)?;
+        self.drop(&mut a.tmp, DropoutSite::FeedForwardOutput(l), DropRows::Tokens, false)?;
         o.shape(&mut la.res2, bt * c)?;
         o.residual_forward(&mut la.res2, &a.tmp, &la.ln1)?;
         o.shape(&mut la.ln2, bt * c)?;
@@ -541,7 +554,7 @@ impl<'a, O: Ops> Pass<'a, O> {
                     self.dense(&mut a.head_pre, &a.head_in, w, b, rows_n, c, c)?;
                     o.tanh_forward(&mut a.head_act, &a.head_pre)?;
                     o.copy(&mut a.head_out, &a.head_act)?;
-                    self.drop(&mut a.head_out, DropoutSite::Classifier { layers: nl }, 1, false)?;
+                    self.drop(&mut a.head_out, DropoutSite::Classifier { layers: nl }, DropRows::Head, false)?;
                     let (w, b) = (self.r("classifier.weight"), self.r("classifier.bias"));
                     self.dense(&mut a.logits, &a.head_out, w, b, rows_n, c, num_labels)?;
                 }
@@ -589,7 +602,7 @@ impl<'a, O: Ops> Pass<'a, O> {
             Head::Classification { num_labels } => {
                 let (w, b) = (self.r("classifier.weight"), self.r("classifier.bias"));
                 self.dense_back(&mut s.d_head_a, g, &s.d_logits, &a.head_out, w, Some(b), rows_n, c, num_labels)?;
-                self.drop(&mut s.d_head_a, DropoutSite::Classifier { layers: nl }, 1, true)?;
+                self.drop(&mut s.d_head_a, DropoutSite::Classifier { layers: nl }, DropRows::Head, true)?;
                 o.tanh_backward(&mut s.d_head_b, &a.head_act, &s.d_head_a)?;
                 let (w, b) = (self.r("pooler.dense.weight"), self.r("pooler.dense.bias"));
                 self.dense_back(&mut s.d_head_c, g, &s.d_head_b, &a.head_in, w, Some(b), rows_n, c, c)?;
@@ -622,7 +635,7 @@ impl<'a, O: Ops> Pass<'a, O> {
         l: usize,
     ) -> anyhow::Result<()> {
         let (o, p, cfg) = (self.o, self.p, self.cfg);
-        let (bt, c, inter, t) = (self.bt(), cfg.hidden_size, cfg.intermediate_size, self.host().t);
+        let (bt, c, inter) = (self.bt(), cfg.hidden_size, cfg.intermediate_size);
         let (dims, lp, la) = (self.dims(), self.lay.layer(l), &a.layers[l]);
         let x = if l == 0 { &a.x0 } else { &a.layers[l - 1].ln2 };
 
@@ -631,7 +644,7 @@ impl<'a, O: Ops> Pass<'a, O> {
         o.layernorm_backward(&mut s.d_res, g, &s.dy, &la.res2, p, ln, &la.ln2_mean, &la.ln2_rstd, bt, c)?;
         o.copy(&mut s.d_ln1, &s.d_res)?;
         o.copy(&mut s.d_tmp, &s.d_res)?;
-        self.drop(&mut s.d_tmp, DropoutSite::FeedForwardOutput(l), t, true)?;
+        self.drop(&mut s.d_tmp, DropoutSite::FeedForwardOutput(l), DropRows::Tokens, true)?;
         o.zero(&mut s.d_act)?;
         self.dense_back(&mut s.d_act, g, &s.d_tmp, &la.act, lp.o_w.clone(), Some(lp.o_b.clone()), bt, inter, c)?;
         o.zero(&mut s.d_inter)?;
@@ -643,11 +656,11 @@ impl<'a, O: Ops> Pass<'a, O> {
         o.layernorm_backward(&mut s.d_res, g, &s.d_ln1, &la.res1, p, ln, &la.ln1_mean, &la.ln1_rstd, bt, c)?;
         o.copy(&mut s.dx, &s.d_res)?;
         o.copy(&mut s.d_tmp, &s.d_res)?;
-        self.drop(&mut s.d_tmp, DropoutSite::AttentionOutput(l), t, true)?;
+        self.drop(&mut s.d_tmp, DropoutSite::AttentionOutput(l), DropRows::Tokens, true)?;
         o.zero(&mut s.d_ctx)?;
         self.dense_back(&mut s.d_ctx, g, &s.d_tmp, &la.ctx, lp.ao_w.clone(), Some(lp.ao_b.clone()), bt, c, c)?;
         o.zero(&mut s.d_ctxh)?;
-        o.heads(Heads::MergeBackward, &mut s.d_ctxh, &s.d_ctx, dims)?;
+        o.heads(Heads::MergeBackward, &mut s.d_ctxh, &s.d_ctx, self.x, dims)?;
         o.zero(&mut s.dqh)?;
         o.zero(&mut s.dkh)?;
         o.zero(&mut s.dvh)?;
@@ -663,7 +676,7 @@ impl<'a, O: Ops> Pass<'a, O> {
             [(&s.dqh, &lp.q_w, Some(&lp.q_b)), (&s.dkh, &lp.k_w, None), (&s.dvh, &lp.v_w, Some(&lp.v_b))]
         {
             o.zero(&mut s.d_tmp)?;
-            o.heads(Heads::SplitBackward, &mut s.d_tmp, dh, dims)?;
+            o.heads(Heads::SplitBackward, &mut s.d_tmp, dh, self.x, dims)?;
             self.dense_back(&mut s.dx, g, &s.d_tmp, x, w.clone(), bias.cloned(), bt, c, c)?;
         }
         Ok(())
@@ -672,7 +685,7 @@ impl<'a, O: Ops> Pass<'a, O> {
     /// `s.dy` holds the gradient of `x0`.
     fn embeddings_backward(&self, a: &Acts<O::Buf>, s: &mut GradScratch<O::Buf>, g: &mut O::Buf) -> anyhow::Result<()> {
         let (o, bt, c) = (self.o, self.bt(), self.cfg.hidden_size);
-        self.drop(&mut s.dy, DropoutSite::Embeddings, self.host().t, true)?;
+        self.drop(&mut s.dy, DropoutSite::Embeddings, DropRows::Tokens, true)?;
         o.zero(&mut s.d_res)?;
         let ln = [self.r("embeddings.LayerNorm.weight"), self.r("embeddings.LayerNorm.bias")];
         o.layernorm_backward(&mut s.d_res, g, &s.dy, &a.emb_sum, self.p, ln, &a.emb_mean, &a.emb_rstd, bt, c)?;

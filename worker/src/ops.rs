@@ -10,8 +10,10 @@
 //! buffer `g` (the [`Layout`](crate::layout::Layout)'s).
 
 use job::config::Precision;
-use kernels::attention::{self, AttnDims, AttnDropout};
+pub use kernels::attention::AttnDropout;
+use kernels::attention::{self, AttnDims, HeadDims};
 use kernels::dropout::{self, DropoutSpec, LogicalDims};
+use kernels::seqs::SeqsBuf;
 use kernels::{crossentropy, embedding, gather, gelu, layernorm, matmul, residual, tanh};
 use std::borrow::Cow;
 use std::ops::Range;
@@ -20,26 +22,36 @@ use std::ops::Range;
 pub type Param = Range<usize>;
 
 /// What a batch gives the ops besides activations, on the host: the tokens, where each sits,
-/// which tokens each attends to, and the head's targets.
+/// which tokens each attends to, and the head's targets. The model builds them padded (`B`
+/// sequences of `T` tokens, as the batch comes); an implementation may keep only the real tokens
+/// ([`Inputs::unpadded`], the CPU's), so that every op runs on `N` token rows.
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
+    /// The batch's padded shape.
     pub b: usize,
     pub t: usize,
-    /// `[B*T]` each.
+    /// `[N]` each.
     pub input_ids: Vec<u32>,
     pub token_type_ids: Vec<u32>,
     /// Each token's position (its index in the row unless the batch packs several documents
     /// into one row).
     pub position_ids: Vec<u32>,
-    /// Each token's document within its row: a query attends only to keys of its own segment
-    /// (and never to padding). Empty: one segment per row.
+    /// `[N]`: each token's document within its sequence: a query attends only to keys of its
+    /// own segment (and never to padding). Empty: one segment per sequence.
     pub segment_ids: Vec<u32>,
-    /// 0 for a real token, `f32::MIN` for padding: added to every score of that key.
+    /// `[N]`: 0 for a real token, `f32::MIN` for padding, added to every score of that key.
+    /// Empty: nothing is padded.
     pub mask_add: Vec<f32>,
-    /// `[B]`: each example's index in its dataset, which keys its dropout masks.
+    /// `[B]`: each batch row's dataset index, which keys its dropout masks (the head's too).
     pub example_ids: Vec<u32>,
-    /// The rows of the final hidden states that the head reads (`[CLS]`, or the masked tokens),
-    /// and each one's target class.
+    /// Which tokens form each sequence, and each sequence's dataset index (its row's) and column
+    /// in its batch row.
+    pub seqs: SeqsBuf,
+    /// `[N]`: each token row's index in the padded `[B*T]` batch. Empty: the rows are the padded
+    /// batch's.
+    pub padded_at: Vec<usize>,
+    /// The token rows that the head reads (`[CLS]`, or the masked tokens), and each one's
+    /// target class.
     pub rows: Vec<usize>,
     pub targets: Vec<i64>,
 }
@@ -49,6 +61,83 @@ impl Inputs {
     pub fn counted(&self) -> usize {
         self.targets.iter().filter(|&&t| t != crossentropy::IGNORE_INDEX).count()
     }
+
+    /// Token rows.
+    pub fn tokens(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Elements of one layer's attention probabilities.
+    pub fn probs_len(&self, nh: usize) -> usize {
+        self.seqs.view().probs_len(nh)
+    }
+
+    /// The same batch with only its real tokens: each row's real tokens (each packed document's,
+    /// where the row has segments) become a sequence of their own, so that dense layers skip the
+    /// padding and attention runs per sequence (varlen). Dropout masks stay those of the padded
+    /// batch: a sequence keeps its row's example id and its column in the row. Each row's real
+    /// tokens must come first (right padding).
+    pub fn unpadded(self) -> anyhow::Result<Inputs> {
+        let (b, t) = (self.b, self.t);
+        if self.mask_add.is_empty() && self.segment_ids.is_empty() {
+            return Ok(self);
+        }
+        let real = |i: usize| self.mask_add.get(i).is_none_or(|&m| m == 0.0);
+        let mut keep = Vec::with_capacity(b * t);
+        let mut new_index = vec![usize::MAX; b * t];
+        let mut seqs = SeqsBuf::default();
+        for row in 0..b {
+            let ex = self.example_ids[row];
+            for j in 0..t {
+                let i = row * t + j;
+                if !real(i) {
+                    continue;
+                }
+                anyhow::ensure!(j == 0 || real(i - 1), "batch row {row}: a real token after padding (pad on the right)");
+                let seg = self.segment_ids.get(i);
+                if j == 0 || seg != self.segment_ids.get(i - 1) {
+                    seqs.cu.push(keep.len());
+                    seqs.cols.push(j);
+                    seqs.example_ids.push(ex);
+                }
+                new_index[i] = keep.len();
+                keep.push(i);
+            }
+        }
+        seqs.cu.push(keep.len());
+        let rows = self
+            .rows
+            .iter()
+            .map(|&r| match new_index[r] {
+                usize::MAX => anyhow::bail!("the head reads token {r}, which is padding"),
+                n => Ok(n),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let pick = |v: &[u32]| keep.iter().map(|&i| v[i]).collect::<Vec<u32>>();
+        Ok(Inputs {
+            b,
+            t,
+            input_ids: pick(&self.input_ids),
+            token_type_ids: pick(&self.token_type_ids),
+            position_ids: pick(&self.position_ids),
+            segment_ids: Vec::new(),
+            mask_add: Vec::new(),
+            example_ids: self.example_ids,
+            seqs,
+            padded_at: keep,
+            rows,
+            targets: self.targets,
+        })
+    }
+}
+
+/// The rows a hidden-state dropout runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropRows {
+    /// The token rows (`[N, C]`), by sequence.
+    Tokens,
+    /// The head's rows, one per sequence (the pooled `[CLS]` of a classifier).
+    Head,
 }
 
 /// The four permutes between `[B, T, NH*HD]` and `[B, NH, T, HD]`.
@@ -60,13 +149,6 @@ pub enum Heads {
     SplitBackward,
     /// Accumulates the gradient of `Merge`'s source.
     MergeBackward,
-}
-
-/// Dropout on attention probabilities: the mask's spec and its logical shape.
-#[derive(Clone, Copy, Debug)]
-pub struct AttnDrop {
-    pub spec: DropoutSpec,
-    pub logical: LogicalDims,
 }
 
 /// The ops of BERT's training step on one device. Every op may fail (a GPU launch can); the CPU's
@@ -170,10 +252,12 @@ pub trait Ops {
         precision: Precision,
     ) -> anyhow::Result<()>;
 
-    fn heads(&self, op: Heads, dst: &mut Self::Buf, src: &Self::Buf, d: AttnDims) -> anyhow::Result<()>;
-    /// Scaled dot-product attention over `[B, NH, T, HD]`, each query seeing the keys of its own
-    /// segment that are not padding (`x`); `probs_drop` holds the dropped-out probabilities
-    /// when there is `dropout` (else it is empty).
+    /// Between the `[N, C]` token rows and the head-major layout of `x`'s sequences.
+    fn heads(&self, op: Heads, dst: &mut Self::Buf, src: &Self::Buf, x: &Self::Inputs, d: AttnDims)
+        -> anyhow::Result<()>;
+    /// Scaled dot-product attention over `x`'s sequences, head-major, each query seeing the keys
+    /// of its own sequence and segment that are not padding; `probs_drop` holds the dropped-out
+    /// probabilities when there is `dropout` (else it is empty). `d` is the padded batch's shape.
     fn attention_forward(
         &self,
         out: &mut Self::Buf,
@@ -182,7 +266,7 @@ pub trait Ops {
         qkv: [&Self::Buf; 3],
         x: &Self::Inputs,
         d: AttnDims,
-        dropout: Option<AttnDrop>,
+        dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()>;
     fn attention_backward(
         &self,
@@ -193,15 +277,15 @@ pub trait Ops {
         qkv: [&Self::Buf; 3],
         x: &Self::Inputs,
         d: AttnDims,
-        dropout: Option<AttnDrop>,
+        dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()>;
 
-    /// Dropout (or its backward) in place on `buf: [B, T, W]`, keyed by the examples' ids.
+    /// Dropout (or its backward) in place on `buf: [rows, W]`, keyed by the examples' ids.
     fn dropout(
         &self,
         buf: &mut Self::Buf,
         x: &Self::Inputs,
-        t: usize,
+        rows: DropRows,
         w: usize,
         logical: LogicalDims,
         spec: &DropoutSpec,
@@ -296,10 +380,6 @@ fn cpu_f32(precision: Precision) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn attn_dropout<'a>(dropout: &Option<AttnDrop>, x: &'a Inputs) -> Option<AttnDropout<'a>> {
-    dropout.map(|d| AttnDropout { spec: d.spec, example_ids: &x.example_ids, logical: d.logical })
-}
-
 impl Ops for Cpu {
     type Buf = Vec<f32>;
     type Inputs = Inputs;
@@ -334,7 +414,7 @@ impl Ops for Cpu {
     }
 
     fn inputs(&self, x: Inputs) -> anyhow::Result<Inputs> {
-        Ok(x)
+        x.unpadded()
     }
 
     fn host_inputs(x: &Inputs) -> &Inputs {
@@ -350,7 +430,7 @@ impl Ops for Cpu {
         c: usize,
     ) -> anyhow::Result<()> {
         let (ids, types, pos) = (&x.input_ids, &x.token_type_ids, &x.position_ids);
-        embedding::embedding_forward(out, ids, types, pos, &p[wte], &p[wpe], &p[wtt], x.b, x.t, c);
+        embedding::embedding_forward(out, ids, types, pos, &p[wte], &p[wpe], &p[wtt], 1, x.tokens(), c);
         Ok(())
     }
 
@@ -365,7 +445,7 @@ impl Ops for Cpu {
     ) -> anyhow::Result<()> {
         let [dte, dpe, dtt] = disjoint_mut(g, tables);
         let (ids, types, pos) = (&x.input_ids, &x.token_type_ids, &x.position_ids);
-        embedding::embedding_backward(dte, dpe, dtt, dout, ids, types, pos, pad, x.b, x.t, c);
+        embedding::embedding_backward(dte, dpe, dtt, dout, ids, types, pos, pad, 1, x.tokens(), c);
         Ok(())
     }
 
@@ -441,12 +521,13 @@ impl Ops for Cpu {
         Ok(())
     }
 
-    fn heads(&self, op: Heads, dst: &mut Vec<f32>, src: &Vec<f32>, d: AttnDims) -> anyhow::Result<()> {
+    fn heads(&self, op: Heads, dst: &mut Vec<f32>, src: &Vec<f32>, x: &Inputs, d: AttnDims) -> anyhow::Result<()> {
+        let (hd, seqs) = (HeadDims { nh: d.nh, hd: d.hd }, x.seqs.view());
         match op {
-            Heads::Split => attention::split_heads(dst, src, d),
-            Heads::Merge => attention::merge_heads(dst, src, d),
-            Heads::SplitBackward => attention::split_heads_backward(dst, src, d),
-            Heads::MergeBackward => attention::merge_heads_backward(dst, src, d),
+            Heads::Split => attention::split_heads(dst, src, hd, seqs),
+            Heads::Merge => attention::merge_heads(dst, src, hd, seqs),
+            Heads::SplitBackward => attention::split_heads_backward(dst, src, hd, seqs),
+            Heads::MergeBackward => attention::merge_heads_backward(dst, src, hd, seqs),
         }
         Ok(())
     }
@@ -459,11 +540,11 @@ impl Ops for Cpu {
         [q, k, v]: [&Vec<f32>; 3],
         x: &Inputs,
         d: AttnDims,
-        dropout: Option<AttnDrop>,
+        dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()> {
-        let drop = attn_dropout(&dropout, x);
-        let mask = attention::Mask { add: &x.mask_add, segments: &x.segment_ids };
-        attention::attention_forward(out, probs, probs_drop, q, k, v, mask, d, drop.as_ref());
+                let mask = attention::Mask { add: &x.mask_add, segments: &x.segment_ids };
+        let hd = HeadDims { nh: d.nh, hd: d.hd };
+        attention::attention_forward(out, probs, probs_drop, q, k, v, mask, hd, x.seqs.view(), dropout.as_ref());
         Ok(())
     }
 
@@ -476,10 +557,10 @@ impl Ops for Cpu {
         [q, k, v]: [&Vec<f32>; 3],
         x: &Inputs,
         d: AttnDims,
-        dropout: Option<AttnDrop>,
+        dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()> {
-        let drop = attn_dropout(&dropout, x);
-        attention::attention_backward(dq, dk, dv, dout, probs, probs_drop, q, k, v, d, drop.as_ref());
+        let hd = HeadDims { nh: d.nh, hd: d.hd };
+        attention::attention_backward(dq, dk, dv, dout, probs, probs_drop, q, k, v, hd, x.seqs.view(), dropout.as_ref());
         Ok(())
     }
 
@@ -487,15 +568,23 @@ impl Ops for Cpu {
         &self,
         buf: &mut Vec<f32>,
         x: &Inputs,
-        t: usize,
+        rows: DropRows,
         w: usize,
         logical: LogicalDims,
         spec: &DropoutSpec,
         backward: bool,
     ) -> anyhow::Result<()> {
+        let head;
+        let seqs = match rows {
+            DropRows::Tokens => x.seqs.view(),
+            DropRows::Head => {
+                head = SeqsBuf::regular(1, &x.example_ids);
+                head.view()
+            }
+        };
         match backward {
-            false => dropout::dropout_forward(buf, &x.example_ids, 1, t, w, logical, spec),
-            true => dropout::dropout_backward(buf, &x.example_ids, 1, t, w, logical, spec),
+            false => dropout::dropout_forward(buf, seqs, w, logical, spec),
+            true => dropout::dropout_backward(buf, seqs, w, logical, spec),
         }
         Ok(())
     }
