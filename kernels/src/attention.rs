@@ -272,10 +272,30 @@ pub fn attention_backward(
             let p = &probs[po..po + t * t];
             let weights = if dropout.is_some() { &probs_drop[po..po + t * t] } else { p };
             // dV += P'^T dO
-            gemm(dvs, t, d.hd, t, Mat { data: weights, rs: 1, cs: t }, Mat { data: go, rs: d.hd, cs: 1 }, 1.0, true, false);
+            gemm(
+                dvs,
+                t,
+                d.hd,
+                t,
+                Mat { data: weights, rs: 1, cs: t },
+                Mat { data: go, rs: d.hd, cs: 1 },
+                1.0,
+                true,
+                false,
+            );
             // dP' = dO V^T
             let mut dp = vec![0.0f32; t * t];
-            gemm(&mut dp, t, t, d.hd, Mat { data: go, rs: d.hd, cs: 1 }, Mat { data: vs, rs: 1, cs: d.hd }, 1.0, false, false);
+            gemm(
+                &mut dp,
+                t,
+                t,
+                d.hd,
+                Mat { data: go, rs: d.hd, cs: 1 },
+                Mat { data: vs, rs: 1, cs: d.hd },
+                1.0,
+                false,
+                false,
+            );
             if let Some(dr) = dropout {
                 for i in 0..t {
                     drop_row(dr, &seqs, s, h, i, |j, m| dp[i * t + j] *= m);
@@ -288,8 +308,28 @@ pub fn attention_backward(
                     *g = a * (*g - dot);
                 }
             }
-            gemm(dqs, t, d.hd, t, Mat { data: &dp, rs: t, cs: 1 }, Mat { data: ks, rs: d.hd, cs: 1 }, scale, true, false);
-            gemm(dks, t, d.hd, t, Mat { data: &dp, rs: 1, cs: t }, Mat { data: qs, rs: d.hd, cs: 1 }, scale, true, false);
+            gemm(
+                dqs,
+                t,
+                d.hd,
+                t,
+                Mat { data: &dp, rs: t, cs: 1 },
+                Mat { data: ks, rs: d.hd, cs: 1 },
+                scale,
+                true,
+                false,
+            );
+            gemm(
+                dks,
+                t,
+                d.hd,
+                t,
+                Mat { data: &dp, rs: 1, cs: t },
+                Mat { data: qs, rs: d.hd, cs: 1 },
+                scale,
+                true,
+                false,
+            );
         },
     );
 }

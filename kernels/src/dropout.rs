@@ -13,8 +13,8 @@
 //! Backward multiplies the incoming gradient by the very same mask, regenerated rather than
 //! stored, so forward and backward are one function.
 
-use philox::{key_from_seed, philox4x32_10, u32_to_unit_f32};
 use crate::seqs::{blocks_mut, Seqs};
+use philox::{key_from_seed, philox4x32_10, u32_to_unit_f32};
 use rayon::prelude::*;
 
 /// Where a dropout mask comes from. `site` separates the dropout layers of one network.

@@ -11,8 +11,8 @@
 //! largest error seen is printed.
 
 use kernels::attention::{self, AttnDropout, HeadDims};
-use kernels::seqs::SeqsBuf;
 use kernels::dropout::{self, DropoutSpec, LogicalDims};
+use kernels::seqs::SeqsBuf;
 use kernels::{crossentropy, embedding, gather, gelu, layernorm, matmul, residual, tanh};
 use philox::normal;
 
@@ -278,7 +278,10 @@ fn unpadded_attention_is_the_real_rows_of_padded_attention() {
     let (d, t, valid) = (HeadDims { nh: 3, hd: 8 }, 12, [12usize, 5, 1, 9]);
     let (pad, mask) = padded(t, &valid);
     let rag = ragged(&valid);
-    let dr = AttnDropout { spec: DropoutSpec { p: 0.2, seed: 3, step: 8, site: 1 }, logical: LogicalDims { t_max: 32, w_max: 32 } };
+    let dr = AttnDropout {
+        spec: DropoutSpec { p: 0.2, seed: 3, step: 8, site: 1 },
+        logical: LogicalDims { t_max: 32, w_max: 32 },
+    };
     let c = d.nh * d.hd;
     // [N, C] rows, the padded batch's real rows being the unpadded batch's.
     let np = pad.view().tokens() * c;

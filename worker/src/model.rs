@@ -24,9 +24,9 @@ use crate::ops::{AttnDropout, Cpu, DropRows, Heads, Inputs, Ops, Param};
 use crate::ModelError;
 use job::config::Precision;
 use kernels::attention::AttnDims;
-use kernels::seqs::SeqsBuf;
 use kernels::crossentropy;
 use kernels::dropout::{DropoutSpec, LogicalDims};
+use kernels::seqs::SeqsBuf;
 use std::ops::Range;
 
 /// One padded batch. `t` is the padded length; `labels` has one entry per example for

@@ -93,7 +93,10 @@ impl Inputs {
                 if !real(i) {
                     continue;
                 }
-                anyhow::ensure!(j == 0 || real(i - 1), "batch row {row}: a real token after padding (pad on the right)");
+                anyhow::ensure!(
+                    j == 0 || real(i - 1),
+                    "batch row {row}: a real token after padding (pad on the right)"
+                );
                 let seg = self.segment_ids.get(i);
                 if j == 0 || seg != self.segment_ids.get(i - 1) {
                     seqs.cu.push(keep.len());
@@ -253,8 +256,14 @@ pub trait Ops {
     ) -> anyhow::Result<()>;
 
     /// Between the `[N, C]` token rows and the head-major layout of `x`'s sequences.
-    fn heads(&self, op: Heads, dst: &mut Self::Buf, src: &Self::Buf, x: &Self::Inputs, d: AttnDims)
-        -> anyhow::Result<()>;
+    fn heads(
+        &self,
+        op: Heads,
+        dst: &mut Self::Buf,
+        src: &Self::Buf,
+        x: &Self::Inputs,
+        d: AttnDims,
+    ) -> anyhow::Result<()>;
     /// Scaled dot-product attention over `x`'s sequences, head-major, each query seeing the keys
     /// of its own sequence and segment that are not padding; `probs_drop` holds the dropped-out
     /// probabilities when there is `dropout` (else it is empty). `d` is the padded batch's shape.
@@ -542,7 +551,7 @@ impl Ops for Cpu {
         d: AttnDims,
         dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()> {
-                let mask = attention::Mask { add: &x.mask_add, segments: &x.segment_ids };
+        let mask = attention::Mask { add: &x.mask_add, segments: &x.segment_ids };
         let hd = HeadDims { nh: d.nh, hd: d.hd };
         attention::attention_forward(out, probs, probs_drop, q, k, v, mask, hd, x.seqs.view(), dropout.as_ref());
         Ok(())
@@ -560,7 +569,20 @@ impl Ops for Cpu {
         dropout: Option<AttnDropout>,
     ) -> anyhow::Result<()> {
         let hd = HeadDims { nh: d.nh, hd: d.hd };
-        attention::attention_backward(dq, dk, dv, dout, probs, probs_drop, q, k, v, hd, x.seqs.view(), dropout.as_ref());
+        attention::attention_backward(
+            dq,
+            dk,
+            dv,
+            dout,
+            probs,
+            probs_drop,
+            q,
+            k,
+            v,
+            hd,
+            x.seqs.view(),
+            dropout.as_ref(),
+        );
         Ok(())
     }
 
