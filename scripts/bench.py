@@ -180,10 +180,11 @@ class Bench:
     def ring(self):
         sizes = "1,16,64,256"
 
-        def ours():
+        def ours(transport="auto"):
             addrs = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
             env = dict(os.environ, RAYON_NUM_THREADS="1")
-            base = [str(WORKER), "bench-ring", "--peers", addrs, "--sizes-mib", sizes, "--iters", "5"]
+            base = [str(WORKER), "bench-ring", "--peers", addrs, "--sizes-mib", sizes, "--iters", "5",
+                    "--transport", transport]
             peer = subprocess.Popen(base + ["--rank", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env=env, cwd=ROOT)
             p = subprocess.run(base + ["--rank", "0"], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -196,7 +197,7 @@ class Bench:
             return [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
 
         for pair in range(self.a.pairs):
-            order = [("tandem", ours), ("pytorch", theirs)]
+            order = [("tandem", ours), ("tandem-tcp", lambda: ours("tcp")), ("pytorch", theirs)]
             if pair % 2:
                 order.reverse()
             for impl, fn in order:
@@ -276,14 +277,18 @@ class Bench:
             print(f"(pytorch attention: {attn}; its backward includes DDP's overlapped all-reduce)")
         keys = sorted({r["key"] for r in self.rows if r["section"] == "ring"}, key=lambda k: int(k.split()[0]))
         if keys:
-            print("\nAll-reduce alone, 2 local processes, bus bandwidth GB/s (2(N-1)/N x bytes / time)")
-            print(f"{'size':8} {'tandem':>8} {'pytorch gloo':>13} {'ratio':>6}")
+            print("\nAll-reduce alone, 2 local processes, bus bandwidth GB/s (2(N-1)/N x bytes / time);")
+            print("tandem moves the data through shared memory, tandem-tcp over loopback TCP")
+            print(f"{'size':8} {'tandem':>8} {'tandem-tcp':>11} {'pytorch gloo':>13} {'ratio':>6} {'tcp ratio':>10}")
+            med = lambda v: statistics.median(v) if v else float("nan")
             for key in keys:
                 o = self.values("ring", key, "tandem", "bus_gb_per_s")
+                c = self.values("ring", key, "tandem-tcp", "bus_gb_per_s")
                 t = self.values("ring", key, "pytorch", "bus_gb_per_s")
                 r = [o[p] / t[p] for p in o if p in t and t[p] > 0]
-                med = lambda v: statistics.median(v) if v else float("nan")
-                print(f"{key:8} {med(list(o.values())):>8.2f} {med(list(t.values())):>13.2f} {med(r):>6.2f}")
+                rc = [c[p] / t[p] for p in c if p in t and t[p] > 0]
+                print(f"{key:8} {med(list(o.values())):>8.2f} {med(list(c.values())):>11.2f} "
+                      f"{med(list(t.values())):>13.2f} {med(r):>6.2f} {med(rc):>10.2f}")
 
 
 def main():

@@ -177,7 +177,7 @@ impl Default for CheckpointSection {
     }
 }
 
-/// Failure detection and recovery (the torchrun-elastic knobs). None of these change what a step
+/// Failure detection and recovery (the torchrun-elastic knobs), and the ring's transport. None of these change what a step
 /// computes, so a resumed job may change them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -196,6 +196,9 @@ pub struct ElasticSection {
     pub progress_timeout_s: f64,
     /// Every ring read and write, and ring setup, gives up after this long.
     pub collective_timeout_s: f64,
+    /// How CPU ring neighbours move gradients: `auto` (shared memory between workers on one host,
+    /// TCP otherwise) or `tcp` (always TCP). Either sums the same bits.
+    pub ring_transport: RingTransport,
     /// After a failure, how long the coordinator waits for at least `min_workers` to rejoin, and
     /// how long a worker keeps trying to reach its coordinator, before giving up.
     pub rejoin_timeout_s: f64,
@@ -215,11 +218,21 @@ impl Default for ElasticSection {
             heartbeat_timeout_s: 15.0,
             progress_timeout_s: 1800.0,
             collective_timeout_s: 300.0,
+            ring_transport: RingTransport::Auto,
             rejoin_timeout_s: 600.0,
             last_call_s: 30.0,
             checksum_every: 100,
         }
     }
+}
+
+/// See [`ElasticSection::ring_transport`].
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RingTransport {
+    #[default]
+    Auto,
+    Tcp,
 }
 
 impl ElasticSection {
@@ -403,5 +416,39 @@ impl JobConfig {
 
     pub fn tokenizer_path(&self) -> PathBuf {
         self.model.tokenizer.clone().unwrap_or_else(|| self.model.path.join("tokenizer.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str, toml: &str, set: &[&str]) -> Result<JobConfig, String> {
+        let path = std::env::temp_dir().join(format!("tandem-config-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        let r = JobConfig::load(Some(&path), &set).map_err(|e| e.to_string());
+        std::fs::remove_file(&path).unwrap();
+        r
+    }
+
+    #[test]
+    fn the_ring_transport_is_auto_tcp_or_an_error_naming_the_key() {
+        let base = "[data]\ntrain = \"t.csv\"\n";
+        assert_eq!(load("auto", base, &[]).unwrap().elastic.ring_transport, RingTransport::Auto);
+        let toml = format!("{base}[elastic]\nring_transport = \"tcp\"\n");
+        assert_eq!(load("tcp", &toml, &[]).unwrap().elastic.ring_transport, RingTransport::Tcp);
+        assert_eq!(
+            load("flag", base, &["elastic.ring_transport=tcp"]).unwrap().elastic.ring_transport,
+            RingTransport::Tcp
+        );
+        let err = load("bad", base, &["elastic.ring_transport=shm"]).unwrap_err();
+        assert!(err.contains("elastic.ring_transport") && err.contains("shm"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = load("unknown", "[data]\ntrain = \"t.csv\"\n[elastic]\nring_transprot = \"tcp\"\n", &[]).unwrap_err();
+        assert!(err.contains("ring_transprot"), "{err}");
     }
 }

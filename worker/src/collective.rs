@@ -1,9 +1,11 @@
 //! Collectives between the workers of a job: the sum all-reduce of gradients.
 //!
-//! `Collective` is the interface the CPU training loop sees and `TcpRing` its implementation
+//! `Collective` is the interface the CPU training loop sees and `Ring` its implementation
 //! (the role gloo plays for PyTorch); GPU ranks sum on the device with NCCL (`nccl.rs`).
+//! Neighbours connect and prove themselves over TCP; on one host they then move the data through
+//! shared memory (`transport.rs`), elsewhere over the same TCP connections.
 //!
-//! `TcpRing` is the classic bandwidth-optimal ring: the buffer is cut into N chunks; in N-1
+//! `Ring` is the classic bandwidth-optimal ring: the buffer is cut into N chunks; in N-1
 //! reduce-scatter steps each rank sends one chunk to its successor and adds the chunk it receives
 //! from its predecessor, after which rank r holds the complete sum of chunk (r+1) mod N; N-1
 //! all-gather steps then pass the finished chunks around the ring. Every rank sends and receives
@@ -15,7 +17,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use job::config::RingTransport;
+
+use crate::transport::{self, Incoming, Outgoing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
@@ -50,51 +59,59 @@ pub fn chunk_ranges(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// The CPU ring over TCP. Each rank connects to its successor and accepts its predecessor.
-pub struct TcpRing {
+/// The CPU ring. Each rank connects to its successor and accepts its predecessor over TCP;
+/// neighbours on one host then move the data through shared memory (`transport.rs`).
+pub struct Ring {
     rank: usize,
     world: usize,
-    next: TcpStream,
-    prev: TcpStream,
+    next: Outgoing,
+    prev: Incoming,
     next_addr: String,
     prev_addr: String,
-    recv_buf: Vec<f32>,
 }
+
+/// How a rank joins its ring.
+#[derive(Clone, Debug)]
+pub struct RingOptions {
+    /// How long to wait for the neighbours; every later read and write has the same deadline.
+    pub timeout: Duration,
+    /// The job token, which neighbours prove they hold (without sending it).
+    pub token: Option<proto::auth::JobToken>,
+    /// The job's generation: peers of another one (a stale connection from before a restart)
+    /// are refused.
+    pub generation: u64,
+    /// Setting it gives up the wait for the neighbours at once.
+    pub cancel: Option<Arc<AtomicBool>>,
+    pub transport: RingTransport,
+}
+
+impl RingOptions {
+    pub fn new(timeout: Duration) -> Self {
+        RingOptions { timeout, token: None, generation: 0, cancel: None, transport: RingTransport::Auto }
+    }
+}
+
+/// How long one connection to a rank's ring port has to prove that it is the predecessor.
+const ADMISSION_WAIT: Duration = Duration::from_secs(5);
+/// Connections checked at once; more are dropped unread until one of those is done.
+const MAX_ADMITTING: usize = 16;
 
 // The wire format is the buffers' own bytes: little-endian f32.
 #[cfg(target_endian = "big")]
 compile_error!("the ring all-reduce sends native f32 bytes and assumes a little-endian machine");
 
-impl TcpRing {
+impl Ring {
     /// Joins the ring: `listener` is this rank's own (already bound to `peers[rank]`), `peers`
-    /// every rank's address. Waits up to `timeout` for the neighbours; every later read and write
-    /// has the same deadline.
+    /// every rank's address.
     pub fn connect(
         rank: usize,
         peers: &[SocketAddr],
         listener: TcpListener,
-        timeout: Duration,
-        token: Option<&proto::auth::JobToken>,
+        opts: &RingOptions,
     ) -> Result<Self, CollectiveError> {
-        Self::connect_generation(rank, peers, listener, timeout, token, 0, None)
-    }
-
-    /// [`TcpRing::connect`] for generation `generation` of a job: peers of another generation
-    /// (a stale connection from before a restart) are refused, and setting `cancel` gives up
-    /// the wait for the neighbours at once.
-    pub fn connect_generation(
-        rank: usize,
-        peers: &[SocketAddr],
-        listener: TcpListener,
-        timeout: Duration,
-        token: Option<&proto::auth::JobToken>,
-        generation: u64,
-        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    ) -> Result<Self, CollectiveError> {
-        let cancelled = {
-            let cancel = cancel.clone();
-            move || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-        };
+        let (timeout, generation) = (opts.timeout, opts.generation);
+        let cancel = opts.cancel.clone();
+        let cancelled = move || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
         let world = peers.len();
         if rank >= world || world < 2 {
             return Err(CollectiveError::Setup(format!(
@@ -105,7 +122,7 @@ impl TcpRing {
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + timeout;
         let next_addr = peers[next_rank];
-        let token = token.cloned();
+        let token = opts.token.clone();
         // The successor side, on its own thread: connect (retrying while it starts listening),
         // introduce ourselves, answer its challenge, and wait for its verdict.
         let hello = hello(rank, world, token.is_some(), generation);
@@ -138,35 +155,15 @@ impl TcpRing {
                 _ => Err("it refused this rank (another job, world size or job token?)".into()),
             }
         });
-        // The predecessor side: accept connections until one proves to be the predecessor. A
-        // connection that is not (garbage, a stray client, a wrong token) is dropped and
-        // logged, and does not stop the ring from forming.
-        let mut last_refusal = String::from("nobody connected");
-        let prev = loop {
-            let (mut s, from) = match accept_before(&listener, deadline, &cancelled) {
-                Ok(x) => x,
-                Err(e) => {
-                    return Err(CollectiveError::Peer {
-                        rank: prev_rank,
-                        addr: peers[prev_rank].to_string(),
-                        source: std::io::Error::new(
-                            e.kind(),
-                            format!(
-                                "rank {rank} found no valid predecessor within {timeout:?} ({e}); last refused \
-                                 connection: {last_refusal}"
-                            ),
-                        ),
-                    })
-                }
-            };
-            match admit_predecessor(&mut s, rank, prev_rank, world, token.as_ref(), generation, deadline) {
-                Ok(()) => break s,
-                Err(why) => {
-                    tracing::warn!(rank, %from, reason = %why, "refused a ring connection");
-                    last_refusal = format!("{from}: {why}");
-                }
-            }
-        };
+        let who = Who { rank, prev_rank, world, generation, token };
+        let prev = admit(&listener, &who, deadline, &cancelled).map_err(|e| CollectiveError::Peer {
+            rank: prev_rank,
+            addr: peers[prev_rank].to_string(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("rank {rank} found no valid predecessor within {timeout:?}: {e}"),
+            ),
+        })?;
         let next = connector.join().map_err(|_| CollectiveError::Setup("connector thread panicked".into()))?.map_err(
             |why| CollectiveError::Peer {
                 rank: next_rank,
@@ -179,33 +176,47 @@ impl TcpRing {
             s.set_read_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
             s.set_write_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         }
-        let prev_stream = prev;
-        Ok(TcpRing {
+        let (next, prev) = transport::negotiate(next, prev, opts.transport).map_err(|e| {
+            CollectiveError::Setup(format!("rank {rank} agreeing on the transport with its neighbours: {e}"))
+        })?;
+        tracing::debug!(
+            rank,
+            to_successor = if next.shared_memory() { "shared memory" } else { "tcp" },
+            from_predecessor = if prev.shared_memory() { "shared memory" } else { "tcp" },
+            "ring connected"
+        );
+        Ok(Ring {
             rank,
             world,
             next,
-            prev: prev_stream,
+            prev,
             next_addr: peers[next_rank].to_string(),
             prev_addr: peers[prev_rank].to_string(),
-            recv_buf: Vec::new(),
         })
+    }
+
+    /// Whether the data to the successor and from the predecessor moves through shared memory.
+    pub fn shared_memory(&self) -> (bool, bool) {
+        (self.next.shared_memory(), self.prev.shared_memory())
     }
 
     /// A handle that can break this ring's connections from another thread (a blocked
     /// all-reduce then fails at once): how a restart stops a step that waits on a dead peer.
     pub fn handle(&self) -> std::io::Result<RingHandle> {
-        Ok(RingHandle(vec![self.next.try_clone()?, self.prev.try_clone()?]))
+        Ok(RingHandle(vec![self.next.tcp().try_clone()?, self.prev.tcp().try_clone()?]))
     }
 
-    /// Sends `send` to the successor while receiving `recv_len` floats from the predecessor into
-    /// `self.recv_buf`.
-    fn exchange(&mut self, send: &[f32], recv_len: usize) -> Result<(), CollectiveError> {
-        self.recv_buf.resize(recv_len, 0.0);
+    /// Sends `send` to the successor while receiving `recv.len()` floats from the predecessor,
+    /// each combined into `recv` by `op(local, received)`.
+    fn exchange(&mut self, send: &[f32], recv: &mut [f32], op: impl Fn(&mut f32, f32)) -> Result<(), CollectiveError> {
         let (next, prev) = (&mut self.next, &mut self.prev);
-        let recv: &mut [u8] = bytemuck::cast_slice_mut(&mut self.recv_buf[..]);
         let (sent, received) = std::thread::scope(|s| {
-            let h = s.spawn(|| next.write_all(bytemuck::cast_slice(send)));
-            let r = prev.read_exact(recv);
+            let h = s.spawn(|| next.send(send));
+            let r = prev.recv(recv.len(), |off, piece| {
+                for (x, &y) in recv[off..off + piece.len()].iter_mut().zip(piece) {
+                    op(x, y);
+                }
+            });
             (h.join().unwrap_or_else(|_| Err(std::io::Error::other("send thread panicked"))), r)
         });
         let world = self.world;
@@ -223,7 +234,19 @@ impl TcpRing {
     }
 }
 
-/// Breaks a ring's connections: see [`TcpRing::handle`].
+/// The two disjoint ranges `a` (to read) and `b` (to write) of `buf`.
+fn split_pair(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
+    if a.start >= b.end {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.len()], &mut lo[b])
+    } else {
+        assert!(a.end <= b.start, "ring chunks {a:?} and {b:?} overlap");
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.len()])
+    }
+}
+
+/// Breaks a ring's connections: see [`Ring::handle`].
 pub struct RingHandle(Vec<TcpStream>);
 
 impl RingHandle {
@@ -248,9 +271,79 @@ fn ring_context(from: usize, to: usize, world: usize, generation: u64) -> String
     format!("ring {from} -> {to} of {world}, generation {generation}")
 }
 
+/// Who a rank expects as its predecessor.
+struct Who {
+    rank: usize,
+    prev_rank: usize,
+    world: usize,
+    generation: u64,
+    token: Option<proto::auth::JobToken>,
+}
+
+/// Accepts connections on `listener` until one proves to be the predecessor (`admit_predecessor`),
+/// and tells it so. Connections are checked concurrently, each within [`ADMISSION_WAIT`], so a
+/// connection that is not the predecessor (garbage, a stray client, a wrong token, a peer that
+/// drips its hello) is dropped and logged, and holds up neither the real one nor the ring.
+fn admit(
+    listener: &TcpListener,
+    who: &Who,
+    deadline: Instant,
+    cancelled: &dyn Fn() -> bool,
+) -> std::io::Result<TcpStream> {
+    let (tx, rx) = std::sync::mpsc::channel::<Result<TcpStream, (SocketAddr, String)>>();
+    let mut admitting = 0usize;
+    let mut last_refusal = String::from("nobody connected");
+    listener.set_nonblocking(true)?;
+    loop {
+        if cancelled() {
+            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"));
+        }
+        let mut accepted = false;
+        match listener.accept() {
+            Ok((s, from)) => {
+                accepted = true;
+                s.set_nonblocking(false)?;
+                if admitting >= MAX_ADMITTING {
+                    tracing::warn!(rank = who.rank, %from, "refused a ring connection: {MAX_ADMITTING} are being checked");
+                } else {
+                    admitting += 1;
+                    let (tx, by) = (tx.clone(), (Instant::now() + ADMISSION_WAIT).min(deadline));
+                    let (rank, prev_rank, world, generation) = (who.rank, who.prev_rank, who.world, who.generation);
+                    let token = who.token.clone();
+                    std::thread::spawn(move || {
+                        let mut s = s;
+                        let r = admit_predecessor(&mut s, rank, prev_rank, world, token.as_ref(), generation, by);
+                        let _ = tx.send(r.map(|()| s).map_err(|why| (from, why)));
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        let wait = if accepted { Duration::ZERO } else { Duration::from_millis(10) };
+        match rx.recv_timeout(wait) {
+            Ok(Ok(mut s)) => {
+                s.write_all(&[1])?;
+                return Ok(s);
+            }
+            Ok(Err((from, why))) => {
+                admitting -= 1;
+                tracing::warn!(rank = who.rank, %from, reason = %why, "refused a ring connection");
+                last_refusal = format!("{from}: {why}");
+            }
+            Err(_) if Instant::now() >= deadline => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("last refused connection: {last_refusal}"),
+                ));
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Checks that the peer on `s` is our predecessor of this job: its hello, and with a token, its
-/// proof of the token for a fresh nonce. Reads a bounded number of bytes with a short deadline,
-/// so garbage or silence costs at most a few seconds. Answers 1 when admitted.
+/// proof of the token for a fresh nonce, all by `by`. Reads a bounded number of bytes.
 fn admit_predecessor(
     s: &mut TcpStream,
     rank: usize,
@@ -258,13 +351,12 @@ fn admit_predecessor(
     world: usize,
     token: Option<&proto::auth::JobToken>,
     generation: u64,
-    deadline: Instant,
+    by: Instant,
 ) -> Result<(), String> {
-    let wait =
-        deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(10), Duration::from_secs(5));
-    s.set_read_timeout(Some(wait)).and_then(|()| s.set_write_timeout(Some(wait))).map_err(|e| e.to_string())?;
+    let wait = by.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+    s.set_write_timeout(Some(wait)).map_err(|e| e.to_string())?;
     let mut got = [0u8; 25];
-    s.read_exact(&mut got).map_err(|e| format!("no hello: {e}"))?;
+    read_exact_by(s, &mut got, by).map_err(|e| format!("no hello: {e}"))?;
     if &got[..8] != MAGIC {
         return Err("not a Tandem ring peer (bad magic)".into());
     }
@@ -287,41 +379,37 @@ fn admit_predecessor(
         getrandom::fill(&mut nonce).map_err(|e| format!("random nonce: {e}"))?;
         s.write_all(&nonce).map_err(|e| e.to_string())?;
         let mut proof = [0u8; 32];
-        s.read_exact(&mut proof).map_err(|e| format!("no proof: {e}"))?;
+        read_exact_by(s, &mut proof, by).map_err(|e| format!("no proof: {e}"))?;
         if !token.verify_proof(&ring_context(prev_rank, rank, world, generation), &nonce, &proof) {
             return Err("does not hold the job token".into());
         }
     }
-    s.write_all(&[1]).map_err(|e| e.to_string())
+    Ok(())
 }
 
-fn accept_before(
-    listener: &TcpListener,
-    deadline: Instant,
-    cancelled: &dyn Fn() -> bool,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
-    listener.set_nonblocking(true)?;
-    loop {
-        if cancelled() {
-            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"));
+/// `read_exact` that gives up at `by`, however slowly the bytes come.
+fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], by: Instant) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = by.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{filled} of {} bytes within the deadline", buf.len()),
+            ));
         }
-        match listener.accept() {
-            Ok((s, from)) => {
-                s.set_nonblocking(false)?;
-                return Ok((s, from));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "predecessor did not connect in time"));
-            }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[filled..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
-impl Collective for TcpRing {
+impl Collective for Ring {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -336,17 +424,16 @@ impl Collective for TcpRing {
         for s in 0..n - 1 {
             let send = chunks[(self.rank + n - s) % n].clone();
             let recv = chunks[(self.rank + 2 * n - s - 1) % n].clone();
-            self.exchange(&buf[send], recv.len())?;
-            for (x, &y) in buf[recv].iter_mut().zip(&self.recv_buf) {
-                *x += y; // (sum of ranks c..r-1) + x_r: ring order, as commutative addition gives the same bits
-            }
+            let (send, recv) = split_pair(buf, send, recv);
+            // x_r + (sum of ranks c..r-1): ring order, as commutative addition gives the same bits.
+            self.exchange(send, recv, |x, y| *x += y)?;
         }
         // All-gather: step s sends chunk (rank + 1 - s), which is complete, and stores chunk (rank - s).
         for s in 0..n - 1 {
             let send = chunks[(self.rank + 1 + n - s) % n].clone();
             let recv = chunks[(self.rank + n - s) % n].clone();
-            self.exchange(&buf[send], recv.len())?;
-            buf[recv].copy_from_slice(&self.recv_buf);
+            let (send, recv) = split_pair(buf, send, recv);
+            self.exchange(send, recv, |x, y| *x = y)?;
         }
         Ok(())
     }

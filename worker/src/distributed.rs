@@ -13,7 +13,7 @@
 //! parameters never diverge.
 
 use crate::checkpoint;
-use crate::collective::{Collective, Overlapped, RingHandle, TcpRing};
+use crate::collective::{Collective, Overlapped, Ring, RingHandle, RingOptions};
 use crate::engine::{self, Compute, Engine, Peers};
 use crate::tokenize::TextEncoder;
 use crate::train::{CheckpointAt, EvalSplit, Example, JobIo, Resume, RunInfo, Split};
@@ -453,7 +453,7 @@ fn spawn_heartbeat(
 /// A collective that can kill this process in the middle of an all-reduce (see
 /// `job::fault`); otherwise it is the ring itself.
 struct FaultPoint {
-    inner: TcpRing,
+    inner: Ring,
     rank: usize,
     generation: u64,
     completed: Arc<AtomicU64>,
@@ -751,15 +751,14 @@ fn connect_peers(
     match compute {
         _ if world == 1 => Ok(Peers::Alone),
         Compute::Cpu => {
-            let r = TcpRing::connect_generation(
-                rank,
-                &peers,
-                listener.try_clone()?,
-                ElasticSection::secs(e.collective_timeout_s),
-                opts.token.as_ref(),
-                g.generation,
-                Some(Arc::clone(&g.abort.flag)),
-            );
+            let ring = RingOptions {
+                timeout: ElasticSection::secs(e.collective_timeout_s),
+                token: opts.token.clone(),
+                generation: g.generation,
+                cancel: Some(Arc::clone(&g.abort.flag)),
+                transport: e.ring_transport,
+            };
+            let r = Ring::connect(rank, &peers, listener.try_clone()?, &ring);
             g.check()?;
             let r = r?;
             g.abort.watch_ring(r.handle()?);

@@ -18,6 +18,7 @@ pub mod ops;
 pub mod optim;
 pub mod tokenize;
 pub mod train;
+pub mod transport;
 pub mod watchdog;
 
 use std::path::PathBuf;

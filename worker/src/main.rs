@@ -14,7 +14,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use job::config::JobConfig;
+use job::config::{JobConfig, RingTransport};
 use std::path::PathBuf;
 use std::time::Instant;
 use worker::checkpoint;
@@ -150,6 +150,9 @@ enum Cmd {
         sizes_mib: Vec<usize>,
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// `auto`: shared memory between ranks on this host; `tcp`: loopback TCP.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "tcp"])]
+        transport: String,
     },
 }
 
@@ -224,7 +227,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench { preset, batch, seq, steps, dropout, precision } => {
             bench(&preset, batch, seq, steps, dropout, &precision)
         }
-        Cmd::BenchRing { rank, peers, sizes_mib, iters } => bench_ring(rank, &peers, &sizes_mib, iters),
+        Cmd::BenchRing { rank, peers, sizes_mib, iters, transport } => {
+            let transport = if transport == "tcp" { RingTransport::Tcp } else { RingTransport::Auto };
+            bench_ring(rank, &peers, &sizes_mib, iters, transport)
+        }
         Cmd::GpuCheck { .. } => unreachable!("handled above"),
     }
 }
@@ -427,11 +433,20 @@ fn gpu_check(ordinal: usize, include: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_ring(rank: usize, peers: &[std::net::SocketAddr], sizes_mib: &[usize], iters: usize) -> anyhow::Result<()> {
-    use worker::collective::{Collective, TcpRing};
+fn bench_ring(
+    rank: usize,
+    peers: &[std::net::SocketAddr],
+    sizes_mib: &[usize],
+    iters: usize,
+    transport: RingTransport,
+) -> anyhow::Result<()> {
+    use worker::collective::{Collective, Ring, RingOptions};
     let addr = *peers.get(rank).with_context(|| format!("no peer address for rank {rank}"))?;
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-    let mut ring = TcpRing::connect(rank, peers, listener, std::time::Duration::from_secs(60), None)?;
+    let opts = RingOptions { transport, ..RingOptions::new(std::time::Duration::from_secs(60)) };
+    let mut ring = Ring::connect(rank, peers, listener, &opts)?;
+    let shm = ring.shared_memory();
+    let transport = if shm.0 && shm.1 { "shm" } else { "tcp" };
     let n = peers.len() as f64;
     for &mib in sizes_mib {
         let len = mib * (1 << 20) / 4;
@@ -448,7 +463,7 @@ fn bench_ring(rank: usize, peers: &[std::net::SocketAddr], sizes_mib: &[usize], 
         let bytes = (len * 4) as f64;
         if rank == 0 {
             println!(
-                "{{\"impl\": \"tandem-ring\", \"world\": {n}, \"mib\": {mib}, \"seconds\": {t:.4}, \"bus_gb_per_s\": {:.3}}}",
+                "{{\"impl\": \"tandem-ring\", \"transport\": \"{transport}\", \"world\": {n}, \"mib\": {mib}, \"seconds\": {t:.4}, \"bus_gb_per_s\": {:.3}}}",
                 2.0 * (n - 1.0) / n * bytes / t / 1e9
             );
         }

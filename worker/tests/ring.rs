@@ -1,10 +1,12 @@
-//! The TCP ring all-reduce between real sockets on loopback: every rank ends with the same bits,
-//! equal to the sum taken in ring order, for world sizes 2..5 and buffers shorter than, equal to
-//! and longer than the world; a dead peer is an error within the timeout, never a hang.
+//! The ring all-reduce between real sockets on loopback, its data over TCP and through shared
+//! memory: every rank ends with the same bits, equal to the sum taken in ring order, for world
+//! sizes 2..5 and buffers shorter than, equal to and longer than the world; a dead peer is an
+//! error within the timeout, never a hang; strays on a ring port hold nothing up.
 
+use job::config::RingTransport;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
-use worker::collective::{all_reduce_rows, chunk_ranges, Collective, CollectiveError, TcpRing};
+use worker::collective::{all_reduce_rows, chunk_ranges, Collective, CollectiveError, Ring, RingOptions};
 
 fn value(rank: usize, i: usize) -> f32 {
     // Values of mixed magnitude, so that the order of the sum shows in the bits.
@@ -22,8 +24,25 @@ fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
     (ls, addrs)
 }
 
+fn opts(timeout: Duration) -> RingOptions {
+    RingOptions::new(timeout)
+}
+
+/// Whether this machine has the shared-memory directory the ring uses.
+fn has_shm() -> bool {
+    std::path::Path::new("/dev/shm").is_dir()
+}
+
 /// Runs `f(rank, ring)` on every rank of a real ring of `n` (one thread each); the results by rank.
-fn on_ring<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut TcpRing) -> T + Send + Sync + 'static) -> Vec<T> {
+fn on_ring<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut Ring) -> T + Send + Sync + 'static) -> Vec<T> {
+    on_ring_with(n, RingTransport::Auto, f)
+}
+
+fn on_ring_with<T: Send + 'static>(
+    n: usize,
+    transport: RingTransport,
+    f: impl Fn(usize, &mut Ring) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let (ls, addrs) = listeners(n);
     let f = std::sync::Arc::new(f);
     let handles: Vec<_> = ls
@@ -32,7 +51,11 @@ fn on_ring<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut TcpRing) -> T + S
         .map(|(rank, l)| {
             let (addrs, f) = (addrs.clone(), std::sync::Arc::clone(&f));
             std::thread::spawn(move || {
-                let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(10), None).unwrap();
+                let o = RingOptions { transport, ..opts(Duration::from_secs(10)) };
+                let mut ring = Ring::connect(rank, &addrs, l, &o).unwrap();
+                let shm = ring.shared_memory();
+                let want = transport == RingTransport::Auto && has_shm();
+                assert_eq!(shm, (want, want), "rank {rank}: shared memory to successor, from predecessor");
                 f(rank, &mut ring)
             })
         })
@@ -40,8 +63,8 @@ fn on_ring<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut TcpRing) -> T + S
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-fn run_ring(n: usize, len: usize) -> Vec<Vec<f32>> {
-    on_ring(n, move |rank, ring| {
+fn run_ring(n: usize, len: usize, transport: RingTransport) -> Vec<Vec<f32>> {
+    on_ring_with(n, transport, move |rank, ring| {
         let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
         ring.all_reduce_sum(&mut buf).unwrap();
         // A second call on the same ring works too (the streams stay in step).
@@ -54,9 +77,9 @@ fn run_ring(n: usize, len: usize) -> Vec<Vec<f32>> {
 
 #[test]
 fn all_ranks_get_the_ring_ordered_sum() {
-    for n in 2..=5 {
+    for (n, transport) in (2..=5).flat_map(|n| [(n, RingTransport::Auto), (n, RingTransport::Tcp)]) {
         for &len in &[0usize, 1, 3, n, 7, 1000, 100_003] {
-            let results = run_ring(n, len);
+            let results = run_ring(n, len, transport);
             let chunks = chunk_ranges(len, n);
             let mut expected = vec![0.0f32; len];
             for (c, range) in chunks.iter().enumerate() {
@@ -69,7 +92,10 @@ fn all_ranks_get_the_ring_ordered_sum() {
                 }
             }
             for (rank, r) in results.iter().enumerate() {
-                assert!(r == &expected, "world {n}, len {len}: rank {rank} differs from the ring-ordered sum");
+                assert!(
+                    r == &expected,
+                    "world {n}, len {len}, {transport:?}: rank {rank} differs from the ring-ordered sum"
+                );
             }
         }
     }
@@ -85,9 +111,9 @@ fn a_dead_peer_is_an_error_not_a_hang() {
     let start = Instant::now();
     let a = {
         let addrs = addrs.clone();
-        std::thread::spawn(move || TcpRing::connect(0, &addrs, l0, Duration::from_millis(800), None).map(|_| ()))
+        std::thread::spawn(move || Ring::connect(0, &addrs, l0, &opts(Duration::from_millis(800))).map(|_| ()))
     };
-    let b = std::thread::spawn(move || TcpRing::connect(1, &addrs, l1, Duration::from_millis(800), None).map(|_| ()));
+    let b = std::thread::spawn(move || Ring::connect(1, &addrs, l1, &opts(Duration::from_millis(800))).map(|_| ()));
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     assert!(matches!(a, Err(CollectiveError::Peer { rank: 2, .. })), "{a:?}");
     assert!(matches!(b, Err(CollectiveError::Peer { rank: 2, .. })), "{b:?}");
@@ -151,7 +177,8 @@ fn ring_peers_must_hold_the_job_token() {
             .map(|(rank, (l, tok))| {
                 let addrs = addrs.clone();
                 std::thread::spawn(move || {
-                    let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(3), tok.as_ref())?;
+                    let mut ring =
+                        Ring::connect(rank, &addrs, l, &RingOptions { token: tok, ..opts(Duration::from_secs(3)) })?;
                     let mut buf = vec![rank as f32; 10];
                     ring.all_reduce_sum(&mut buf)?;
                     Ok::<_, CollectiveError>(buf)
@@ -188,13 +215,18 @@ fn garbage_on_a_ring_port_does_not_stop_the_ring() {
     let mut junk = std::net::TcpStream::connect(addrs[0]).unwrap();
     junk.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(4096)).unwrap();
     let _silent = std::net::TcpStream::connect(addrs[1]).unwrap();
+    two_ranks_sum(ls, &addrs, Duration::from_secs(20));
+}
+
+/// Rank 0 and 1 of a 2-ring on `ls` sum 1s and 2s, and both get 3s.
+fn two_ranks_sum(ls: Vec<TcpListener>, addrs: &[SocketAddr], timeout: Duration) {
     let handles: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let addrs = addrs.clone();
+            let addrs = addrs.to_vec();
             std::thread::spawn(move || {
-                let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(20), None).unwrap();
+                let mut ring = Ring::connect(rank, &addrs, l, &opts(timeout)).unwrap();
                 let mut buf = vec![1.0f32 + rank as f32; 1000];
                 ring.all_reduce_sum(&mut buf).unwrap();
                 buf
@@ -204,4 +236,83 @@ fn garbage_on_a_ring_port_does_not_stop_the_ring() {
     for h in handles {
         assert_eq!(h.join().unwrap(), vec![3.0; 1000]);
     }
+}
+
+/// Buffers of several shared-memory slots' worth (the slots are reused within one exchange) sum
+/// to the same bits through shared memory as over TCP, and both equal the sum in ring order.
+#[test]
+fn shared_memory_and_tcp_sum_the_same_bits() {
+    let len = 3 * (4 << 20) / 4 + 12_345; // each exchange of a 2-ring moves 1.5 segments
+    let via = |t| run_ring(2, len, t);
+    let (shm, tcp) = (via(RingTransport::Auto), via(RingTransport::Tcp));
+    assert!(shm[0] == tcp[0] && shm[1] == tcp[1], "shared memory and TCP sums differ");
+    for i in [0, 1, len / 2, len - 1] {
+        assert_eq!(shm[0][i].to_bits(), (value(0, i) + value(1, i)).to_bits(), "element {i}");
+    }
+    // Nothing is left in /dev/shm once the rings are connected and gone (a segment of a ring
+    // that other tests are connecting lives for milliseconds, so only what stays counts).
+    if has_shm() {
+        let segments = || -> std::collections::BTreeSet<String> {
+            std::fs::read_dir("/dev/shm")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("tandem-ring-"))
+                .collect()
+        };
+        let first = segments();
+        std::thread::sleep(Duration::from_secs(1));
+        let left: Vec<_> = first.intersection(&segments()).cloned().collect();
+        assert!(left.is_empty(), "segments left behind: {left:?}");
+    }
+}
+
+/// A peer that goes away in the middle of a shared-memory exchange is an error within the
+/// timeout on the other rank, not a hang (the waits are on the TCP connection).
+#[test]
+fn a_peer_that_dies_mid_sum_is_an_error_not_a_hang() {
+    for transport in [RingTransport::Auto, RingTransport::Tcp] {
+        let start = Instant::now();
+        let results = on_ring_with(2, transport, |rank, ring| {
+            let mut buf = vec![1.0f32; 4 << 20];
+            if rank == 1 {
+                return Ok(()); // drops its ring unsummed
+            }
+            ring.all_reduce_sum(&mut buf)
+        });
+        assert!(results[0].is_err(), "{transport:?}: rank 0 summed with a peer that left");
+        assert!(start.elapsed() < Duration::from_secs(8), "{transport:?}: took {:?}", start.elapsed());
+    }
+}
+
+/// Peers that drip a valid-looking hello a byte at a time, connected before the real
+/// predecessor, hold up neither its admission nor the ring: each connection is checked on its
+/// own, within a deadline of its own.
+#[test]
+fn peers_that_drip_their_hello_do_not_hold_up_the_ring() {
+    use std::io::Write;
+    let (ls, addrs) = listeners(2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drippers: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, stop) = (addrs[0], std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                for &b in b"TANDRING".iter().cycle().take(20) {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200)); // they are first in the accept queue
+    let start = Instant::now();
+    two_ranks_sum(ls, &addrs, Duration::from_secs(30));
+    let took = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for d in drippers {
+        d.join().unwrap();
+    }
+    assert!(took < Duration::from_secs(4), "the ring took {took:?} to form beside 3 dripping peers");
 }
