@@ -272,6 +272,7 @@ fn ring_context(from: usize, to: usize, world: usize, generation: u64) -> String
 }
 
 /// Who a rank expects as its predecessor.
+#[derive(Clone)]
 struct Who {
     rank: usize,
     prev_rank: usize,
@@ -308,11 +309,10 @@ fn admit(
                 } else {
                     admitting += 1;
                     let (tx, by) = (tx.clone(), (Instant::now() + ADMISSION_WAIT).min(deadline));
-                    let (rank, prev_rank, world, generation) = (who.rank, who.prev_rank, who.world, who.generation);
-                    let token = who.token.clone();
+                    let who = who.clone();
                     std::thread::spawn(move || {
                         let mut s = s;
-                        let r = admit_predecessor(&mut s, rank, prev_rank, world, token.as_ref(), generation, by);
+                        let r = admit_predecessor(&mut s, &who, by);
                         let _ = tx.send(r.map(|()| s).map_err(|why| (from, why)));
                     });
                 }
@@ -344,15 +344,8 @@ fn admit(
 
 /// Checks that the peer on `s` is our predecessor of this job: its hello, and with a token, its
 /// proof of the token for a fresh nonce, all by `by`. Reads a bounded number of bytes.
-fn admit_predecessor(
-    s: &mut TcpStream,
-    rank: usize,
-    prev_rank: usize,
-    world: usize,
-    token: Option<&proto::auth::JobToken>,
-    generation: u64,
-    by: Instant,
-) -> Result<(), String> {
+fn admit_predecessor(s: &mut TcpStream, who: &Who, by: Instant) -> Result<(), String> {
+    let Who { rank, prev_rank, world, generation, ref token } = *who;
     let wait = by.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
     s.set_write_timeout(Some(wait)).map_err(|e| e.to_string())?;
     let mut got = [0u8; 25];

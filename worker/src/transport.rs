@@ -119,11 +119,10 @@ pub fn negotiate(
         },
         RingTransport::Tcp => None,
     };
-    let mut msg = vec![0u8];
-    if let Some((name, _)) = &offer {
-        msg = vec![1, name.len() as u8];
-        msg.extend_from_slice(name.as_bytes());
-    }
+    let msg = match &offer {
+        Some((name, _)) => [&[1, name.len() as u8][..], name.as_bytes()].concat(),
+        None => vec![0],
+    };
     next.write_all(&msg)?;
 
     let mut flag = [0u8; 1];
