@@ -11,8 +11,8 @@ Sections (all by default):
            tiny and MiniLM shapes, fp32 and (with AVX512_BF16) bf16 against torch's CPU autocast;
            time split, model FLOP/s against the ceiling, peak RSS
   job      the real job: MiniLM fine-tuning on Rotten Tomatoes (configs/rotten-tomatoes.toml
-           without its evaluation splits) at 1 and 2 workers against PyTorch DDP (gloo); time
-           split and peak RSS per process
+           without its evaluation splits) at 1 and 2 workers (2 also with ZeRO-1) against PyTorch
+           DDP (gloo); time split and peak RSS per process
   ring     the all-reduce alone between 2 local processes at 1, 16, 64, 256 MiB against gloo
 
     python3 scripts/bench.py --python .cache/bench-venv/bin/python [--pairs 5] [--quick] [--only step,ring]
@@ -99,10 +99,11 @@ class Bench:
         print(f"  pair {pair + 1}: {section} {key} {impl}: {status}", file=sys.stderr, flush=True)
 
     def pairs(self, section, items):
-        """items: [(key, ours(), theirs())]; runs each item's pair, alternating the order."""
+        """items: [(key, ours(), theirs())] or [(key, ours(), theirs(), {impl: variant()})]; runs
+        each item's pair (and our variants), alternating the order."""
         for pair in range(self.a.pairs):
-            for key, ours, theirs in items:
-                order = [("tandem", ours), ("pytorch", theirs)]
+            for key, ours, theirs, *variants in items:
+                order = [("tandem", ours), *(variants[0].items() if variants else []), ("pytorch", theirs)]
                 if pair % 2:
                     order.reverse()
                 for impl, fn in order:
@@ -145,14 +146,14 @@ class Bench:
         steps, warmup = self.a.job_steps, self.a.job_warmup
         items = []
         for world in (1, 2):
-            def ours(world=world):
-                out = tmp / f"w{world}"
+            def ours(world=world, zero=0):
+                out = tmp / f"w{world}-zero{zero}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
                 rc, _, err, rss = spawn_measured([
                     str(COORDINATOR), "--world-size", str(world), "--config", str(config),
                     "--listen", "127.0.0.1:0", "--spawn-local", "--no-progress",
                     "--set", f"train.max_steps={steps}", "--set", "checkpoint.every=0",
-                    "--set", "checkpoint.best_metric=", "--set", f"output.dir={out}"])
+                    "--set", "checkpoint.best_metric=", "--set", f"output.dir={out}", "--set", f"train.zero={zero}"])
                 if rc != 0:
                     return {"error": err.strip().splitlines()[-1:]}
                 recs = {}
@@ -174,7 +175,9 @@ class Bench:
                                      "--steps", str(steps), "--warmup", str(warmup)])
                 return row or {"error": " ".join(err or [])}
 
-            items.append((f"{world} worker{'s' if world > 1 else ''}", ours, theirs))
+            # With more than one worker, ZeRO-1 too (train.zero = 1), against the same DDP runs.
+            variants = {"tandem-zero1": lambda world=world: ours(world, 1)} if world > 1 else {}
+            items.append((f"{world} worker{'s' if world > 1 else ''}", ours, theirs, variants))
         self.pairs("job", items)
 
     def ring(self):
@@ -209,9 +212,9 @@ class Bench:
         return {r["pair"]: r[field] for r in self.rows
                 if (r["section"], r["key"], r["impl"]) == (section, key, impl) and field in r}
 
-    def summary(self, section, key, field="tokens_per_s"):
+    def summary(self, section, key, field="tokens_per_s", ours="tandem"):
         """(ours median, ours spread, theirs median, theirs spread, median of pair ratios)."""
-        o, t = self.values(section, key, "tandem", field), self.values(section, key, "pytorch", field)
+        o, t = self.values(section, key, ours, field), self.values(section, key, "pytorch", field)
         ratios = [o[p] / t[p] for p in o if p in t and t[p] > 0]
         med = lambda v: statistics.median(v) if v else float("nan")
         spread = lambda v: f"{min(v):,.0f}-{max(v):,.0f}" if v else "-"
@@ -261,18 +264,27 @@ class Bench:
         if keys:
             print("\nThe real job: MiniLM on Rotten Tomatoes, global batch 32, max_seq_len 64, dropout on;"
                   f" real tokens/s over steps {self.a.job_warmup + 1}-{self.a.job_steps}")
-            print(f"{'workers':10} {'tandem':>8} {'spread':>13} {'pytorch ddp':>11} {'spread':>13} {'ratio':>6}"
+            print(f"{'workers':19} {'tandem':>8} {'spread':>13} {'pytorch ddp':>11} {'spread':>13} {'ratio':>6}"
                   f"  {'ms/step data/fwd/bwd/exposed all-reduce/opt: tandem | pytorch':>62}  peak RSS MiB")
-            for key in keys:
-                om, osp, tm, tsp, ratio, n = self.summary("job", key)
+            rows = [(key, impl) for key in keys for impl in ("tandem", "tandem-zero1")
+                    if self.values("job", key, impl, "tokens_per_s")]
+            for key, impl in rows:
+                om, osp, tm, tsp, ratio, n = self.summary("job", key, ours=impl)
                 med = lambda impl, f: statistics.median(self.values("job", key, impl, f).values() or [float("nan")]) * 1e3
-                ours = "/".join(f"{med('tandem', f):.0f}" for f in ("data_s", "forward_s", "backward_s",
-                                                                     "allreduce_exposed_s", "optimizer_s"))
+                ours = "/".join(f"{med(impl, f):.0f}" for f in ("data_s", "forward_s", "backward_s",
+                                                                 "allreduce_exposed_s", "optimizer_s"))
                 theirs = "/".join(f"{med('pytorch', f):.0f}" for f in ("data_s", "forward_s", "backward_s")) + \
                     f"/-/{med('pytorch', 'optimizer_s'):.0f}"
-                rss = {i: max(self.values("job", key, i, "peak_rss_mb").values() or [0]) for i in ("tandem", "pytorch")}
-                print(f"{key:10} {om:>8,.0f} {osp:>13} {tm:>11,.0f} {tsp:>13} {ratio:>6.2f}  {ours + ' | ' + theirs:>62}"
-                      f"  {rss['tandem']} | {rss['pytorch']} ({rss['tandem'] / max(rss['pytorch'], 1):.2f}x)")
+                rss = {i: max(self.values("job", key, i, "peak_rss_mb").values() or [0]) for i in (impl, "pytorch")}
+                label = key + (", ZeRO-1" if impl == "tandem-zero1" else "")
+                print(f"{label:19} {om:>8,.0f} {osp:>13} {tm:>11,.0f} {tsp:>13} {ratio:>6.2f}  {ours + ' | ' + theirs:>62}"
+                      f"  {rss[impl]} | {rss['pytorch']} ({rss[impl] / max(rss['pytorch'], 1):.2f}x)")
+            one = self.values("job", "1 worker", "tandem", "tokens_per_s")
+            for impl in ("tandem", "tandem-zero1"):
+                two = self.values("job", "2 workers", impl, "tokens_per_s")
+                r = [two[p] / one[p] for p in two if p in one]
+                if r:
+                    print(f"tandem 2 workers{' ZeRO-1' if impl != 'tandem' else ''} / 1 worker: {statistics.median(r):.2f}")
             attn = next((r.get("attn") for r in self.rows if r["section"] == "job" and r["impl"] == "pytorch"), None)
             print(f"(pytorch attention: {attn}; its backward includes DDP's overlapped all-reduce)")
         keys = sorted({r["key"] for r in self.rows if r["section"] == "ring"}, key=lambda k: int(k.split()[0]))

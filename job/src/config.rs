@@ -85,6 +85,10 @@ pub struct TrainSection {
     /// accumulation, tensor cores; master weights, gradients and AdamW stay f32). The CPU
     /// computes in f32 only.
     pub precision: Precision,
+    /// ZeRO stage: 0 (every rank keeps and steps the whole optimizer) or 1 (each rank keeps and
+    /// steps its shard of AdamW's state; gradients are reduce-scattered, parameters
+    /// all-gathered). The same parameters either way; the CPU ring only.
+    pub zero: u8,
 }
 
 /// Arithmetic of the GPU's dense layers (`train.precision`).
@@ -116,6 +120,7 @@ impl Default for TrainSection {
             eval_batch_size: 64,
             threads: 0,
             precision: Precision::Fp32,
+            zero: 0,
         }
     }
 }
@@ -330,6 +335,9 @@ impl JobConfig {
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return Err(format!("train.warmup_ratio = {} must be in [0, 1]", t.warmup_ratio));
         }
+        if t.zero > 1 {
+            return Err(format!("train.zero = {}: ZeRO stage 0 or 1", t.zero));
+        }
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("train.epochs and train.max_steps are both 0: nothing to train".into());
         }
@@ -444,6 +452,15 @@ mod tests {
         );
         let err = load("bad", base, &["elastic.ring_transport=shm"]).unwrap_err();
         assert!(err.contains("elastic.ring_transport") && err.contains("shm"), "{err}");
+    }
+
+    #[test]
+    fn zero_is_stage_0_or_1() {
+        let base = "[data]\ntrain = \"t.csv\"\n";
+        assert_eq!(load("zero0", base, &[]).unwrap().train.zero, 0);
+        assert_eq!(load("zero1", base, &["train.zero=1"]).unwrap().train.zero, 1);
+        let err = load("zero2", base, &["train.zero=2"]).unwrap_err();
+        assert!(err.contains("train.zero = 2"), "{err}");
     }
 
     #[test]

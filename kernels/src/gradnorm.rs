@@ -11,9 +11,14 @@ const BLOCK: usize = 1 << 14;
 
 /// `sqrt(sum_i g[i]^2)` over the whole flat gradient buffer.
 pub fn global_norm(grads: &[f32]) -> f32 {
+    sum_of_squares(grads).sqrt() as f32
+}
+
+/// `sum_i g[i]^2` in f64: the square of [`global_norm`], or one shard's share of it.
+pub fn sum_of_squares(grads: &[f32]) -> f64 {
     let partials: Vec<f64> =
         grads.par_chunks(BLOCK).map(|c| c.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>()).collect();
-    partials.iter().sum::<f64>().sqrt() as f32
+    partials.iter().sum::<f64>()
 }
 
 /// Scales `grads` so that their global norm is at most `max_norm`, given `norm` from

@@ -34,13 +34,31 @@ pub enum CollectiveError {
     Setup(String),
 }
 
-/// A sum all-reduce over the ranks of a job.
+/// The collectives over the ranks of a job. Every rank must make the same calls, in the same
+/// order, with buffers of the same length and the same `parts`.
 pub trait Collective {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Replaces `buf` on every rank with the elementwise sum over all ranks. Every rank must call
-    /// it with buffers of the same length, in the same order.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Sums `buf` over the ranks, each part landing on its owner: afterwards `buf[parts[r]]` on
+    /// rank r holds the sum of that range; the rest of `buf` is left partly summed. `parts` are
+    /// disjoint, one per rank, and may be empty.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError>;
+    /// Copies `buf[parts[r]]` of rank r into `buf` on every rank, bit for bit.
+    fn all_gather(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError>;
+    /// Replaces `buf` on every rank with the elementwise sum over all ranks: a reduce-scatter
+    /// over [`sum_parts`] and an all-gather.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let parts = sum_parts(buf.len(), self.world_size());
+        self.reduce_scatter_sum(buf, &parts)?;
+        self.all_gather(buf, &parts)
+    }
+}
+
+/// The parts of a buffer of `len` elements an all-reduce over `n` ranks gives each rank to sum:
+/// [`chunk_ranges`], rank r owning chunk r + 1 (so that chunk c's sum starts at rank c).
+pub fn sum_parts(len: usize, n: usize) -> Vec<Range<usize>> {
+    let chunks = chunk_ranges(len, n);
+    (0..n).map(|r| chunks[(r + 1) % n].clone()).collect()
 }
 
 const MAGIC: &[u8; 8] = b"TANDRING";
@@ -236,7 +254,11 @@ impl Ring {
 
 /// The two disjoint ranges `a` (to read) and `b` (to write) of `buf`.
 fn split_pair(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
-    if a.start >= b.end {
+    if a.is_empty() {
+        (&[], &mut buf[b])
+    } else if b.is_empty() {
+        (&buf[a], &mut [])
+    } else if a.start >= b.end {
         let (lo, hi) = buf.split_at_mut(a.start);
         (&hi[..a.len()], &mut lo[b])
     } else {
@@ -402,6 +424,20 @@ fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], by: Instant) -> std::io::Res
     Ok(())
 }
 
+impl Ring {
+    /// The ring's chunk c: the part of rank c - 1, which the reduce-scatter completes there.
+    fn chunks(&self, len: usize, parts: &[Range<usize>]) -> Result<Vec<Range<usize>>, CollectiveError> {
+        let n = self.world;
+        if parts.len() != n || parts.iter().any(|p| p.start > p.end || p.end > len) {
+            return Err(CollectiveError::Setup(format!(
+                "{} parts {parts:?} of {len} floats for {n} ranks",
+                parts.len()
+            )));
+        }
+        Ok((0..n).map(|c| parts[(c + n - 1) % n].clone()).collect())
+    }
+}
+
 impl Collective for Ring {
     fn rank(&self) -> usize {
         self.rank
@@ -410,10 +446,11 @@ impl Collective for Ring {
         self.world
     }
 
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError> {
         let n = self.world;
-        let chunks = chunk_ranges(buf.len(), n);
-        // Reduce-scatter: step s sends chunk (rank - s) and accumulates chunk (rank - s - 1).
+        let chunks = self.chunks(buf.len(), parts)?;
+        // Step s sends chunk (rank - s) and accumulates chunk (rank - s - 1): after n - 1 steps
+        // rank r holds the complete chunk r + 1.
         for s in 0..n - 1 {
             let send = chunks[(self.rank + n - s) % n].clone();
             let recv = chunks[(self.rank + 2 * n - s - 1) % n].clone();
@@ -421,7 +458,13 @@ impl Collective for Ring {
             // x_r + (sum of ranks c..r-1): ring order, as commutative addition gives the same bits.
             self.exchange(send, recv, |x, y| *x += y)?;
         }
-        // All-gather: step s sends chunk (rank + 1 - s), which is complete, and stores chunk (rank - s).
+        Ok(())
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError> {
+        let n = self.world;
+        let chunks = self.chunks(buf.len(), parts)?;
+        // Step s sends chunk (rank + 1 - s), which this rank has, and stores chunk (rank - s).
         for s in 0..n - 1 {
             let send = chunks[(self.rank + 1 + n - s) % n].clone();
             let recv = chunks[(self.rank + n - s) % n].clone();
@@ -462,62 +505,89 @@ pub fn all_reduce_rows(coll: &mut dyn Collective, data: &mut [f32], width: usize
 /// the training loop hands over each segment of the gradient buffer as backward finishes it
 /// ([`Overlapped::start`]), and collects the sums once backward is done ([`Overlapped::finish`]).
 /// Every rank starts the same segments in the same order (backward's order), so the ring's
-/// messages pair up; a bucket's sum is deterministic, like every ring sum.
+/// messages pair up; a bucket's sum is deterministic, like every ring sum. Between steps (no
+/// bucket in flight) the blocking collectives of [`Collective`] run on the caller's thread,
+/// straight on the caller's buffer.
 pub struct Overlapped {
     rank: usize,
     world: usize,
+    coll: Arc<std::sync::Mutex<Box<dyn Collective + Send>>>,
     to_comm: std::sync::mpsc::Sender<Bucket>,
     from_comm: std::sync::mpsc::Receiver<Result<Bucket, CollectiveError>>,
     in_flight: usize,
-    /// Time the comm thread spent in all-reduces since the last `take_busy`.
-    busy: std::sync::Arc<std::sync::Mutex<Duration>>,
+    /// Set by the thread when a collective failed: the ring is then out of step for good.
+    failed: Arc<AtomicBool>,
+    /// Time the comm thread spent in collectives since the last `take_busy`.
+    busy: Arc<std::sync::Mutex<Duration>>,
 }
 
-/// One segment of the gradient buffer on its way through the all-reduce.
+/// One segment of a flat buffer on its way through a collective.
 pub struct Bucket {
-    pub range: std::ops::Range<usize>,
+    pub range: Range<usize>,
     pub data: Vec<f32>,
-    /// Sum as mostly-zero rows of this many floats ([`all_reduce_rows`]).
-    pub row_width: Option<usize>,
+    pub op: Op,
+}
+
+/// What a [`Bucket`] goes through; parts are relative to the bucket.
+pub enum Op {
+    /// [`Collective::all_reduce_sum`].
+    Sum,
+    /// [`all_reduce_rows`], rows of this many floats.
+    SumRows(usize),
+    /// [`Collective::reduce_scatter_sum`]: only this rank's part comes back summed.
+    ReduceScatter(Vec<Range<usize>>),
 }
 
 impl Overlapped {
-    pub fn new(mut coll: Box<dyn Collective + Send>) -> Self {
+    pub fn new(coll: Box<dyn Collective + Send>) -> Self {
         let (rank, world) = (coll.rank(), coll.world_size());
+        let coll = Arc::new(std::sync::Mutex::new(coll));
         let (to_comm, comm_rx) = std::sync::mpsc::channel::<Bucket>();
         let (comm_tx, from_comm) = std::sync::mpsc::channel();
-        let busy = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
-        let busy_comm = std::sync::Arc::clone(&busy);
+        let busy = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let failed = Arc::new(AtomicBool::new(false));
+        let (busy_comm, failed_comm, coll_comm) = (Arc::clone(&busy), Arc::clone(&failed), Arc::clone(&coll));
         // Not joined: it ends when `to_comm` closes, or with the process after an error.
         std::thread::Builder::new()
             .name("all-reduce".into())
             .spawn(move || {
                 for mut b in comm_rx {
                     let t0 = Instant::now();
-                    let r = match b.row_width {
-                        Some(w) => all_reduce_rows(coll.as_mut(), &mut b.data, w),
-                        None => coll.all_reduce_sum(&mut b.data),
+                    let mut coll = coll_comm.lock().expect("collective lock");
+                    let r = match &b.op {
+                        Op::Sum => coll.all_reduce_sum(&mut b.data),
+                        Op::SumRows(w) => all_reduce_rows(coll.as_mut(), &mut b.data, *w),
+                        Op::ReduceScatter(parts) => coll.reduce_scatter_sum(&mut b.data, parts),
                     }
                     .map(|()| b);
+                    drop(coll);
                     *busy_comm.lock().expect("busy lock") += t0.elapsed();
                     let failed = r.is_err();
+                    failed_comm.store(failed, Ordering::Relaxed);
                     if comm_tx.send(r).is_err() || failed {
                         return;
                     }
                 }
             })
             .expect("spawning the all-reduce thread");
-        Overlapped { rank, world, to_comm, from_comm, in_flight: 0, busy }
+        Overlapped { rank, world, coll, to_comm, from_comm, in_flight: 0, failed, busy }
     }
 
     /// Starts summing `data`, the gradients of `range` of the flat buffer.
-    pub fn start(&mut self, range: std::ops::Range<usize>, data: &[f32]) {
-        self.send(Bucket { range, data: data.to_vec(), row_width: None });
+    pub fn start(&mut self, range: Range<usize>, data: &[f32]) {
+        self.send(Bucket { range, data: data.to_vec(), op: Op::Sum });
     }
 
     /// Starts summing `data` as mostly-zero rows of `width` floats ([`all_reduce_rows`]).
-    pub fn start_rows(&mut self, range: std::ops::Range<usize>, data: &[f32], width: usize) {
-        self.send(Bucket { range, data: data.to_vec(), row_width: Some(width) });
+    pub fn start_rows(&mut self, range: Range<usize>, data: &[f32], width: usize) {
+        self.send(Bucket { range, data: data.to_vec(), op: Op::SumRows(width) });
+    }
+
+    /// Starts a reduce-scatter of `data` (`range` of the flat buffer) in which each rank owns
+    /// its part of `shards` (ranges of the flat buffer, one per rank).
+    pub fn start_scatter(&mut self, range: Range<usize>, data: &[f32], shards: &[Range<usize>]) {
+        let parts = within(&range, shards);
+        self.send(Bucket { range, data: data.to_vec(), op: Op::ReduceScatter(parts) });
     }
 
     fn send(&mut self, b: Bucket) {
@@ -527,23 +597,53 @@ impl Overlapped {
         }
     }
 
-    /// Waits for every started sum and writes it into `grads`.
-    pub fn finish(&mut self, grads: &mut [f32]) -> Result<(), CollectiveError> {
+    /// Waits for every started collective and writes what it gave this rank into `buf`.
+    pub fn finish(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         while self.in_flight > 0 {
             let b = self
                 .from_comm
                 .recv()
                 .map_err(|_| CollectiveError::Setup("the all-reduce thread stopped after an error".into()))??;
             self.in_flight -= 1;
-            grads[b.range].copy_from_slice(&b.data);
+            let kept = match &b.op {
+                Op::ReduceScatter(parts) => parts[self.rank].clone(),
+                _ => 0..b.data.len(),
+            };
+            buf[b.range.start + kept.start..b.range.start + kept.end].copy_from_slice(&b.data[kept]);
         }
         Ok(())
     }
 
-    /// The time the all-reduce thread spent summing since the last call.
+    /// The time the all-reduce thread spent in collectives since the last call.
     pub fn take_busy(&mut self) -> Duration {
         std::mem::take(&mut *self.busy.lock().expect("busy lock"))
     }
+
+    /// Runs a blocking collective on this thread; only between steps.
+    fn blocking(
+        &mut self,
+        f: impl FnOnce(&mut dyn Collective) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        if self.in_flight > 0 {
+            return Err(CollectiveError::Setup("a blocking collective with gradient buckets in flight".into()));
+        }
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(CollectiveError::Setup("the ring failed in an earlier collective".into()));
+        }
+        let mut coll = self.coll.lock().expect("collective lock");
+        f(coll.as_mut())
+    }
+}
+
+/// `shards` (ranges of a flat buffer) cut to `range` and made relative to its start.
+pub fn within(range: &Range<usize>, shards: &[Range<usize>]) -> Vec<Range<usize>> {
+    shards
+        .iter()
+        .map(|s| {
+            let (a, b) = (s.start.clamp(range.start, range.end), s.end.clamp(range.start, range.end));
+            a - range.start..b.max(a) - range.start
+        })
+        .collect()
 }
 
 impl Collective for Overlapped {
@@ -553,13 +653,13 @@ impl Collective for Overlapped {
     fn world_size(&self) -> usize {
         self.world
     }
-    /// A blocking sum through the same thread; only between steps (no buckets in flight).
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError> {
+        self.blocking(|c| c.reduce_scatter_sum(buf, parts))
+    }
+    fn all_gather(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError> {
+        self.blocking(|c| c.all_gather(buf, parts))
+    }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        if self.in_flight > 0 {
-            return Err(CollectiveError::Setup("all_reduce_sum with gradient buckets in flight".into()));
-        }
-        let whole = 0..buf.len();
-        self.start(whole, buf);
-        self.finish(buf)
+        self.blocking(|c| c.all_reduce_sum(buf))
     }
 }

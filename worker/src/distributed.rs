@@ -13,7 +13,7 @@
 //! parameters never diverge.
 
 use crate::checkpoint;
-use crate::collective::{Collective, Overlapped, Ring, RingHandle, RingOptions};
+use crate::collective::{Collective, CollectiveError, Overlapped, Ring, RingHandle, RingOptions};
 use crate::engine::{self, Compute, Engine, Peers};
 use crate::tokenize::TextEncoder;
 use crate::train::{CheckpointAt, EvalSplit, Example, JobIo, Resume, RunInfo, Split};
@@ -28,6 +28,7 @@ use proto::v1::{
     Split as WireSplit,
 };
 use std::net::{SocketAddr, TcpListener};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -467,7 +468,23 @@ impl Collective for FaultPoint {
     fn world_size(&self) -> usize {
         self.inner.world_size()
     }
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), crate::collective::CollectiveError> {
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError> {
+        self.tick();
+        self.inner.reduce_scatter_sum(buf, parts)
+    }
+    fn all_gather(&mut self, buf: &mut [f32], parts: &[Range<usize>]) -> Result<(), CollectiveError> {
+        self.tick();
+        self.inner.all_gather(buf, parts)
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.tick();
+        self.inner.all_reduce_sum(buf)
+    }
+}
+
+impl FaultPoint {
+    /// Counts this step's collectives; the "allreduce" fault point is the second.
+    fn tick(&mut self) {
         let step = self.completed.load(Ordering::Relaxed) + 1;
         if self.calls.0 != step {
             self.calls = (step, 0);
@@ -476,7 +493,6 @@ impl Collective for FaultPoint {
         if self.calls.1 == 2 {
             job::fault::worker_point(self.rank, self.generation, "allreduce", step);
         }
-        self.inner.all_reduce_sum(buf)
     }
 }
 
@@ -896,7 +912,7 @@ impl JobIo for RankIo<'_, '_> {
         let every = self.job.elastic.checksum_every;
         if every > 0 && step.is_multiple_of(every) {
             g.phase("comparing parameter checksums");
-            let checksum = checksum(&engine.host()?.0.params);
+            let checksum = checksum(&engine.host_params()?.params);
             let report = ChecksumReport { rank: g.rank as u32, generation: g.generation, step, checksum };
             let client = &mut self.client;
             g.wait(async { Ok(client.report_checksum(report).await?) })
@@ -916,8 +932,10 @@ impl JobIo for RankIo<'_, '_> {
 
     fn checkpoint(&mut self, engine: &mut dyn Engine, at: &CheckpointAt) -> anyhow::Result<()> {
         let g = self.g;
+        // Rank 0 saves; with ZeRO-1 every rank takes part in gathering the optimizer state.
+        let state = if g.rank == 0 || self.job.train.zero == 1 { engine.host()? } else { None };
         if g.rank != 0 {
-            return Ok(()); // rank 0 saves
+            return Ok(());
         }
         let header = CheckpointHeader {
             rank: 0,
@@ -934,7 +952,7 @@ impl JobIo for RankIo<'_, '_> {
             // At most one upload is in flight: the previous one must have landed.
             wait_upload(g, &mut self.pending_upload)?;
         }
-        let (model, opt) = engine.host()?;
+        let (model, opt) = state.context("rank 0 holds the gathered optimizer state")?;
         let files = checkpoint::state_files(model, opt, &self.reply.labels, self.job.tokenizer_path().parent())?;
         let upload = upload_checkpoint(self.client.clone(), header, files);
         if at.is_final {

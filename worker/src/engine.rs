@@ -71,8 +71,12 @@ pub trait Engine {
     fn optimizer_step(&mut self, lr: f64) -> anyhow::Result<()>;
     /// Each row's predicted class and loss in the last forward: what evaluation counts.
     fn predictions(&mut self) -> anyhow::Result<(Vec<u32>, Vec<f32>)>;
-    /// The parameters and optimizer state, copied to the host where they live elsewhere.
-    fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)>;
+    /// The parameters, copied to the host where they live elsewhere.
+    fn host_params(&mut self) -> anyhow::Result<&Bert>;
+    /// The parameters and the whole optimizer state (a checkpoint's), copied to the host where
+    /// they live elsewhere. With ZeRO-1 the moments are spread over the ranks: every rank must
+    /// call it at the same point, rank 0 gathers them and the others get `None`.
+    fn host(&mut self) -> anyhow::Result<Option<(&Bert, &AdamW)>>;
     /// Changes the parameters through `f` (the fault tests' silent desync).
     fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()>;
 }
@@ -101,13 +105,8 @@ pub enum Compute {
 
 /// The engine on `compute`, starting from `model` and `opt` (a checkpoint's, or fresh): the one
 /// place that picks the CPU or the GPU implementation.
-pub fn open(
-    compute: &Compute,
-    model: Bert,
-    opt: AdamW,
-    precision: Precision,
-    peers: Peers,
-) -> anyhow::Result<Box<dyn Engine>> {
+pub fn open(compute: &Compute, model: Bert, opt: AdamW, how: Options, peers: Peers) -> anyhow::Result<Box<dyn Engine>> {
+    let Options { precision, zero } = how;
     match (compute, peers) {
         (Compute::Cpu, Peers::Nccl(..)) => anyhow::bail!("a CPU engine sums with the ring, not NCCL"),
         (Compute::Cpu, peers) => {
@@ -115,13 +114,28 @@ pub fn open(
                 precision == Precision::Fp32,
                 "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
             );
-            let ring = match peers {
-                Peers::Ring(r) => Some(r),
-                _ => None,
+            let (ring, zero, opt) = match peers {
+                Peers::Ring(r) if zero => {
+                    let shards = crate::collective::chunk_ranges(model.params.len(), r.world_size());
+                    let own = shards[r.rank()].clone();
+                    tracing::info!(
+                        rank = r.rank(),
+                        from = own.start,
+                        to = own.end,
+                        "ZeRO-1: this rank steps its shard of the optimizer"
+                    );
+                    let opt = opt.shard(own);
+                    (Some(r), Some(Zero { shards, gathered: None }), opt)
+                }
+                Peers::Ring(r) => (Some(r), None, opt),
+                _ => (None, None, opt),
             };
-            Ok(Box::new(CpuEngine { model, opt, ring }))
+            Ok(Box::new(CpuEngine { model, opt, ring, zero }))
         }
         (Compute::Gpu(_), Peers::Ring(_)) => anyhow::bail!("a GPU engine sums with NCCL, not the ring"),
+        (Compute::Gpu(_), Peers::Nccl(..)) if zero => {
+            anyhow::bail!("train.zero = 1 is built for the CPU ring only: on GPUs set train.zero = 0")
+        }
         (Compute::Gpu(gpu), peers) => {
             let mut dev = GpuBert::new(Arc::clone(gpu), model.cfg.clone(), model.layout.clone(), &model.params)?;
             dev.set_precision(precision)?;
@@ -136,10 +150,51 @@ pub fn open(
     }
 }
 
+/// How an engine computes and keeps its optimizer state.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub precision: Precision,
+    /// ZeRO-1 (`train.zero = 1`): each rank keeps and steps only its shard of AdamW's state.
+    pub zero: bool,
+}
+
+impl Options {
+    pub fn of(t: &job::config::TrainSection) -> Self {
+        Options { precision: t.precision, zero: t.zero == 1 }
+    }
+}
+
 struct CpuEngine {
     model: Bert,
+    /// The whole optimizer, or with ZeRO-1 this rank's shard of it.
     opt: AdamW,
     ring: Option<Overlapped>,
+    zero: Option<Zero>,
+}
+
+/// ZeRO-1 on the CPU ring: rank r owns `shards[r]` of the flat buffers (nearly equal ranges).
+/// Backward reduce-scatters each gradient segment so that every rank gets the sum of the part
+/// it owns (the word embeddings, whose gradient is mostly zero rows, are still all-reduced as
+/// sparse rows); the global norm adds the shards' sums of squares; each rank runs AdamW on its
+/// shard only; an all-gather then gives every rank the whole new parameters. The moments live
+/// only in their shard, so a checkpoint gathers them on rank 0 (the checkpoint format, the
+/// uploading rank and resuming on another world size stay as they are).
+struct Zero {
+    shards: Vec<std::ops::Range<usize>>,
+    /// The whole optimizer, gathered on rank 0 for a checkpoint (dropped at the next step).
+    gathered: Option<AdamW>,
+}
+
+/// Floats per piece of the moments' gather for a checkpoint (so that ranks other than 0 hold
+/// no whole copy).
+const GATHER_PIECE: usize = 1 << 21;
+
+impl CpuEngine {
+    /// This rank's shard, with ZeRO-1.
+    fn own(&self) -> Option<std::ops::Range<usize>> {
+        let (z, ring) = (self.zero.as_ref()?, self.ring.as_ref()?);
+        Some(z.shards[ring.rank()].clone())
+    }
 }
 
 impl Engine for CpuEngine {
@@ -164,16 +219,21 @@ impl Engine for CpuEngine {
         // are summed as sparse rows.
         let words = self.model.layout.range("embeddings.word_embeddings.weight");
         let width = self.model.cfg.hidden_size;
+        let shards = self.zero.as_ref().map(|z| &z.shards[..]);
+        let dense = |ring: &mut Overlapped, range: std::ops::Range<usize>, g: &[f32]| match shards {
+            Some(shards) => ring.start_scatter(range, g, shards),
+            None => ring.start(range, g),
+        };
         self.model.backward_with(batch, loss_scale, &mut |range, grads| {
             let g = &grads[range.clone()];
             if range.start == words.start && range.end >= words.end {
                 let (w, rest) = g.split_at(words.len());
                 ring.start_rows(words.clone(), w, width);
                 if !rest.is_empty() {
-                    ring.start(words.end..range.end, rest);
+                    dense(ring, words.end..range.end, rest);
                 }
             } else {
-                ring.start(range, g);
+                dense(ring, range, g);
             }
             Ok(())
         })?;
@@ -199,16 +259,43 @@ impl Engine for CpuEngine {
     }
 
     fn clip_grad_norm(&mut self, max_norm: f32) -> anyhow::Result<f32> {
-        let norm = gradnorm::global_norm(&self.model.grads);
+        let Some(own) = self.own() else {
+            let norm = gradnorm::global_norm(&self.model.grads);
+            if max_norm > 0.0 {
+                gradnorm::clip_grad_norm(&mut self.model.grads, norm, max_norm);
+            }
+            return Ok(norm);
+        };
+        // Every rank's f64 sum of squares, gathered bit for bit (as two f32 words each) and
+        // added in rank order: every rank computes the same norm.
+        let ring = self.ring.as_mut().expect("ZeRO-1 has a ring");
+        let (rank, world) = (ring.rank(), ring.world_size());
+        let mut words = vec![0.0f32; 2 * world];
+        let bits = gradnorm::sum_of_squares(&self.model.grads[own.clone()]).to_bits();
+        words[2 * rank] = f32::from_bits(bits as u32);
+        words[2 * rank + 1] = f32::from_bits((bits >> 32) as u32);
+        let parts: Vec<_> = (0..world).map(|r| 2 * r..2 * r + 2).collect();
+        ring.all_gather(&mut words, &parts).context("gathering the gradient norm")?;
+        let total: f64 = words
+            .chunks(2)
+            .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | (u64::from(w[1].to_bits()) << 32)))
+            .sum();
+        let norm = total.sqrt() as f32;
         if max_norm > 0.0 {
-            gradnorm::clip_grad_norm(&mut self.model.grads, norm, max_norm);
+            gradnorm::clip_grad_norm(&mut self.model.grads[own], norm, max_norm);
         }
         Ok(norm)
     }
 
     fn optimizer_step(&mut self, lr: f64) -> anyhow::Result<()> {
         let m = &mut self.model;
-        self.opt.step(&m.layout, &mut m.params, &m.grads, lr);
+        let (Some(z), Some(ring)) = (self.zero.as_mut(), self.ring.as_mut()) else {
+            self.opt.step(&m.layout, &mut m.params, &m.grads, lr);
+            return Ok(());
+        };
+        z.gathered = None;
+        self.opt.step_shard(&m.layout, &mut m.params, &m.grads, lr, z.shards[ring.rank()].clone());
+        ring.all_gather(&mut m.params, &z.shards).context("all-gathering the parameters")?;
         Ok(())
     }
 
@@ -216,8 +303,39 @@ impl Engine for CpuEngine {
         self.model.predictions()
     }
 
-    fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)> {
-        Ok((&self.model, &self.opt))
+    fn host_params(&mut self) -> anyhow::Result<&Bert> {
+        Ok(&self.model)
+    }
+
+    fn host(&mut self) -> anyhow::Result<Option<(&Bert, &AdamW)>> {
+        let (Some(z), Some(ring)) = (self.zero.as_mut(), self.ring.as_mut()) else {
+            return Ok(Some((&self.model, &self.opt)));
+        };
+        // Each moment in pieces: a piece holds this rank's part of it, the all-gather fills in
+        // the others', and rank 0 keeps it.
+        let (rank, len) = (ring.rank(), self.model.params.len());
+        let own = z.shards[rank].clone();
+        let mut full = (rank == 0).then(|| self.opt.with_moments(vec![0.0; len], vec![0.0; len]));
+        for (mine, which) in [(&self.opt.m, 0), (&self.opt.v, 1)] {
+            let mut start = 0;
+            while start < len {
+                let range = start..(start + GATHER_PIECE).min(len);
+                let mut piece = vec![0.0; range.len()];
+                let (a, b) = (own.start.max(range.start), own.end.min(range.end));
+                if a < b {
+                    piece[a - range.start..b - range.start].copy_from_slice(&mine[a - own.start..b - own.start]);
+                }
+                let parts = crate::collective::within(&range, &z.shards);
+                ring.all_gather(&mut piece, &parts).context("gathering the optimizer state")?;
+                if let Some(f) = full.as_mut() {
+                    let dst = if which == 0 { &mut f.m } else { &mut f.v };
+                    dst[range.clone()].copy_from_slice(&piece);
+                }
+                start = range.end;
+            }
+        }
+        z.gathered = full;
+        Ok(z.gathered.as_ref().map(|opt| (&self.model, opt)))
     }
 
     fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()> {
@@ -316,10 +434,15 @@ impl Engine for GpuEngine {
         self.dev.predictions()
     }
 
-    fn host(&mut self) -> anyhow::Result<(&Bert, &AdamW)> {
+    fn host_params(&mut self) -> anyhow::Result<&Bert> {
+        self.host.params = self.dev.download_params()?;
+        Ok(&self.host)
+    }
+
+    fn host(&mut self) -> anyhow::Result<Option<(&Bert, &AdamW)>> {
         self.host.params = self.dev.download_params()?;
         self.dev_opt.download_into(self.dev.gpu(), &mut self.host_opt)?;
-        Ok((&self.host, &self.host_opt))
+        Ok(Some((&self.host, &self.host_opt)))
     }
 
     fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()> {

@@ -134,7 +134,13 @@ pub fn nccl_step_parity(gpu: &Arc<Gpu>, steps: usize) -> anyhow::Result<usize> {
     let engine = |peers| {
         let model = checkpoint::init_model(cfg.clone(), Head::Classification { num_labels: 2 }, 11);
         let opt = AdamW::new(model.layout.total, 0.9, 0.999, 1e-8, 0.01);
-        crate::engine::open(&compute, model, opt, Precision::Fp32, peers)
+        crate::engine::open(
+            &compute,
+            model,
+            opt,
+            crate::engine::Options { precision: Precision::Fp32, zero: false },
+            peers,
+        )
     };
     let watchdog = crate::watchdog::Watchdog::new(std::time::Duration::from_secs(60), crate::watchdog::abort_process());
     let ring = crate::nccl::NcclRing::connect(gpu.ctx.new_stream()?, 0, 1, &crate::nccl::new_id()?, watchdog)?;
@@ -146,7 +152,7 @@ pub fn nccl_step_parity(gpu: &Arc<Gpu>, steps: usize) -> anyhow::Result<usize> {
         crate::train::optimizer_step(&mut *plain, &micro, 8, &t, step as u64, 1e-3)?;
         crate::train::optimizer_step(&mut *synced, &micro, 8, &t, step as u64, 1e-3)?;
     }
-    let (a, b) = (&plain.host()?.0.params.clone(), &synced.host()?.0.params);
+    let (a, b) = (&plain.host_params()?.params.clone(), &synced.host_params()?.params);
     Ok(a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count())
 }
 

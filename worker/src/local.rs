@@ -171,7 +171,7 @@ impl JobIo for LocalIo<'_> {
     }
 
     fn checkpoint(&mut self, engine: &mut dyn Engine, at: &CheckpointAt) -> anyhow::Result<()> {
-        let (model, opt) = engine.host()?;
+        let (model, opt) = engine.host()?.context("a world of one holds its whole optimizer state")?;
         let files = checkpoint::state_files(model, opt, &self.info.labels, self.job.tokenizer_path().parent())?;
         let mut partial = self.store.begin(at.step)?;
         for (name, bytes) in &files {

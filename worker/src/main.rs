@@ -286,7 +286,7 @@ fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool, precisio
         train.adam_eps,
         train.weight_decay,
     );
-    let mut engine = engine::open(&Compute::Cpu, model, opt, precision, Peers::Alone)?;
+    let mut engine = engine::open(&Compute::Cpu, model, opt, engine::Options { precision, zero: false }, Peers::Alone)?;
     let batch = Batch {
         b,
         t,

@@ -46,19 +46,37 @@ impl AdamW {
 
     /// One step at learning rate `lr` over every tensor of `layout`.
     pub fn step(&mut self, layout: &Layout, params: &mut [f32], grads: &[f32], lr: f64) {
+        self.step_shard(layout, params, grads, lr, 0..params.len());
+    }
+
+    /// One step at `lr` over `shard` of the flat buffers only, whose moments these are (ZeRO-1:
+    /// each rank steps its own shard). AdamW is elementwise, so the shards' steps together are
+    /// the whole step, bit for bit.
+    pub fn step_shard(
+        &mut self,
+        layout: &Layout,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        shard: std::ops::Range<usize>,
+    ) {
+        assert_eq!(self.m.len(), shard.len(), "AdamW's moments are not those of shard {shard:?}");
         self.t += 1;
         for e in &layout.entries {
             let r = e.range();
+            let r = r.start.max(shard.start)..r.end.min(shard.end);
+            if r.is_empty() {
+                continue;
+            }
             let hp = self.tensor_params(lr, e.decay);
-            adamw_update(
-                &mut params[r.clone()],
-                &grads[r.clone()],
-                &mut self.m[r.clone()],
-                &mut self.v[r],
-                &hp,
-                self.t,
-            );
+            let own = r.start - shard.start..r.end - shard.start;
+            adamw_update(&mut params[r.clone()], &grads[r], &mut self.m[own.clone()], &mut self.v[own], &hp, self.t);
         }
+    }
+
+    /// The same optimizer over the moments of `shard` only.
+    pub fn shard(&self, shard: std::ops::Range<usize>) -> AdamW {
+        self.with_moments(self.m[shard.clone()].to_vec(), self.v[shard].to_vec())
     }
 }
 

@@ -283,7 +283,7 @@ pub fn run(io: &mut dyn JobIo, job: &JobConfig, compute: &Compute, peers: Peers)
     let resume = io.resume()?;
     let (model, opt, mut step) = load_start(job, &info, &plan, resume)?;
     io.start(step, plan.cursor(step))?;
-    let mut engine = engine::open(compute, model, opt, t.precision, peers)?;
+    let mut engine = engine::open(compute, model, opt, engine::Options::of(t), peers)?;
     let engine = &mut *engine;
 
     // The steps, with the evaluations and checkpoints due between them.

@@ -6,7 +6,7 @@
 use job::config::RingTransport;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
-use worker::collective::{all_reduce_rows, chunk_ranges, Collective, CollectiveError, Ring, RingOptions};
+use worker::collective::{all_reduce_rows, chunk_ranges, Collective, CollectiveError, Overlapped, Ring, RingOptions};
 
 fn value(rank: usize, i: usize) -> f32 {
     // Values of mixed magnitude, so that the order of the sum shows in the bits.
@@ -46,6 +46,15 @@ fn on_ring_with<T: Send + 'static>(
     transport: RingTransport,
     f: impl Fn(usize, &mut Ring) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
+    on_owned_ring(n, transport, move |rank, mut ring| f(rank, &mut ring))
+}
+
+/// [`on_ring_with`], handing each rank its ring.
+fn on_owned_ring<T: Send + 'static>(
+    n: usize,
+    transport: RingTransport,
+    f: impl Fn(usize, Ring) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let (ls, addrs) = listeners(n);
     let f = std::sync::Arc::new(f);
     let handles: Vec<_> = ls
@@ -55,11 +64,11 @@ fn on_ring_with<T: Send + 'static>(
             let (addrs, f) = (addrs.clone(), std::sync::Arc::clone(&f));
             std::thread::spawn(move || {
                 let o = RingOptions { transport, ..opts(Duration::from_secs(10)) };
-                let mut ring = Ring::connect(rank, &addrs, l, &o).unwrap();
+                let ring = Ring::connect(rank, &addrs, l, &o).unwrap();
                 if transport == RingTransport::Tcp {
                     assert_eq!(ring.shared_memory(), (false, false), "rank {rank}: shared memory with tcp");
                 }
-                f(rank, &mut ring)
+                f(rank, ring)
             })
         })
         .collect();
@@ -322,4 +331,84 @@ fn peers_that_drip_their_hello_do_not_hold_up_the_ring() {
         d.join().unwrap();
     }
     assert!(took < Duration::from_secs(4), "the ring took {took:?} to form beside 3 dripping peers");
+}
+
+/// ZeRO-1's collectives: each rank's part of a reduce-scatter is the sum of that range over the
+/// ranks (uneven parts, an empty one, a part with no float to its name), an all-gather copies
+/// each rank's part to all bit for bit, and the two through the collective thread
+/// ([`Overlapped`]), in pieces, give the same as on the ring itself.
+#[test]
+fn reduce_scatter_and_all_gather_by_uneven_parts() {
+    for n in [2usize, 3, 4] {
+        let len = 1000 + 7 * n;
+        // Rank 0 owns nothing; the others split the buffer unevenly.
+        let mut cuts: Vec<usize> = (0..n).map(|r| if r == 0 { 0 } else { len * r * r / (n * n) }).collect();
+        cuts.push(len);
+        let parts: Vec<std::ops::Range<usize>> = (0..n).map(|r| cuts[r]..cuts[r + 1]).collect();
+        let parts2 = parts.clone();
+        let got = on_ring(n, move |rank, ring| {
+            let parts = &parts2;
+            let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+            ring.reduce_scatter_sum(&mut buf, parts).unwrap();
+            let summed = buf[parts[rank].clone()].to_vec();
+            // Each rank's own marker values, gathered.
+            let mut g: Vec<f32> =
+                (0..len).map(|i| if parts[rank].contains(&i) { value(rank, i) } else { f32::NAN }).collect();
+            ring.all_gather(&mut g, parts).unwrap();
+            (summed, g)
+        });
+        let want = run_ring(n, len, RingTransport::Auto)[0].clone();
+        for (rank, (summed, gathered)) in got.iter().enumerate() {
+            let p = parts[rank].clone();
+            let exact: Vec<f32> = p.clone().map(|i| (0..n).map(|r| value(r, i)).sum::<f32>()).collect();
+            for (k, i) in p.clone().enumerate() {
+                let close = (summed[k] - exact[k]).abs() <= 1e-4 * exact[k].abs().max(1.0);
+                assert!(close, "n {n} rank {rank} element {i}: {} vs {}", summed[k], exact[k]);
+            }
+            let owner = |i: usize| parts.iter().position(|q| q.contains(&i)).unwrap();
+            for (i, &x) in gathered.iter().enumerate() {
+                assert_eq!(x.to_bits(), value(owner(i), i).to_bits(), "n {n} rank {rank}: gathered element {i}");
+            }
+        }
+        // With the parts of the all-reduce, the reduce-scatter gives the all-reduce's bits.
+        let sum_parts = worker::collective::sum_parts(len, n);
+        let got = on_ring(n, move |rank, ring| {
+            let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+            ring.reduce_scatter_sum(&mut buf, &sum_parts).unwrap();
+            buf[sum_parts[rank].clone()].to_vec()
+        });
+        let parts = worker::collective::sum_parts(len, n);
+        for (rank, part) in got.iter().enumerate() {
+            assert_eq!(part[..], want[parts[rank].clone()], "n {n} rank {rank}: reduce-scatter vs all-reduce bits");
+        }
+    }
+}
+
+/// The same collectives through the collective thread: `start_scatter` of two segments by
+/// shards of the whole buffer, then an all-gather of the shards between steps.
+#[test]
+fn overlapped_scatter_and_gather_by_shards() {
+    let (n, len) = (3usize, 2500usize);
+    let got = on_owned_ring(n, RingTransport::Auto, move |rank, ring| {
+        let mut o = Overlapped::new(Box::new(ring));
+        let shards = chunk_ranges(len, n);
+        let mine: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+        let mut out = vec![f32::NAN; len];
+        o.start_scatter(1200..len, &mine[1200..], &shards);
+        o.start_scatter(0..1200, &mine[..1200], &shards);
+        o.finish(&mut out).unwrap();
+        let own = shards[rank].clone();
+        let summed = out[own.clone()].to_vec();
+        let mut params: Vec<f32> = (0..len).map(|i| if own.contains(&i) { i as f32 } else { -1.0 }).collect();
+        o.all_gather(&mut params, &shards).unwrap();
+        (summed, params)
+    });
+    let shards = chunk_ranges(len, n);
+    for (rank, (summed, params)) in got.iter().enumerate() {
+        for (k, i) in shards[rank].clone().enumerate() {
+            let exact: f32 = (0..n).map(|r| value(r, i)).sum();
+            assert!((summed[k] - exact).abs() <= 1e-4 * exact.abs().max(1.0), "rank {rank} element {i}");
+        }
+        assert_eq!(*params, (0..len).map(|i| i as f32).collect::<Vec<_>>(), "rank {rank}: gathered parameters");
+    }
 }
