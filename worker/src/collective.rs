@@ -475,30 +475,44 @@ impl Collective for Ring {
     }
 }
 
-/// The sum of a buffer of rows of `width` floats of which most are zero on every rank, such as the
-/// word-embedding gradient of a classifier (only the rows of the batch's tokens are non-zero):
-/// the ranks first sum a one-float-per-row indicator of their non-zero rows, then sum only the
-/// rows that are non-zero somewhere, packed in row order; every other row is zero on every rank
-/// and is set to +0.0. Each rank ends with the same bits. For BERT's 30522-row vocabulary and a
-/// batch of short texts that is a few percent of the dense traffic.
-pub fn all_reduce_rows(coll: &mut dyn Collective, data: &mut [f32], width: usize) -> Result<(), CollectiveError> {
-    if width == 0 || !data.len().is_multiple_of(width) {
-        return Err(CollectiveError::Setup(format!("{} floats are not rows of {width}", data.len())));
+/// The sum of a buffer of `count` rows of `width` floats of which most are zero on every rank,
+/// such as the word-embedding gradient of a classifier (only the rows of the batch's tokens are
+/// non-zero). Each rank gives the rows that may be non-zero on it (`rows`, ascending) and their
+/// values (`packed`, in that order); every other row must be zero there. The ranks first sum a
+/// one-float-per-row indicator of their rows, then sum the rows named anywhere, packed in row
+/// order (zeros where a rank has none). Returns those rows and their sums, the same bits on
+/// every rank; every other row's sum is zero. For BERT's 30522-row vocabulary and a batch of
+/// short texts that is a few percent of the dense traffic, and no pass over the dense buffer.
+pub fn all_reduce_rows(
+    coll: &mut dyn Collective,
+    rows: &[u32],
+    packed: &[f32],
+    count: usize,
+    width: usize,
+) -> Result<(Vec<u32>, Vec<f32>), CollectiveError> {
+    let ascending = rows.windows(2).all(|w| w[0] < w[1]) && rows.last().is_none_or(|&r| (r as usize) < count);
+    if !ascending || packed.len() != rows.len() * width {
+        return Err(CollectiveError::Setup(format!(
+            "{} rows (ascending, below {count}?) of {width} floats given as {} floats",
+            rows.len(),
+            packed.len()
+        )));
     }
-    let mut touched: Vec<f32> =
-        data.chunks(width).map(|r| if r.iter().any(|&x| x != 0.0) { 1.0 } else { 0.0 }).collect();
-    coll.all_reduce_sum(&mut touched)?;
-    let rows: Vec<usize> = (0..touched.len()).filter(|&i| touched[i] > 0.0).collect();
-    let mut packed = Vec::with_capacity(rows.len() * width);
-    for &i in &rows {
-        packed.extend_from_slice(&data[i * width..(i + 1) * width]);
+    let mut named = vec![0.0f32; count];
+    for &r in rows {
+        named[r as usize] = 1.0;
     }
-    coll.all_reduce_sum(&mut packed)?;
-    data.fill(0.0);
-    for (k, &i) in rows.iter().enumerate() {
-        data[i * width..(i + 1) * width].copy_from_slice(&packed[k * width..(k + 1) * width]);
+    coll.all_reduce_sum(&mut named)?;
+    let union: Vec<u32> = (0..count as u32).filter(|&i| named[i as usize] > 0.0).collect();
+    let mut sums = vec![0.0f32; union.len() * width];
+    let mut mine = rows.iter().zip(packed.chunks(width.max(1))).peekable();
+    for (k, &r) in union.iter().enumerate() {
+        if let Some((_, values)) = mine.next_if(|(&m, _)| m == r) {
+            sums[k * width..(k + 1) * width].copy_from_slice(values);
+        }
     }
-    Ok(())
+    coll.all_reduce_sum(&mut sums)?;
+    Ok((union, sums))
 }
 
 /// A collective on its own thread, so that gradient sums run while backward computes the rest:
@@ -532,8 +546,9 @@ pub struct Bucket {
 pub enum Op {
     /// [`Collective::all_reduce_sum`].
     Sum,
-    /// [`all_reduce_rows`], rows of this many floats.
-    SumRows(usize),
+    /// [`all_reduce_rows`]: the data holds these rows of `width` floats, of a buffer of `count`
+    /// rows; the summed rows come back in their place.
+    SumRows { rows: Vec<u32>, count: usize, width: usize },
     /// [`Collective::reduce_scatter_sum`]: only this rank's part comes back summed.
     ReduceScatter(Vec<Range<usize>>),
 }
@@ -556,7 +571,12 @@ impl Overlapped {
                     let mut coll = coll_comm.lock().expect("collective lock");
                     let r = match &b.op {
                         Op::Sum => coll.all_reduce_sum(&mut b.data),
-                        Op::SumRows(w) => all_reduce_rows(coll.as_mut(), &mut b.data, *w),
+                        Op::SumRows { rows, count, width } => {
+                            let (count, width) = (*count, *width);
+                            all_reduce_rows(coll.as_mut(), rows, &b.data, count, width).map(|(union, sums)| {
+                                (b.data, b.op) = (sums, Op::SumRows { rows: union, count, width });
+                            })
+                        }
                         Op::ReduceScatter(parts) => coll.reduce_scatter_sum(&mut b.data, parts),
                     }
                     .map(|()| b);
@@ -578,9 +598,13 @@ impl Overlapped {
         self.send(Bucket { range, data: data.to_vec(), op: Op::Sum });
     }
 
-    /// Starts summing `data` as mostly-zero rows of `width` floats ([`all_reduce_rows`]).
-    pub fn start_rows(&mut self, range: Range<usize>, data: &[f32], width: usize) {
-        self.send(Bucket { range, data: data.to_vec(), op: Op::SumRows(width) });
+    /// Starts summing `range` of the flat buffer as mostly-zero rows of `width` floats
+    /// ([`all_reduce_rows`]): `rows` (ascending) are those that may be non-zero here, `packed`
+    /// their values. `finish` writes the rows named on any rank; the others stay as they are
+    /// (zero).
+    pub fn start_rows(&mut self, range: Range<usize>, rows: Vec<u32>, packed: Vec<f32>, width: usize) {
+        let count = range.len() / width.max(1);
+        self.send(Bucket { range, data: packed, op: Op::SumRows { rows, count, width } });
     }
 
     /// Starts a reduce-scatter of `data` (`range` of the flat buffer) in which each rank owns
@@ -607,7 +631,14 @@ impl Overlapped {
             self.in_flight -= 1;
             let kept = match &b.op {
                 Op::ReduceScatter(parts) => parts[self.rank].clone(),
-                _ => 0..b.data.len(),
+                Op::SumRows { rows, width, .. } => {
+                    for (&r, values) in rows.iter().zip(b.data.chunks(*width)) {
+                        let at = b.range.start + r as usize * width;
+                        buf[at..at + width].copy_from_slice(values);
+                    }
+                    continue;
+                }
+                Op::Sum => 0..b.data.len(),
             };
             buf[b.range.start + kept.start..b.range.start + kept.end].copy_from_slice(&b.data[kept]);
         }

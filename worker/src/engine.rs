@@ -130,7 +130,8 @@ pub fn open(compute: &Compute, model: Bert, opt: AdamW, how: Options, peers: Pee
                 Peers::Ring(r) => (Some(r), None, opt),
                 _ => (None, None, opt),
             };
-            Ok(Box::new(CpuEngine { model, opt, ring, zero }))
+            let touched = Touched(vec![false; model.cfg.vocab_size]);
+            Ok(Box::new(CpuEngine { model, touched, opt, ring, zero }))
         }
         (Compute::Gpu(_), Peers::Ring(_)) => anyhow::bail!("a GPU engine sums with NCCL, not the ring"),
         (Compute::Gpu(_), Peers::Nccl(..)) if zero => {
@@ -166,6 +167,8 @@ impl Options {
 
 struct CpuEngine {
     model: Bert,
+    /// The vocabulary rows this step's micro-batches have used so far.
+    touched: Touched,
     /// The whole optimizer, or with ZeRO-1 this rank's shard of it.
     opt: AdamW,
     ring: Option<Overlapped>,
@@ -189,6 +192,32 @@ struct Zero {
 /// no whole copy).
 const GATHER_PIECE: usize = 1 << 21;
 
+/// Which word-embedding rows a step's backward can have made non-zero: the rows of its tokens,
+/// as the embedding lookup is the gradient's only source, except under a masked-LM head, whose
+/// decoder shares the word embeddings and fills every row.
+struct Touched(Vec<bool>);
+
+impl Touched {
+    fn clear(&mut self) {
+        self.0.fill(false);
+    }
+
+    fn add(&mut self, batch: &Batch) {
+        for &id in &batch.input_ids {
+            if let Some(t) = self.0.get_mut(id as usize) {
+                *t = true;
+            }
+        }
+    }
+
+    /// The rows so far and `batch`'s (the last micro-batch's), ascending.
+    fn rows(&mut self, batch: &Batch, head: &crate::layout::Head) -> Vec<u32> {
+        self.add(batch);
+        let every = matches!(head, crate::layout::Head::MaskedLm);
+        (0..self.0.len() as u32).filter(|&r| every || self.0[r as usize]).collect()
+    }
+}
+
 impl CpuEngine {
     /// This rank's shard, with ZeRO-1.
     fn own(&self) -> Option<std::ops::Range<usize>> {
@@ -203,6 +232,7 @@ impl Engine for CpuEngine {
     }
 
     fn zero_grads(&mut self) -> anyhow::Result<()> {
+        self.touched.clear();
         self.model.zero_grads()
     }
 
@@ -212,6 +242,7 @@ impl Engine for CpuEngine {
 
     fn backward(&mut self, batch: &Batch, loss_scale: f32, sum: bool) -> anyhow::Result<()> {
         let Some(ring) = self.ring.as_mut().filter(|_| sum) else {
+            self.touched.add(batch);
             return Ok(self.model.backward(batch, loss_scale)?);
         };
         // The word embeddings lead the buffer and are the last segment backward reports; their
@@ -219,6 +250,7 @@ impl Engine for CpuEngine {
         // are summed as sparse rows.
         let words = self.model.layout.range("embeddings.word_embeddings.weight");
         let width = self.model.cfg.hidden_size;
+        let rows = self.touched.rows(batch, &self.model.layout.head);
         let shards = self.zero.as_ref().map(|z| &z.shards[..]);
         let dense = |ring: &mut Overlapped, range: std::ops::Range<usize>, g: &[f32]| match shards {
             Some(shards) => ring.start_scatter(range, g, shards),
@@ -228,7 +260,8 @@ impl Engine for CpuEngine {
             let g = &grads[range.clone()];
             if range.start == words.start && range.end >= words.end {
                 let (w, rest) = g.split_at(words.len());
-                ring.start_rows(words.clone(), w, width);
+                let packed = rows.iter().flat_map(|&r| &w[r as usize * width..(r as usize + 1) * width]).copied();
+                ring.start_rows(words.clone(), rows.clone(), packed.collect(), width);
                 if !rest.is_empty() {
                     dense(ring, words.end..range.end, rest);
                 }

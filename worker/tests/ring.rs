@@ -136,10 +136,20 @@ fn a_dead_peer_is_an_error_not_a_hang() {
 /// non-zero rows (some shared, some not), and every rank gets the same bits.
 #[test]
 fn sparse_rows_sum_equals_the_dense_sum() {
-    let (rows, width) = (1000, 7);
+    let (count, width) = (1000usize, 7usize);
+    // Each rank's rows: two shared, two of its own, and row 700, named but zero on rank 0.
+    let rows_of = |rank: usize| -> Vec<u32> {
+        let mut r = vec![3, 17 + rank as u32, 500, 999 - 2 * rank as u32];
+        if rank == 0 {
+            r.push(700);
+        }
+        r.sort();
+        r
+    };
     let local = move |rank: usize| -> Vec<f32> {
-        let mut v = vec![0.0f32; rows * width];
-        for r in [3, 17 + rank, 500, 999 - 2 * rank] {
+        let mut v = vec![0.0f32; count * width];
+        for r in rows_of(rank).into_iter().filter(|&r| r != 700) {
+            let r = r as usize;
             for j in 0..width {
                 v[r * width + j] = value(rank, r * width + j);
             }
@@ -148,29 +158,35 @@ fn sparse_rows_sum_equals_the_dense_sum() {
     };
     for n in [2usize, 3] {
         let got = on_ring(n, move |rank, ring| {
-            let mut sparse = local(rank);
-            all_reduce_rows(ring, &mut sparse, width).unwrap();
-            sparse
+            let (rows, dense) = (rows_of(rank), local(rank));
+            let packed: Vec<f32> =
+                rows.iter().flat_map(|&r| &dense[r as usize * width..(r as usize + 1) * width]).copied().collect();
+            let (union, sums) = all_reduce_rows(ring, &rows, &packed, count, width).unwrap();
+            let mut out = vec![0.0f32; count * width];
+            for (&r, s) in union.iter().zip(sums.chunks(width)) {
+                out[r as usize * width..(r as usize + 1) * width].copy_from_slice(s);
+            }
+            (union, out)
         });
-        let mut want = vec![0.0f32; rows * width];
+        let mut want = vec![0.0f32; count * width];
         for rank in 0..n {
             for (w, x) in want.iter_mut().zip(local(rank)) {
                 *w += x;
             }
         }
-        for (rank, g) in got.iter().enumerate() {
-            assert_eq!(g, &got[0], "world {n}: rank {rank} differs from rank 0");
+        for (rank, (union, g)) in got.iter().enumerate() {
+            assert_eq!(g, &got[0].1, "world {n}: rank {rank} differs from rank 0");
+            assert_eq!(union.len(), 3 + 2 * n, "world {n}: rows 3, 500, 700 and two of each rank's own");
             for (i, (a, b)) in g.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * b.abs(), "world {n}: element {i}: {a} vs {b}");
             }
         }
-        let nonzero_rows = got[0].chunks(width).filter(|r| r.iter().any(|&x| x != 0.0)).count();
-        assert_eq!(nonzero_rows, 2 + 2 * n, "world {n}: rows 3 and 500, and two of each rank's own");
+        // Rows out of order are refused.
+        let err = on_ring(n, move |_, ring| all_reduce_rows(ring, &[5, 2], &[0.0; 14], count, width).is_err());
+        assert!(err.iter().all(|&e| e), "world {n}: unsorted rows are an error");
     }
 }
 
-/// With a job token, peers prove they hold it without sending it; a peer with another token, or
-/// none, is refused at the handshake, with an error, not a hang.
 #[test]
 fn ring_peers_must_hold_the_job_token() {
     use proto::auth::JobToken;
