@@ -1,4 +1,5 @@
-//! Collectives between the workers of a job: the sum all-reduce of gradients.
+//! Collectives between the workers of a job: the sum all-reduce of gradients, and for ZeRO-1
+//! its two halves by explicit parts (reduce-scatter of gradients, all-gather of parameters).
 //!
 //! `Collective` is the interface the CPU training loop sees and `Ring` its implementation
 //! (the role gloo plays for PyTorch); GPU ranks sum on the device with NCCL (`nccl.rs`).
