@@ -266,6 +266,17 @@ pub(crate) fn run_ok(mut c: Command) -> (String, String) {
     (out, err)
 }
 
+/// Copies checkpoint `step` of the run in `from` into the fresh output directory `out`, which
+/// a job then resumes from.
+fn seed_checkpoint(from: &Path, step: &str, out: &Path) {
+    let dst = out.join("checkpoints").join(step);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in std::fs::read_dir(from.join("checkpoints").join(step)).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
+    }
+}
+
 pub(crate) fn checkpoint_steps(out: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(out.join("checkpoints"))
         .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok()).collect())
@@ -296,12 +307,7 @@ fn a_resumed_run_ends_bit_identical_to_the_uninterrupted_one() {
 
     // Only the checkpoint of step 10 in a fresh output directory: the job resumes from it.
     let resumed = dir.join("resumed");
-    let from = resumed.join("checkpoints/step-00000010");
-    std::fs::create_dir_all(&from).unwrap();
-    for f in std::fs::read_dir(full.join("checkpoints/step-00000010")).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), from.join(f.file_name())).unwrap();
-    }
+    seed_checkpoint(&full, "step-00000010", &resumed);
     let (_, err) = run_ok(coordinator(&cfg, 2, &resumed));
     assert!(err.contains("resuming") && err.contains("step-00000010"), "{err}");
     assert_eq!(checkpoint_steps(&resumed), vec![10, 15, 20, 25, 30]);
@@ -364,12 +370,7 @@ fn zero_1_trains_the_model_of_the_whole_optimizer() {
     assert!(d < 1e-5, "ZeRO-1, 3 workers: relative difference {d}");
     // Resuming ZeRO-1's checkpoint of step 10 on 3 workers.
     let resumed = dir.join("resumed");
-    let from = resumed.join("checkpoints/step-00000010");
-    std::fs::create_dir_all(&from).unwrap();
-    for f in std::fs::read_dir(z3.join("checkpoints/step-00000010")).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), from.join(f.file_name())).unwrap();
-    }
+    seed_checkpoint(&z3, "step-00000010", &resumed);
     let (_, err) = run_ok(zero(3, &resumed));
     assert!(err.contains("resuming") && err.contains("step-00000010"), "{err}");
     assert_bits_eq(&params(&resumed.join("model")), &got3, "ZeRO-1 resumed vs uninterrupted, 3 workers");
