@@ -81,9 +81,9 @@ pub struct TrainSection {
     pub eval_batch_size: usize,
     /// Worker threads for the kernels (0: one per core).
     pub threads: usize,
-    /// The dense layers' GEMMs on a GPU: `fp32`, or `bf16` (bf16 inputs and outputs, f32
-    /// accumulation, tensor cores; master weights, gradients and AdamW stay f32). The CPU
-    /// computes in f32 only.
+    /// The dense layers' GEMMs: `fp32`, or `bf16` (operands rounded to bf16, products summed in
+    /// f32: tensor cores on a GPU, AVX512_BF16 on a CPU, refused on CPUs without it; master
+    /// weights, gradients and AdamW stay f32).
     pub precision: Precision,
     /// ZeRO stage: 0 (every rank keeps and steps the whole optimizer) or 1 (each rank keeps and
     /// steps its shard of AdamW's state; gradients are reduce-scattered, parameters
@@ -91,7 +91,7 @@ pub struct TrainSection {
     pub zero: u8,
 }
 
-/// Arithmetic of the GPU's dense layers (`train.precision`).
+/// Arithmetic of the dense layers (`train.precision`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

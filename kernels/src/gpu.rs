@@ -406,7 +406,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             oc,
         )?;
         let mut want = vec![0.0; nr * oc];
-        matmul::matmul_forward(&mut want, &inp, &w, Some(&bias), nr, ci, oc);
+        matmul::matmul_forward(matmul::Operands::F32, &mut want, &inp, &w, Some(&bias), nr, ci, oc);
         rows.push(compare("matmul_forward (cuBLAS + bias_rows)", &gpu.download(&d_out)?, &want, TOL));
 
         let (gi, gw, gb) = (randn(nr * ci, 24, 0.01), randn(oc * ci, 25, 0.01), randn(oc, 26, 0.01));
@@ -424,7 +424,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             oc,
         )?;
         let (mut wi, mut ww, mut wb) = (gi.clone(), gw.clone(), gb.clone());
-        matmul::matmul_backward(&mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
+        matmul::matmul_backward(matmul::Operands::F32, &mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
         rows.push(compare("matmul_backward (dinp)", &gpu.download(&d_gi)?, &wi, TOL));
         rows.push(compare("matmul_backward (dweight)", &gpu.download(&d_gw)?, &ww, TOL));
         rows.push(compare("matmul_backward (dbias)", &gpu.download(&d_gb)?, &wb, TOL));
@@ -452,7 +452,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             oc,
         )?;
         let mut want = vec![0.0; nr * oc];
-        matmul::matmul_forward(&mut want, &inp, &w, Some(&bias), nr, ci, oc);
+        matmul::matmul_forward(matmul::Operands::F32, &mut want, &inp, &w, Some(&bias), nr, ci, oc);
         rows.push(compare("matmul_forward_bf16", &gpu.download(&d_out)?, &want, TOL16));
         let (gi, gw, gb) = (randn(nr * ci, 44, 0.01), randn(oc * ci, 45, 0.01), randn(oc, 46, 0.01));
         let (mut d_gi, mut d_gw, mut d_gb) = (gpu.upload(&gi)?, gpu.upload(&gw)?, gpu.upload(&gb)?);
@@ -469,7 +469,7 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             oc,
         )?;
         let (mut wi, mut ww, mut wb) = (gi.clone(), gw.clone(), gb.clone());
-        matmul::matmul_backward(&mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
+        matmul::matmul_backward(matmul::Operands::F32, &mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
         rows.push(compare("matmul_backward_bf16 (dinp)", &gpu.download(&d_gi)?, &wi, TOL16));
         rows.push(compare("matmul_backward_bf16 (dweight)", &gpu.download(&d_gw)?, &ww, TOL16));
         rows.push(compare("matmul_backward_bf16 (dbias)", &gpu.download(&d_gb)?, &wb, TOL));

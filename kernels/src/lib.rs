@@ -16,6 +16,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod crossentropy;
 pub mod cuda;
 pub mod device;

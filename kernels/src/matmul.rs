@@ -4,7 +4,9 @@
 //! checkpoint) stores them; the transposes are expressed through strides, never copied. The
 //! products run in the `gemm` crate (packed, SIMD micro-kernels, threaded with rayon), which
 //! splits work over output tiles only: each output element's reduction runs on one thread in a
-//! fixed order, so results are deterministic.
+//! fixed order, so results are deterministic. With [`Operands::Bf16`] the dense layers' products
+//! round both operands to bf16 and sum in f32 instead ([`crate::bf16`]), the bias and its
+//! gradient staying f32, as torch's CPU autocast runs `nn.Linear`.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -23,6 +25,33 @@ fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
         0
     } else {
         (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// What a dense layer's products multiply: the f32 values, or their bf16 roundings (summed in
+/// f32; only where [`crate::bf16::supported`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operands {
+    F32,
+    Bf16,
+}
+
+/// [`gemm`] or [`crate::bf16::gemm_bf16`], as `operands` says.
+pub fn gemm_of(
+    operands: Operands,
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    scale: f32,
+    accumulate: bool,
+    threaded: bool,
+) {
+    match operands {
+        Operands::F32 => gemm(dst, m, n, k, lhs, rhs, scale, accumulate, threaded),
+        Operands::Bf16 => crate::bf16::gemm_bf16(dst, m, n, k, lhs, rhs, scale, accumulate, threaded),
     }
 }
 
@@ -82,6 +111,7 @@ pub fn gemm(
 
 /// `out[N, OC] = inp[N, C] @ weight[OC, C]^T + bias`.
 pub fn matmul_forward(
+    operands: Operands,
     out: &mut [f32],
     inp: &[f32],
     weight: &[f32],
@@ -99,12 +129,13 @@ pub fn matmul_forward(
     }
     let lhs = Mat { data: inp, rs: c, cs: 1 };
     let rhs = Mat { data: weight, rs: 1, cs: c }; // weight^T viewed as [C, OC]
-    gemm(out, n, oc, c, lhs, rhs, 1.0, bias.is_some(), true);
+    gemm_of(operands, out, n, oc, c, lhs, rhs, 1.0, bias.is_some(), true);
 }
 
 /// Backward of [`matmul_forward`]: `dinp += dout @ weight`, `dweight += dout^T @ inp`,
 /// `dbias += sum_rows(dout)`.
 pub fn matmul_backward(
+    operands: Operands,
     dinp: &mut [f32],
     dweight: &mut [f32],
     dbias: Option<&mut [f32]>,
@@ -120,12 +151,14 @@ pub fn matmul_backward(
     assert_eq!(dout.len(), n * oc, "matmul_backward: dout must be [N, OC]");
     assert_eq!(inp.len(), n * c, "matmul_backward: inp must be [N, C]");
     assert_eq!(weight.len(), oc * c, "matmul_backward: weight must be [OC, C]");
-    gemm(dinp, n, c, oc, Mat { data: dout, rs: oc, cs: 1 }, Mat { data: weight, rs: c, cs: 1 }, 1.0, true, true);
-    matmul_backward_weight(dweight, dbias, dout, inp, n, c, oc);
+    let (dout_m, weight_m) = (Mat { data: dout, rs: oc, cs: 1 }, Mat { data: weight, rs: c, cs: 1 });
+    gemm_of(operands, dinp, n, c, oc, dout_m, weight_m, 1.0, true, true);
+    matmul_backward_weight(operands, dweight, dbias, dout, inp, n, c, oc);
 }
 
 /// The parameter half of [`matmul_backward`], for layers whose input needs no gradient.
 pub fn matmul_backward_weight(
+    operands: Operands,
     dweight: &mut [f32],
     dbias: Option<&mut [f32]>,
     dout: &[f32],
@@ -134,7 +167,8 @@ pub fn matmul_backward_weight(
     c: usize,
     oc: usize,
 ) {
-    gemm(dweight, oc, c, n, Mat { data: dout, rs: 1, cs: oc }, Mat { data: inp, rs: c, cs: 1 }, 1.0, true, true);
+    let (dout_t, inp_m) = (Mat { data: dout, rs: 1, cs: oc }, Mat { data: inp, rs: c, cs: 1 });
+    gemm_of(operands, dweight, oc, c, n, dout_t, inp_m, 1.0, true, true);
     if let Some(db) = dbias {
         assert_eq!(db.len(), oc, "matmul_backward: dbias must be [OC]");
         column_sum_accumulate(db, dout, n, oc);

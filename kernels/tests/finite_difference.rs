@@ -54,11 +54,11 @@ fn matmul_gradients() {
         let (inp, w, b, r) = (randn(n * c, 1, 1.0), randn(oc * c, 2, 0.5), randn(oc, 3, 1.0), randn(n * oc, 4, 1.0));
         let fwd = |inp: &[f32], w: &[f32], b: &[f32]| {
             let mut out = vec![0.0; n * oc];
-            matmul::matmul_forward(&mut out, inp, w, Some(b), n, c, oc);
+            matmul::matmul_forward(matmul::Operands::F32, &mut out, inp, w, Some(b), n, c, oc);
             dot(&out, &r)
         };
         let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; oc * c], vec![0.0; oc]);
-        matmul::matmul_backward(&mut di, &mut dw, Some(&mut db), &r, &inp, &w, n, c, oc);
+        matmul::matmul_backward(matmul::Operands::F32, &mut di, &mut dw, Some(&mut db), &r, &inp, &w, n, c, oc);
         check("matmul.dinp", &inp, &di, 60, |x| fwd(x, &w, &b));
         check("matmul.dweight", &w, &dw, 60, |x| fwd(&inp, x, &b));
         check("matmul.dbias", &b, &db, 60, |x| fwd(&inp, &w, x));

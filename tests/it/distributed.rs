@@ -226,6 +226,49 @@ fn n_workers_equal_one_worker_dropout_on() {
     equivalence(0.1);
 }
 
+/// bf16 dense layers on the CPU (`train.precision = "bf16"`, AVX512_BF16): 2 workers equal 1 as
+/// in f32 (only the weight gradients' sums over rows are ordered differently), and the run
+/// really is bf16: its parameters differ from the f32 run's by far more than that, while its
+/// loss curve stays within 2% of it. Over 5 steps, not 20: a difference of one f32 ulp that moves
+/// a value across a bf16 rounding boundary becomes a difference of 2^-9 in that operand, so in
+/// bf16 such differences grow by about 3x a step (measured on this job: 8.5e-9 after 2 steps,
+/// 3.2e-7 after 5, 1.1e-4 after 20, against 4e-8 after 20 in f32), as any two bf16 runs that
+/// differ in one rounding do.
+#[test]
+fn n_workers_equal_one_worker_in_bf16() {
+    if !kernels::bf16::supported() {
+        println!("n_workers_equal_one_worker_in_bf16: skipped: this CPU has no AVX512_BF16");
+        return;
+    }
+    let dir = scratch("bf16");
+    let data = write_data(&dir);
+    let model = model_with_dropout(&dir, 0.1);
+    let cfg = job(&dir, &model, &data);
+    let run = |world: usize, precision: &str| {
+        let out = dir.join(format!("w{world}-{precision}"));
+        let mut c = coordinator(&cfg, world, &out);
+        c.args(["--set", &format!("train.precision={precision}"), "--set", "train.max_steps=5"]);
+        run_ok(c);
+        (params(&out.join("model")), loss_curve(&out))
+    };
+    let (f32_params, f32_curve) = run(1, "fp32");
+    let (one, one_curve) = run(1, "bf16");
+    let (two, two_curve) = run(2, "bf16");
+    let d = norm_diff(&one, &two);
+    let from_f32 = norm_diff(&f32_params, &one);
+    let worst = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs()).fold(0.0, f64::max);
+    let (curves, curve_f32) = (worst(&two_curve, &one_curve), worst(&one_curve, &f32_curve));
+    println!(
+        "bf16: 2 workers vs 1: parameters {d:.2e}, loss curve {curves:.2e}; bf16 vs f32: parameters \
+         {from_f32:.2e}, loss curve {curve_f32:.2e} (relative)"
+    );
+    assert!(d < 1e-5, "bf16, 2 workers vs 1: relative difference {d}");
+    assert!(curves < 1e-5, "bf16, 2 workers vs 1: the loss curves differ by {curves}");
+    assert!(from_f32 > 1e-5, "bf16 trained the same parameters as f32 ({from_f32}): was it bf16?");
+    assert!(curve_f32 < 2e-2, "bf16's loss curve is {curve_f32} from f32's");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn a_worker_that_fails_stops_the_job_with_a_clear_error() {
     let dir = scratch("fail");

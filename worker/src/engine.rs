@@ -110,10 +110,9 @@ pub fn open(compute: &Compute, model: Bert, opt: AdamW, how: Options, peers: Pee
     match (compute, peers) {
         (Compute::Cpu, Peers::Nccl(..)) => anyhow::bail!("a CPU engine sums with the ring, not NCCL"),
         (Compute::Cpu, peers) => {
-            anyhow::ensure!(
-                precision == Precision::Fp32,
-                "train.precision = \"bf16\" needs --device cuda: the CPU computes in f32"
-            );
+            anyhow::ensure!(precision == Precision::Fp32 || kernels::bf16::supported(), crate::ops::NO_CPU_BF16);
+            let mut model = model;
+            model.precision = precision;
             let (ring, zero, opt) = match peers {
                 Peers::Ring(r) if zero => {
                     let shards = crate::collective::chunk_ranges(model.params.len(), r.world_size());

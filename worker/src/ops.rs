@@ -384,10 +384,20 @@ fn weight_and_bias<'a>(g: &'a mut [f32], w: &Param, bias: &Option<Param>) -> (&'
     }
 }
 
-fn cpu_f32(precision: Precision) -> anyhow::Result<()> {
-    anyhow::ensure!(precision == Precision::Fp32, "bf16 dense layers run on a GPU: the CPU computes in f32");
-    Ok(())
+/// The CPU's products for `precision`: bf16 needs AVX512_BF16 (checked when the engine opens).
+fn operands(precision: Precision) -> anyhow::Result<matmul::Operands> {
+    match precision {
+        Precision::Fp32 => Ok(matmul::Operands::F32),
+        Precision::Bf16 => {
+            anyhow::ensure!(kernels::bf16::supported(), NO_CPU_BF16);
+            Ok(matmul::Operands::Bf16)
+        }
+    }
 }
+
+/// Why the CPU cannot run `train.precision = "bf16"` here.
+pub const NO_CPU_BF16: &str =
+    "train.precision = \"bf16\" on the CPU needs AVX512_BF16, which this CPU lacks: use \"fp32\" (or a GPU)";
 
 impl Ops for Cpu {
     type Buf = Vec<f32>;
@@ -505,8 +515,7 @@ impl Ops for Cpu {
         oc: usize,
         precision: Precision,
     ) -> anyhow::Result<()> {
-        cpu_f32(precision)?;
-        matmul::matmul_forward(out, inp, &p[weight], bias.map(|b| &p[b]), n, c, oc);
+        matmul::matmul_forward(operands(precision)?, out, inp, &p[weight], bias.map(|b| &p[b]), n, c, oc);
         Ok(())
     }
 
@@ -524,9 +533,8 @@ impl Ops for Cpu {
         oc: usize,
         precision: Precision,
     ) -> anyhow::Result<()> {
-        cpu_f32(precision)?;
         let (dw, db) = weight_and_bias(g, &weight, &bias);
-        matmul::matmul_backward(dinp, dw, db, dout, inp, &p[weight], n, c, oc);
+        matmul::matmul_backward(operands(precision)?, dinp, dw, db, dout, inp, &p[weight], n, c, oc);
         Ok(())
     }
 
