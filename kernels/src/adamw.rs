@@ -11,6 +11,7 @@
 //! The scalar factors are formed in f64, as Python floats are in torch, then rounded to f32.
 //! `t` is the 1-based step count after increment.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,20 +39,44 @@ pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f
     let step_size = (hp.lr / bias_c1) as f32;
     let bias_c2_sqrt = bias_c2.sqrt() as f32;
     let eps = hp.eps as f32;
+    let f = Factors {
+        decay: (hp.weight_decay != 0.0).then_some(decay),
+        one_minus_b1,
+        b2,
+        one_minus_b2,
+        step_size,
+        bias_c2_sqrt,
+        eps,
+    };
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                if hp.weight_decay != 0.0 {
-                    p[i] *= decay;
-                }
-                m[i] += one_minus_b1 * (gi - m[i]);
-                v[i] = v[i] * b2 + one_minus_b2 * gi * gi;
-                let denom = v[i].sqrt() / bias_c2_sqrt + eps;
-                p[i] += -step_size * (m[i] / denom);
-            }
-        });
+        .for_each(|((p, g), (m, v))| update_run(p, g, m, v, f));
+}
+
+/// The step's f32 factors.
+#[derive(Clone, Copy)]
+struct Factors {
+    decay: Option<f32>,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    step_size: f32,
+    bias_c2_sqrt: f32,
+    eps: f32,
+}
+
+/// The update on one run of elements, compiled for each SIMD level (the same bits on each).
+#[multiversion(targets = "simd")]
+fn update_run(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], f: Factors) {
+    if let Some(decay) = f.decay {
+        p.iter_mut().for_each(|p| *p *= decay);
+    }
+    for (((p, &gi), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *m += f.one_minus_b1 * (gi - *m);
+        *v = *v * f.b2 + f.one_minus_b2 * gi * gi;
+        let denom = v.sqrt() / f.bias_c2_sqrt + f.eps;
+        *p += -f.step_size * (*m / denom);
+    }
 }

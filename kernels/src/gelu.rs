@@ -10,6 +10,7 @@
 //! GELU evaluates erf the same way. `exp` is
 //! `2^k exp(r)` with `|r| <= ln(2)/2` and a degree-6 Taylor polynomial (relative error < 1e-7).
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -48,23 +49,31 @@ pub fn gelu(x: f32) -> f32 {
 /// `out[i] = gelu(inp[i])`.
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len(), "gelu_forward: shapes differ");
-    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, i)| {
-        for (o, &x) in o.iter_mut().zip(i) {
-            *o = gelu(x);
-        }
-    });
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, i)| forward_run(o, i));
+}
+
+#[multiversion(targets = "simd")]
+fn forward_run(out: &mut [f32], inp: &[f32]) {
+    for (o, &x) in out.iter_mut().zip(inp) {
+        *o = gelu(x);
+    }
 }
 
 /// `dinp[i] += gelu'(inp[i]) * dout[i]`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     assert!(dinp.len() == inp.len() && inp.len() == dout.len(), "gelu_backward: shapes differ");
-    dinp.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK))).for_each(|(d, (i, g))| {
-        for ((d, &x), &g) in d.iter_mut().zip(i).zip(g) {
-            let cdf = 0.5 * (1.0 + erf_fast(x * INV_SQRT2));
-            let pdf = INV_SQRT_2PI * exp_fast(-0.5 * x * x);
-            *d += (cdf + x * pdf) * g;
-        }
-    });
+    dinp.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK)))
+        .for_each(|(d, (i, g))| backward_run(d, i, g));
+}
+
+#[multiversion(targets = "simd")]
+fn backward_run(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    for ((d, &x), &g) in dinp.iter_mut().zip(inp).zip(dout) {
+        let cdf = 0.5 * (1.0 + erf_fast(x * INV_SQRT2));
+        let pdf = INV_SQRT_2PI * exp_fast(-0.5 * x * x);
+        *d += (cdf + x * pdf) * g;
+    }
 }
 
 #[cfg(test)]

@@ -175,16 +175,22 @@ pub fn matmul_backward_weight(
     }
 }
 
+/// Columns `j0..j0 + acc.len()` of [`column_sum_accumulate`], compiled for each SIMD level.
+#[multiversion::multiversion(targets = "simd")]
+fn column_block(acc: &mut [f32], x: &[f32], n: usize, oc: usize, j0: usize) {
+    for i in 0..n {
+        let row = &x[i * oc + j0..i * oc + j0 + acc.len()];
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+}
+
 /// `acc[j] += sum_i x[i, j]` for `x: [N, OC]`, each column summed in row order.
 pub(crate) fn column_sum_accumulate(acc: &mut [f32], x: &[f32], n: usize, oc: usize) {
     const COLS: usize = 64;
     acc.par_chunks_mut(COLS).enumerate().for_each(|(ci, chunk)| {
         let j0 = ci * COLS;
-        for i in 0..n {
-            let row = &x[i * oc + j0..i * oc + j0 + chunk.len()];
-            for (a, &v) in chunk.iter_mut().zip(row) {
-                *a += v;
-            }
-        }
+        column_block(chunk, x, n, oc, j0);
     });
 }
