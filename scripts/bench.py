@@ -268,7 +268,7 @@ class Bench:
         if keys:
             print("\nThe real job: MiniLM on Rotten Tomatoes, global batch 32, max_seq_len 64, dropout on;"
                   f" real tokens/s over steps {self.a.job_warmup + 1}-{self.a.job_steps}")
-            print(f"{'workers':19} {'tandem':>8} {'spread':>13} {'pytorch ddp':>11} {'spread':>13} {'ratio':>6}"
+            print(f"{'workers':23} {'tandem':>8} {'spread':>13} {'pytorch ddp':>11} {'spread':>13} {'ratio':>6}"
                   f"  {'ms/step data/fwd/bwd/exposed all-reduce/opt: tandem | pytorch':>62}  peak RSS MiB")
             rows = [(key, impl) for key in keys for impl in ("tandem", "tandem-zero1")
                     if self.values("job", key, impl, "tokens_per_s")]
@@ -281,7 +281,7 @@ class Bench:
                     f"/-/{med('pytorch', 'optimizer_s'):.0f}"
                 rss = {i: max(self.values("job", key, i, "peak_rss_mb").values() or [0]) for i in (impl, "pytorch")}
                 label = key + (", ZeRO-1" if impl == "tandem-zero1" else "")
-                print(f"{label:19} {om:>8,.0f} {osp:>13} {tm:>11,.0f} {tsp:>13} {ratio:>6.2f}  {ours + ' | ' + theirs:>62}"
+                print(f"{label:23} {om:>8,.0f} {osp:>13} {tm:>11,.0f} {tsp:>13} {ratio:>6.2f}  {ours + ' | ' + theirs:>62}"
                       f"  {rss[impl]} | {rss['pytorch']} ({rss[impl] / max(rss['pytorch'], 1):.2f}x)")
             for suffix in ("", ", bf16"):
                 one = self.values("job", "1 worker" + suffix, "tandem", "tokens_per_s")
