@@ -68,14 +68,6 @@ fn pair(lo: f32, hi: f32) -> u32 {
     (round_hi(lo) >> 16) | round_hi(hi)
 }
 
-fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
-    if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * rs + (cols - 1) * cs + 1
-    }
-}
-
 /// `dst[m, n] = accumulate ? dst + scale * lhs @ rhs : scale * lhs @ rhs` with both operands
 /// rounded to bf16 and the products summed in f32; `dst` row-major contiguous. Panics where
 /// [`supported`] is false: callers check once and refuse bf16 with a clear error.
@@ -91,16 +83,7 @@ pub fn gemm_bf16(
     threaded: bool,
 ) {
     assert!(supported(), "gemm_bf16: this CPU has no AVX512_BF16");
-    assert!(dst.len() >= m * n, "gemm_bf16: dst holds {} < {m}x{n}", dst.len());
-    assert!(lhs.data.len() >= span(m, k, lhs.rs, lhs.cs), "gemm_bf16: lhs too short");
-    assert!(rhs.data.len() >= span(k, n, rhs.rs, rhs.cs), "gemm_bf16: rhs too short");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
+    if crate::matmul::trivial(dst, m, n, k, lhs, rhs, accumulate) {
         return;
     }
     let dst = &mut dst[..m * n];

@@ -55,6 +55,26 @@ pub fn gemm_of(
     }
 }
 
+/// Checks a product's operands against their strides (panicking where one is too short) and
+/// does the products with nothing to sum (`m`, `n` or `k` zero); true when that was all.
+pub(crate) fn trivial(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    accumulate: bool,
+) -> bool {
+    assert!(dst.len() >= m * n, "gemm: dst holds {} < {m}x{n}", dst.len());
+    assert!(lhs.data.len() >= span(m, k, lhs.rs, lhs.cs), "gemm: lhs too short");
+    assert!(rhs.data.len() >= span(k, n, rhs.rs, rhs.cs), "gemm: rhs too short");
+    if k == 0 && !accumulate {
+        dst[..m * n].fill(0.0);
+    }
+    m == 0 || n == 0 || k == 0
+}
+
 /// `dst[m, n] = accumulate ? dst + scale * lhs @ rhs : scale * lhs @ rhs`, with `dst` row-major
 /// contiguous (`[m, n]`). Bounds are checked against the strides before calling into `gemm`.
 pub fn gemm(
@@ -68,16 +88,7 @@ pub fn gemm(
     accumulate: bool,
     threaded: bool,
 ) {
-    assert!(dst.len() >= m * n, "gemm: dst holds {} < {m}x{n}", dst.len());
-    assert!(lhs.data.len() >= span(m, k, lhs.rs, lhs.cs), "gemm: lhs too short");
-    assert!(rhs.data.len() >= span(k, n, rhs.rs, rhs.cs), "gemm: rhs too short");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
+    if trivial(dst, m, n, k, lhs, rhs, accumulate) {
         return;
     }
     let par = if threaded { Parallelism::Rayon(0) } else { Parallelism::None };
