@@ -27,8 +27,11 @@
 //! The dropout mask is regenerated from its Philox counters, never stored.
 
 use crate::dropout::{mask_run, DropoutSpec, LogicalDims};
+use crate::gelu::exp_fast;
+use crate::lanes::{self, LANES};
 use crate::matmul::{gemm, Mat};
 use crate::seqs::{blocks_mut, Seqs};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// The shape of one attention call on a padded batch (the GPU's launchers).
@@ -152,6 +155,44 @@ fn drop_row(dr: &AttnDropout, seqs: &Seqs<'_>, s: usize, h: usize, i: usize, f: 
     mask_run(&dr.spec, seqs.example_ids[s], base, seqs.len(s), f);
 }
 
+/// `row = softmax(row)` in place. The exponentials are [`exp_fast`]'s (exactly 0 below
+/// `exp`'s normal range, so masked keys weigh nothing), the sum runs in fixed lanes.
+#[multiversion(targets = "simd")]
+fn softmax_row(row: &mut [f32]) {
+    let max = lanes::max(row);
+    let exp = |s: f32| {
+        let x = s - max;
+        if x < -87.0 {
+            0.0
+        } else {
+            exp_fast(x)
+        }
+    };
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l]);
+            acc[l] += c[l];
+        }
+    }
+    for (l, s) in chunks.into_remainder().iter_mut().enumerate() {
+        *s = exp(*s);
+        acc[l] += *s;
+    }
+    let inv = 1.0 / lanes::fold(acc);
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// The softmax's backward on one row: `dp = p * (dp - sum(p * dp))`.
+#[multiversion(targets = "simd")]
+fn softmax_row_backward(dp: &mut [f32], p: &[f32]) {
+    let dot = lanes::dot(p, dp);
+    for (g, &a) in dp.iter_mut().zip(p) {
+        *g = a * (*g - dot);
+    }
+}
+
 /// Forward. `out: [S][NH, len, HD]`; `probs: [S][NH, len, len]`; `probs_drop` is the same shape
 /// as `probs` when `dropout` is given with `p > 0`, otherwise empty.
 #[allow(clippy::too_many_arguments)]
@@ -204,16 +245,7 @@ pub fn attention_forward(
             if let Some(sg) = segs {
                 row.iter_mut().zip(sg).filter(|(_, &g)| g != sg[i]).for_each(|(s, _)| *s = f32::MIN);
             }
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
-            let mut sum = 0.0f32;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for s in row.iter_mut() {
-                *s *= inv;
-            }
+            softmax_row(row);
         }
         let weights: &[f32] = match (dropout, pd) {
             (Some(dr), Some(pd)) => {
@@ -303,10 +335,7 @@ pub fn attention_backward(
             }
             // dS = P * (dP - rowsum(P * dP)), reusing dp
             for (prow, dprow) in p.chunks(t).zip(dp.chunks_mut(t)) {
-                let dot: f32 = prow.iter().zip(dprow.iter()).map(|(&a, &g)| a * g).sum();
-                for (g, &a) in dprow.iter_mut().zip(prow) {
-                    *g = a * (*g - dot);
-                }
+                softmax_row_backward(dprow, prow);
             }
             gemm(
                 dqs,

@@ -34,10 +34,16 @@ pub fn exp_fast(x: f32) -> f32 {
 /// `erf(z)` to within 6e-7 absolute in f32, branch-free (Abramowitz & Stegun 7.1.26).
 #[inline(always)]
 pub fn erf_fast(z: f32) -> f32 {
+    erf_with_exp(z, exp_fast(-z * z))
+}
+
+/// [`erf_fast`] given `e = exp_fast(-z * z)`.
+#[inline(always)]
+fn erf_with_exp(z: f32, e: f32) -> f32 {
     let a = z.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp_fast(-a * a);
+    let y = 1.0 - poly * e;
     y.copysign(z)
 }
 
@@ -70,9 +76,11 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
 #[multiversion(targets = "simd")]
 fn backward_run(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     for ((d, &x), &g) in dinp.iter_mut().zip(inp).zip(dout) {
-        let cdf = 0.5 * (1.0 + erf_fast(x * INV_SQRT2));
-        let pdf = INV_SQRT_2PI * exp_fast(-0.5 * x * x);
-        *d += (cdf + x * pdf) * g;
+        // erf(z) needs exp(-z^2) at z = x / sqrt(2): the same exp(-x^2 / 2) as phi(x).
+        let z = x * INV_SQRT2;
+        let e = exp_fast(-z * z);
+        let cdf = 0.5 * (1.0 + erf_with_exp(z, e));
+        *d += (cdf + x * (INV_SQRT_2PI * e)) * g;
     }
 }
 

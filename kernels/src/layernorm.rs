@@ -5,8 +5,11 @@
 //! Backward, with `n = (x - mean) * rstd` and `g = weight * dout`:
 //! `dx = rstd * (g - mean(g) - n * mean(g * n))`, `dweight += sum_rows(dout * n)`,
 //! `dbias += sum_rows(dout)`. The parameter sums are formed per fixed block of rows and then
-//! added in block order, so they are deterministic.
+//! added in block order, so they are deterministic. The row sums run in 16 fixed lanes
+//! ([`crate::lanes`]), the same bits on every SIMD level.
 
+use crate::lanes::{self, fold, LANES};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// `out, inp: [N, C]`, `mean, rstd: [N]`, `weight, bias: [C]`.
@@ -24,18 +27,50 @@ pub fn layernorm_forward(
     assert!(out.len() == n * c && inp.len() == n * c, "layernorm_forward: out/inp must be [N, C]");
     assert!(mean.len() == n && rstd.len() == n, "layernorm_forward: mean/rstd must be [N]");
     assert!(weight.len() == c && bias.len() == c, "layernorm_forward: weight/bias must be [C]");
-    out.par_chunks_mut(c).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).zip(inp.par_chunks(c)).for_each(
-        |((o, (m, r)), x)| {
-            let mu = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
-            let rs = 1.0 / (var + eps).sqrt();
-            for i in 0..c {
-                o[i] = (x[i] - mu) * rs * weight[i] + bias[i];
-            }
-            *m = mu;
-            *r = rs;
-        },
-    );
+    out.par_chunks_mut(c)
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .zip(inp.par_chunks(c))
+        .for_each(|((o, (m, r)), x)| (*m, *r) = forward_row(o, x, weight, bias, eps));
+}
+
+/// One row of [`layernorm_forward`]; returns its mean and rstd.
+#[multiversion(targets = "simd")]
+fn forward_row(o: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
+    let c = x.len() as f32;
+    let mu = lanes::sum(x) / c;
+    let var = lanes::sum_map(x, |v| (v - mu) * (v - mu)) / c;
+    let rs = 1.0 / (var + eps).sqrt();
+    for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = (x - mu) * rs * w + b;
+    }
+    (mu, rs)
+}
+
+/// One row of the input gradient of [`layernorm_backward`].
+#[multiversion(targets = "simd")]
+fn backward_row(dx: &mut [f32], x: &[f32], g: &[f32], weight: &[f32], mu: f32, rs: f32) {
+    let c = x.len();
+    assert!(g.len() == c && weight.len() == c && dx.len() == c, "layernorm_backward: row shapes");
+    let (mut acc_g, mut acc_gn) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let mut add = |base: usize, len: usize| {
+        let (x, g, w) = (&x[base..base + len], &g[base..base + len], &weight[base..base + len]);
+        for l in 0..len {
+            let wg = w[l] * g[l];
+            acc_g[l] += wg;
+            acc_gn[l] += wg * ((x[l] - mu) * rs);
+        }
+    };
+    let full = c / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        add(base, LANES);
+    }
+    add(full, c - full);
+    let g_mean = fold(acc_g) / c as f32;
+    let gn_mean = fold(acc_gn) / c as f32;
+    for i in 0..c {
+        let norm = (x[i] - mu) * rs;
+        dx[i] += rs * (weight[i] * g[i] - g_mean - norm * gn_mean);
+    }
 }
 
 /// Rows per block of the parameter-gradient partial sums.
@@ -58,21 +93,7 @@ pub fn layernorm_backward(
     assert!(dweight.len() == c && dbias.len() == c && weight.len() == c, "layernorm_backward: [C]");
     dinp.par_chunks_mut(c).enumerate().for_each(|(row, dx)| {
         let (x, g) = (&inp[row * c..(row + 1) * c], &dout[row * c..(row + 1) * c]);
-        let (mu, rs) = (mean[row], rstd[row]);
-        let mut g_mean = 0.0f32;
-        let mut gn_mean = 0.0f32;
-        for i in 0..c {
-            let norm = (x[i] - mu) * rs;
-            let wg = weight[i] * g[i];
-            g_mean += wg;
-            gn_mean += wg * norm;
-        }
-        g_mean /= c as f32;
-        gn_mean /= c as f32;
-        for i in 0..c {
-            let norm = (x[i] - mu) * rs;
-            dx[i] += rs * (weight[i] * g[i] - g_mean - norm * gn_mean);
-        }
+        backward_row(dx, x, g, weight, mean[row], rstd[row]);
     });
     let partials: Vec<Vec<f32>> = (0..n.div_ceil(PARAM_BLOCK))
         .into_par_iter()

@@ -26,6 +26,7 @@ pub mod gather;
 pub mod gelu;
 pub mod gpu;
 pub mod gradnorm;
+pub mod lanes;
 pub mod layernorm;
 pub mod matmul;
 
