@@ -175,10 +175,12 @@ fn serialize(
     meta: HashMap<String, String>,
     path: &Path,
 ) -> Result<Vec<u8>, ModelError> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| bytemuck::cast_slice::<f32, u8>(d).to_vec()).collect();
+    // safetensors is little-endian, as every target we build for: the f32s are its bytes as they
+    // lie in memory, viewed in place, not copied (the copies were a full extra state at peak).
+    const _: () = assert!(cfg!(target_endian = "little"), "safetensors stores little-endian f32");
     let mut views = Vec::new();
-    for ((name, shape, _), b) in tensors.into_iter().zip(&bytes) {
-        let v = TensorView::new(Dtype::F32, shape, b)
+    for (name, shape, d) in tensors {
+        let v = TensorView::new(Dtype::F32, shape, bytemuck::cast_slice::<f32, u8>(d))
             .map_err(|err| ModelError::Safetensors(path.to_owned(), err.to_string()))?;
         views.push((name, v));
     }
