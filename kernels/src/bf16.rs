@@ -18,6 +18,7 @@
 
 use crate::matmul::Mat;
 use rayon::prelude::*;
+use std::cell::Cell;
 
 /// Rows of the register tile.
 const MR: usize = 8;
@@ -90,7 +91,7 @@ pub fn gemm_bf16(
     // Rows per task: at least two tasks per thread where the rows allow, whole tiles, at most MC.
     let tasks = if threaded { 2 * rayon::current_num_threads() } else { 1 };
     let mc = m.div_ceil(tasks).next_multiple_of(MR).clamp(MR, MC);
-    let mut bpack = Vec::new();
+    let mut bpack = BPACK.take();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
@@ -114,7 +115,9 @@ pub fn gemm_bf16(
             let block = |(ib, rows): (usize, &mut [f32])| {
                 let ic = ib * mc;
                 let mrows = rows.len() / n;
-                let mut apack = vec![0u32; mrows.div_ceil(MR) * kp * MR];
+                let mut apack = APACK.take();
+                apack.clear();
+                apack.resize(mrows.div_ceil(MR) * kp * MR, 0u32);
                 for (r, out) in apack.chunks_mut(kp * MR).enumerate() {
                     // SAFETY: `supported()` was asserted above.
                     #[allow(unsafe_code)]
@@ -141,6 +144,7 @@ pub fn gemm_bf16(
                         };
                     }
                 }
+                APACK.set(apack);
             };
             if threaded {
                 dst.par_chunks_mut(mc * n).enumerate().for_each(block);
@@ -149,6 +153,15 @@ pub fn gemm_bf16(
             }
         }
     }
+    BPACK.set(bpack);
+}
+
+thread_local! {
+    // The packed panels, kept per thread between calls: fresh ones of this size (up to 1.5 MiB)
+    // come from mmap and cost a page fault per 4 KiB on every product. Taken out while in use,
+    // so that a nested call on the same thread just allocates its own.
+    static APACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static BPACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 /// How a packed panel of `lhs` is laid out: `[kc/2][MR]` pairs (from memory where rows are

@@ -3,8 +3,10 @@
 //! and gradients are scaled by `coef` when it is below 1.
 //!
 //! The sum of squares is taken in f64 over fixed blocks, added in block order: deterministic, and
-//! exact enough that the order of summation does not show in the f32 result.
+//! exact enough that the order of summation does not show in the f32 result. Each block sums in
+//! 8 fixed lanes, so that it vectorizes with the same bits on every SIMD level.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 const BLOCK: usize = 1 << 14;
@@ -16,9 +18,24 @@ pub fn global_norm(grads: &[f32]) -> f32 {
 
 /// `sum_i g[i]^2` in f64: the square of [`global_norm`], or one shard's share of it.
 pub fn sum_of_squares(grads: &[f32]) -> f64 {
-    let partials: Vec<f64> =
-        grads.par_chunks(BLOCK).map(|c| c.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>()).collect();
+    let partials: Vec<f64> = grads.par_chunks(BLOCK).map(squares_run).collect();
     partials.iter().sum::<f64>()
+}
+
+/// One block's sum of squares in 8 fixed f64 lanes (one AVX-512 register), added in lane order.
+#[multiversion(targets = "simd")]
+fn squares_run(block: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = block.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] += f64::from(c[l]) * f64::from(c[l]);
+        }
+    }
+    for (l, &g) in chunks.remainder().iter().enumerate() {
+        acc[l] += f64::from(g) * f64::from(g);
+    }
+    acc.iter().sum()
 }
 
 /// Scales `grads` so that their global norm is at most `max_norm`, given `norm` from
