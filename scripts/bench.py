@@ -122,7 +122,7 @@ class Bench:
             print("bench: this CPU has no AVX512_BF16: the bf16 step is skipped", file=sys.stderr)
         items = []
         for preset in ("tiny", "minilm"):
-            steps = "8" if preset == "tiny" else "4"
+            steps = "16" if preset == "tiny" else "4"
             for prec in precisions:
                 ours_cmd = [str(WORKER), "bench", "--preset", preset, "--steps", steps, "--precision", prec]
                 theirs_cmd = [self.a.python, "scripts/bench_torch.py", "--preset", preset, "--steps", steps,
@@ -315,7 +315,7 @@ def main():
     ap.add_argument("--pairs", type=int, help="alternating pairs per measurement (default 5, --quick 2)")
     ap.add_argument("--quick", action="store_true", help="2 pairs, shorter jobs")
     ap.add_argument("--only", default="ceiling,step,job,ring")
-    ap.add_argument("--job-steps", type=int, default=25)
+    ap.add_argument("--job-steps", type=int, default=20)
     ap.add_argument("--job-warmup", type=int, default=5)
     ap.add_argument("--raw", help="append every measurement to this JSON Lines file")
     a = ap.parse_args()
