@@ -3,7 +3,7 @@
 // over the [B * NH] (example, head) blocks; dropout on the probabilities is dropout.cu with
 // H = NH, W = T and t_max = w_max = max_position_embeddings. What is left:
 //
-//   split_heads / merge_heads    [B, T, NH*HD] <-> [B, NH, T, HD], and their backward (+=)
+//   split_heads / merge_heads    [B, T, NH*HD] <-> [B, NH, T, HD] (each the other's backward)
 //   softmax_forward_f32          P = softmax(S + mask[b, None, :]) over keys, in place on S; with
 //                                segments (else null), keys of another segment score f32::MIN
 //   softmax_backward_f32         dS = P * (dP - rowsum(P * dP)), in place on dP
@@ -54,16 +54,6 @@ extern "C" __global__ void split_heads_f32(float* dst, const float* src, int b, 
 // dst[b, t, h * HD + d] = src[b, h, t, d]. One thread per element of dst.
 extern "C" __global__ void merge_heads_f32(float* dst, const float* src, int b, int nh, int t, int hd) {
     GRID_STRIDE(i, (long long)b * nh * t * hd) dst[i] = src[bhtd_of_btc(i, nh, t, hd)];
-}
-
-// dsrc[b, t, h * HD + d] += ddst[b, h, t, d]
-extern "C" __global__ void split_heads_backward_f32(float* dsrc, const float* ddst, int b, int nh, int t, int hd) {
-    GRID_STRIDE(i, (long long)b * nh * t * hd) dsrc[i] += ddst[bhtd_of_btc(i, nh, t, hd)];
-}
-
-// dsrc[b, h, t, d] += ddst[b, t, h * HD + d]
-extern "C" __global__ void merge_heads_backward_f32(float* dsrc, const float* ddst, int b, int nh, int t, int hd) {
-    GRID_STRIDE(i, (long long)b * nh * t * hd) dsrc[i] += ddst[btc_of_bhtd(i, nh, t, hd)];
 }
 
 // In place: each row s of S [B, NH, T, T] becomes softmax(s + mask[b, :]).

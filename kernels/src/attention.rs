@@ -22,8 +22,8 @@
 //! dense layers (`C = NH * HD`, head `h` in columns `h*HD..(h+1)*HD`). The probabilities are
 //! `[S][NH, len, len]`.
 //!
-//! Backward, with `dP' = dO V^T`: `dV += P'^T dO`; `dP = dropout_mask * dP'`;
-//! `dS = P * (dP - rowsum(P * dP))`; `dQ += scale * dS K`; `dK += scale * dS^T Q`.
+//! Backward, with `dP' = dO V^T`: `dV = P'^T dO`; `dP = dropout_mask * dP'`;
+//! `dS = P * (dP - rowsum(P * dP))`; `dQ = scale * dS K`; `dK = scale * dS^T Q`.
 //! The dropout mask is regenerated from its Philox counters, never stored.
 
 use crate::dropout::{mask_run, DropoutSpec, LogicalDims};
@@ -68,9 +68,9 @@ fn block_index(d: HeadDims, seqs: &Seqs<'_>) -> Vec<(usize, usize)> {
     (0..seqs.count()).flat_map(|s| (0..d.nh).map(move |h| (s, h))).collect()
 }
 
-/// `dst[s][h, t, d] = src[cu[s] + t, h * HD + d]`, or with `accumulate`, the backward of
-/// [`merge_heads`] (`+=`).
-fn to_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>, accumulate: bool) {
+/// `[N, NH*HD]` rows to head-major `[S][NH, len, HD]`: `dst[s][h, t, d] = src[cu[s] + t, h * HD
+/// + d]`. A permutation, so it is also the backward of [`merge_heads`].
+pub fn split_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>) {
     seqs.check();
     let c = d.nh * d.hd;
     assert!(dst.len() == seqs.tokens() * c && src.len() == seqs.tokens() * c, "split_heads: shapes");
@@ -78,19 +78,14 @@ fn to_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>, accumulat
     head_blocks(dst, d, &seqs).into_par_iter().zip(index).for_each(|(blk, (s, h))| {
         for t in 0..seqs.len(s) {
             let from = (seqs.cu[s] + t) * c + h * d.hd;
-            let (o, i) = (&mut blk[t * d.hd..(t + 1) * d.hd], &src[from..from + d.hd]);
-            if accumulate {
-                o.iter_mut().zip(i).for_each(|(o, &g)| *o += g);
-            } else {
-                o.copy_from_slice(i);
-            }
+            blk[t * d.hd..(t + 1) * d.hd].copy_from_slice(&src[from..from + d.hd]);
         }
     });
 }
 
-/// `dst[cu[s] + t, h * HD + d] = src[s][h, t, d]`, or with `accumulate`, the backward of
-/// [`split_heads`] (`+=`).
-fn from_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>, accumulate: bool) {
+/// Head-major `[S][NH, len, HD]` back to `[N, NH*HD]` rows: `dst[cu[s] + t, h * HD + d] =
+/// src[s][h, t, d]`. The backward of [`split_heads`].
+pub fn merge_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>) {
     seqs.check();
     let c = d.nh * d.hd;
     assert!(dst.len() == seqs.tokens() * c && src.len() == seqs.tokens() * c, "merge_heads: shapes");
@@ -100,34 +95,9 @@ fn from_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>, accumul
         let (t, len) = (r - seqs.cu[s], seqs.len(s));
         for h in 0..d.nh {
             let from = (seqs.cu[s] * d.nh + h * len + t) * d.hd;
-            let (o, i) = (&mut row[h * d.hd..(h + 1) * d.hd], &src[from..from + d.hd]);
-            if accumulate {
-                o.iter_mut().zip(i).for_each(|(o, &g)| *o += g);
-            } else {
-                o.copy_from_slice(i);
-            }
+            row[h * d.hd..(h + 1) * d.hd].copy_from_slice(&src[from..from + d.hd]);
         }
     });
-}
-
-/// `[N, NH*HD]` rows to head-major `[S][NH, len, HD]`.
-pub fn split_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>) {
-    to_heads(dst, src, d, seqs, false);
-}
-
-/// Head-major `[S][NH, len, HD]` back to `[N, NH*HD]` rows.
-pub fn merge_heads(dst: &mut [f32], src: &[f32], d: HeadDims, seqs: Seqs<'_>) {
-    from_heads(dst, src, d, seqs, false);
-}
-
-/// Backward of [`split_heads`]: accumulates into the `[N, C]` source's gradient.
-pub fn split_heads_backward(dsrc: &mut [f32], ddst: &[f32], d: HeadDims, seqs: Seqs<'_>) {
-    from_heads(dsrc, ddst, d, seqs, true);
-}
-
-/// Backward of [`merge_heads`]: accumulates into the head-major source's gradient.
-pub fn merge_heads_backward(dsrc: &mut [f32], ddst: &[f32], d: HeadDims, seqs: Seqs<'_>) {
-    to_heads(dsrc, ddst, d, seqs, true);
 }
 
 /// Which keys each query sees, besides its own sequence's.
@@ -260,7 +230,7 @@ pub fn attention_forward(
     });
 }
 
-/// Backward; accumulates into `dq`, `dk`, `dv` (all `[S][NH, len, HD]`). `probs`/`probs_drop`
+/// Backward; writes `dq`, `dk`, `dv` (all `[S][NH, len, HD]`). `probs`/`probs_drop`
 /// are the buffers saved by [`attention_forward`] with the same `dropout`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
@@ -303,7 +273,7 @@ pub fn attention_backward(
             let (qs, ks, vs, go) = (&q[r.clone()], &k[r.clone()], &v[r.clone()], &dout[r]);
             let p = &probs[po..po + t * t];
             let weights = if dropout.is_some() { &probs_drop[po..po + t * t] } else { p };
-            // dV += P'^T dO
+            // dV = P'^T dO
             gemm(
                 dvs,
                 t,
@@ -312,7 +282,7 @@ pub fn attention_backward(
                 Mat { data: weights, rs: 1, cs: t },
                 Mat { data: go, rs: d.hd, cs: 1 },
                 1.0,
-                true,
+                false,
                 false,
             );
             // dP' = dO V^T
@@ -345,7 +315,7 @@ pub fn attention_backward(
                 Mat { data: &dp, rs: t, cs: 1 },
                 Mat { data: ks, rs: d.hd, cs: 1 },
                 scale,
-                true,
+                false,
                 false,
             );
             gemm(
@@ -356,7 +326,7 @@ pub fn attention_backward(
                 Mat { data: &dp, rs: 1, cs: t },
                 Mat { data: qs, rs: d.hd, cs: 1 },
                 scale,
-                true,
+                false,
                 false,
             );
         },

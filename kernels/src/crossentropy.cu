@@ -1,7 +1,7 @@
 // Fused softmax cross-entropy with ignore_index = -100, the CUDA twin of crossentropy.rs.
 // losses [N], logits / dlogits [N, V], targets [N] (int64, as torch and the CPU twin take them).
 // Forward: losses[r] = logsumexp(z) - z[target] (0 for ignored rows; the host counts the rows).
-// Backward: dlogits[r, :] += dloss_scale * (softmax(z) - onehot(target)) for counted rows.
+// Backward: dlogits[r, :] = dloss_scale * (softmax(z) - onehot(target)) for counted rows, 0 for ignored ones.
 //
 // One block per row: the row max and the sum of exponentials are block reductions (warp
 // shuffles, then one value per warp through shared memory), in a fixed order, so a row's result
@@ -55,14 +55,17 @@ extern "C" __global__ void crossentropy_backward_f32(
     int row = blockIdx.x;
     if (row >= n) return;
     long long t = targets[row];
-    if (t == CE_IGNORE) return;
+    float* d = dlogits + (long long)row * v;
+    if (t == CE_IGNORE) {
+        for (int j = threadIdx.x; j < v; j += blockDim.x) d[j] = 0.0f;
+        return;
+    }
     const float* z = logits + (long long)row * v;
     float m, lse;
     row_max_lse(z, v, &m, &lse);
-    float* d = dlogits + (long long)row * v;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
         float p = expf(z[j] - m - lse);
         float y = (j == t) ? 1.0f : 0.0f;
-        d[j] += dloss_scale * (p - y);
+        d[j] = dloss_scale * (p - y);
     }
 }

@@ -41,7 +41,7 @@ pub fn crossentropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i64],
     targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
 }
 
-/// `dlogits[i, :] += dloss_scale * (softmax(logits[i, :]) - onehot(targets[i]))`.
+/// `dlogits[i, :] = dloss_scale * (softmax(logits[i, :]) - onehot(targets[i]))`, 0 for ignored rows.
 pub fn crossentropy_backward(
     dlogits: &mut [f32],
     logits: &[f32],
@@ -54,13 +54,14 @@ pub fn crossentropy_backward(
     assert_eq!(dlogits.len(), n * v, "crossentropy_backward: dlogits must be [N, V]");
     dlogits.par_chunks_mut(v).zip(logits.par_chunks(v)).zip(targets.par_iter()).for_each(|((d, z), &t)| {
         if t == IGNORE_INDEX {
+            d.fill(0.0);
             return;
         }
         let (max, lse) = row_max_lse(z);
         for (j, (d, &x)) in d.iter_mut().zip(z).enumerate() {
             let p = (x - max - lse).exp();
             let y = if j as i64 == t { 1.0 } else { 0.0 };
-            *d += dloss_scale * (p - y);
+            *d = dloss_scale * (p - y);
         }
     });
 }

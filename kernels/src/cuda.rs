@@ -60,8 +60,6 @@ pub const HOT_KERNELS: &[&str] = &[
     "add_bf16_to_f32",
     "split_heads_f32",
     "merge_heads_f32",
-    "split_heads_backward_f32",
-    "merge_heads_backward_f32",
     "softmax_forward_f32",
     "softmax_backward_f32",
     "bias_rows_f32",

@@ -95,8 +95,8 @@ pub fn matmul_forward(
     Ok(())
 }
 
-/// Backward of [`matmul_forward`]: `dinp += dout @ weight`, `dweight += dout^T @ inp`,
-/// `dbias += sum_rows(dout)` (rows summed in order, as on the CPU).
+/// Backward of [`matmul_forward`]: `dinp = dout @ weight` (`+=` with `accumulate`), `dweight +=
+/// dout^T @ inp`, `dbias += sum_rows(dout)` (rows summed in order, as on the CPU).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
     gpu: &Gpu,
@@ -109,9 +109,11 @@ pub fn matmul_backward(
     n: usize,
     c: usize,
     oc: usize,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
     assert!(dinp.len() == n * c && weight.len() == oc * c && dout.len() == n * oc, "matmul_backward: shapes");
-    let cfg = gemm_cfg(N, N, c, n, oc, c, oc, c, 1.0, 1.0);
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    let cfg = gemm_cfg(N, N, c, n, oc, c, oc, c, 1.0, beta);
     unsafe { gpu.blas()?.gemm(cfg, weight, dout, dinp) }?;
     matmul_backward_weight(gpu, dweight, dbias, dout, inp, n, c, oc)
 }
@@ -225,7 +227,7 @@ pub fn attention_forward(
     Ok(())
 }
 
-/// Backward, as `attention::attention_backward`: accumulates into `dq`, `dk`, `dv`. `scratch`
+/// Backward, as `attention::attention_backward`: writes `dq`, `dk`, `dv`. `scratch`
 /// is `[B, NH, T, T]` (dP, then dS in place).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
@@ -250,8 +252,8 @@ pub fn attention_backward(
     let blas = gpu.blas()?;
     let scale = 1.0 / (d.hd as f32).sqrt();
     let weights = if dropout.is_some() { probs_drop } else { probs };
-    // dV += P'^T dO
-    let cfg = batched(gemm_cfg(N, T, d.hd, d.t, d.t, d.hd, d.t, d.hd, 1.0, 1.0), bh, th, tt, th);
+    // dV = P'^T dO
+    let cfg = batched(gemm_cfg(N, T, d.hd, d.t, d.t, d.hd, d.t, d.hd, 1.0, 0.0), bh, th, tt, th);
     unsafe { blas.gemm_strided_batched(cfg, dout, weights, dv) }?;
     // dP' = dO V^T
     let cfg = batched(gemm_cfg(T, N, d.t, d.t, d.hd, d.hd, d.hd, d.t, 1.0, 0.0), bh, th, th, tt);
@@ -265,10 +267,10 @@ pub fn attention_backward(
     unsafe {
         gpu.stream.launch_builder(&f).arg(&mut *scratch).arg(probs).arg(&rows).arg(&ti).launch(rows_launch(bh * d.t))
     }?;
-    // dQ += scale dS K ; dK += scale dS^T Q
-    let cfg = batched(gemm_cfg(N, N, d.hd, d.t, d.t, d.hd, d.t, d.hd, scale, 1.0), bh, th, tt, th);
+    // dQ = scale dS K ; dK = scale dS^T Q
+    let cfg = batched(gemm_cfg(N, N, d.hd, d.t, d.t, d.hd, d.t, d.hd, scale, 0.0), bh, th, tt, th);
     unsafe { blas.gemm_strided_batched(cfg, k, &*scratch, dq) }?;
-    let cfg = batched(gemm_cfg(N, T, d.hd, d.t, d.t, d.hd, d.t, d.hd, scale, 1.0), bh, th, tt, th);
+    let cfg = batched(gemm_cfg(N, T, d.hd, d.t, d.t, d.hd, d.t, d.hd, scale, 0.0), bh, th, tt, th);
     unsafe { blas.gemm_strided_batched(cfg, q, &*scratch, dk) }?;
     Ok(())
 }
@@ -377,7 +379,7 @@ pub fn layernorm_forward(
     Ok(())
 }
 
-/// Backward of [`layernorm_forward`]: `dinp +=`, `dweight +=`, `dbias +=`. The parameter
+/// Backward of [`layernorm_forward`]: `dinp =`, `dweight +=`, `dbias +=`. The parameter
 /// gradients go through fixed 64-row partial sums (`scratch`-free for the caller: allocated
 /// here), reduced in block order.
 #[allow(clippy::too_many_arguments)]
@@ -621,7 +623,7 @@ pub fn crossentropy_forward(
     Ok(())
 }
 
-/// `dlogits += scale * (softmax(logits) - onehot(target))` for rows not ignored.
+/// `dlogits = scale * (softmax(logits) - onehot(target))`, 0 for ignored rows.
 #[allow(clippy::too_many_arguments)]
 pub fn crossentropy_backward(
     gpu: &Gpu,
@@ -642,8 +644,8 @@ pub fn crossentropy_backward(
     Ok(())
 }
 
-/// The four head permutes of attention.cu: `split` `[B, T, NH*HD] -> [B, NH, T, HD]`, `merge`
-/// the reverse; `backward` accumulates into the source's gradient.
+/// The head permutes of attention.cu: `split` `[B, T, NH*HD] -> [B, NH, T, HD]`, `merge` the
+/// reverse (each the other's backward).
 pub fn heads(gpu: &Gpu, kernel: &str, dst: Out<'_, '_>, src: In<'_, '_>, d: AttnDims) -> Result<(), GpuError> {
     let n = d.b * d.nh * d.t * d.hd;
     assert!(dst.len() == n && src.len() == n, "{kernel}: [B, T, C]");
@@ -744,6 +746,16 @@ fn add_bf16(gpu: &Gpu, dst: Out<'_, '_>, src: &CudaView<'_, Bf16>) -> Result<(),
     Ok(())
 }
 
+/// `dst = f32(src)`.
+fn cast_to_f32(gpu: &Gpu, dst: Out<'_, '_>, src: &CudaView<'_, Bf16>) -> Result<(), GpuError> {
+    assert_eq!(dst.len(), src.len());
+    let f = gpu.function("cast", "cast_bf16_to_f32")?;
+    let n = src.len();
+    let nn = n as i64;
+    unsafe { gpu.stream.launch_builder(&f).arg(dst).arg(src).arg(&nn).launch(elementwise(n)) }?;
+    Ok(())
+}
+
 fn bf16_cfg(cfg: GemmConfig<f32>) -> GemmConfig<Bf16> {
     GemmConfig {
         transa: cfg.transa,
@@ -796,7 +808,8 @@ pub fn matmul_forward_bf16(
     add_bf16(gpu, out, &out16.as_view())
 }
 
-/// [`matmul_backward`] with bf16 GEMM inputs; `dinp`, `dweight`, `dbias` accumulate in f32.
+/// [`matmul_backward`] with bf16 GEMM inputs; `dinp` written (or, with `accumulate`, added to),
+/// `dweight` and `dbias` accumulated, in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward_bf16(
     gpu: &Gpu,
@@ -809,6 +822,7 @@ pub fn matmul_backward_bf16(
     n: usize,
     c: usize,
     oc: usize,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
     assert!(dinp.len() == n * c && weight.len() == oc * c && dout.len() == n * oc, "matmul_backward_bf16: shapes");
     assert!(dweight.len() == oc * c && inp.len() == n * c, "matmul_backward_bf16: shapes");
@@ -817,7 +831,10 @@ pub fn matmul_backward_bf16(
     let mut dinp16 = gpu.stream.alloc_zeros::<Bf16>(n * c)?;
     let cfg = bf16_cfg(gemm_cfg(N, N, c, n, oc, c, oc, c, 1.0, 0.0));
     unsafe { blas.gemm(cfg, weight, &dout16.slice(0..n * oc), &mut dinp16) }?;
-    add_bf16(gpu, dinp, &dinp16.as_view())?;
+    match accumulate {
+        true => add_bf16(gpu, dinp, &dinp16.as_view())?,
+        false => cast_to_f32(gpu, dinp, &dinp16.as_view())?,
+    }
     let mut dw16 = gpu.stream.alloc_zeros::<Bf16>(oc * c)?;
     let cfg = bf16_cfg(gemm_cfg(N, T, c, oc, n, c, oc, c, 1.0, 0.0));
     unsafe { blas.gemm(cfg, &inp16.slice(0..n * c), &dout16.slice(0..n * oc), &mut dw16) }?;

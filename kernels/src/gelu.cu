@@ -32,7 +32,7 @@ extern "C" __global__ void gelu_forward_f32(float* out, const float* inp, long l
     }
 }
 
-// dinp[i] += gelu'(inp[i]) * dout[i]
+// dinp[i] = gelu'(inp[i]) * dout[i]
 extern "C" __global__ void gelu_backward_f32(float* dinp, const float* inp, const float* dout, long long n) {
     const float INV_SQRT2 = 0.70710678118654752f, INV_SQRT_2PI = 0.3989423f;  // as gelu.rs
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -40,6 +40,6 @@ extern "C" __global__ void gelu_backward_f32(float* dinp, const float* inp, cons
         float x = inp[i];
         float cdf = 0.5f * (1.0f + erf_fast(x * INV_SQRT2));
         float pdf = INV_SQRT_2PI * exp_fast(-0.5f * x * x);
-        dinp[i] += (cdf + x * pdf) * dout[i];
+        dinp[i] = (cdf + x * pdf) * dout[i];
     }
 }

@@ -65,7 +65,7 @@ fn forward_run(out: &mut [f32], inp: &[f32]) {
     }
 }
 
-/// `dinp[i] += gelu'(inp[i]) * dout[i]`.
+/// `dinp[i] = gelu'(inp[i]) * dout[i]`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     assert!(dinp.len() == inp.len() && inp.len() == dout.len(), "gelu_backward: shapes differ");
     dinp.par_chunks_mut(CHUNK)
@@ -80,7 +80,7 @@ fn backward_run(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         let z = x * INV_SQRT2;
         let e = exp_fast(-z * z);
         let cdf = 0.5 * (1.0 + erf_with_exp(z, e));
-        *d += (cdf + x * (INV_SQRT_2PI * e)) * g;
+        *d = (cdf + x * (INV_SQRT_2PI * e)) * g;
     }
 }
 

@@ -422,9 +422,22 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             nr,
             ci,
             oc,
+            true,
         )?;
         let (mut wi, mut ww, mut wb) = (gi.clone(), gw.clone(), gb.clone());
-        matmul::matmul_backward(matmul::Operands::F32, &mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
+        matmul::matmul_backward(
+            matmul::Operands::F32,
+            &mut wi,
+            &mut ww,
+            Some(&mut wb),
+            &dout,
+            &inp,
+            &w,
+            nr,
+            ci,
+            oc,
+            true,
+        );
         rows.push(compare("matmul_backward (dinp)", &gpu.download(&d_gi)?, &wi, TOL));
         rows.push(compare("matmul_backward (dweight)", &gpu.download(&d_gw)?, &ww, TOL));
         rows.push(compare("matmul_backward (dbias)", &gpu.download(&d_gb)?, &wb, TOL));
@@ -467,9 +480,22 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
             nr,
             ci,
             oc,
+            false,
         )?;
         let (mut wi, mut ww, mut wb) = (gi.clone(), gw.clone(), gb.clone());
-        matmul::matmul_backward(matmul::Operands::F32, &mut wi, &mut ww, Some(&mut wb), &dout, &inp, &w, nr, ci, oc);
+        matmul::matmul_backward(
+            matmul::Operands::F32,
+            &mut wi,
+            &mut ww,
+            Some(&mut wb),
+            &dout,
+            &inp,
+            &w,
+            nr,
+            ci,
+            oc,
+            false,
+        );
         rows.push(compare("matmul_backward_bf16 (dinp)", &gpu.download(&d_gi)?, &wi, TOL16));
         rows.push(compare("matmul_backward_bf16 (dweight)", &gpu.download(&d_gw)?, &ww, TOL16));
         rows.push(compare("matmul_backward_bf16 (dbias)", &gpu.download(&d_gb)?, &wb, TOL));

@@ -64,7 +64,7 @@ extern "C" __global__ void layernorm_backward_f32(
     float* dx = dinp + (long long)row * c;
     for (int i = lane; i < c; i += 32) {
         float norm = (x[i] - mu) * rs;
-        dx[i] += rs * (weight[i] * g[i] - g_mean - norm * gn_mean);
+        dx[i] = rs * (weight[i] * g[i] - g_mean - norm * gn_mean);
     }
 }
 

@@ -69,14 +69,14 @@ fn backward_row(dx: &mut [f32], x: &[f32], g: &[f32], weight: &[f32], mu: f32, r
     let gn_mean = fold(acc_gn) / c as f32;
     for i in 0..c {
         let norm = (x[i] - mu) * rs;
-        dx[i] += rs * (weight[i] * g[i] - g_mean - norm * gn_mean);
+        dx[i] = rs * (weight[i] * g[i] - g_mean - norm * gn_mean);
     }
 }
 
 /// Rows per block of the parameter-gradient partial sums.
 const PARAM_BLOCK: usize = 64;
 
-/// Backward of [`layernorm_forward`]; accumulates into `dinp`, `dweight`, `dbias`.
+/// Backward of [`layernorm_forward`]: writes `dinp`, accumulates into `dweight` and `dbias`.
 pub fn layernorm_backward(
     dinp: &mut [f32],
     dweight: &mut [f32],

@@ -143,8 +143,9 @@ pub fn matmul_forward(
     gemm_of(operands, out, n, oc, c, lhs, rhs, 1.0, bias.is_some(), true);
 }
 
-/// Backward of [`matmul_forward`]: `dinp += dout @ weight`, `dweight += dout^T @ inp`,
-/// `dbias += sum_rows(dout)`.
+/// Backward of [`matmul_forward`]: `dinp = dout @ weight` (with `accumulate`, `dinp +=`: the
+/// input feeds another op too, a residual, whose gradient is already there), `dweight += dout^T
+/// @ inp`, `dbias += sum_rows(dout)`.
 pub fn matmul_backward(
     operands: Operands,
     dinp: &mut [f32],
@@ -156,6 +157,7 @@ pub fn matmul_backward(
     n: usize,
     c: usize,
     oc: usize,
+    accumulate: bool,
 ) {
     assert_eq!(dinp.len(), n * c, "matmul_backward: dinp must be [N, C]");
     assert_eq!(dweight.len(), oc * c, "matmul_backward: dweight must be [OC, C]");
@@ -163,7 +165,7 @@ pub fn matmul_backward(
     assert_eq!(inp.len(), n * c, "matmul_backward: inp must be [N, C]");
     assert_eq!(weight.len(), oc * c, "matmul_backward: weight must be [OC, C]");
     let (dout_m, weight_m) = (Mat { data: dout, rs: oc, cs: 1 }, Mat { data: weight, rs: c, cs: 1 });
-    gemm_of(operands, dinp, n, c, oc, dout_m, weight_m, 1.0, true, true);
+    gemm_of(operands, dinp, n, c, oc, dout_m, weight_m, 1.0, accumulate, true);
     matmul_backward_weight(operands, dweight, dbias, dout, inp, n, c, oc);
 }
 

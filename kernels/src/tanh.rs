@@ -9,10 +9,10 @@ pub fn tanh_forward(out: &mut [f32], inp: &[f32]) {
     }
 }
 
-/// `dinp[i] += (1 - out[i]^2) * dout[i]`, where `out` is the forward output.
+/// `dinp[i] = (1 - out[i]^2) * dout[i]`, where `out` is the forward output.
 pub fn tanh_backward(dinp: &mut [f32], out: &[f32], dout: &[f32]) {
     assert!(dinp.len() == out.len() && out.len() == dout.len(), "tanh_backward: shapes differ");
     for ((d, &y), &g) in dinp.iter_mut().zip(out).zip(dout) {
-        *d += (1.0 - y * y) * g;
+        *d = (1.0 - y * y) * g;
     }
 }

@@ -20,6 +20,12 @@ fn randn(n: usize, stream: u32, scale: f32) -> Vec<f32> {
     (0..n as u64).map(|i| normal(1234, stream, i) * scale).collect()
 }
 
+/// The buffer an op's input gradient goes to: NaN, so that a backward that adds to it instead
+/// of writing it whole fails its check.
+fn unwritten(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n]
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
 }
@@ -28,6 +34,7 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 /// coordinates spread over the tensor.
 fn check(name: &str, x: &[f32], analytic: &[f32], samples: usize, loss: impl Fn(&[f32]) -> f64) {
     assert_eq!(x.len(), analytic.len(), "{name}: gradient shape");
+    assert!(analytic.iter().all(|g| g.is_finite()), "{name}: a gradient entry is not finite (or was never written)");
     let h = 1e-2f32;
     let step = (x.len() / samples).max(1);
     let mut worst = 0.0f64;
@@ -57,9 +64,16 @@ fn matmul_gradients() {
             matmul::matmul_forward(matmul::Operands::F32, &mut out, inp, w, Some(b), n, c, oc);
             dot(&out, &r)
         };
-        let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; oc * c], vec![0.0; oc]);
-        matmul::matmul_backward(matmul::Operands::F32, &mut di, &mut dw, Some(&mut db), &r, &inp, &w, n, c, oc);
+        let (mut di, mut dw, mut db) = (unwritten(n * c), vec![0.0; oc * c], vec![0.0; oc]);
+        matmul::matmul_backward(matmul::Operands::F32, &mut di, &mut dw, Some(&mut db), &r, &inp, &w, n, c, oc, false);
         check("matmul.dinp", &inp, &di, 60, |x| fwd(x, &w, &b));
+        // With `accumulate`, the same gradient added to what is there (a residual's share).
+        let base = randn(n * c, 5, 1.0);
+        let (mut acc, mut dw2) = (base.clone(), vec![0.0; oc * c]);
+        matmul::matmul_backward(matmul::Operands::F32, &mut acc, &mut dw2, None, &r, &inp, &w, n, c, oc, true);
+        let sum: Vec<f32> = base.iter().zip(&di).map(|(a, g)| a + g).collect();
+        assert_eq!(acc, sum, "matmul.dinp with accumulate");
+        assert_eq!(dw2, dw, "matmul.dweight without a bias");
         check("matmul.dweight", &w, &dw, 60, |x| fwd(&inp, x, &b));
         check("matmul.dbias", &b, &db, 60, |x| fwd(&inp, &w, x));
     }
@@ -76,7 +90,7 @@ fn layernorm_gradients() {
         };
         let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
         layernorm::layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, n, c, 1e-5);
-        let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        let (mut di, mut dw, mut db) = (unwritten(n * c), vec![0.0; c], vec![0.0; c]);
         layernorm::layernorm_backward(&mut di, &mut dw, &mut db, &r, &inp, &w, &mean, &rstd, n, c);
         check("layernorm.dinp", &inp, &di, 80, |x| fwd(x, &w, &b));
         check("layernorm.dweight", &w, &dw, 80, |x| fwd(&inp, x, &b));
@@ -93,7 +107,7 @@ fn gelu_tanh_residual_gradients() {
             gelu::gelu_forward(&mut o, x);
             dot(&o, &r)
         };
-        let mut dx = vec![0.0; n];
+        let mut dx = unwritten(n);
         gelu::gelu_backward(&mut dx, &x, &r);
         check("gelu", &x, &dx, 100, gelu_loss);
 
@@ -104,7 +118,7 @@ fn gelu_tanh_residual_gradients() {
         };
         let mut o = vec![0.0; n];
         tanh::tanh_forward(&mut o, &x);
-        let mut dx = vec![0.0; n];
+        let mut dx = unwritten(n);
         tanh::tanh_backward(&mut dx, &o, &r);
         check("tanh", &x, &dx, 100, tanh_loss);
 
@@ -172,7 +186,7 @@ fn crossentropy_gradients_with_ignored_rows() {
         let count = crossentropy::crossentropy_forward(&mut losses, z, &targets, n, v);
         losses.iter().map(|&l| f64::from(l)).sum::<f64>() / count as f64
     };
-    let mut dz = vec![0.0; n * v];
+    let mut dz = unwritten(n * v);
     crossentropy::crossentropy_backward(&mut dz, &logits, &targets, 1.0 / 4.0, n, v);
     check("crossentropy.dlogits", &logits, &dz, n * v, fwd);
     assert!(dz[v..2 * v].iter().all(|&g| g == 0.0), "ignored row got a gradient");
@@ -220,7 +234,7 @@ fn attention_case(d: HeadDims, seqs: &SeqsBuf, mask: &[f32], p_drop: f32, segmen
         }
         at += d.nh * t * t;
     }
-    let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let (mut dq, mut dk, mut dv) = (unwritten(n), unwritten(n), unwritten(n));
     attention::attention_backward(&mut dq, &mut dk, &mut dv, &r, &probs, &pd, &q, &k, &v, d, sv, Some(&dr));
     let tag = format!("attention(seqs {:?} nh{} hd{} p{p_drop})", seqs.cu, d.nh, d.hd);
     check(&format!("{tag}.dq"), &q, &dq, 80, |x| fwd(x, &k, &v));
@@ -305,7 +319,7 @@ fn unpadded_attention_is_the_real_rows_of_padded_attention() {
         let (mut out, mut probs, mut pd) = (vec![0.0; n], vec![0.0; pp], vec![0.0; pp]);
         let m = attention::Mask { add: mask, segments: &[] };
         attention::attention_forward(&mut out, &mut probs, &mut pd, &q, &k, &v, m, d, sv, Some(&dr));
-        let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let (mut dq, mut dk, mut dv) = (unwritten(n), unwritten(n), unwritten(n));
         let dout = heads(&rows[3]);
         attention::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &probs, &pd, &q, &k, &v, d, sv, Some(&dr));
         [out, dq, dk, dv].map(|h| {
@@ -335,16 +349,16 @@ fn head_permutes_and_gather_are_adjoint() {
             attention::split_heads(&mut o, x, d, sv);
             dot(&o, &r)
         };
-        let mut dx = vec![0.0; n];
-        attention::split_heads_backward(&mut dx, &r, d, sv);
+        let mut dx = unwritten(n);
+        attention::merge_heads(&mut dx, &r, d, sv);
         check("split_heads", &x, &dx, n, split_loss);
         let merge_loss = |x: &[f32]| {
             let mut o = vec![0.0; n];
             attention::merge_heads(&mut o, x, d, sv);
             dot(&o, &r)
         };
-        let mut dx = vec![0.0; n];
-        attention::merge_heads_backward(&mut dx, &r, d, sv);
+        let mut dx = unwritten(n);
+        attention::split_heads(&mut dx, &r, d, sv);
         check("merge_heads", &x, &dx, n, merge_loss);
         // merge undoes split.
         let (mut s, mut m) = (vec![0.0; n], vec![0.0; n]);
@@ -360,7 +374,7 @@ fn head_permutes_and_gather_are_adjoint() {
         gather::gather_rows_forward(&mut o, x, &rows, c);
         dot(&o, &r)
     };
-    let mut dx = vec![0.0; 5 * c];
+    let mut dx = unwritten(5 * c);
     gather::gather_rows_backward(&mut dx, &r, &rows, c);
     check("gather_rows", &inp, &dx, 30, gather_loss);
 }

@@ -144,13 +144,16 @@ impl Cuda {
         weight: Param,
         (n, c, oc): (usize, usize, usize),
         precision: Precision,
+        accumulate: bool,
     ) -> anyhow::Result<()> {
         let (g, dinp, dout, inp) = (&*self.gpu, &mut dinp.view_mut(), &dout.view(), &inp.view());
         match precision {
-            Precision::Fp32 => device::matmul_backward(g, dinp, dw, db, dout, inp, &p.slice(weight), n, c, oc)?,
+            Precision::Fp32 => {
+                device::matmul_backward(g, dinp, dw, db, dout, inp, &p.slice(weight), n, c, oc, accumulate)?
+            }
             Precision::Bf16 => {
                 let w16 = self.params16.as_ref().context("bf16 dense layers without the bf16 parameters")?;
-                device::matmul_backward_bf16(g, dinp, dw, db, dout, inp, &w16.slice(weight), n, c, oc)?
+                device::matmul_backward_bf16(g, dinp, dw, db, dout, inp, &w16.slice(weight), n, c, oc, accumulate)?
             }
         }
         Ok(())
@@ -352,15 +355,16 @@ impl Ops for Cuda {
         c: usize,
         oc: usize,
         precision: Precision,
+        accumulate: bool,
     ) -> anyhow::Result<()> {
         let shape = (n, c, oc);
         match bias {
             Some(b) => g.with_two(weight.clone(), b, |dw, db| {
-                self.dense_grads(dinp, dw, Some(db), dout, inp, p, weight, shape, precision)
+                self.dense_grads(dinp, dw, Some(db), dout, inp, p, weight, shape, precision, accumulate)
             }),
             None => {
                 let mut dw = g.slice_mut(weight.clone());
-                self.dense_grads(dinp, &mut dw, None, dout, inp, p, weight, shape, precision)
+                self.dense_grads(dinp, &mut dw, None, dout, inp, p, weight, shape, precision, accumulate)
             }
         }
     }
@@ -369,8 +373,6 @@ impl Ops for Cuda {
         let kernel = match op {
             Heads::Split => "split_heads_f32",
             Heads::Merge => "merge_heads_f32",
-            Heads::SplitBackward => "split_heads_backward_f32",
-            Heads::MergeBackward => "merge_heads_backward_f32",
         };
         device::heads(&self.gpu, kernel, &mut dst.view_mut(), &src.view(), d)?;
         Ok(())
@@ -460,6 +462,7 @@ impl Ops for Cuda {
     }
 
     fn gather_rows_backward(&self, dinp: &mut DevBuf, dout: &DevBuf, x: &DevInputs, c: usize) -> anyhow::Result<()> {
+        self.zero(dinp)?;
         Ok(device::scatter_add_rows(&self.gpu, &mut dinp.view_mut(), &dout.view(), &x.row_groups, c)?)
     }
 

@@ -149,7 +149,6 @@ struct GradScratch<B> {
     dy: B,
     dx: B,
     d_res: B,
-    d_ln1: B,
     d_tmp: B,
     d_act: B,
     d_inter: B,
@@ -351,15 +350,15 @@ impl<O: Ops> Model<O> {
         pass.head_backward(acts, s, grads, loss_scale)?;
         ready(segments.next().expect("a head segment"), grads)?;
 
+        // Every op writes the input gradient it produces whole: the scratch needs no zeroing.
         let (n, ni) = (pass.bt() * cfg.hidden_size, pass.bt() * cfg.intermediate_size);
-        for buf in [&mut s.dx, &mut s.d_res, &mut s.d_ln1, &mut s.d_tmp, &mut s.d_ctx, &mut s.d_ctxh] {
-            ops.zeroed(buf, n)?;
+        for buf in
+            [&mut s.dx, &mut s.d_res, &mut s.d_tmp, &mut s.d_ctx, &mut s.d_ctxh, &mut s.dqh, &mut s.dkh, &mut s.dvh]
+        {
+            ops.shape(buf, n)?;
         }
-        for buf in [&mut s.dqh, &mut s.dkh, &mut s.dvh] {
-            ops.zeroed(buf, n)?;
-        }
-        ops.zeroed(&mut s.d_act, ni)?;
-        ops.zeroed(&mut s.d_inter, ni)?;
+        ops.shape(&mut s.d_act, ni)?;
+        ops.shape(&mut s.d_inter, ni)?;
         for l in (0..nl).rev() {
             pass.layer_backward(acts, s, grads, l)?;
             std::mem::swap(&mut s.dy, &mut s.dx);
@@ -413,14 +412,19 @@ impl<'a, O: Ops> Pass<'a, O> {
         self.lay.range(name)
     }
 
-    /// Hidden-state dropout at `site` (forward, or its `backward`) on `buf: [rows, C]`, if the
-    /// pass has one there.
-    fn drop(&self, buf: &mut O::Buf, site: DropoutSite, rows: DropRows, backward: bool) -> anyhow::Result<()> {
+    /// The mask of the hidden-state dropout at `site`, if the pass has one there.
+    fn drop_spec(&self, site: DropoutSite) -> Option<DropoutSpec> {
         let p = match site {
             DropoutSite::Classifier { .. } => self.cfg.classifier_dropout_prob(),
             _ => self.cfg.hidden_dropout_prob,
         };
-        let Some(spec) = DropoutCtx::spec(self.dropout, site, p) else { return Ok(()) };
+        DropoutCtx::spec(self.dropout, site, p)
+    }
+
+    /// Hidden-state dropout at `site` (forward, or its `backward`) on `buf: [rows, C]`, if the
+    /// pass has one there.
+    fn drop(&self, buf: &mut O::Buf, site: DropoutSite, rows: DropRows, backward: bool) -> anyhow::Result<()> {
+        let Some(spec) = self.drop_spec(site) else { return Ok(()) };
         let c = self.cfg.hidden_size;
         let logical = LogicalDims { t_max: self.cfg.max_position_embeddings, w_max: c };
         self.o.dropout(buf, self.x, rows, c, logical, &spec, backward)
@@ -446,6 +450,8 @@ impl<'a, O: Ops> Pass<'a, O> {
         self.o.dense_forward(out, inp, self.p, w, Some(bias), n, c, oc, self.precision)
     }
 
+    /// A dense layer's backward: `dinp` written, or with `accumulate` added to (the input's
+    /// other consumer, a residual, has written its share).
     #[allow(clippy::too_many_arguments)]
     fn dense_back(
         &self,
@@ -455,11 +461,21 @@ impl<'a, O: Ops> Pass<'a, O> {
         inp: &O::Buf,
         w: Param,
         bias: Option<Param>,
-        n: usize,
-        c: usize,
-        oc: usize,
+        (n, c, oc): (usize, usize, usize),
+        accumulate: bool,
     ) -> anyhow::Result<()> {
-        self.o.dense_backward(dinp, g, dout, inp, self.p, w, bias, n, c, oc, self.precision)
+        self.o.dense_backward(dinp, g, dout, inp, self.p, w, bias, n, c, oc, self.precision, accumulate)
+    }
+
+    /// The gradient that reaches a hidden-state dropout's input at `site` from `grad` (of its
+    /// output): `grad` itself where the pass has no dropout there, else the masked copy in `tmp`.
+    fn drop_back<'b>(&self, grad: &'b O::Buf, tmp: &'b mut O::Buf, site: DropoutSite) -> anyhow::Result<&'b O::Buf> {
+        if self.drop_spec(site).is_none() {
+            return Ok(grad);
+        }
+        self.o.copy(tmp, grad)?;
+        self.drop(tmp, site, DropRows::Tokens, true)?;
+        Ok(tmp)
     }
 
     /// The word, position and token-type tables.
@@ -589,38 +605,39 @@ impl<'a, O: Ops> Pass<'a, O> {
     ) -> anyhow::Result<()> {
         let (o, c, nl) = (self.o, self.cfg.hidden_size, self.cfg.num_hidden_layers);
         let (rows_n, classes) = (self.host().rows.len(), self.classes());
-        o.zeroed(&mut s.dy, self.bt() * c)?;
         if rows_n == 0 {
-            return Ok(());
+            return o.zeroed(&mut s.dy, self.bt() * c);
         }
-        o.zeroed(&mut s.d_logits, rows_n * classes)?;
+        o.shape(&mut s.dy, self.bt() * c)?;
+        o.shape(&mut s.d_logits, rows_n * classes)?;
         o.crossentropy_backward(&mut s.d_logits, &a.logits, self.x, loss_scale, rows_n, classes)?;
         for buf in [&mut s.d_head_a, &mut s.d_head_b, &mut s.d_head_c] {
-            o.zeroed(buf, rows_n * c)?;
+            o.shape(buf, rows_n * c)?;
         }
         match self.lay.head {
             Head::Classification { num_labels } => {
                 let (w, b) = (self.r("classifier.weight"), self.r("classifier.bias"));
-                self.dense_back(&mut s.d_head_a, g, &s.d_logits, &a.head_out, w, Some(b), rows_n, c, num_labels)?;
+                let shape = (rows_n, c, num_labels);
+                self.dense_back(&mut s.d_head_a, g, &s.d_logits, &a.head_out, w, Some(b), shape, false)?;
                 self.drop(&mut s.d_head_a, DropoutSite::Classifier { layers: nl }, DropRows::Head, true)?;
                 o.tanh_backward(&mut s.d_head_b, &a.head_act, &s.d_head_a)?;
                 let (w, b) = (self.r("pooler.dense.weight"), self.r("pooler.dense.bias"));
-                self.dense_back(&mut s.d_head_c, g, &s.d_head_b, &a.head_in, w, Some(b), rows_n, c, c)?;
+                self.dense_back(&mut s.d_head_c, g, &s.d_head_b, &a.head_in, w, Some(b), (rows_n, c, c), false)?;
             }
             Head::MaskedLm => {
                 let (w, b) = (self.r("embeddings.word_embeddings.weight"), self.r("cls.predictions.bias"));
-                self.dense_back(&mut s.d_head_a, g, &s.d_logits, &a.head_out, w, Some(b), rows_n, c, classes)?;
+                let shape = (rows_n, c, classes);
+                self.dense_back(&mut s.d_head_a, g, &s.d_logits, &a.head_out, w, Some(b), shape, false)?;
                 let ln = [
                     self.r("cls.predictions.transform.LayerNorm.weight"),
                     self.r("cls.predictions.transform.LayerNorm.bias"),
                 ];
                 let (mean, rstd) = (&a.head_mean, &a.head_rstd);
                 o.layernorm_backward(&mut s.d_head_b, g, &s.d_head_a, &a.head_act, self.p, ln, mean, rstd, rows_n, c)?;
-                o.zero(&mut s.d_head_a)?;
                 o.gelu_backward(&mut s.d_head_a, &a.head_pre, &s.d_head_b)?;
                 let w = self.r("cls.predictions.transform.dense.weight");
                 let b = self.r("cls.predictions.transform.dense.bias");
-                self.dense_back(&mut s.d_head_c, g, &s.d_head_a, &a.head_in, w, Some(b), rows_n, c, c)?;
+                self.dense_back(&mut s.d_head_c, g, &s.d_head_a, &a.head_in, w, Some(b), (rows_n, c, c), false)?;
             }
         }
         o.gather_rows_backward(&mut s.dy, &s.d_head_c, self.x, c)
@@ -639,31 +656,22 @@ impl<'a, O: Ops> Pass<'a, O> {
         let (dims, lp, la) = (self.dims(), self.lay.layer(l), &a.layers[l]);
         let x = if l == 0 { &a.x0 } else { &a.layers[l - 1].ln2 };
 
-        o.zero(&mut s.d_res)?;
         let ln = [lp.ln2_w.clone(), lp.ln2_b.clone()];
         o.layernorm_backward(&mut s.d_res, g, &s.dy, &la.res2, p, ln, &la.ln2_mean, &la.ln2_rstd, bt, c)?;
-        o.copy(&mut s.d_ln1, &s.d_res)?;
-        o.copy(&mut s.d_tmp, &s.d_res)?;
-        self.drop(&mut s.d_tmp, DropoutSite::FeedForwardOutput(l), DropRows::Tokens, true)?;
-        o.zero(&mut s.d_act)?;
-        self.dense_back(&mut s.d_act, g, &s.d_tmp, &la.act, lp.o_w.clone(), Some(lp.o_b.clone()), bt, inter, c)?;
-        o.zero(&mut s.d_inter)?;
+        let d_ff = self.drop_back(&s.d_res, &mut s.d_tmp, DropoutSite::FeedForwardOutput(l))?;
+        let (o_w, o_b) = (lp.o_w.clone(), Some(lp.o_b.clone()));
+        self.dense_back(&mut s.d_act, g, d_ff, &la.act, o_w, o_b, (bt, inter, c), false)?;
         o.gelu_backward(&mut s.d_inter, &la.inter, &s.d_act)?;
-        self.dense_back(&mut s.d_ln1, g, &s.d_inter, &la.ln1, lp.i_w.clone(), Some(lp.i_b.clone()), bt, c, inter)?;
+        // `d_res` becomes ln1's gradient: its residual share plus the intermediate layer's.
+        let (i_w, i_b) = (lp.i_w.clone(), Some(lp.i_b.clone()));
+        self.dense_back(&mut s.d_res, g, &s.d_inter, &la.ln1, i_w, i_b, (bt, c, inter), true)?;
 
-        o.zero(&mut s.d_res)?;
         let ln = [lp.ln1_w.clone(), lp.ln1_b.clone()];
-        o.layernorm_backward(&mut s.d_res, g, &s.d_ln1, &la.res1, p, ln, &la.ln1_mean, &la.ln1_rstd, bt, c)?;
-        o.copy(&mut s.dx, &s.d_res)?;
-        o.copy(&mut s.d_tmp, &s.d_res)?;
-        self.drop(&mut s.d_tmp, DropoutSite::AttentionOutput(l), DropRows::Tokens, true)?;
-        o.zero(&mut s.d_ctx)?;
-        self.dense_back(&mut s.d_ctx, g, &s.d_tmp, &la.ctx, lp.ao_w.clone(), Some(lp.ao_b.clone()), bt, c, c)?;
-        o.zero(&mut s.d_ctxh)?;
-        o.heads(Heads::MergeBackward, &mut s.d_ctxh, &s.d_ctx, self.x, dims)?;
-        o.zero(&mut s.dqh)?;
-        o.zero(&mut s.dkh)?;
-        o.zero(&mut s.dvh)?;
+        o.layernorm_backward(&mut s.dx, g, &s.d_res, &la.res1, p, ln, &la.ln1_mean, &la.ln1_rstd, bt, c)?;
+        let d_ao = self.drop_back(&s.dx, &mut s.d_tmp, DropoutSite::AttentionOutput(l))?;
+        let (ao_w, ao_b) = (lp.ao_w.clone(), Some(lp.ao_b.clone()));
+        self.dense_back(&mut s.d_ctx, g, d_ao, &la.ctx, ao_w, ao_b, (bt, c, c), false)?;
+        o.heads(Heads::Split, &mut s.d_ctxh, &s.d_ctx, self.x, dims)?; // merge's backward
         let (dqkv, qkv) = ([&mut s.dqh, &mut s.dkh, &mut s.dvh], [&la.qh, &la.kh, &la.vh]);
         o.attention_backward(dqkv, &s.d_ctxh, &la.probs, &la.probs_drop, qkv, self.x, dims, self.attn_drop(l))?;
         // The key bias gets no gradient, exactly: it adds `q_i . b_k` to every score of row i,
@@ -672,12 +680,12 @@ impl<'a, O: Ops> Pass<'a, O> {
         // Computed, it is rounding noise (~1e-11) that Adam's normalisation turns into
         // steps of up to `lr` that depend on the order of float sums, and so on the world
         // size. Leaving it at zero is the exact gradient and keeps the key bias where it was.
+        // `dx`, the layer input's gradient, holds the residual's share: q, k and v add theirs.
         for (dh, w, bias) in
             [(&s.dqh, &lp.q_w, Some(&lp.q_b)), (&s.dkh, &lp.k_w, None), (&s.dvh, &lp.v_w, Some(&lp.v_b))]
         {
-            o.zero(&mut s.d_tmp)?;
-            o.heads(Heads::SplitBackward, &mut s.d_tmp, dh, self.x, dims)?;
-            self.dense_back(&mut s.dx, g, &s.d_tmp, x, w.clone(), bias.cloned(), bt, c, c)?;
+            o.heads(Heads::Merge, &mut s.d_tmp, dh, self.x, dims)?; // split's backward
+            self.dense_back(&mut s.dx, g, &s.d_tmp, x, w.clone(), bias.cloned(), (bt, c, c), true)?;
         }
         Ok(())
     }
@@ -686,7 +694,6 @@ impl<'a, O: Ops> Pass<'a, O> {
     fn embeddings_backward(&self, a: &Acts<O::Buf>, s: &mut GradScratch<O::Buf>, g: &mut O::Buf) -> anyhow::Result<()> {
         let (o, bt, c) = (self.o, self.bt(), self.cfg.hidden_size);
         self.drop(&mut s.dy, DropoutSite::Embeddings, DropRows::Tokens, true)?;
-        o.zero(&mut s.d_res)?;
         let ln = [self.r("embeddings.LayerNorm.weight"), self.r("embeddings.LayerNorm.bias")];
         o.layernorm_backward(&mut s.d_res, g, &s.dy, &a.emb_sum, self.p, ln, &a.emb_mean, &a.emb_rstd, bt, c)?;
         o.embedding_backward(g, self.embedding_tables(), &s.d_res, self.x, self.cfg.pad_token_id, c)

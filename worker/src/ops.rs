@@ -4,8 +4,10 @@
 //! CPU parity tests against `transformers` check its order of operations for both, and a GPU
 //! run has only each op's parity left to check (`worker gpu-check`).
 //!
-//! Conventions (those of `kernels`): shapes are explicit, outermost first; `*_backward`
-//! accumulates into the gradients it produces; an op's output is written whole. Parameters are
+//! Conventions (those of `kernels`): shapes are explicit, outermost first; an op's output is
+//! written whole, and so is the gradient a `*_backward` produces for its input (`dinp`), except
+//! where a dense layer's `accumulate` adds it to the gradient of another consumer of the same
+//! input (a residual); parameter gradients always accumulate (`g +=`, micro-steps add up). Parameters are
 //! ranges of the flat parameter buffer `p`, their gradients the same ranges of the flat gradient
 //! buffer `g` (the [`Layout`](crate::layout::Layout)'s).
 
@@ -143,15 +145,11 @@ pub enum DropRows {
     Head,
 }
 
-/// The four permutes between `[B, T, NH*HD]` and `[B, NH, T, HD]`.
+/// The permutes between `[B, T, NH*HD]` and `[B, NH, T, HD]`, each the other's backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Heads {
     Split,
     Merge,
-    /// Accumulates the gradient of `Split`'s source.
-    SplitBackward,
-    /// Accumulates the gradient of `Merge`'s source.
-    MergeBackward,
 }
 
 /// The ops of BERT's training step on one device. Every op may fail (a GPU launch can); the CPU's
@@ -239,7 +237,8 @@ pub trait Ops {
         oc: usize,
         precision: Precision,
     ) -> anyhow::Result<()>;
-    /// `dinp += dout W`, `dW += dout^T inp`, `db += sum dout` (no bias gradient without `bias`).
+    /// `dinp = dout W` (`+=` with `accumulate`), `dW += dout^T inp`, `db += sum dout` (no bias
+    /// gradient without `bias`).
     fn dense_backward(
         &self,
         dinp: &mut Self::Buf,
@@ -253,6 +252,7 @@ pub trait Ops {
         c: usize,
         oc: usize,
         precision: Precision,
+        accumulate: bool,
     ) -> anyhow::Result<()>;
 
     /// Between the `[N, C]` token rows and the head-major layout of `x`'s sequences.
@@ -532,9 +532,10 @@ impl Ops for Cpu {
         c: usize,
         oc: usize,
         precision: Precision,
+        accumulate: bool,
     ) -> anyhow::Result<()> {
         let (dw, db) = weight_and_bias(g, &weight, &bias);
-        matmul::matmul_backward(operands(precision)?, dinp, dw, db, dout, inp, &p[weight], n, c, oc);
+        matmul::matmul_backward(operands(precision)?, dinp, dw, db, dout, inp, &p[weight], n, c, oc, accumulate);
         Ok(())
     }
 
@@ -543,8 +544,6 @@ impl Ops for Cpu {
         match op {
             Heads::Split => attention::split_heads(dst, src, hd, seqs),
             Heads::Merge => attention::merge_heads(dst, src, hd, seqs),
-            Heads::SplitBackward => attention::split_heads_backward(dst, src, hd, seqs),
-            Heads::MergeBackward => attention::merge_heads_backward(dst, src, hd, seqs),
         }
         Ok(())
     }
