@@ -124,7 +124,7 @@ pub fn open(compute: &Compute, model: Bert, opt: AdamW, how: Options, peers: Pee
                         "ZeRO-1: this rank steps its shard of the optimizer"
                     );
                     let opt = opt.shard(own);
-                    (Some(r), Some(Zero { shards, gathered: None }), opt)
+                    (Some(r), Some(Zero { shards, gathered: false, whole: None }), opt)
                 }
                 Peers::Ring(r) => (Some(r), None, opt),
                 _ => (None, None, opt),
@@ -183,8 +183,30 @@ struct CpuEngine {
 /// uploading rank and resuming on another world size stay as they are).
 struct Zero {
     shards: Vec<std::ops::Range<usize>>,
-    /// The whole optimizer, gathered on rank 0 for a checkpoint (dropped at the next step).
-    gathered: Option<AdamW>,
+    /// The moments have been gathered since the last step: every rank knows it, so that a second
+    /// checkpoint before the next step gathers nothing, on every rank alike.
+    gathered: bool,
+    /// Rank 0's whole optimizer while gathered. Its own shard's moments are moved into it (and
+    /// moved back out at the next step), so that rank 0 holds one copy of the optimizer state at
+    /// a checkpoint, not one and a half.
+    whole: Option<AdamW>,
+}
+
+impl Zero {
+    /// Makes `opt` the shard `own` again after a gather (rank 0: out of the whole moments, in
+    /// place, without a second copy).
+    fn restore(&mut self, opt: &mut AdamW, own: std::ops::Range<usize>) {
+        self.gathered = false;
+        if let Some(whole) = self.whole.take() {
+            let shard = |mut v: Vec<f32>| {
+                v.copy_within(own.clone(), 0);
+                v.truncate(own.len());
+                v.shrink_to_fit();
+                v
+            };
+            (opt.m, opt.v) = (shard(whole.m), shard(whole.v));
+        }
+    }
 }
 
 /// Floats per piece of the moments' gather for a checkpoint (so that ranks other than 0 hold
@@ -325,8 +347,9 @@ impl Engine for CpuEngine {
             self.opt.step(&m.layout, &mut m.params, &m.grads, lr);
             return Ok(());
         };
-        z.gathered = None;
-        self.opt.step_shard(&m.layout, &mut m.params, &m.grads, lr, z.shards[ring.rank()].clone());
+        let own = z.shards[ring.rank()].clone();
+        z.restore(&mut self.opt, own.clone());
+        self.opt.step_shard(&m.layout, &mut m.params, &m.grads, lr, own);
         ring.all_gather(&mut m.params, &z.shards).context("all-gathering the parameters")?;
         Ok(())
     }
@@ -343,31 +366,50 @@ impl Engine for CpuEngine {
         let (Some(z), Some(ring)) = (self.zero.as_mut(), self.ring.as_mut()) else {
             return Ok(Some((&self.model, &self.opt)));
         };
+        if z.gathered {
+            return Ok(z.whole.as_ref().map(|opt| (&self.model, opt)));
+        }
         // Each moment in pieces: a piece holds this rank's part of it, the all-gather fills in
-        // the others', and rank 0 keeps it.
+        // the others', and rank 0 keeps it in the whole moments, which its own part has moved
+        // into first.
         let (rank, len) = (ring.rank(), self.model.params.len());
         let own = z.shards[rank].clone();
-        let mut full = (rank == 0).then(|| self.opt.with_moments(vec![0.0; len], vec![0.0; len]));
-        for (mine, which) in [(&self.opt.m, 0), (&self.opt.v, 1)] {
+        let spread = |mine: &mut Vec<f32>| {
+            let mut whole = vec![0.0; len];
+            whole[own.clone()].copy_from_slice(mine);
+            *mine = Vec::new();
+            whole
+        };
+        z.whole = (rank == 0).then(|| {
+            let (m, v) = (spread(&mut self.opt.m), spread(&mut self.opt.v));
+            self.opt.with_moments(m, v)
+        });
+        for which in 0..2 {
             let mut start = 0;
             while start < len {
                 let range = start..(start + GATHER_PIECE).min(len);
                 let mut piece = vec![0.0; range.len()];
                 let (a, b) = (own.start.max(range.start), own.end.min(range.end));
                 if a < b {
+                    let mine = match (&z.whole, which) {
+                        (Some(w), 0) => &w.m[own.clone()],
+                        (Some(w), _) => &w.v[own.clone()],
+                        (None, 0) => &self.opt.m[..],
+                        (None, _) => &self.opt.v[..],
+                    };
                     piece[a - range.start..b - range.start].copy_from_slice(&mine[a - own.start..b - own.start]);
                 }
                 let parts = crate::collective::within(&range, &z.shards);
                 ring.all_gather(&mut piece, &parts).context("gathering the optimizer state")?;
-                if let Some(f) = full.as_mut() {
-                    let dst = if which == 0 { &mut f.m } else { &mut f.v };
+                if let Some(w) = z.whole.as_mut() {
+                    let dst = if which == 0 { &mut w.m } else { &mut w.v };
                     dst[range.clone()].copy_from_slice(&piece);
                 }
                 start = range.end;
             }
         }
-        z.gathered = full;
-        Ok(z.gathered.as_ref().map(|opt| (&self.model, opt)))
+        z.gathered = true;
+        Ok(z.whole.as_ref().map(|opt| (&self.model, opt)))
     }
 
     fn edit_params(&mut self, f: &mut dyn FnMut(&mut [f32])) -> anyhow::Result<()> {
