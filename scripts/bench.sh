@@ -3,7 +3,7 @@
 # (scripts/bench.py says what it measures). Fetches the model and data, builds the release
 # binaries, and uses $PYTHON, else python3, when it has torch and transformers; otherwise it
 # installs them into a throwaway virtual environment in .cache/bench-venv (several GB: the
-# torch wheels carry CUDA libraries). About 30 minutes on 2 cores; --quick for 2 pairs.
+# torch wheels carry CUDA libraries). About 25 minutes on 2 cores; --quick for 2 pairs.
 #
 #   scripts/bench.sh [--quick] [--pairs N] [--only ceiling,step,job,ring] [--raw FILE]
 set -euo pipefail
