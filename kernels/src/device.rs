@@ -300,16 +300,20 @@ fn launch_elementwise(
     Ok(())
 }
 
-/// `out = gelu(inp)` (exact erf form).
-pub fn gelu_forward(gpu: &Gpu, out: Out<'_, '_>, inp: In<'_, '_>) -> Result<(), GpuError> {
-    assert_eq!(out.len(), inp.len());
-    launch_elementwise(gpu, "gelu", "gelu_forward_f32", out, &[inp], inp.len())
+/// `out = gelu(x)` (exact erf form); `x` becomes `gelu'(x)`, what [`gelu_backward`] needs.
+pub fn gelu_forward(gpu: &Gpu, out: Out<'_, '_>, x: Out<'_, '_>) -> Result<(), GpuError> {
+    assert_eq!(out.len(), x.len());
+    let f = gpu.function("gelu", "gelu_forward_f32")?;
+    let n = x.len();
+    let nn = n as i64;
+    unsafe { gpu.stream.launch_builder(&f).arg(out).arg(x).arg(&nn).launch(elementwise(n)) }?;
+    Ok(())
 }
 
-/// `dinp += gelu'(inp) * dout`.
-pub fn gelu_backward(gpu: &Gpu, dinp: Out<'_, '_>, inp: In<'_, '_>, dout: In<'_, '_>) -> Result<(), GpuError> {
-    assert!(dinp.len() == inp.len() && dout.len() == inp.len());
-    launch_elementwise(gpu, "gelu", "gelu_backward_f32", dinp, &[inp, dout], inp.len())
+/// `dinp = deriv * dout`, with `deriv` what [`gelu_forward`] left.
+pub fn gelu_backward(gpu: &Gpu, dinp: Out<'_, '_>, deriv: In<'_, '_>, dout: In<'_, '_>) -> Result<(), GpuError> {
+    assert!(dinp.len() == deriv.len() && dout.len() == deriv.len());
+    launch_elementwise(gpu, "gelu", "gelu_backward_f32", dinp, &[deriv, dout], deriv.len())
 }
 
 /// `out = tanh(inp)`.

@@ -14,32 +14,34 @@ __device__ __forceinline__ float exp_fast(float x) {
     return p * __int_as_float(((int)k + 127) << 23);
 }
 
-__device__ __forceinline__ float erf_fast(float z) {
+// erf(z) given e = exp(-z^2).
+__device__ __forceinline__ float erf_with_exp(float z, float e) {
     float a = fabsf(z);
     float t = 1.0f / (1.0f + 0.3275911f * a);  // the CPU twin's literals, digit for digit
     float poly = t * (0.2548296f + t * (-0.28449674f + t * (1.4214138f + t * (-1.453152f + t * 1.0614054f))));
-    float y = 1.0f - poly * exp_fast(-a * a);
+    float y = 1.0f - poly * e;
     return copysignf(y, z);
 }
 
-// out[i] = gelu(inp[i])
-extern "C" __global__ void gelu_forward_f32(float* out, const float* inp, long long n) {
-    const float INV_SQRT2 = 0.70710678118654752f;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + erf_fast(x * INV_SQRT2));
-    }
-}
-
-// dinp[i] = gelu'(inp[i]) * dout[i]
-extern "C" __global__ void gelu_backward_f32(float* dinp, const float* inp, const float* dout, long long n) {
+// out[i] = gelu(x[i]); x[i] becomes gelu'(x[i]) = Phi(x) + x phi(x), what backward needs (erf
+// needs exp(-z^2) at z = x / sqrt 2: the same exp(-x^2 / 2) as phi).
+extern "C" __global__ void gelu_forward_f32(float* out, float* x, long long n) {
     const float INV_SQRT2 = 0.70710678118654752f, INV_SQRT_2PI = 0.3989423f;  // as gelu.rs
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        float x = inp[i];
-        float cdf = 0.5f * (1.0f + erf_fast(x * INV_SQRT2));
-        float pdf = INV_SQRT_2PI * exp_fast(-0.5f * x * x);
-        dinp[i] = (cdf + x * pdf) * dout[i];
+        float v = x[i];
+        float z = v * INV_SQRT2;
+        float e = exp_fast(-z * z);
+        float erf = erf_with_exp(z, e);
+        out[i] = 0.5f * v * (1.0f + erf);
+        x[i] = 0.5f * (1.0f + erf) + v * (INV_SQRT_2PI * e);
+    }
+}
+
+// dinp[i] = deriv[i] * dout[i], with deriv the gelu'(x) that the forward left
+extern "C" __global__ void gelu_backward_f32(float* dinp, const float* deriv, const float* dout, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        dinp[i] = deriv[i] * dout[i];
     }
 }

@@ -172,17 +172,18 @@ pub fn kernel_parity(gpu: &Gpu) -> Result<Vec<ParityRow>, GpuError> {
     let dx = gpu.upload(&x)?;
     let dg = gpu.upload(&g)?;
     {
-        let mut out = s.alloc_zeros::<f32>(n)?;
-        device::gelu_forward(gpu, &mut out.as_view_mut(), &dx.as_view())?;
-        let mut want = vec![0.0; n];
-        gelu::gelu_forward(&mut want, &x);
+        let (mut out, mut deriv) = (s.alloc_zeros::<f32>(n)?, gpu.upload(&x)?);
+        device::gelu_forward(gpu, &mut out.as_view_mut(), &mut deriv.as_view_mut())?;
+        let (mut want, mut want_deriv) = (vec![0.0; n], x.clone());
+        gelu::gelu_forward(&mut want, &mut want_deriv);
         rows.push(compare("gelu_forward_f32", &gpu.download(&out)?, &want, TOL));
+        rows.push(compare("gelu_forward_f32 (derivative)", &gpu.download(&deriv)?, &want_deriv, TOL));
 
         let init = randn(n, 3, 0.5);
         let mut din = gpu.upload(&init)?;
-        device::gelu_backward(gpu, &mut din.as_view_mut(), &dx.as_view(), &dg.as_view())?;
+        device::gelu_backward(gpu, &mut din.as_view_mut(), &deriv.as_view(), &dg.as_view())?;
         let mut want = init.clone();
-        gelu::gelu_backward(&mut want, &x, &g);
+        gelu::gelu_backward(&mut want, &want_deriv, &g);
         rows.push(compare("gelu_backward_f32", &gpu.download(&din)?, &want, TOL));
 
         device::tanh_forward(gpu, &mut out.as_view_mut(), &dx.as_view())?;

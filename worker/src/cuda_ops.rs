@@ -440,12 +440,12 @@ impl Ops for Cuda {
         Ok(device::residual_forward(&self.gpu, &mut out.view_mut(), &a.view(), &b.view())?)
     }
 
-    fn gelu_forward(&self, out: &mut DevBuf, inp: &DevBuf) -> anyhow::Result<()> {
-        Ok(device::gelu_forward(&self.gpu, &mut out.view_mut(), &inp.view())?)
+    fn gelu_forward(&self, out: &mut DevBuf, x: &mut DevBuf) -> anyhow::Result<()> {
+        Ok(device::gelu_forward(&self.gpu, &mut out.view_mut(), &mut x.view_mut())?)
     }
 
-    fn gelu_backward(&self, dinp: &mut DevBuf, inp: &DevBuf, dout: &DevBuf) -> anyhow::Result<()> {
-        Ok(device::gelu_backward(&self.gpu, &mut dinp.view_mut(), &inp.view(), &dout.view())?)
+    fn gelu_backward(&self, dinp: &mut DevBuf, deriv: &DevBuf, dout: &DevBuf) -> anyhow::Result<()> {
+        Ok(device::gelu_backward(&self.gpu, &mut dinp.view_mut(), &deriv.view(), &dout.view())?)
     }
 
     fn tanh_forward(&self, out: &mut DevBuf, inp: &DevBuf) -> anyhow::Result<()> {

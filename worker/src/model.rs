@@ -112,6 +112,7 @@ pub struct LayerActs<B> {
     ln1: B,
     ln1_mean: B,
     ln1_rstd: B,
+    /// The intermediate dense layer's output until GELU reads it, then GELU's derivative there.
     inter: B,
     act: B,
     res2: B,
@@ -133,6 +134,7 @@ pub struct Acts<B> {
     tmp: B,
     tmp2: B,
     head_in: B,
+    /// The masked-LM transform's dense output, then GELU's derivative there.
     head_pre: B,
     head_act: B,
     head_out: B,
@@ -531,7 +533,7 @@ impl<'a, O: Ops> Pass<'a, O> {
         o.shape(&mut la.inter, bt * inter)?;
         o.shape(&mut la.act, bt * inter)?;
         self.dense(&mut la.inter, &la.ln1, lp.i_w.clone(), lp.i_b.clone(), bt, c, inter)?;
-        o.gelu_forward(&mut la.act, &la.inter)?;
+        o.gelu_forward(&mut la.act, &mut la.inter)?; // `inter` now holds gelu'(inter)
         self.dense(&mut a.tmp, &la.act, lp.o_w.clone(), lp.o_b.clone(), bt, inter, c)?;
         self.drop(&mut a.tmp, DropoutSite::FeedForwardOutput(l), DropRows::Tokens, false)?;
         o.shape(&mut la.res2, bt * c)?;
@@ -580,7 +582,7 @@ impl<'a, O: Ops> Pass<'a, O> {
                     let w = self.r("cls.predictions.transform.dense.weight");
                     let b = self.r("cls.predictions.transform.dense.bias");
                     self.dense(&mut a.head_pre, &a.head_in, w, b, rows_n, c, c)?;
-                    o.gelu_forward(&mut a.head_act, &a.head_pre)?;
+                    o.gelu_forward(&mut a.head_act, &mut a.head_pre)?;
                     let w = self.r("cls.predictions.transform.LayerNorm.weight");
                     let b = self.r("cls.predictions.transform.LayerNorm.bias");
                     let eps = self.cfg.layer_norm_eps as f32;

@@ -302,8 +302,10 @@ pub trait Ops {
     ) -> anyhow::Result<()>;
 
     fn residual_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> anyhow::Result<()>;
-    fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> anyhow::Result<()>;
-    fn gelu_backward(&self, dinp: &mut Self::Buf, inp: &Self::Buf, dout: &Self::Buf) -> anyhow::Result<()>;
+    /// `out = gelu(x)`; `x` becomes `gelu'(x)`, all that [`Ops::gelu_backward`] needs of it.
+    fn gelu_forward(&self, out: &mut Self::Buf, x: &mut Self::Buf) -> anyhow::Result<()>;
+    /// `dinp = deriv * dout`, with `deriv` what [`Ops::gelu_forward`] left.
+    fn gelu_backward(&self, dinp: &mut Self::Buf, deriv: &Self::Buf, dout: &Self::Buf) -> anyhow::Result<()>;
     fn tanh_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> anyhow::Result<()>;
     fn tanh_backward(&self, dinp: &mut Self::Buf, out: &Self::Buf, dout: &Self::Buf) -> anyhow::Result<()>;
 
@@ -623,13 +625,13 @@ impl Ops for Cpu {
         Ok(())
     }
 
-    fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>) -> anyhow::Result<()> {
-        gelu::gelu_forward(out, inp);
+    fn gelu_forward(&self, out: &mut Vec<f32>, x: &mut Vec<f32>) -> anyhow::Result<()> {
+        gelu::gelu_forward(out, x);
         Ok(())
     }
 
-    fn gelu_backward(&self, dinp: &mut Vec<f32>, inp: &Vec<f32>, dout: &Vec<f32>) -> anyhow::Result<()> {
-        gelu::gelu_backward(dinp, inp, dout);
+    fn gelu_backward(&self, dinp: &mut Vec<f32>, deriv: &Vec<f32>, dout: &Vec<f32>) -> anyhow::Result<()> {
+        gelu::gelu_backward(dinp, deriv, dout);
         Ok(())
     }
 
