@@ -740,20 +740,10 @@ pub fn cast_to_bf16(gpu: &Gpu, dst: &mut CudaViewMut<'_, Bf16>, src: In<'_, '_>)
     Ok(())
 }
 
-/// `dst += f32(src)`.
-fn add_bf16(gpu: &Gpu, dst: Out<'_, '_>, src: &CudaView<'_, Bf16>) -> Result<(), GpuError> {
+/// `dst += f32(src)`, or `dst = f32(src)` without `accumulate`.
+fn from_bf16(gpu: &Gpu, dst: Out<'_, '_>, src: &CudaView<'_, Bf16>, accumulate: bool) -> Result<(), GpuError> {
     assert_eq!(dst.len(), src.len());
-    let f = gpu.function("cast", "add_bf16_to_f32")?;
-    let n = src.len();
-    let nn = n as i64;
-    unsafe { gpu.stream.launch_builder(&f).arg(dst).arg(src).arg(&nn).launch(elementwise(n)) }?;
-    Ok(())
-}
-
-/// `dst = f32(src)`.
-fn cast_to_f32(gpu: &Gpu, dst: Out<'_, '_>, src: &CudaView<'_, Bf16>) -> Result<(), GpuError> {
-    assert_eq!(dst.len(), src.len());
-    let f = gpu.function("cast", "cast_bf16_to_f32")?;
+    let f = gpu.function("cast", if accumulate { "add_bf16_to_f32" } else { "cast_bf16_to_f32" })?;
     let n = src.len();
     let nn = n as i64;
     unsafe { gpu.stream.launch_builder(&f).arg(dst).arg(src).arg(&nn).launch(elementwise(n)) }?;
@@ -809,7 +799,7 @@ pub fn matmul_forward_bf16(
     let mut out16 = gpu.stream.alloc_zeros::<Bf16>(n * oc)?;
     let cfg = bf16_cfg(gemm_cfg(T, N, oc, n, c, c, c, oc, 1.0, 0.0));
     unsafe { gpu.blas()?.gemm(cfg, weight, &inp16.slice(0..n * c), &mut out16) }?;
-    add_bf16(gpu, out, &out16.as_view())
+    from_bf16(gpu, out, &out16.as_view(), true)
 }
 
 /// [`matmul_backward`] with bf16 GEMM inputs; `dinp` written (or, with `accumulate`, added to),
@@ -835,14 +825,11 @@ pub fn matmul_backward_bf16(
     let mut dinp16 = gpu.stream.alloc_zeros::<Bf16>(n * c)?;
     let cfg = bf16_cfg(gemm_cfg(N, N, c, n, oc, c, oc, c, 1.0, 0.0));
     unsafe { blas.gemm(cfg, weight, &dout16.slice(0..n * oc), &mut dinp16) }?;
-    match accumulate {
-        true => add_bf16(gpu, dinp, &dinp16.as_view())?,
-        false => cast_to_f32(gpu, dinp, &dinp16.as_view())?,
-    }
+    from_bf16(gpu, dinp, &dinp16.as_view(), accumulate)?;
     let mut dw16 = gpu.stream.alloc_zeros::<Bf16>(oc * c)?;
     let cfg = bf16_cfg(gemm_cfg(N, T, c, oc, n, c, oc, c, 1.0, 0.0));
     unsafe { blas.gemm(cfg, &inp16.slice(0..n * c), &dout16.slice(0..n * oc), &mut dw16) }?;
-    add_bf16(gpu, dweight, &dw16.as_view())?;
+    from_bf16(gpu, dweight, &dw16.as_view(), true)?;
     if let Some(db) = dbias {
         assert_eq!(db.len(), oc, "matmul_backward_bf16: dbias must be [OC]");
         let f = gpu.function("matmul", "column_sum_accumulate_f32")?;
