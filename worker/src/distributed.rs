@@ -711,9 +711,7 @@ fn train_generation(
     let completed = Arc::new(AtomicU64::new(0));
     let peers = connect_peers(g, opts, reply, job, listener, compute, &completed)?;
     let t = &job.train;
-    if t.threads > 0 {
-        rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global().ok();
-    }
+    crate::kernel_threads(t.threads);
     let enc = Arc::new(TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?);
     let info = RunInfo {
         rank: g.rank,

@@ -202,9 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&job)?);
                 return Ok(());
             }
-            if job.train.threads > 0 {
-                rayon::ThreadPoolBuilder::new().num_threads(job.train.threads).build_global().ok();
-            }
+            worker::kernel_threads(job.train.threads);
             tracing::info!(config = %serde_json::to_string(&job)?, "resolved job config");
             let s = worker::local::train(&job, !no_progress, device)?;
             println!("trained {} steps in {:.0} s ({:.0} tokens/s)", s.steps, s.train_seconds, s.tokens_per_second);
@@ -271,6 +269,7 @@ fn bench(preset: &str, b: usize, t: usize, steps: usize, dropout: bool, precisio
         "bf16" => job::config::Precision::Bf16,
         other => anyhow::bail!("unknown precision {other:?} (fp32, bf16)"),
     };
+    worker::kernel_threads(0);
     let p = if dropout { 0.1 } else { 0.0 };
     let cfg = worker::bert_config::BertConfig::from_json_str(&format!(
         r#"{{"vocab_size": 30522, "hidden_size": {hidden}, "num_hidden_layers": {layers}, "num_attention_heads": {heads},
