@@ -534,6 +534,10 @@ pub struct Overlapped {
     failed: Arc<AtomicBool>,
     /// Time the comm thread spent in collectives since the last `take_busy`.
     busy: Arc<std::sync::Mutex<Duration>>,
+    /// The buffers of the last step's buckets, in the order they were started: every step starts
+    /// the same segments in the same order, so each next bucket finds a buffer of its size whose
+    /// pages are already mapped (fresh allocations cost more in page faults than the copy).
+    spare: std::collections::VecDeque<Vec<f32>>,
 }
 
 /// One segment of a flat buffer on its way through a collective.
@@ -591,28 +595,39 @@ impl Overlapped {
                 }
             })
             .expect("spawning the all-reduce thread");
-        Overlapped { rank, world, coll, to_comm, from_comm, in_flight: 0, failed, busy }
+        Overlapped { rank, world, coll, to_comm, from_comm, in_flight: 0, failed, busy, spare: Default::default() }
     }
 
     /// Starts summing `data`, the gradients of `range` of the flat buffer.
     pub fn start(&mut self, range: Range<usize>, data: &[f32]) {
-        self.send(Bucket { range, data: data.to_vec(), op: Op::Sum });
+        let data = self.buffer(data.iter().copied());
+        self.send(Bucket { range, data, op: Op::Sum });
+    }
+
+    /// A bucket's buffer holding `values`: the next spare one, refilled.
+    fn buffer(&mut self, values: impl Iterator<Item = f32>) -> Vec<f32> {
+        let mut v = self.spare.pop_front().unwrap_or_default();
+        v.clear();
+        v.extend(values);
+        v
     }
 
     /// Starts summing `range` of the flat buffer as mostly-zero rows of `width` floats
     /// ([`all_reduce_rows`]): `rows` (ascending) are those that may be non-zero here, `packed`
     /// their values. `finish` writes the rows named on any rank; the others stay as they are
     /// (zero).
-    pub fn start_rows(&mut self, range: Range<usize>, rows: Vec<u32>, packed: Vec<f32>, width: usize) {
+    pub fn start_rows(&mut self, range: Range<usize>, rows: Vec<u32>, packed: impl Iterator<Item = f32>, width: usize) {
         let count = range.len() / width.max(1);
-        self.send(Bucket { range, data: packed, op: Op::SumRows { rows, count, width } });
+        let data = self.buffer(packed);
+        self.send(Bucket { range, data, op: Op::SumRows { rows, count, width } });
     }
 
     /// Starts a reduce-scatter of `data` (`range` of the flat buffer) in which each rank owns
     /// its part of `shards` (ranges of the flat buffer, one per rank).
     pub fn start_scatter(&mut self, range: Range<usize>, data: &[f32], shards: &[Range<usize>]) {
         let parts = within(&range, shards);
-        self.send(Bucket { range, data: data.to_vec(), op: Op::ReduceScatter(parts) });
+        let data = self.buffer(data.iter().copied());
+        self.send(Bucket { range, data, op: Op::ReduceScatter(parts) });
     }
 
     fn send(&mut self, b: Bucket) {
@@ -637,13 +652,21 @@ impl Overlapped {
                         let at = b.range.start + r as usize * width;
                         buf[at..at + width].copy_from_slice(values);
                     }
+                    self.spare.push_back(b.data);
                     continue;
                 }
                 Op::Sum => 0..b.data.len(),
             };
             buf[b.range.start + kept.start..b.range.start + kept.end].copy_from_slice(&b.data[kept]);
+            self.spare.push_back(b.data);
         }
         Ok(())
+    }
+
+    /// Frees the spare bucket buffers (before work that needs the memory more: a checkpoint);
+    /// the next step allocates them again.
+    pub fn release(&mut self) {
+        self.spare = Default::default();
     }
 
     /// The time the all-reduce thread spent in collectives since the last call.

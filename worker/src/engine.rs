@@ -282,7 +282,7 @@ impl Engine for CpuEngine {
             if range.start == words.start && range.end >= words.end {
                 let (w, rest) = g.split_at(words.len());
                 let packed = rows.iter().flat_map(|&r| &w[r as usize * width..(r as usize + 1) * width]).copied();
-                ring.start_rows(words.clone(), rows.clone(), packed.collect(), width);
+                ring.start_rows(words.clone(), rows.clone(), packed, width);
                 if !rest.is_empty() {
                     dense(ring, words.end..range.end, rest);
                 }
@@ -363,6 +363,10 @@ impl Engine for CpuEngine {
     }
 
     fn host(&mut self) -> anyhow::Result<Option<(&Bert, &AdamW)>> {
+        // A checkpoint's buffers take the place of the gradient buckets' spares.
+        if let Some(ring) = self.ring.as_mut() {
+            ring.release();
+        }
         let (Some(z), Some(ring)) = (self.zero.as_mut(), self.ring.as_mut()) else {
             return Ok(Some((&self.model, &self.opt)));
         };
