@@ -181,7 +181,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             None
         }
     };
-    let info = JobInfo { config_json: serde_json::to_string(&job)?, seed: job.train.seed };
+    let info = JobInfo {
+        config_json: serde_json::to_string(&job)?,
+        seed: job.train.seed,
+        batch_size: job.train.batch_size,
+        max_seq_len: job.model.max_seq_len,
+    };
     let board = ProgressBoard::new(
         !cli.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         Some((job.output.dir.join("loss.jsonl"), setup.resume.is_some())),

@@ -41,6 +41,10 @@ pub struct JobInfo {
     pub config_json: String,
     /// The seed of the epoch shuffles.
     pub seed: u64,
+    /// The global batch, whose examples each step deals evenly over the ranks by length (0:
+    /// round-robin), and the sequence length that caps an example's length.
+    pub batch_size: usize,
+    pub max_seq_len: usize,
 }
 
 /// Examples per streamed message, and messages read ahead of the worker.
@@ -87,6 +91,8 @@ pub struct Inner {
     signal: tokio::sync::watch::Sender<Signal>,
     job: JobInfo,
     data: Datasets,
+    /// Each training example's length, by which a step's examples are dealt ([`shard::cost`]).
+    train_cost: Vec<u32>,
     /// How long a call that waits for every rank (Join, ReportEval) waits.
     gather_timeout: Duration,
     elastic: ElasticSection,
@@ -128,6 +134,11 @@ impl CoordinatorService {
                 gathered: Notify::new(),
                 all_finished: Notify::new(),
                 signal,
+                train_cost: data
+                    .train
+                    .iter()
+                    .map(|r| shard::cost(&r.text, r.text_pair.as_deref(), job.max_seq_len))
+                    .collect(),
                 job,
                 data,
                 gather_timeout,
@@ -735,7 +746,11 @@ impl Coordinator for CoordinatorService {
         .ok_or_else(|| Status::not_found(format!("the job has no {} split", split.as_str_name().to_lowercase())))?;
         let n = records.len();
         let indices = match split {
-            Split::Train => shard::train_indices(n, world, rank, self.job.seed, r.epoch),
+            Split::Train => {
+                let balance = (self.job.batch_size > 0 && self.job.batch_size.is_multiple_of(world))
+                    .then(|| shard::Balance { cost: &self.train_cost, batch: self.job.batch_size / world });
+                shard::train_indices(n, world, rank, self.job.seed, r.epoch, balance)
+            }
             Split::Dev | Split::Test => shard::eval_indices(n, world, rank),
         };
         let start = usize::try_from(r.start).unwrap_or(usize::MAX);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{join_all, serve};
+use common::{join_all, serve, BATCH};
 use job::data::{Datasets, LabelSet, Record};
 use job::shard;
 use proto::v1::coordinator_client::CoordinatorClient;
@@ -47,7 +47,14 @@ async fn each_rank_streams_its_shard_and_can_resume() {
     for epoch in 0..2 {
         for rank in 0..3u32 {
             let got = fetch(&url, rank, Split::Train, epoch, 0).await.unwrap();
-            let want = shard::train_indices(1000, 3, rank as usize, 17, epoch);
+            let cost: Vec<u32> = (0..1000).map(|i| shard::cost(&format!("example {i}"), None, 16)).collect();
+            let balance = shard::Balance { cost: &cost, batch: BATCH / 3 };
+            let want = shard::train_indices(1000, 3, rank as usize, 17, epoch, Some(balance));
+            assert_ne!(
+                want,
+                shard::train_indices(1000, 3, rank as usize, 17, epoch, None),
+                "lengths differ: a deal of its own"
+            );
             assert_eq!(got.iter().map(|e| e.0 as usize).collect::<Vec<_>>(), want);
             assert!(got.iter().all(|(i, text, label)| *text == format!("example {i}") && *label == (*i % 3) as i64));
             let tail = fetch(&url, rank, Split::Train, epoch, 300).await.unwrap();

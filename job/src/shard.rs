@@ -1,21 +1,49 @@
 //! Which examples each worker sees: `torch.utils.data.DistributedSampler` semantics, deterministic
-//! from the seed.
+//! from the seed, with each step's examples dealt so that the ranks' work is even.
 //!
 //! Training, epoch `e`: the dataset's indices are shuffled with `philox::permutation(n, seed, e)`
-//! (the order single-process `worker train` uses too), padded by repeating its head until the
-//! length is a multiple of the world size, and dealt out round-robin: rank `r` takes positions
-//! `r, r + W, r + 2W, ...`. Every rank gets `ceil(n / W)` indices; an example appears once per
-//! epoch, plus at most `W - 1` repeats of the padding.
-//!
-//! Because of the round-robin deal, the union of the ranks' k-th micro-batches of size `b` is
-//! exactly positions `k*b*W .. (k+1)*b*W` of the padded order: the global batch one worker would
-//! take with batch size `b * W`. That is what makes N workers equal to one.
+//! (the order single-process `worker train` uses too) and padded by repeating its head until the
+//! length is a multiple of the world size. Step `k` of the epoch takes positions `k*B .. (k+1)*B`
+//! of that order (`B` the global batch): the global batch one worker would take, whatever the
+//! world size. That is what makes N workers equal to one. Within a step the `B` examples are
+//! dealt `B / W` to each rank: with a [`Balance`], longest first, each to the rank with the least
+//! length so far (ties to the lower rank), so that no rank waits at the gradient sums for one that
+//! drew the long examples (dynamic padding makes a rank's time follow its lengths); without
+//! one, and for the epoch's last, partial step, round-robin: rank `r` takes positions `r, r + W,
+//! ...`. A rank keeps its examples in epoch order. Every rank gets `ceil(n / W)` indices; an
+//! example appears once per epoch, plus at most `W - 1` repeats of the padding.
 //!
 //! Evaluation: no shuffle and no padding, so that no example counts twice: rank `r` takes
 //! indices `r, r + W, ...` of `0..n`, and shards differ in length by at most one.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// How to even out the ranks' work within a step: each example's cost (its length) and the
+/// examples per rank per step.
+#[derive(Clone, Copy, Debug)]
+pub struct Balance<'a> {
+    pub cost: &'a [u32],
+    pub batch: usize,
+}
+
+/// An example's cost for [`Balance`]: its length in bytes (text and pair), capped at 8 bytes a
+/// position of `max_seq_len`, past which truncation cuts it. Bytes follow tokens closely enough
+/// to even out a step, and the coordinator, which deals, has no tokenizer.
+pub fn cost(text: &str, pair: Option<&str>, max_seq_len: usize) -> u32 {
+    let bytes = text.len() + pair.map_or(0, str::len);
+    u32::try_from(bytes.min(max_seq_len.saturating_mul(8))).unwrap_or(u32::MAX)
+}
+
 /// The training indices of `rank` in a world of `world` for `epoch`.
-pub fn train_indices(n: usize, world: usize, rank: usize, seed: u64, epoch: u32) -> Vec<usize> {
+pub fn train_indices(
+    n: usize,
+    world: usize,
+    rank: usize,
+    seed: u64,
+    epoch: u32,
+    balance: Option<Balance<'_>>,
+) -> Vec<usize> {
     assert!(world >= 1 && rank < world, "rank {rank} outside a world of {world}");
     if n == 0 {
         return Vec::new();
@@ -27,7 +55,38 @@ pub fn train_indices(n: usize, world: usize, rank: usize, seed: u64, epoch: u32)
         order.push(order[i]);
         i += 1;
     }
-    order.into_iter().skip(rank).step_by(world).collect()
+    let Some(bal) = balance.filter(|b| world > 1 && b.batch > 0) else {
+        return order.into_iter().skip(rank).step_by(world).collect();
+    };
+    assert_eq!(bal.cost.len(), n, "one cost per example");
+    let mut mine = Vec::with_capacity(total / world);
+    for step in order.chunks(bal.batch * world) {
+        if step.len() < bal.batch * world {
+            mine.extend(step.iter().skip(rank).step_by(world));
+        } else {
+            mine.extend(deal(step, bal, world, rank));
+        }
+    }
+    mine
+}
+
+/// `rank`'s share of one step's examples under [`Balance`], in their order within the step.
+fn deal(step: &[usize], bal: Balance<'_>, world: usize, rank: usize) -> Vec<usize> {
+    let mut longest_first: Vec<usize> = (0..step.len()).collect();
+    longest_first.sort_by_key(|&p| (Reverse(bal.cost[step[p]]), p));
+    // The ranks that still take examples, least loaded (then lowest) first.
+    let mut open: BinaryHeap<Reverse<(u64, usize)>> = (0..world).map(|r| Reverse((0, r))).collect();
+    let mut taken = vec![0usize; world];
+    let mut owner = vec![0usize; step.len()];
+    for p in longest_first {
+        let Reverse((load, r)) = open.pop().expect("a rank with room: the step holds batch * world");
+        owner[p] = r;
+        taken[r] += 1;
+        if taken[r] < bal.batch {
+            open.push(Reverse((load + u64::from(bal.cost[step[p]]), r)));
+        }
+    }
+    step.iter().zip(owner).filter(|&(_, o)| o == rank).map(|(&i, _)| i).collect()
 }
 
 /// The evaluation indices of `rank`: strided, unshuffled, unpadded.
@@ -42,12 +101,25 @@ mod tests {
 
     const SIZES: [usize; 9] = [1, 2, 3, 4, 5, 7, 12, 60, 101];
 
+    /// Lengths of 5 to 68 that do not follow the index.
+    fn costs(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| 5 + (i.wrapping_mul(2_654_435_761) >> 7) % 64).collect()
+    }
+
+    /// Every rank's shard, dealt round-robin or, with `batch`, balanced over steps of `batch`
+    /// examples per rank.
+    fn shards(n: usize, world: usize, seed: u64, epoch: u32, batch: Option<usize>, cost: &[u32]) -> Vec<Vec<usize>> {
+        let balance = batch.map(|batch| Balance { cost, batch });
+        (0..world).map(|r| train_indices(n, world, r, seed, epoch, balance)).collect()
+    }
+
     #[test]
     fn training_covers_every_example_once_plus_declared_padding() {
         for world in 1..=5 {
             for &n in &SIZES {
-                for epoch in 0..2 {
-                    let shards: Vec<Vec<usize>> = (0..world).map(|r| train_indices(n, world, r, 9, epoch)).collect();
+                let cost = costs(n);
+                for (epoch, batch) in [(0, None), (1, None), (0, Some(1)), (1, Some(2)), (1, Some(3))] {
+                    let shards = shards(n, world, 9, epoch, batch, &cost);
                     let per_rank = n.div_ceil(world);
                     assert!(shards.iter().all(|s| s.len() == per_rank), "world {world} n {n}: uneven shards");
                     let mut counts = vec![0usize; n];
@@ -69,18 +141,54 @@ mod tests {
     #[test]
     fn micro_batches_of_the_ranks_form_the_single_worker_global_batch() {
         let (n, b) = (101, 4);
+        let cost = costs(n);
         for world in 1..=5 {
-            let shards: Vec<Vec<usize>> = (0..world).map(|r| train_indices(n, world, r, 3, 1)).collect();
-            let single = train_indices(n, 1, 0, 3, 1);
-            let steps = n / (b * world); // full global batches, before any padding
-            for k in 0..steps {
-                let mut union: Vec<usize> = shards.iter().flat_map(|s| s[k * b..(k + 1) * b].to_vec()).collect();
-                let mut want = single[k * b * world..(k + 1) * b * world].to_vec();
-                union.sort();
-                want.sort();
-                assert_eq!(union, want, "world {world} step {k}");
+            let single = train_indices(n, 1, 0, 3, 1, None);
+            for batch in [None, Some(b)] {
+                let shards = shards(n, world, 3, 1, batch, &cost);
+                // Every step of the epoch, the last one partial.
+                for k in 0..n.div_ceil(world).div_ceil(b) {
+                    let take = |s: &Vec<usize>| s[k * b..((k + 1) * b).min(s.len())].to_vec();
+                    let mut union: Vec<usize> = shards.iter().flat_map(take).collect();
+                    let mut want: Vec<usize> = (k * b * world..((k + 1) * b * world).min(n.div_ceil(world) * world))
+                        .map(|pos| single[pos % n])
+                        .collect();
+                    union.sort();
+                    want.sort();
+                    assert_eq!(union, want, "world {world} step {k} {batch:?}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn balancing_evens_out_the_ranks_lengths_and_keeps_epoch_order() {
+        let (n, b, world) = (4000, 16, 4);
+        let cost = costs(n);
+        let order = philox::permutation(n, 5, 0);
+        let position: std::collections::HashMap<usize, usize> =
+            order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+        // The slowest rank's excess over the step's mean, summed over the epoch's steps.
+        let excess = |shards: &[Vec<usize>]| -> u64 {
+            (0..n / (b * world))
+                .map(|k| {
+                    let loads: Vec<u64> = shards
+                        .iter()
+                        .map(|s| s[k * b..(k + 1) * b].iter().map(|&i| u64::from(cost[i])).sum())
+                        .collect();
+                    world as u64 * loads.iter().max().unwrap() - loads.iter().sum::<u64>()
+                })
+                .sum()
+        };
+        let plain = shards(n, world, 5, 0, None, &cost);
+        let even = shards(n, world, 5, 0, Some(b), &cost);
+        let (plain, even_excess) = (excess(&plain), excess(&even));
+        assert!(even_excess * 20 < plain, "balanced {even_excess} against round-robin {plain}");
+        for s in &even {
+            assert!(s.windows(2).all(|w| position[&w[0]] < position[&w[1]]), "a rank's examples out of epoch order");
+        }
+        // The same deal wherever it is computed.
+        assert_eq!(even, shards(n, world, 5, 0, Some(b), &cost));
     }
 
     #[test]
@@ -100,7 +208,7 @@ mod tests {
 
     #[test]
     fn an_empty_dataset_gives_empty_shards() {
-        assert!(train_indices(0, 3, 1, 0, 0).is_empty());
+        assert!(train_indices(0, 3, 1, 0, 0, None).is_empty());
         assert!(eval_indices(0, 3, 2).is_empty());
     }
 }

@@ -93,7 +93,7 @@ impl<'a> LocalIo<'a> {
 
     /// The epoch's order of the training set: the job's shard of a world of one.
     fn epoch_order(&self, epoch: u32) -> Vec<usize> {
-        job::shard::train_indices(self.train.examples.len(), 1, 0, self.job.train.seed, epoch)
+        job::shard::train_indices(self.train.examples.len(), 1, 0, self.job.train.seed, epoch, None)
     }
 }
 

@@ -7,6 +7,10 @@ use proto::v1::coordinator_server::CoordinatorServer;
 use std::time::Duration;
 use tonic::transport::server::TcpIncoming;
 
+/// The global batch of the served job: each step's examples are dealt over the ranks by length.
+#[allow(dead_code)]
+pub const BATCH: usize = 12;
+
 /// The digest of the job config `serve` hands out, which every Join must present.
 #[allow(dead_code)]
 pub fn config_sha256() -> String {
@@ -35,7 +39,7 @@ pub async fn serve_with_token(
 ) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let job = JobInfo { config_json: "{\"job\":1}".into(), seed: 17 };
+    let job = JobInfo { config_json: "{\"job\":1}".into(), seed: 17, batch_size: BATCH, max_seq_len: 16 };
     let svc = CoordinatorService::new(world, job, data, timeout);
     tokio::spawn(async move {
         tonic::transport::Server::builder()
