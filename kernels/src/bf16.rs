@@ -83,6 +83,43 @@ pub fn gemm_bf16(
     accumulate: bool,
     threaded: bool,
 ) {
+    run(dst, m, n, k, lhs, rhs, scale, accumulate, None, threaded);
+}
+
+/// `dst[m, n] = bias + lhs @ rhs` (`bias[n]` on every row), as [`gemm_bf16`]: the bias is added
+/// where each tile is stored, the same single rounding as [`gemm_bf16`] accumulating onto rows
+/// that hold the bias, without writing those rows first or reading them back.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_bias(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    bias: &[f32],
+    threaded: bool,
+) {
+    assert_eq!(bias.len(), n, "gemm_bf16_bias: bias must be [n]");
+    if k == 0 {
+        dst[..m * n].chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias));
+    }
+    run(dst, m, n, k, lhs, rhs, 1.0, k == 0, Some(bias), threaded);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    scale: f32,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+    threaded: bool,
+) {
     assert!(supported(), "gemm_bf16: this CPU has no AVX512_BF16");
     if crate::matmul::trivial(dst, m, n, k, lhs, rhs, accumulate) {
         return;
@@ -98,7 +135,9 @@ pub fn gemm_bf16(
             let kc = KC.min(k - pc);
             let kp = kc.div_ceil(2);
             let panels = nc.div_ceil(NR);
-            bpack.clear();
+            // Not cleared: the packs write every pair a stored result reads (an odd last index
+            // pairs with 0); lanes past a tile's rows or columns may hold an earlier product's
+            // values, and their sums are never stored.
             bpack.resize(panels * kp * NR, 0u32);
             // SAFETY: `supported()` was asserted above.
             #[allow(unsafe_code)]
@@ -116,7 +155,6 @@ pub fn gemm_bf16(
                 let ic = ib * mc;
                 let mrows = rows.len() / n;
                 let mut apack = APACK.take();
-                apack.clear();
                 apack.resize(mrows.div_ceil(MR) * kp * MR, 0u32);
                 for (r, out) in apack.chunks_mut(kp * MR).enumerate() {
                     // SAFETY: `supported()` was asserted above.
@@ -131,7 +169,8 @@ pub fn gemm_bf16(
                     for (r, a) in apack.chunks(kp * MR).enumerate() {
                         let nrows = MR.min(mrows - r * MR);
                         let out = &mut rows[(r * MR) * n + jc + q * NR..];
-                        let tile = Tile { n, rows: nrows, cols, scale, first };
+                        let bias = bias.filter(|_| first).map(|b| &b[jc + q * NR..jc + q * NR + cols]);
+                        let tile = Tile { n, rows: nrows, cols, scale, first, bias };
                         // SAFETY: `supported()` was asserted above; `a` holds `kp * MR` and `b`
                         // `kp * NR` packed pairs; `out` starts the tile's first element and
                         // holds its last, `(nrows - 1) * n + cols` on.
@@ -193,7 +232,8 @@ fn zip_to_pairs(out: &mut [u32], lo: &[f32], hi: &[f32]) {
 }
 
 /// Packs `rows` rows of `lhs` from `row0`, inner indices `pc..pc + kc`, in the layout
-/// [`lhs_layout`] chose (rows past `rows` and an odd last index stay zero).
+/// [`lhs_layout`] chose (an odd last index pairs with zero; rows past `rows` are left as they
+/// are).
 ///
 /// # Safety
 /// The CPU must have AVX512F (the loops are compiled for it).
@@ -281,14 +321,16 @@ unsafe fn pack_rhs(out: &mut [u32], rhs: Mat<'_>, pc: usize, kc: usize, col0: us
 }
 
 /// Where a micro-kernel's tile goes: `rows x cols` of a row-major matrix of `n` columns,
-/// written as `scale * sum` when `first`, else added.
+/// written as `scale * sum` (plus the tile's columns of `bias`, when given) when `first`, else
+/// added.
 #[derive(Clone, Copy)]
-struct Tile {
+struct Tile<'a> {
     n: usize,
     rows: usize,
     cols: usize,
     scale: f32,
     first: bool,
+    bias: Option<&'a [f32]>,
 }
 
 /// `out[i, j] (+)= scale * sum over kp pairs of a(i, p) . b[p][j]` (each a bf16 pair dot
@@ -300,11 +342,12 @@ struct Tile {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn micro<const ROWS: bool>(kp: usize, a: &[u32], b: &[u32], out: &mut [f32], t: Tile) {
+unsafe fn micro<const ROWS: bool>(kp: usize, a: &[u32], b: &[u32], out: &mut [f32], t: Tile<'_>) {
     use std::arch::x86_64::*;
     assert!(a.len() >= kp * MR && b.len() >= kp * NR);
     assert!(t.rows >= 1 && t.rows <= MR && t.cols >= 1 && t.cols <= NR);
     assert!(out.len() >= (t.rows - 1) * t.n + t.cols);
+    assert!(t.bias.is_none_or(|b| b.len() >= t.cols));
     let (si, sp) = if ROWS { (kp, 1) } else { (1, MR) };
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
@@ -327,6 +370,10 @@ unsafe fn micro<const ROWS: bool>(kp: usize, a: &[u32], b: &[u32], out: &mut [f3
         let live = t.cols.saturating_sub(16 * v).min(16);
         ((1u32 << live) - 1) as __mmask16
     });
+    // SAFETY: the masked lanes are columns 16 v .. min(cols, 16 (v + 1)), inside `bias` (asserted
+    // above to hold `cols`).
+    let bias: Option<[__m512; NV]> =
+        t.bias.map(|b| std::array::from_fn(|v| unsafe { _mm512_maskz_loadu_ps(masks[v], b.as_ptr().add(16 * v)) }));
     for (i, row) in acc.iter().enumerate().take(t.rows) {
         for (v, s) in row.iter().enumerate() {
             if masks[v] == 0 {
@@ -337,7 +384,10 @@ unsafe fn micro<const ROWS: bool>(kp: usize, a: &[u32], b: &[u32], out: &mut [f3
             unsafe {
                 let p = out.as_mut_ptr().add(i * t.n + 16 * v);
                 let sum = if t.first {
-                    _mm512_mul_ps(scale, *s)
+                    match &bias {
+                        Some(bias) => _mm512_fmadd_ps(scale, *s, bias[v]),
+                        None => _mm512_mul_ps(scale, *s),
+                    }
                 } else {
                     _mm512_fmadd_ps(scale, *s, _mm512_maskz_loadu_ps(masks[v], p))
                 };
@@ -349,6 +399,6 @@ unsafe fn micro<const ROWS: bool>(kp: usize, a: &[u32], b: &[u32], out: &mut [f3
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(unsafe_code)]
-unsafe fn micro<const ROWS: bool>(_: usize, _: &[u32], _: &[u32], _: &mut [f32], _: Tile) {
+unsafe fn micro<const ROWS: bool>(_: usize, _: &[u32], _: &[u32], _: &mut [f32], _: Tile<'_>) {
     unreachable!("gemm_bf16 asserts supported() first")
 }

@@ -134,12 +134,16 @@ pub fn matmul_forward(
     assert_eq!(out.len(), n * oc, "matmul_forward: out must be [N, OC]");
     assert_eq!(inp.len(), n * c, "matmul_forward: inp must be [N, C]");
     assert_eq!(weight.len(), oc * c, "matmul_forward: weight must be [OC, C]");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), oc, "matmul_forward: bias must be [OC]");
-        out.par_chunks_mut(oc).for_each(|row| row.copy_from_slice(b));
-    }
     let lhs = Mat { data: inp, rs: c, cs: 1 };
     let rhs = Mat { data: weight, rs: 1, cs: c }; // weight^T viewed as [C, OC]
+    if let Some(b) = bias {
+        assert_eq!(b.len(), oc, "matmul_forward: bias must be [OC]");
+        if operands == Operands::Bf16 {
+            // The bias joins each tile as it is stored (the same bits as the rows below).
+            return crate::bf16::gemm_bf16_bias(out, n, oc, c, lhs, rhs, b, true);
+        }
+        out.par_chunks_mut(oc).for_each(|row| row.copy_from_slice(b));
+    }
     gemm_of(operands, out, n, oc, c, lhs, rhs, 1.0, bias.is_some(), true);
 }
 

@@ -7,7 +7,7 @@
 //! tail or a transposed pack is off by O(1). Run only where the CPU has AVX512_BF16 (each test
 //! prints that it was skipped elsewhere).
 
-use kernels::bf16::{gemm_bf16, supported, to_bf16_bits};
+use kernels::bf16::{gemm_bf16, gemm_bf16_bias, supported, to_bf16_bits};
 use kernels::matmul::Mat;
 use philox::normal;
 
@@ -106,4 +106,27 @@ fn empty_inner_dimension_zeroes_or_keeps() {
     assert_eq!(dst, vec![1.0; 6]);
     gemm_bf16(&mut dst, 2, 3, 0, Mat { data: &e, rs: 0, cs: 1 }, Mat { data: &e, rs: 3, cs: 1 }, 1.0, false, true);
     assert_eq!(dst, vec![0.0; 6]);
+}
+
+#[test]
+fn a_bias_added_at_the_store_has_the_bits_of_accumulating_onto_bias_rows() {
+    if skip("a_bias_added_at_the_store_has_the_bits_of_accumulating_onto_bias_rows") {
+        return;
+    }
+    // Partial tiles, several inner blocks (k > 512), several column blocks (n > 1536), k = 0.
+    for (m, n, k) in [(1, 1, 1), (9, 49, 17), (37, 100, 1100), (20, 1700, 40), (3, 5, 0)] {
+        let (a, b, bias) = (randn(m * k, 4), randn(k * n, 5), randn(n, 6));
+        let lhs = Mat { data: &a, rs: k, cs: 1 };
+        let rhs = Mat { data: &b, rs: 1, cs: k };
+        let mut want: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
+        gemm_bf16(&mut want, m, n, k, lhs, rhs, 1.0, true, true);
+        for threaded in [true, false] {
+            let mut got = vec![f32::NAN; m * n];
+            gemm_bf16_bias(&mut got, m, n, k, lhs, rhs, &bias, threaded);
+            assert!(
+                got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{n}x{k} threaded={threaded}: the bias changed the bits"
+            );
+        }
+    }
 }
