@@ -2,8 +2,8 @@
 //! not on each other): the job config and its layers (`config`), the dataset readers and labels
 //! (`data`), the checkpoint directory (`checkpoints`), which examples each rank sees (`shard`), evaluation counts and their metrics
 //! (`eval`), step records and the progress reporter (`progress`), digests of the config and the
-//! model files (`fingerprint`), fault points for the failure tests (`fault`), and the binaries'
-//! logging and error reporting (`main_with`).
+//! model files (`fingerprint`), fault points for the failure tests (`fault`), token shards of a
+//! pretraining corpus (`tokens`), and the binaries' logging and error reporting (`main_with`).
 //!
 //! Nothing here computes on tensors or talks to the network.
 
@@ -15,6 +15,7 @@ pub mod fault;
 pub mod fingerprint;
 pub mod progress;
 pub mod shard;
+pub mod tokens;
 
 /// The `main` of Tandem's binaries: logs (`RUST_LOG`, default `info`) to stderr, runs `run`, and
 /// turns an error into `error: ...` (with its causes) and exit status 1.

