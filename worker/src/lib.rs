@@ -16,6 +16,7 @@ pub mod model;
 pub mod nccl;
 pub mod ops;
 pub mod optim;
+pub mod preprocess;
 pub mod tokenize;
 pub mod train;
 pub mod transport;

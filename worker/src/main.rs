@@ -111,6 +111,33 @@ enum Cmd {
         #[arg(long, default_value_t = 128)]
         max_seq_len: usize,
     },
+    /// Tokenize a raw text corpus into token shards for pretraining (streaming; the same bytes
+    /// for any thread count). Prints the corpus manifest.
+    Preprocess {
+        /// Files or directories (every file below, in path order): plain text, one document per
+        /// line (or blank-line separated with --blank-lines); JSON Lines (.jsonl/.json, the text
+        /// in --text-field); any of them gzip-compressed (.gz).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// The tokenizer (a tokenizer.json).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The output directory: shard-NNNNN.tok files and corpus.json (written last).
+        #[arg(long)]
+        out: PathBuf,
+        /// Documents are separated by blank lines instead of one per line.
+        #[arg(long)]
+        blank_lines: bool,
+        /// The field of each JSON object that holds the document's text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// The most tokens one shard holds (whole documents; a longer document is an error).
+        #[arg(long, default_value_t = 1 << 26)]
+        shard_tokens: u64,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Time the training step (forward, backward, clipping, AdamW) on random tokens; print
     /// tokens/s and the time split as one JSON line.
     Bench {
@@ -222,6 +249,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Predict { model, text, input, max_seq_len } => predict(&model, text, input, max_seq_len),
+        Cmd::Preprocess { inputs, tokenizer, out, blank_lines, text_field, shard_tokens, no_progress } => {
+            let opts = worker::preprocess::Options {
+                inputs,
+                tokenizer,
+                out,
+                blank_lines,
+                text_field,
+                shard_tokens,
+                progress: !no_progress,
+            };
+            let corpus = worker::preprocess::run(&opts)?;
+            println!("{}", serde_json::to_string_pretty(&corpus)?);
+            Ok(())
+        }
         Cmd::Bench { preset, batch, seq, steps, dropout, precision } => {
             bench(&preset, batch, seq, steps, dropout, &precision)
         }

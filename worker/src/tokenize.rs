@@ -47,32 +47,9 @@ impl TextEncoder {
         Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
     }
 
-    /// SHA-256 of the tokenizer's content, what a token shard records: every token of the
-    /// vocabulary with its id (added tokens included) and the normalisation (BERT's by its four
-    /// settings, accent stripping resolved as BERT resolves it; another normaliser by its
-    /// serialised settings). Truncation, padding and the file's form do not enter, so the same
-    /// vocabulary and normalisation hash the same from tokenizer.json or vocab.txt.
+    /// [`content_hash`] of this tokenizer.
     pub fn content_hash(&self) -> [u8; 32] {
-        use tokenizers::normalizers::NormalizerWrapper;
-        let mut vocab: Vec<(u32, String)> = self.tok.get_vocab(true).into_iter().map(|(t, id)| (id, t)).collect();
-        vocab.sort();
-        let mut canon = String::from("tandem tokenizer content 1\n");
-        for (id, token) in &vocab {
-            canon.push_str(&format!("{id}\t{token}\n"));
-        }
-        let normalizer = match self.tok.get_normalizer() {
-            None => "none".to_string(),
-            Some(NormalizerWrapper::BertNormalizer(b)) => format!(
-                "bert clean_text={} chinese_chars={} strip_accents={} lowercase={}",
-                b.clean_text,
-                b.handle_chinese_chars,
-                b.strip_accents.unwrap_or(b.lowercase),
-                b.lowercase
-            ),
-            Some(other) => serde_json::to_string(other).unwrap_or_else(|e| format!("unserialisable: {e}")),
-        };
-        canon.push_str(&format!("normalizer {normalizer}\n"));
-        job::fingerprint::sha256(canon.as_bytes())
+        content_hash(&self.tok)
     }
 
     /// Encodes many texts, in order.
@@ -104,4 +81,32 @@ pub fn collate(examples: &[&Encoded], example_ids: &[u32], labels: &[i64], pad_i
         batch.attention_mask[i * t..i * t + n].fill(1);
     }
     batch
+}
+
+/// SHA-256 of the tokenizer's content, what a token shard records: every token of the
+/// vocabulary with its id (added tokens included) and the normalisation (BERT's by its four
+/// settings, accent stripping resolved as BERT resolves it; another normaliser by its
+/// serialised settings). Truncation, padding and the file's form do not enter, so the same
+/// vocabulary and normalisation hash the same from tokenizer.json or vocab.txt.
+pub fn content_hash(tok: &Tokenizer) -> [u8; 32] {
+    use tokenizers::normalizers::NormalizerWrapper;
+    let mut vocab: Vec<(u32, String)> = tok.get_vocab(true).into_iter().map(|(t, id)| (id, t)).collect();
+    vocab.sort();
+    let mut canon = String::from("tandem tokenizer content 1\n");
+    for (id, token) in &vocab {
+        canon.push_str(&format!("{id}\t{token}\n"));
+    }
+    let normalizer = match tok.get_normalizer() {
+        None => "none".to_string(),
+        Some(NormalizerWrapper::BertNormalizer(b)) => format!(
+            "bert clean_text={} chinese_chars={} strip_accents={} lowercase={}",
+            b.clean_text,
+            b.handle_chinese_chars,
+            b.strip_accents.unwrap_or(b.lowercase),
+            b.lowercase
+        ),
+        Some(other) => serde_json::to_string(other).unwrap_or_else(|e| format!("unserialisable: {e}")),
+    };
+    canon.push_str(&format!("normalizer {normalizer}\n"));
+    job::fingerprint::sha256(canon.as_bytes())
 }
