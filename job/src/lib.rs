@@ -3,7 +3,8 @@
 //! (`data`), the checkpoint directory (`checkpoints`), which examples each rank sees (`shard`), evaluation counts and their metrics
 //! (`eval`), step records and the progress reporter (`progress`), digests of the config and the
 //! model files (`fingerprint`), fault points for the failure tests (`fault`), token shards of a
-//! pretraining corpus (`tokens`), and the binaries' logging and error reporting (`main_with`).
+//! pretraining corpus (`tokens`), their documents packed into rows (`pack`) and dynamically
+//! masked (`mlm`), and the binaries' logging and error reporting (`main_with`).
 //!
 //! Nothing here computes on tensors or talks to the network.
 
@@ -13,6 +14,8 @@ pub mod data;
 pub mod eval;
 pub mod fault;
 pub mod fingerprint;
+pub mod mlm;
+pub mod pack;
 pub mod progress;
 pub mod shard;
 pub mod tokens;
