@@ -175,3 +175,45 @@ fn a_packed_row_computes_each_document_as_its_own_row() {
     m.forward(&unpositioned, None).unwrap();
     assert!(kernels::tolerance::rel_error(&m.last_hidden(), &want) > 1e-3);
 }
+
+/// Masked-LM pretraining's rows as the packer builds them: document A's tokens give the same
+/// hidden states and the same masked-LM loss whether A has a row to itself or shares one with
+/// document B (the same tokens of A masked the same way in both).
+#[test]
+fn a_packed_document_trains_as_it_would_alone() {
+    use job::mlm::{mask_row, MaskSpec, Masked, IGNORE};
+    use job::pack::{Cursor, Packer, Row};
+    use worker::tokenize::collate_rows;
+    let (mut m, _) = checkpoint::load(&fixtures().join("tiny-cls"), Head::MaskedLm, 3).unwrap();
+    let (a, b): (Vec<u32>, Vec<u32>) = ((0..9).map(|j| 7 + j * 11).collect(), (0..6).map(|j| 9 + j * 13).collect());
+    let pack = |docs: &[&Vec<u32>]| -> Row {
+        let mut p = Packer::new(32, 2, 3, Cursor::default());
+        let mut rows = Vec::new();
+        for d in docs {
+            p.push(d, &vec![true; d.len()], |r, _| rows.push(r));
+        }
+        p.finish(|r, _| rows.push(r));
+        assert_eq!(rows.len(), 1);
+        rows.remove(0)
+    };
+    let (alone, shared) = (pack(&[&a]), pack(&[&b, &a]));
+    let offset = shared.len() - alone.len(); // A's segment is last in the shared row
+    assert_eq!(shared.segments[offset], 2);
+    let spec = MaskSpec { prob: 0.3, mask_id: 4, vocab: m.cfg.vocab_size as u32, whole_word: false, seed: 9 };
+    let ma = mask_row(&spec, 0, 0, &alone.ids, &alone.special, &alone.word_start);
+    assert!(ma.count() > 0);
+    // The same masking of A in the shared row; B unmasked.
+    let mut ms = Masked { inputs: shared.ids.clone(), labels: vec![IGNORE; shared.len()] };
+    ms.inputs[offset..].copy_from_slice(&ma.inputs);
+    ms.labels[offset..].copy_from_slice(&ma.labels);
+    let c = m.cfg.hidden_size;
+    let out = m.forward(&collate_rows(&[alone.clone()], &[ma], &[0], 0), None).unwrap();
+    let want = m.last_hidden().to_vec();
+    let (want_loss, want_count) = (out.loss_sum, out.count);
+    let out = m.forward(&collate_rows(&[shared], &[ms], &[0], 0), None).unwrap();
+    let got = &m.last_hidden()[offset * c..];
+    let rel = kernels::tolerance::rel_error(got, &want);
+    assert!(rel < 1e-5, "A's hidden states changed beside B: relative error {rel}");
+    assert_eq!(out.count, want_count);
+    assert!((out.loss_sum - want_loss).abs() <= 1e-5 * want_loss.abs(), "loss {} against {}", out.loss_sum, want_loss);
+}

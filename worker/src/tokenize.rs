@@ -83,6 +83,37 @@ pub fn collate(examples: &[&Encoded], example_ids: &[u32], labels: &[i64], pad_i
     batch
 }
 
+/// A masked-LM batch of packed rows ([`job::pack::Row`], masked by [`job::mlm::mask_row`]),
+/// padded to the longest: the masked inputs, each token's position and segment (0 for padding),
+/// and per-token labels (`-100` where the loss does not look). `example_ids` key the dropout
+/// masks (the rows' numbers in the epoch).
+pub fn collate_rows(rows: &[job::pack::Row], masked: &[job::mlm::Masked], example_ids: &[u32], pad_id: u32) -> Batch {
+    assert_eq!(rows.len(), masked.len(), "one masking per row");
+    let b = rows.len();
+    let t = rows.iter().map(job::pack::Row::len).max().unwrap_or(0);
+    let mut batch = Batch {
+        b,
+        t,
+        input_ids: vec![pad_id; b * t],
+        token_type_ids: vec![0; b * t],
+        attention_mask: vec![0; b * t],
+        position_ids: vec![0; b * t],
+        segment_ids: vec![0; b * t],
+        example_ids: example_ids.to_vec(),
+        labels: vec![job::mlm::IGNORE; b * t],
+    };
+    for (i, (r, m)) in rows.iter().zip(masked).enumerate() {
+        let (at, n) = (i * t, r.len());
+        assert_eq!(m.inputs.len(), n, "a masking of another row");
+        batch.input_ids[at..at + n].copy_from_slice(&m.inputs);
+        batch.attention_mask[at..at + n].fill(1);
+        batch.position_ids[at..at + n].copy_from_slice(&r.positions);
+        batch.segment_ids[at..at + n].copy_from_slice(&r.segments);
+        batch.labels[at..at + n].copy_from_slice(&m.labels);
+    }
+    batch
+}
+
 /// SHA-256 of the tokenizer's content, what a token shard records: every token of the
 /// vocabulary with its id (added tokens included) and the normalisation (BERT's by its four
 /// settings, accent stripping resolved as BERT resolves it; another normaliser by its
