@@ -207,7 +207,7 @@ fn a_packed_document_trains_as_it_would_alone() {
     ms.inputs[offset..].copy_from_slice(&ma.inputs);
     ms.labels[offset..].copy_from_slice(&ma.labels);
     let c = m.cfg.hidden_size;
-    let out = m.forward(&collate_rows(&[alone.clone()], &[ma], &[0], 0), None).unwrap();
+    let out = m.forward(&collate_rows(std::slice::from_ref(&alone), &[ma], &[0], 0), None).unwrap();
     let want = m.last_hidden().to_vec();
     let (want_loss, want_count) = (out.loss_sum, out.count);
     let out = m.forward(&collate_rows(&[shared], &[ms], &[0], 0), None).unwrap();
