@@ -8,6 +8,7 @@ mod distributed;
 mod minilm;
 mod observe;
 mod parity;
+mod pretrain;
 mod recovery;
 mod support;
 mod tls;

@@ -111,6 +111,17 @@ pub fn optimizer_step(
     })
 }
 
+/// The tokens the masked-LM loss counts in the global batch: each rank's labelled tokens, summed
+/// over the ranks before backward (f32 sums of counts, exact below 2^24), so that the loss is the
+/// global sum over the global count and N workers equal one however unevenly the masks fall.
+pub fn global_masked_count(engine: &mut dyn Engine, micro_batches: &[Batch]) -> anyhow::Result<usize> {
+    let local: usize = micro_batches.iter().map(|b| b.labels.iter().filter(|&&l| l != job::mlm::IGNORE).count()).sum();
+    let mut count = [local as f32];
+    engine.sum_values(&mut count)?;
+    anyhow::ensure!(count[0] < (1 << 24) as f32, "more masked tokens in one step than an f32 counts exactly");
+    Ok(count[0] as usize)
+}
+
 /// Tokenizes a labelled split.
 pub fn tokenize_split(path: &Path, records: &[Record], enc: &TextEncoder) -> anyhow::Result<Split> {
     let texts: Vec<(&str, Option<&str>)> = records.iter().map(|r| (r.text.as_str(), r.text_pair.as_deref())).collect();
