@@ -97,7 +97,8 @@ enum Cmd {
         #[arg(long)]
         no_progress: bool,
     },
-    /// Print the logits (JSON lines) of a saved classifier for some texts.
+    /// Classify texts with a saved classifier: one JSON line each, with the top label, its
+    /// probability (`score`, as the text-classification pipeline) and the logits.
     Predict {
         /// A model directory written by `worker train` (or any HF BERT classifier).
         #[arg(long)]
@@ -286,14 +287,26 @@ fn predict(
     }
     anyhow::ensure!(!texts.is_empty(), "nothing to classify: give --text or --input");
     let cfg = worker::bert_config::BertConfig::from_file(&dir.join(checkpoint::CONFIG_FILE))?;
-    let num_labels = cfg.raw.get("id2label").and_then(|v| v.as_object()).map(|m| m.len()).unwrap_or(2);
+    let id2label = cfg.raw.get("id2label").and_then(|v| v.as_object());
+    let num_labels = id2label.map(|m| m.len()).unwrap_or(2);
+    let name = |k: usize| {
+        id2label
+            .and_then(|m| m.get(&k.to_string()))
+            .and_then(|v| v.as_str())
+            .map_or(format!("LABEL_{k}"), str::to_owned)
+    };
     let (mut model, _) = checkpoint::load(dir, Head::Classification { num_labels }, 0)?;
     let enc = TextEncoder::from_file(&dir.join("tokenizer.json"), max_len)?;
     for t in &texts {
         let e = enc.encode(t, None)?;
         let batch = collate(&[&e], &[0], &[0], enc.pad_id);
         model.forward(&batch, None)?;
-        println!("{}", serde_json::json!({ "text": t, "logits": model.acts.logits }));
+        // As the text-classification pipeline answers: the top label and its softmax probability.
+        let logits = &model.acts.logits;
+        let top = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
+        let z: f64 = logits.iter().map(|&l| (f64::from(l) - f64::from(logits[top])).exp()).sum();
+        let line = serde_json::json!({ "text": t, "label": name(top), "score": 1.0 / z, "logits": logits });
+        println!("{line}");
     }
     Ok(())
 }

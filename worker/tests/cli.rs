@@ -117,6 +117,14 @@ fn trains_saves_and_predicts_the_tiny_model() {
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["logits"].as_array().unwrap().len(), 3);
+    for l in &lines {
+        // The label is id2label's name of the largest logit; the score its softmax probability.
+        let logits: Vec<f64> = l["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let top = (0..3).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+        assert_eq!(l["label"], cfg["id2label"][top.to_string()]);
+        let z: f64 = logits.iter().map(|x| x.exp()).sum();
+        assert!((l["score"].as_f64().unwrap() - logits[top].exp() / z).abs() < 1e-6, "{l}");
+    }
 }
 
 #[test]
