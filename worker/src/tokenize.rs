@@ -30,7 +30,7 @@ impl TextEncoder {
         if max_len < 2 {
             return Err(err(format!("max_seq_len {max_len} leaves no room for [CLS] and [SEP]")));
         }
-        let mut tok = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        let mut tok = load_tokenizer(path)?;
         tok.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| err(e.to_string()))?;
         tok.with_padding(None);
@@ -81,6 +81,68 @@ pub fn collate(examples: &[&Encoded], example_ids: &[u32], labels: &[i64], pad_i
         batch.attention_mask[i * t..i * t + n].fill(1);
     }
     batch
+}
+
+/// Loads a tokenizer: `path`'s tokenizer.json or, where a checkpoint ships only BertTokenizer's
+/// files, the `vocab.txt` beside it with the settings of `tokenizer_config.json` (lowercasing,
+/// accent stripping, Chinese characters, the special tokens), built as `transformers` converts a
+/// BertTokenizer to its fast form: BERT's normaliser and pre-tokenizer, WordPiece, `[CLS] .. [SEP]`.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
+    let vocab = path.with_file_name("vocab.txt");
+    if path.exists() || !vocab.exists() {
+        return Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer(path.to_owned(), e.to_string()));
+    }
+    bert_from_vocab(&vocab)
+}
+
+fn bert_from_vocab(vocab: &Path) -> Result<Tokenizer, ModelError> {
+    use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+    use tokenizers::models::wordpiece::WordPiece;
+    use tokenizers::normalizers::bert::BertNormalizer;
+    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+    use tokenizers::processors::bert::BertProcessing;
+    use tokenizers::AddedToken;
+    let config_path = vocab.with_file_name("tokenizer_config.json");
+    let cfg: serde_json::Value = match std::fs::read_to_string(&config_path) {
+        Ok(text) => {
+            serde_json::from_str(&text).map_err(|e| ModelError::Tokenizer(config_path.clone(), e.to_string()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(ModelError::Io(config_path, e)),
+    };
+    let flag = |key: &str, default: bool| cfg.get(key).and_then(serde_json::Value::as_bool).unwrap_or(default);
+    let token = |key: &str, default: &str| {
+        // A special token is a string, or (older configs) an AddedToken object with its content.
+        let v = cfg.get(key);
+        let s = v.and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())));
+        s.unwrap_or(default).to_owned()
+    };
+    let bad = |msg: String| ModelError::Tokenizer(vocab.to_owned(), msg);
+    let unk = token("unk_token", "[UNK]");
+    let model = WordPiece::from_file(&vocab.to_string_lossy())
+        .unk_token(unk.clone())
+        .continuing_subword_prefix("##".into())
+        .max_input_chars_per_word(100)
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    let mut tok = Tokenizer::new(model);
+    let lowercase = flag("do_lower_case", true);
+    let strip_accents = cfg.get("strip_accents").and_then(serde_json::Value::as_bool);
+    let normalizer = BertNormalizer::new(true, flag("tokenize_chinese_chars", true), strip_accents, lowercase);
+    tok.with_normalizer(Some(normalizer)).map_err(|e| bad(e.to_string()))?;
+    tok.with_pre_tokenizer(Some(BertPreTokenizer));
+    let id = |t: &str| tok.token_to_id(t).ok_or_else(|| bad(format!("the special token {t} is not in the vocabulary")));
+    let (cls, sep) = (token("cls_token", "[CLS]"), token("sep_token", "[SEP]"));
+    let processing = BertProcessing::new((sep.clone(), id(&sep)?), (cls.clone(), id(&cls)?));
+    let specials = [token("pad_token", "[PAD]"), unk, cls, sep, token("mask_token", "[MASK]")];
+    for t in &specials {
+        id(t)?;
+    }
+    tok.with_post_processor(Some(processing));
+    tok.with_decoder(Some(WordPieceDecoder::default()));
+    tok.add_special_tokens(specials.iter().map(|t| AddedToken::from(t.clone(), true)))
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(tok)
 }
 
 /// A masked-LM batch of packed rows ([`job::pack::Row`], masked by [`job::mlm::mask_row`]),
