@@ -21,9 +21,18 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// The files a worker loads the model from: the checkpoint's config and weights, and the
-/// tokenizer.
+/// tokenizer (its tokenizer.json or, where there is none, BertTokenizer's files beside it).
 pub fn model_files(job: &JobConfig) -> Vec<PathBuf> {
-    vec![job.model.path.join("config.json"), job.model.path.join("model.safetensors"), job.tokenizer_path()]
+    let mut files = vec![job.model.path.join("config.json"), job.model.path.join("model.safetensors")];
+    let tok = job.tokenizer_path();
+    let bert: Vec<PathBuf> =
+        ["vocab.txt", "tokenizer_config.json"].iter().map(|f| tok.with_file_name(f)).filter(|p| p.exists()).collect();
+    if tok.exists() || bert.is_empty() {
+        files.push(tok);
+    } else {
+        files.extend(bert);
+    }
+    files
 }
 
 /// One digest over the model files (each file's name, length and bytes, in order).
@@ -65,6 +74,25 @@ fn feed(h: &mut Sha256, mut r: impl Read) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tokenizer_files_are_the_json_or_else_bert_s() {
+        let dir = std::env::temp_dir().join(format!("tandem-model-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut job = JobConfig::default();
+        job.model.path = dir.clone();
+        let names = |job: &JobConfig| -> Vec<String> {
+            model_files(job).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
+        };
+        // Nothing there: tokenizer.json, so that the error names it.
+        assert_eq!(names(&job), ["config.json", "model.safetensors", "tokenizer.json"]);
+        std::fs::write(dir.join("vocab.txt"), "[PAD]\n").unwrap();
+        std::fs::write(dir.join("tokenizer_config.json"), "{}").unwrap();
+        assert_eq!(names(&job), ["config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json"]);
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        assert_eq!(names(&job), ["config.json", "model.safetensors", "tokenizer.json"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn digests_are_hex_sha256() {
