@@ -20,10 +20,26 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The files a worker loads the model from: the checkpoint's config and weights, and the
-/// tokenizer (its tokenizer.json or, where there is none, BertTokenizer's files beside it).
+/// The files a worker loads the model from: the checkpoint's config and weights (or the index of
+/// a sharded checkpoint and its files), and the tokenizer (its tokenizer.json or, where there is
+/// none, BertTokenizer's files beside it).
 pub fn model_files(job: &JobConfig) -> Vec<PathBuf> {
-    let mut files = vec![job.model.path.join("config.json"), job.model.path.join("model.safetensors")];
+    let mut files = vec![job.model.path.join("config.json")];
+    let (weights, index) =
+        (job.model.path.join("model.safetensors"), job.model.path.join("model.safetensors.index.json"));
+    if !weights.exists() && index.exists() {
+        // A sharded checkpoint: the index and the files it names (the load reports a bad index).
+        let named: std::collections::BTreeSet<String> = std::fs::read_to_string(&index)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("weight_map").and_then(|m| m.as_object()).cloned())
+            .map(|m| m.values().filter_map(|f| f.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        files.push(index.clone());
+        files.extend(named.iter().map(|f| index.with_file_name(f)));
+    } else {
+        files.push(weights);
+    }
     let tok = job.tokenizer_path();
     let bert: Vec<PathBuf> =
         ["vocab.txt", "tokenizer_config.json"].iter().map(|f| tok.with_file_name(f)).filter(|p| p.exists()).collect();

@@ -107,3 +107,45 @@ fn vocab_txt_alone_tokenizes_and_hashes_as_tokenizer_json() {
     assert_ne!(cased.encode("Hello", None).unwrap(), json.encode("Hello", None).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint sharded over several safetensors files (`model.safetensors.index.json`, as
+/// `transformers` writes past `max_shard_size`) loads to the same parameters as the single file;
+/// an index naming a missing file, or a file outside the directory, is an error naming it.
+#[test]
+fn a_sharded_checkpoint_loads_as_the_single_file() {
+    use safetensors::SafeTensors;
+    let src = crate::support::fixtures().join("tiny-cls");
+    let dir = std::env::temp_dir().join(format!("tandem-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        let views: Vec<_> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        std::fs::write(dir.join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let head = Head::Classification { num_labels: 3 };
+    let (single, _) = checkpoint::load(&src, head.clone(), 1).unwrap();
+    let (sharded, report) = checkpoint::load(&dir, head.clone(), 1).unwrap();
+    assert!(report.initialized.is_empty(), "{:?}", report.initialized);
+    assert!(single.params.iter().zip(&sharded.params).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = checkpoint::load(&dir, head.clone(), 1).err().expect("a missing shard was accepted").to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+    let outside = serde_json::json!({ "weight_map": { "x": "../model.safetensors" } });
+    std::fs::write(dir.join("model.safetensors.index.json"), outside.to_string()).unwrap();
+    let e = checkpoint::load(&dir, head, 1).err().expect("an index outside the directory was accepted").to_string();
+    assert!(e.contains("model.safetensors.index.json") && e.contains("not a file beside it"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

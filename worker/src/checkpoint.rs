@@ -1,4 +1,5 @@
-//! Hugging Face checkpoint directories: `config.json` + `model.safetensors`.
+//! Hugging Face checkpoint directories: `config.json` + `model.safetensors` (or a sharded
+//! checkpoint's `model.safetensors.index.json` and the files it names, read one at a time).
 //!
 //! Loading maps every tensor of the file onto the layout: names with or without the `bert.`
 //! prefix, f32 (or f16/bf16, widened). Buffers such as `embeddings.position_ids` and the tied
@@ -106,26 +107,71 @@ pub fn init_model(cfg: BertConfig, head: Head, seed: u64) -> Bert {
     m
 }
 
-/// Loads `dir/config.json` and `dir/model.safetensors` into a model with the given head.
+/// The index of a checkpoint sharded over several safetensors files, as `transformers` writes one
+/// past its `max_shard_size`.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Loads `dir/config.json` and `dir/model.safetensors` (or the files of
+/// `model.safetensors.index.json`, one at a time) into a model with the given head.
 pub fn load(dir: &Path, head: Head, seed: u64) -> Result<(Bert, LoadReport), ModelError> {
     let cfg = BertConfig::from_file(&dir.join(CONFIG_FILE))?;
-    let path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| ModelError::Io(path.clone(), e))?;
     let mut model = Bert::zeros(cfg, head);
-    let report = load_weights(&mut model, &bytes, &path)?;
+    let (path, index) = (dir.join(WEIGHTS_FILE), dir.join(INDEX_FILE));
+    let files = if !path.exists() && index.exists() { shard_files(&index)? } else { vec![path.clone()] };
+    let (mut report, mut loaded) = (LoadReport::default(), BTreeSet::new());
+    for file in &files {
+        let bytes = std::fs::read(file).map_err(|e| ModelError::Io(file.clone(), e))?;
+        copy_tensors(&mut model, &bytes, file, &mut loaded, &mut report)?;
+    }
+    let origin = if files.len() > 1 { index } else { path };
+    report.initialized = missing_head_tensors(&model, &loaded, &origin)?;
     init_tensors(&mut model, &report.initialized, seed);
     Ok((model, report))
+}
+
+/// The files an index names in its `weight_map`, each once, in order of name.
+fn shard_files(index: &Path) -> Result<Vec<std::path::PathBuf>, ModelError> {
+    let bad = |msg: String| ModelError::Safetensors(index.to_owned(), msg);
+    let text = std::fs::read_to_string(index).map_err(|e| ModelError::Io(index.to_owned(), e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no weight_map".into()))?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| bad(format!("the file of {tensor} is not a string")))?;
+        // A bare file name beside the index: nothing else may be read through it.
+        if file.is_empty() || file.contains(['/', '\\']) || file == ".." {
+            return Err(bad(format!("names the file {file:?} for {tensor}, not a file beside it")));
+        }
+        files.insert(file.to_owned());
+    }
+    if files.is_empty() {
+        return Err(bad("names no files".into()));
+    }
+    Ok(files.into_iter().map(|f| index.with_file_name(f)).collect())
 }
 
 /// Copies the tensors of a safetensors file (`bytes`, read from `path`) into `model`. Returns
 /// which head tensors were missing (not initialised here) and which tensors were skipped.
 pub fn load_weights(model: &mut Bert, bytes: &[u8], path: &Path) -> Result<LoadReport, ModelError> {
+    let (mut report, mut loaded) = (LoadReport::default(), BTreeSet::new());
+    copy_tensors(model, bytes, path, &mut loaded, &mut report)?;
+    report.initialized = missing_head_tensors(model, &loaded, path)?;
+    Ok(report)
+}
+
+/// Copies one file's tensors into `model`, adding their names to `loaded` and the skipped ones to
+/// `report`.
+fn copy_tensors(
+    model: &mut Bert,
+    bytes: &[u8],
+    path: &Path,
+    loaded: &mut BTreeSet<String>,
+    report: &mut LoadReport,
+) -> Result<(), ModelError> {
     let path = path.to_owned();
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::Safetensors(path.clone(), format!("{e} (is the file complete?)")))?;
     let head = model.layout.head.clone();
-    let mut report = LoadReport::default();
-    let mut loaded = BTreeSet::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
     names.sort();
     for key in names {
@@ -158,16 +204,20 @@ pub fn load_weights(model: &mut Bert, bytes: &[u8], path: &Path) -> Result<LoadR
         let data = to_f32(&path, &key, &view)?;
         model.params[range].copy_from_slice(&data);
     }
+    Ok(())
+}
+
+/// The head tensors no file held (to be initialised); a missing body tensor is an error.
+fn missing_head_tensors(model: &Bert, loaded: &BTreeSet<String>, path: &Path) -> Result<Vec<String>, ModelError> {
     let missing: Vec<_> = model.layout.entries.iter().filter(|e| !loaded.contains(&e.name)).collect();
     if let Some(e) = missing.iter().find(|e| !e.head) {
         return Err(ModelError::Tensor {
-            file: path.clone(),
+            file: path.to_owned(),
             name: e.name.clone(),
             msg: "is missing from the checkpoint (only head tensors may be missing)".into(),
         });
     }
-    report.initialized = missing.iter().map(|e| e.name.clone()).collect();
-    Ok(report)
+    Ok(missing.iter().map(|e| e.name.clone()).collect())
 }
 
 fn serialize(
