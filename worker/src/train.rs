@@ -332,6 +332,9 @@ fn load_start(
     let (mut model, report) = checkpoint::load(&job.model.path, head, t.seed)
         .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
     tracing::info!(initialized = ?report.initialized, skipped = ?report.skipped, params = model.layout.total, "checkpoint loaded");
+    if report.skipped.iter().any(|k| k.starts_with("cls.seq_relationship.")) {
+        tracing::info!("the checkpoint's next-sentence-prediction head (BertForPreTraining) is not used");
+    }
     if !t.dropout {
         model.cfg.disable_dropout();
     }
