@@ -74,9 +74,69 @@ impl EvalCounts {
     }
 }
 
+/// Masked-LM evaluation as exact counts (not a vocabulary-sized confusion matrix): the masked
+/// tokens, those predicted right, and the sum of their losses, added over the workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MlmCounts {
+    pub tokens: u64,
+    pub correct: u64,
+    pub loss_sum: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MlmMetrics {
+    pub tokens: u64,
+    /// Mean cross-entropy per masked token.
+    pub loss: f64,
+    pub accuracy: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+}
+
+impl MlmCounts {
+    pub fn add(&mut self, correct: bool, loss: f64) {
+        self.tokens += 1;
+        self.correct += u64::from(correct);
+        self.loss_sum += loss;
+    }
+
+    /// Adds another worker's counts.
+    pub fn merge(&mut self, other: &MlmCounts) {
+        self.tokens += other.tokens;
+        self.correct += other.correct;
+        self.loss_sum += other.loss_sum;
+    }
+
+    pub fn metrics(&self) -> MlmMetrics {
+        let n = self.tokens.max(1) as f64;
+        let loss = self.loss_sum / n;
+        MlmMetrics { tokens: self.tokens, loss, accuracy: self.correct as f64 / n, perplexity: loss.exp() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masked_lm_counts_merge_exactly_and_give_perplexity() {
+        let (mut a, mut b) = (MlmCounts::default(), MlmCounts::default());
+        for k in 0..10 {
+            a.add(k % 2 == 0, 1.0);
+        }
+        for k in 0..30 {
+            b.add(k % 3 == 0, 3.0);
+        }
+        let mut whole = a;
+        whole.merge(&b);
+        let m = whole.metrics();
+        assert_eq!((m.tokens, whole.correct), (40, 15));
+        // The mean over tokens, not the mean of the workers' means (2.0).
+        assert!((m.loss - 100.0 / 40.0).abs() < 1e-12);
+        assert!((m.perplexity - 2.5f64.exp()).abs() < 1e-9);
+        assert!((m.accuracy - 15.0 / 40.0).abs() < 1e-12);
+        assert_eq!(MlmCounts::default().metrics().tokens, 0);
+    }
 
     #[test]
     fn metrics_from_counts() {
