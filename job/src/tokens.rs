@@ -25,6 +25,83 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+/// The manifest of a preprocessed corpus, beside its shards; written last.
+pub const MANIFEST: &str = "corpus.json";
+
+/// One shard as the manifest lists it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ShardEntry {
+    pub file: String,
+    pub documents: u64,
+    pub tokens: u64,
+}
+
+/// What `corpus.json` says.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Corpus {
+    pub format: u32,
+    pub tokenizer_sha256: String,
+    pub documents: u64,
+    pub tokens: u64,
+    pub shards: Vec<ShardEntry>,
+}
+
+/// A preprocessed corpus opened for reading: its shards mapped, checked against the manifest and
+/// the tokenizer; documents numbered across the shards in order.
+pub struct CorpusReader {
+    shards: Vec<TokenShard>,
+    /// The first document of each shard, and the total at the end.
+    firsts: Vec<u64>,
+}
+
+impl CorpusReader {
+    /// Opens the corpus in `dir` for a model whose tokenizer (`tokenizer`, for the message)
+    /// hashes to `hash`.
+    pub fn open(dir: &Path, hash: &[u8; 32], tokenizer: &Path) -> Result<Self, ShardError> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| err(&path, format!("{e} (an incomplete or missing preprocessing output)")))?;
+        let corpus: Corpus = serde_json::from_str(&text).map_err(|e| err(&path, e.to_string()))?;
+        if corpus.format != VERSION {
+            return Err(err(&path, format!("format version {}, this build reads {VERSION}", corpus.format)));
+        }
+        let (mut shards, mut firsts) = (Vec::new(), vec![0u64]);
+        for s in &corpus.shards {
+            if s.file.contains(['/', '\\']) || s.file == ".." {
+                return Err(err(&path, format!("names the shard {:?}, not a file beside it", s.file)));
+            }
+            let shard = TokenShard::open(&dir.join(&s.file))?;
+            shard.check_tokenizer(hash, tokenizer)?;
+            let h = shard.header();
+            if (h.documents, h.tokens) != (s.documents, s.tokens) {
+                return Err(err(
+                    shard.path(),
+                    format!(
+                        "holds {} documents and {} tokens where {MANIFEST} says {} and {}",
+                        h.documents, h.tokens, s.documents, s.tokens
+                    ),
+                ));
+            }
+            firsts.push(firsts.last().expect("starts at 0") + h.documents);
+            shards.push(shard);
+        }
+        Ok(CorpusReader { shards, firsts })
+    }
+
+    pub fn documents(&self) -> u64 {
+        *self.firsts.last().expect("starts at 0")
+    }
+
+    /// Document `d` (counted over the whole corpus): its ids and word starts.
+    pub fn document(&self, d: u64) -> (Vec<u32>, Vec<bool>) {
+        assert!(d < self.documents(), "document {d} of {}", self.documents());
+        let s = self.firsts.partition_point(|&f| f <= d) - 1;
+        let shard = &self.shards[s];
+        let r = shard.document(d - self.firsts[s]);
+        (r.clone().map(|t| shard.id(t)).collect(), r.map(|t| shard.word_start(t)).collect())
+    }
+}
+
 pub const MAGIC: [u8; 8] = *b"TANDEMTK";
 pub const VERSION: u32 = 1;
 const HEADER_BYTES: u64 = 64;

@@ -12,7 +12,7 @@
 //! hash, and is written last: an output directory with a `corpus.json` is complete.
 
 use anyhow::Context;
-use job::tokens::ShardWriter;
+use job::tokens::{Corpus, ShardEntry, ShardWriter};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -20,8 +20,7 @@ use tokenizers::Tokenizer;
 
 /// Bytes of text tokenized at a time.
 pub const CHUNK_BYTES: usize = 4 << 20;
-/// The corpus manifest in the output directory.
-pub const MANIFEST: &str = "corpus.json";
+pub use job::tokens::MANIFEST;
 
 pub struct Options {
     pub inputs: Vec<PathBuf>,
@@ -31,23 +30,6 @@ pub struct Options {
     pub text_field: String,
     pub shard_tokens: u64,
     pub progress: bool,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct ShardEntry {
-    pub file: String,
-    pub documents: u64,
-    pub tokens: u64,
-}
-
-/// What `corpus.json` says.
-#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct Corpus {
-    pub format: u32,
-    pub tokenizer_sha256: String,
-    pub documents: u64,
-    pub tokens: u64,
-    pub shards: Vec<ShardEntry>,
 }
 
 /// One document as read: where it starts (file and 1-based line) and its text.

@@ -4,11 +4,11 @@
 //! library's own encoding, the bytes the same for any thread count; bad input named by file and
 //! line, with nothing already written lost.
 
+use job::tokens::Corpus;
 use job::tokens::TokenShard;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use worker::preprocess::Corpus;
 
 fn tokenizer() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-cls/tokenizer.json")
@@ -152,5 +152,47 @@ fn bad_input_is_named_and_nothing_written_is_lost() {
     std::fs::write(&good, "another film entirely\n").unwrap();
     fails_with(preprocess(&[&good], &dir.join("done"), &[], 1), &["already holds a corpus"]);
     assert_eq!(std::fs::read(dir.join("done/shard-00000.tok")).unwrap(), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The corpus as training reads it: every document, across the shards, checked against the
+/// manifest and the model's tokenizer.
+#[test]
+fn a_corpus_reads_back_across_its_shards_for_its_tokenizer_only() {
+    use job::tokens::CorpusReader;
+    let dir = temp("reader");
+    let input = dir.join("docs.txt");
+    let texts: Vec<String> = (0..200).map(sentence).collect();
+    std::fs::write(&input, texts.join("\n")).unwrap();
+    let out = dir.join("out");
+    let corpus = ok(preprocess(&[&input], &out, &["--shard-tokens", "300"], 2));
+    assert!(corpus.shards.len() > 3);
+    let tok = worker::tokenize::load_tokenizer(&tokenizer()).unwrap();
+    let hash = worker::tokenize::content_hash(&tok);
+    let reader = CorpusReader::open(&out, &hash, &tokenizer()).unwrap();
+    assert_eq!(reader.documents(), 200);
+    for (d, text) in texts.iter().enumerate() {
+        assert_eq!(reader.document(d as u64), encode(text), "document {d}");
+    }
+    let other = CorpusReader::open(&out, &[0; 32], Path::new("other/tokenizer.json")).err().unwrap().to_string();
+    assert!(
+        other.contains("shard-00000.tok") && other.contains("another tokenizer than other/tokenizer.json"),
+        "{other}"
+    );
+    let manifest = out.join("corpus.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let first = &corpus.shards[0];
+    let changed = text.replacen(
+        &format!("\"documents\": {}", first.documents),
+        &format!("\"documents\": {}", first.documents + 1),
+        1,
+    );
+    assert_ne!(changed, text);
+    std::fs::write(&manifest, changed).unwrap();
+    let e = CorpusReader::open(&out, &hash, &tokenizer()).err().unwrap().to_string();
+    assert!(e.contains("shard-00000.tok") && e.contains("where corpus.json says"), "{e}");
+    std::fs::remove_file(&manifest).unwrap();
+    let e = CorpusReader::open(&out, &hash, &tokenizer()).err().unwrap().to_string();
+    assert!(e.contains("corpus.json") && e.contains("incomplete or missing"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
