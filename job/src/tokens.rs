@@ -158,18 +158,23 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Writes one shard, document by document: the ids stream to the file, the document starts and
-/// word bits stay in memory until [`ShardWriter::finish`] (their size is what bounds a shard). A
-/// writer dropped before `finish` (an error) removes its partial file.
+/// Writes one shard, document by document, in constant memory: the ids stream to the file, the
+/// document starts and word bits to two side files that [`ShardWriter::finish`] appends. A
+/// writer dropped before `finish` (an error) removes its partial files.
 pub struct ShardWriter {
     path: PathBuf,
-    partial: PathBuf,
+    /// `<name>.partial` and its two side files (`.starts`, `.words`); empty once finished.
+    partial: [PathBuf; 3],
     /// None once finished.
-    file: Option<BufWriter<File>>,
+    files: Option<[BufWriter<File>; 3]>,
     header: Header,
-    starts: Vec<u64>,
-    words: Vec<u8>,
+    /// The word bits of the tokens past the last whole byte.
+    pending: u8,
 }
+
+const IDS: usize = 0;
+const STARTS: usize = 1;
+const WORDS: usize = 2;
 
 impl ShardWriter {
     /// Starts `path` (as `<path>.partial`, replacing a leftover one) for ids of `id_bytes` (2 or
@@ -178,26 +183,25 @@ impl ShardWriter {
         if id_bytes != 2 && id_bytes != 4 {
             return Err(err(path, format!("ids of {id_bytes} bytes (2 or 4)")));
         }
-        let mut name = path.file_name().ok_or_else(|| err(path, "not a file name"))?.to_owned();
-        name.push(".partial");
-        let partial = path.with_file_name(name);
-        let file = File::create(&partial).map_err(|e| err(&partial, e.to_string()))?;
+        let name = path.file_name().ok_or_else(|| err(path, "not a file name"))?.to_string_lossy().into_owned();
+        let partial =
+            [".partial", ".partial.starts", ".partial.words"].map(|s| path.with_file_name(format!("{name}{s}")));
+        let mut files = Vec::new();
+        for p in &partial {
+            let f = File::options().read(true).write(true).create(true).truncate(true).open(p);
+            files.push(BufWriter::with_capacity(1 << 20, f.map_err(|e| err(p, e.to_string()))?));
+        }
+        let files: [BufWriter<File>; 3] = files.try_into().ok().expect("three files");
         let header = Header { id_bytes, tokenizer, documents: 0, tokens: 0 };
-        let mut w = ShardWriter {
-            path: path.to_owned(),
-            partial,
-            file: Some(BufWriter::with_capacity(1 << 20, file)),
-            header,
-            starts: vec![0],
-            words: Vec::new(),
-        };
-        w.write(&header.bytes())?;
+        let mut w = ShardWriter { path: path.to_owned(), partial, files: Some(files), header, pending: 0 };
+        w.write(IDS, &header.bytes())?;
+        w.write(STARTS, &0u64.to_le_bytes())?;
         Ok(w)
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), ShardError> {
-        let file = self.file.as_mut().expect("writing before finish");
-        file.write_all(bytes).map_err(|e| err(&self.partial, e.to_string()))
+    fn write(&mut self, which: usize, bytes: &[u8]) -> Result<(), ShardError> {
+        let file = &mut self.files.as_mut().expect("writing before finish")[which];
+        file.write_all(bytes).map_err(|e| err(&self.partial[which], e.to_string()))
     }
 
     /// The tokens written so far.
@@ -210,47 +214,59 @@ impl ShardWriter {
         assert_eq!(ids.len(), word_starts.len(), "one word flag per token");
         if self.header.id_bytes == 2 {
             if let Some(&big) = ids.iter().find(|&&id| id > u32::from(u16::MAX)) {
-                return Err(err(&self.partial, format!("id {big} does not fit the shard's 2-byte ids")));
+                return Err(err(&self.partial[IDS], format!("id {big} does not fit the shard's 2-byte ids")));
             }
             let bytes: Vec<u8> = ids.iter().flat_map(|&id| (id as u16).to_le_bytes()).collect();
-            self.write(&bytes)?;
+            self.write(IDS, &bytes)?;
         } else {
             let bytes: Vec<u8> = ids.iter().flat_map(|&id| id.to_le_bytes()).collect();
-            self.write(&bytes)?;
+            self.write(IDS, &bytes)?;
         }
+        let mut whole = Vec::new();
         for (k, &w) in word_starts.iter().enumerate() {
             let t = self.header.tokens + k as u64;
-            if t.is_multiple_of(8) {
-                self.words.push(0);
-            }
-            if w {
-                *self.words.last_mut().expect("pushed above") |= 1 << (t % 8);
+            self.pending |= u8::from(w) << (t % 8);
+            if t % 8 == 7 {
+                whole.push(std::mem::take(&mut self.pending));
             }
         }
+        self.write(WORDS, &whole)?;
         self.header.tokens += ids.len() as u64;
         self.header.documents += 1;
-        self.starts.push(self.header.tokens);
+        self.write(STARTS, &self.header.tokens.to_le_bytes())?;
         Ok(())
     }
 
-    /// Writes the starts and word bits, the final header, syncs, and renames the shard into place.
+    /// Appends the starts and word bits, writes the final header, syncs, and renames the shard
+    /// into place.
     pub fn finish(mut self) -> Result<Header, ShardError> {
         let pad = self.header.ids_bytes() - self.header.tokens * u64::from(self.header.id_bytes);
-        self.write(&vec![0u8; pad as usize])?;
-        let starts: Vec<u8> = self.starts.iter().flat_map(|s| s.to_le_bytes()).collect();
-        self.write(&starts)?;
-        let words = std::mem::take(&mut self.words);
-        self.write(&words)?;
+        self.write(IDS, &vec![0u8; pad as usize])?;
+        if !self.header.tokens.is_multiple_of(8) {
+            let last = self.pending;
+            self.write(WORDS, &[last])?;
+        }
         let header = self.header;
-        let partial = self.partial.clone();
-        let io = |e: std::io::Error| err(&partial, e.to_string());
-        let buffered = self.file.take().expect("finished once");
-        let mut file = buffered.into_inner().map_err(|e| io(e.into_error()))?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        file.write_all(&header.bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&partial, &self.path).map_err(io)?;
-        self.partial = PathBuf::new();
+        let [ids, starts, words] = self.files.take().expect("finished once");
+        fn io(p: &Path) -> impl Fn(std::io::Error) -> ShardError + '_ {
+            move |e| err(p, e.to_string())
+        }
+        let mut file = ids.into_inner().map_err(|e| io(&self.partial[IDS])(e.into_error()))?;
+        for (side, which) in [(starts, STARTS), (words, WORDS)] {
+            let p = &self.partial[which];
+            let mut side = side.into_inner().map_err(|e| io(p)(e.into_error()))?;
+            side.seek(SeekFrom::Start(0)).map_err(io(p))?;
+            std::io::copy(&mut side, &mut file).map_err(io(&self.partial[IDS]))?;
+        }
+        let partial = self.partial[IDS].clone();
+        file.seek(SeekFrom::Start(0)).map_err(io(&partial))?;
+        file.write_all(&header.bytes()).map_err(io(&partial))?;
+        file.sync_all().map_err(io(&partial))?;
+        std::fs::rename(&partial, &self.path).map_err(io(&partial))?;
+        for p in &self.partial[1..] {
+            let _ = std::fs::remove_file(p);
+        }
+        self.partial = Default::default();
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err(dir, e.to_string()))?;
         }
@@ -260,8 +276,10 @@ impl ShardWriter {
 
 impl Drop for ShardWriter {
     fn drop(&mut self) {
-        if !self.partial.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.partial);
+        for p in &self.partial {
+            if !p.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
@@ -412,6 +430,7 @@ mod tests {
             let path = d.join(format!("s{id_bytes}.tok"));
             let header = write(&path, id_bytes, &docs()).unwrap();
             assert!(!d.join(format!("s{id_bytes}.tok.partial")).exists());
+            assert!(!d.join(format!("s{id_bytes}.tok.partial.starts")).exists());
             let shard = TokenShard::open(&path).unwrap();
             assert_eq!(shard.header(), &header);
             assert_eq!((header.documents, header.tokens), (3, 43));
@@ -465,6 +484,7 @@ mod tests {
         let path = d.join("wide.tok");
         let e = write(&path, 2, &[(vec![70_000], vec![true])]).unwrap_err().to_string();
         assert!(e.contains("id 70000 does not fit") && e.contains("wide.tok.partial"), "{e}");
-        assert!(!path.exists() && !d.join("wide.tok.partial").exists(), "a failed shard left a file");
+        let left: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+        assert!(!path.exists() && left.is_empty(), "a failed shard left files: {left:?}");
     }
 }

@@ -4,8 +4,9 @@
 //! document per line or, with `blank_lines`, documents separated by blank lines; JSON Lines
 //! (`.jsonl`, `.json`), the document in one string field of each object; any of them gzip-
 //! compressed (`.gz`). Documents are read in order in chunks of about [`CHUNK_BYTES`], each chunk
-//! tokenized in parallel and written in order, so memory stays at a chunk and a shard's metadata
-//! whatever the corpus size, and the output is the same bytes for any thread count. A document
+//! tokenized in parallel and written in order (shards stream to disk, see `job::tokens`), so
+//! memory stays at a chunk whatever the corpus size, and the output is the same bytes for any
+//! thread count. A document
 //! is tokenized without special tokens and without truncation (packing adds `[CLS]`/`[SEP]` and
 //! cuts rows); a token starts a word where the tokenizer's word id changes. Shards take whole
 //! documents up to `shard_tokens` each; `corpus.json` lists them with the tokenizer's content
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 /// Bytes of text tokenized at a time.
-pub const CHUNK_BYTES: usize = 4 << 20;
+pub const CHUNK_BYTES: usize = 1 << 20;
 pub use job::tokens::MANIFEST;
 
 pub struct Options {

@@ -107,7 +107,7 @@ fn text_json_lines_and_gzip_become_shards_of_the_tokenizers_ids() {
 #[test]
 fn the_output_is_the_same_bytes_for_any_thread_count() {
     let dir = temp("threads");
-    // More than one 4 MiB chunk of text.
+    // More than one chunk of text.
     let text: String = (0..120_000).map(|i| sentence(i) + "\n").collect();
     assert!(text.len() > worker::preprocess::CHUNK_BYTES);
     let input = dir.join("big.txt");
@@ -194,5 +194,76 @@ fn a_corpus_reads_back_across_its_shards_for_its_tokenizer_only() {
     std::fs::remove_file(&manifest).unwrap();
     let e = CorpusReader::open(&out, &hash, &tokenizer()).err().unwrap().to_string();
     assert!(e.contains("corpus.json") && e.contains("incomplete or missing"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A memory cgroup of `limit` bytes for one child process: (the directory, the file that takes a
+/// pid), cgroup v1 or v2, or None where this machine lets us create none.
+fn memory_cgroup(tag: &str, limit: u64) -> Option<(PathBuf, PathBuf)> {
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+    let (dir, files): (PathBuf, &[&str]) =
+        if std::fs::read_to_string(v2).is_ok_and(|c| c.split_whitespace().any(|x| x == "memory")) {
+            (
+                PathBuf::from(format!("/sys/fs/cgroup/tandem-{tag}-{}", std::process::id())),
+                &["memory.max", "memory.swap.max"],
+            )
+        } else {
+            let base = Path::new("/sys/fs/cgroup/memory");
+            (
+                base.join(format!("tandem-{tag}-{}", std::process::id())),
+                &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+            )
+        };
+    std::fs::create_dir(&dir).ok()?;
+    // The first file must take the limit; the swap one exists only where swap is accounted.
+    if std::fs::write(dir.join(files[0]), limit.to_string()).is_err() {
+        let _ = std::fs::remove_dir(&dir);
+        return None;
+    }
+    let _ =
+        std::fs::write(dir.join(files[1]), if files[1] == "memory.swap.max" { "0".into() } else { limit.to_string() });
+    Some((dir.clone(), dir.join("cgroup.procs")))
+}
+
+/// The acceptance test of streaming: a corpus twice the size of the memory the process may use
+/// (a memory cgroup, which counts what the process touches, unlike `ulimit -v`, which would
+/// count mapped files) is preprocessed whole.
+#[test]
+fn a_corpus_larger_than_the_memory_limit_is_preprocessed() {
+    const LIMIT: u64 = 64 << 20;
+    let Some((cgroup, procs)) = memory_cgroup("preprocess", LIMIT) else {
+        println!(
+            "a_corpus_larger_than_the_memory_limit_is_preprocessed: skipped: no memory cgroup can be created here"
+        );
+        return;
+    };
+    let dir = temp("memory");
+    let input = dir.join("big.txt");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+    let mut lines = 0u64;
+    let mut bytes = 0u64;
+    while bytes < 2 * LIMIT {
+        let s = sentence(lines as usize * 7 + 3) + "\n";
+        f.write_all(s.as_bytes()).unwrap();
+        bytes += s.len() as u64;
+        lines += 1;
+    }
+    drop(f);
+    let out = dir.join("out");
+    let script = format!("echo $$ > {}; exec \"$0\" \"$@\"", procs.display());
+    let run = Command::new("sh")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_worker"), "preprocess"])
+        .arg(&input)
+        .arg("--tokenizer")
+        .arg(tokenizer())
+        .arg("--out")
+        .arg(&out)
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&cgroup);
+    let corpus = ok(run);
+    assert_eq!(corpus.documents, lines, "every line of the {bytes}-byte corpus is a document");
+    println!("preprocessed {bytes} bytes ({} tokens) under a {LIMIT}-byte memory cgroup", corpus.tokens);
     std::fs::remove_dir_all(&dir).unwrap();
 }
