@@ -191,7 +191,7 @@ impl ShardWriter {
             let f = File::options().read(true).write(true).create(true).truncate(true).open(p);
             files.push(BufWriter::with_capacity(1 << 20, f.map_err(|e| err(p, e.to_string()))?));
         }
-        let files: [BufWriter<File>; 3] = files.try_into().ok().expect("three files");
+        let files: [BufWriter<File>; 3] = files.try_into().expect("three files");
         let header = Header { id_bytes, tokenizer, documents: 0, tokens: 0 };
         let mut w = ShardWriter { path: path.to_owned(), partial, files: Some(files), header, pending: 0 };
         w.write(IDS, &header.bytes())?;
