@@ -97,13 +97,15 @@ enum Cmd {
         #[arg(long)]
         no_progress: bool,
     },
-    /// Classify texts with a saved classifier: one JSON line each, with the top label, its
-    /// probability (`score`, as the text-classification pipeline) and the logits.
+    /// Classify texts with a saved classifier (one JSON line each: the top label, its probability
+    /// `score` and the logits, as the text-classification pipeline), or fill each [MASK] with a
+    /// masked-LM model (the `--top-k` likeliest tokens, as the fill-mask pipeline).
     Predict {
-        /// A model directory written by `worker train` (or any HF BERT classifier).
+        /// A model directory written by `worker train` (or any HF BERT classifier or masked-LM
+        /// model).
         #[arg(long)]
         model: PathBuf,
-        /// A text to classify (repeatable).
+        /// A text (repeatable).
         #[arg(long)]
         text: Vec<String>,
         /// A file with one text per line.
@@ -111,6 +113,9 @@ enum Cmd {
         input: Option<PathBuf>,
         #[arg(long, default_value_t = 128)]
         max_seq_len: usize,
+        /// For a masked-LM model: the fills given for each [MASK].
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
     },
     /// Tokenize a raw text corpus into token shards for pretraining (streaming; the same bytes
     /// for any thread count). Prints the corpus manifest.
@@ -249,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("model saved to {}", s.model_dir.display());
             Ok(())
         }
-        Cmd::Predict { model, text, input, max_seq_len } => predict(&model, text, input, max_seq_len),
+        Cmd::Predict { model, text, input, max_seq_len, top_k } => predict(&model, text, input, max_seq_len, top_k),
         Cmd::Preprocess { inputs, tokenizer, out, blank_lines, text_field, shard_tokens, no_progress } => {
             let opts = worker::preprocess::Options {
                 inputs,
@@ -275,17 +280,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// As the fill-mask pipeline answers: for each `[MASK]` of each text, the `top_k` likeliest
+/// tokens with their probabilities and the text with each filled in.
+fn fill_mask(model: &mut worker::model::Bert, enc: &TextEncoder, texts: &[String], top_k: usize) -> anyhow::Result<()> {
+    let mask = enc.token_id("[MASK]").context("the tokenizer has no [MASK] token")?;
+    for t in texts {
+        let e = enc.encode(t, None)?;
+        // Label every [MASK] (with any id): the head computes the rows that carry a label.
+        let labels: Vec<i64> = e.ids.iter().map(|&id| if id == mask { 0 } else { job::mlm::IGNORE }).collect();
+        let masks: Vec<usize> = (0..e.ids.len()).filter(|&i| e.ids[i] == mask).collect();
+        anyhow::ensure!(!masks.is_empty(), "no [MASK] in {t:?}");
+        let batch = collate(&[&e], &[0], &labels, enc.pad_id);
+        model.forward(&batch, None)?;
+        let vocab = model.cfg.vocab_size;
+        let mut fills = Vec::new();
+        for (k, &at) in masks.iter().enumerate() {
+            let logits = &model.acts.logits[k * vocab..(k + 1) * vocab];
+            let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = logits.iter().map(|&l| (f64::from(l) - f64::from(top)).exp()).sum();
+            let mut order: Vec<usize> = (0..vocab).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            let answers: Vec<serde_json::Value> = order[..top_k.min(vocab)]
+                .iter()
+                .map(|&id| {
+                    let mut filled = e.ids.clone();
+                    filled[at] = id as u32;
+                    serde_json::json!({
+                        "score": (f64::from(logits[id]) - f64::from(top)).exp() / z,
+                        "token": id,
+                        "token_str": enc.decode(&[id as u32]).unwrap_or_default(),
+                        "sequence": enc.decode(&filled).unwrap_or_default(),
+                    })
+                })
+                .collect();
+            fills.push(answers);
+        }
+        println!("{}", serde_json::json!({ "text": t, "fills": fills }));
+    }
+    Ok(())
+}
+
 fn predict(
     dir: &std::path::Path,
     mut texts: Vec<String>,
     input: Option<PathBuf>,
     max_len: usize,
+    top_k: usize,
 ) -> anyhow::Result<()> {
     if let Some(path) = input {
         let body = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         texts.extend(body.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
     }
-    anyhow::ensure!(!texts.is_empty(), "nothing to classify: give --text or --input");
+    anyhow::ensure!(!texts.is_empty(), "nothing to predict: give --text or --input");
     let cfg = worker::bert_config::BertConfig::from_file(&dir.join(checkpoint::CONFIG_FILE))?;
     let id2label = cfg.raw.get("id2label").and_then(|v| v.as_object());
     let num_labels = id2label.map(|m| m.len()).unwrap_or(2);
@@ -295,8 +341,13 @@ fn predict(
             .and_then(|v| v.as_str())
             .map_or(format!("LABEL_{k}"), str::to_owned)
     };
-    let (mut model, _) = checkpoint::load(dir, Head::Classification { num_labels }, 0)?;
+    let arch = cfg.raw.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).unwrap_or("");
     let enc = TextEncoder::from_file(&dir.join("tokenizer.json"), max_len)?;
+    if matches!(arch, "BertForMaskedLM" | "BertForPreTraining") {
+        let (mut model, _) = checkpoint::load(dir, Head::MaskedLm, 0)?;
+        return fill_mask(&mut model, &enc, &texts, top_k);
+    }
+    let (mut model, _) = checkpoint::load(dir, Head::Classification { num_labels }, 0)?;
     for t in &texts {
         let e = enc.encode(t, None)?;
         let batch = collate(&[&e], &[0], &[0], enc.pad_id);

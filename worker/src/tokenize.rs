@@ -47,6 +47,16 @@ impl TextEncoder {
         Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
     }
 
+    /// The id of a token of the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tok.token_to_id(token)
+    }
+
+    /// Ids back to text, special tokens left out (as `transformers` decodes a fill).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.tok.decode(ids, true).map_err(|e| ModelError::Tokenizer(self.path.clone(), e.to_string()))
+    }
+
     /// [`content_hash`] of this tokenizer.
     pub fn content_hash(&self) -> [u8; 32] {
         content_hash(&self.tok)

@@ -484,3 +484,55 @@ fn without_a_dev_split_the_test_split_is_evaluated_during_training_and_the_best_
     let out = train(&cfg, &["--set", "checkpoint.best_metric="]);
     assert_fails_with(&out, &["checkpoint.publish", "best_metric"]);
 }
+
+/// `worker predict` on a masked-LM model answers as the fill-mask pipeline: for each [MASK], the
+/// top-k tokens by probability, the text with each filled in; the probabilities are the softmax
+/// of the model's own logits at that position.
+#[test]
+fn predict_fills_each_mask_of_a_masked_lm_model() {
+    use worker::checkpoint;
+    use worker::layout::Head;
+    let dir = TempDir::new("fill-mask");
+    let cfg = worker::bert_config::BertConfig::from_file(&fixture_model().join("config.json")).unwrap();
+    let model = checkpoint::init_model(cfg, Head::MaskedLm, 1);
+    let model_dir = dir.path().join("mlm");
+    checkpoint::save(&model, &model_dir, None, Some(&fixture_model())).unwrap();
+    let text = "the film was [MASK] and [MASK] fun";
+    let out = worker(&["predict", "--model", model_dir.to_str().unwrap(), "--text", text, "--top-k", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fills = line["fills"].as_array().unwrap();
+    assert_eq!(fills.len(), 2, "one list per [MASK]");
+
+    // The same forward in process: the softmax at each [MASK].
+    let (mut m, _) = checkpoint::load(&model_dir, Head::MaskedLm, 0).unwrap();
+    let enc = worker::tokenize::TextEncoder::from_file(&model_dir.join("tokenizer.json"), 128).unwrap();
+    let e = enc.encode(text, None).unwrap();
+    let mask = enc.token_id("[MASK]").unwrap();
+    let labels: Vec<i64> = e.ids.iter().map(|&i| if i == mask { 0 } else { -100 }).collect();
+    m.forward(&worker::tokenize::collate(&[&e], &[0], &labels, enc.pad_id), None).unwrap();
+    let v = m.cfg.vocab_size;
+    for (k, fill) in fills.iter().enumerate() {
+        let logits = &m.acts.logits[k * v..(k + 1) * v];
+        let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        let answers = fill.as_array().unwrap();
+        assert_eq!(answers.len(), 3);
+        let scores: Vec<f64> = answers.iter().map(|a| a["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "not by probability: {scores:?}");
+        for a in answers {
+            let id = a["token"].as_u64().unwrap() as usize;
+            assert!((a["score"].as_f64().unwrap() - f64::from(logits[id]).exp() / z).abs() < 1e-6, "{a}");
+            let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if a == &answers[0] {
+                assert_eq!(logits[id], best, "the first fill is not the likeliest");
+            }
+            assert!(a["sequence"]
+                .as_str()
+                .unwrap()
+                .contains(a["token_str"].as_str().unwrap().trim_start_matches("##")));
+        }
+    }
+    // A text without [MASK] is an error that says so.
+    let out = worker(&["predict", "--model", model_dir.to_str().unwrap(), "--text", "no mask here"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no [MASK]"));
+}
