@@ -70,45 +70,13 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 /// `dst[m, n] = accumulate ? dst + scale * lhs @ rhs : scale * lhs @ rhs` with both operands
-/// rounded to bf16 and the products summed in f32; `dst` row-major contiguous. Panics where
-/// [`supported`] is false: callers check once and refuse bf16 with a clear error.
+/// rounded to bf16 and the products summed in f32; `dst` row-major contiguous. With `bias`
+/// (`[n]`, only without `accumulate`), `dst = bias + scale * lhs @ rhs`: the bias joins each tile
+/// where it is stored, the same single rounding as accumulating onto rows that hold the bias,
+/// without writing those rows first or reading them back. Panics where [`supported`] is false:
+/// callers check once and refuse bf16 with a clear error.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Mat<'_>,
-    rhs: Mat<'_>,
-    scale: f32,
-    accumulate: bool,
-    threaded: bool,
-) {
-    run(dst, m, n, k, lhs, rhs, scale, accumulate, None, threaded);
-}
-
-/// `dst[m, n] = bias + lhs @ rhs` (`bias[n]` on every row), as [`gemm_bf16`]: the bias is added
-/// where each tile is stored, the same single rounding as [`gemm_bf16`] accumulating onto rows
-/// that hold the bias, without writing those rows first or reading them back.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_bf16_bias(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Mat<'_>,
-    rhs: Mat<'_>,
-    bias: &[f32],
-    threaded: bool,
-) {
-    assert_eq!(bias.len(), n, "gemm_bf16_bias: bias must be [n]");
-    if k == 0 {
-        dst[..m * n].chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias));
-    }
-    run(dst, m, n, k, lhs, rhs, 1.0, k == 0, Some(bias), threaded);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run(
     dst: &mut [f32],
     m: usize,
     n: usize,
@@ -120,6 +88,13 @@ fn run(
     bias: Option<&[f32]>,
     threaded: bool,
 ) {
+    if let Some(b) = bias {
+        assert!(!accumulate && b.len() == n, "gemm_bf16: a bias is [n], and only without accumulate");
+        if k == 0 {
+            dst[..m * n].chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(b));
+            return;
+        }
+    }
     assert!(supported(), "gemm_bf16: this CPU has no AVX512_BF16");
     if crate::matmul::trivial(dst, m, n, k, lhs, rhs, accumulate) {
         return;

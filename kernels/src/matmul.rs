@@ -51,7 +51,7 @@ pub fn gemm_of(
 ) {
     match operands {
         Operands::F32 => gemm(dst, m, n, k, lhs, rhs, scale, accumulate, threaded),
-        Operands::Bf16 => crate::bf16::gemm_bf16(dst, m, n, k, lhs, rhs, scale, accumulate, threaded),
+        Operands::Bf16 => crate::bf16::gemm_bf16(dst, m, n, k, lhs, rhs, scale, accumulate, None, threaded),
     }
 }
 
@@ -140,7 +140,7 @@ pub fn matmul_forward(
         assert_eq!(b.len(), oc, "matmul_forward: bias must be [OC]");
         if operands == Operands::Bf16 {
             // The bias joins each tile as it is stored (the same bits as the rows below).
-            return crate::bf16::gemm_bf16_bias(out, n, oc, c, lhs, rhs, b, true);
+            return crate::bf16::gemm_bf16(out, n, oc, c, lhs, rhs, 1.0, false, Some(b), true);
         }
         out.par_chunks_mut(oc).for_each(|row| row.copy_from_slice(b));
     }

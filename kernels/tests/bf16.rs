@@ -7,7 +7,7 @@
 //! tail or a transposed pack is off by O(1). Run only where the CPU has AVX512_BF16 (each test
 //! prints that it was skipped elsewhere).
 
-use kernels::bf16::{gemm_bf16, gemm_bf16_bias, supported, to_bf16_bits};
+use kernels::bf16::{gemm_bf16, supported, to_bf16_bits};
 use kernels::matmul::Mat;
 use philox::normal;
 
@@ -59,9 +59,9 @@ fn check(m: usize, n: usize, k: usize, lhs_inner: bool, rhs_inner: bool, scale: 
     let rhs = if rhs_inner { Mat { data: &b, rs: 1, cs: k } } else { Mat { data: &b, rs: n, cs: 1 } };
     let init = randn(m * n, 3);
     let mut got = init.clone();
-    gemm_bf16(&mut got, m, n, k, lhs, rhs, scale, accumulate, true);
+    gemm_bf16(&mut got, m, n, k, lhs, rhs, scale, accumulate, None, true);
     let mut single = init.clone();
-    gemm_bf16(&mut single, m, n, k, lhs, rhs, scale, accumulate, false);
+    gemm_bf16(&mut single, m, n, k, lhs, rhs, scale, accumulate, None, false);
     assert!(got.iter().zip(&single).all(|(x, y)| x.to_bits() == y.to_bits()), "threads changed the bits");
     let mut worst = 0.0f64;
     for i in 0..m {
@@ -102,9 +102,20 @@ fn empty_inner_dimension_zeroes_or_keeps() {
     }
     let mut dst = vec![1.0f32; 6];
     let e: [f32; 0] = [];
-    gemm_bf16(&mut dst, 2, 3, 0, Mat { data: &e, rs: 0, cs: 1 }, Mat { data: &e, rs: 3, cs: 1 }, 1.0, true, true);
+    gemm_bf16(&mut dst, 2, 3, 0, Mat { data: &e, rs: 0, cs: 1 }, Mat { data: &e, rs: 3, cs: 1 }, 1.0, true, None, true);
     assert_eq!(dst, vec![1.0; 6]);
-    gemm_bf16(&mut dst, 2, 3, 0, Mat { data: &e, rs: 0, cs: 1 }, Mat { data: &e, rs: 3, cs: 1 }, 1.0, false, true);
+    gemm_bf16(
+        &mut dst,
+        2,
+        3,
+        0,
+        Mat { data: &e, rs: 0, cs: 1 },
+        Mat { data: &e, rs: 3, cs: 1 },
+        1.0,
+        false,
+        None,
+        true,
+    );
     assert_eq!(dst, vec![0.0; 6]);
 }
 
@@ -119,10 +130,10 @@ fn a_bias_added_at_the_store_has_the_bits_of_accumulating_onto_bias_rows() {
         let lhs = Mat { data: &a, rs: k, cs: 1 };
         let rhs = Mat { data: &b, rs: 1, cs: k };
         let mut want: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
-        gemm_bf16(&mut want, m, n, k, lhs, rhs, 1.0, true, true);
+        gemm_bf16(&mut want, m, n, k, lhs, rhs, 1.0, true, None, true);
         for threaded in [true, false] {
             let mut got = vec![f32::NAN; m * n];
-            gemm_bf16_bias(&mut got, m, n, k, lhs, rhs, &bias, threaded);
+            gemm_bf16(&mut got, m, n, k, lhs, rhs, 1.0, false, Some(&bias), threaded);
             assert!(
                 got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{m}x{n}x{k} threaded={threaded}: the bias changed the bits"
