@@ -2,7 +2,7 @@
 //! the world has reported, then merged in rank order into the metrics of the whole split.
 
 pub use job::eval::EvalSplit;
-use job::eval::{EvalCounts, EvalMetrics};
+use job::eval::{Counts, EvalMetrics};
 use std::collections::BTreeMap;
 
 /// Collects the ranks' counts per (split, step) and says when a set is complete. Refusals (a rank
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 #[derive(Debug)]
 pub struct EvalBoard {
     world: usize,
-    pending: BTreeMap<(EvalSplit, u64), Vec<Option<EvalCounts>>>,
+    pending: BTreeMap<(EvalSplit, u64), Vec<Option<Counts>>>,
     /// Finished evaluations: (split, step) -> metrics of the whole split.
     pub done: BTreeMap<(EvalSplit, u64), EvalMetrics>,
 }
@@ -26,18 +26,20 @@ impl EvalBoard {
         rank: usize,
         split: EvalSplit,
         step: u64,
-        counts: EvalCounts,
+        counts: Counts,
     ) -> Result<Option<EvalMetrics>, String> {
         if rank >= self.world {
             return Err(format!("rank {rank} is outside the world of {}", self.world));
         }
-        if counts.confusion.len() != counts.classes * counts.classes {
-            return Err(format!(
-                "a confusion matrix for {} classes needs {} entries, got {}",
-                counts.classes,
-                counts.classes * counts.classes,
-                counts.confusion.len()
-            ));
+        if let Counts::Classes(c) = &counts {
+            if c.confusion.len() != c.classes * c.classes {
+                return Err(format!(
+                    "a confusion matrix for {} classes needs {} entries, got {}",
+                    c.classes,
+                    c.classes * c.classes,
+                    c.confusion.len()
+                ));
+            }
         }
         // A restarted job evaluates a step again: the new counts replace the old result.
         if !self.pending.contains_key(&(split, step)) {
@@ -45,9 +47,8 @@ impl EvalBoard {
         }
         let slots = self.pending.entry((split, step)).or_insert_with(|| vec![None; self.world]);
         if let Some(other) = slots.iter().flatten().next() {
-            if other.classes != counts.classes {
-                return Err(format!("rank {rank} reports {} classes, others {}", counts.classes, other.classes));
-            }
+            // Counts of another shape cannot be merged: refuse them now, not when the set is full.
+            other.clone().merge(&counts).map_err(|e| format!("rank {rank}: {e}"))?;
         }
         if slots[rank].is_some() {
             return Err(format!("rank {rank} already reported the {} split at step {step}", split.name()));
@@ -57,9 +58,10 @@ impl EvalBoard {
             return Ok(None);
         }
         let slots = self.pending.remove(&(split, step)).expect("present");
-        let mut total = EvalCounts::new(slots[0].as_ref().expect("complete").classes);
-        for c in slots.iter().flatten() {
-            total.merge(c)?;
+        let mut slots = slots.into_iter().flatten();
+        let mut total = slots.next().expect("complete");
+        for c in slots {
+            total.merge(&c)?;
         }
         let m = total.metrics();
         self.done.insert((split, step), m.clone());
@@ -82,25 +84,42 @@ impl EvalBoard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use job::eval::{EvalCounts, MlmCounts};
+
+    fn classes(k: usize, pairs: &[(usize, usize, f64)]) -> Counts {
+        let mut c = EvalCounts::new(k);
+        pairs.iter().for_each(|&(a, p, l)| c.add(a, p, l));
+        Counts::Classes(c)
+    }
 
     #[test]
     fn the_board_completes_when_every_rank_reported() {
         let mut b = EvalBoard::new(2);
-        let mut c0 = EvalCounts::new(2);
-        c0.add(0, 0, 1.0);
-        let mut c1 = EvalCounts::new(2);
-        c1.add(1, 0, 3.0);
+        let (c0, c1) = (classes(2, &[(0, 0, 1.0)]), classes(2, &[(1, 0, 3.0)]));
         assert_eq!(b.report(1, EvalSplit::Test, 10, c1.clone()), Ok(None));
         assert!(b.report(1, EvalSplit::Test, 10, c1.clone()).unwrap_err().contains("already reported"));
         assert!(b.report(2, EvalSplit::Test, 10, c1.clone()).unwrap_err().contains("outside the world"));
-        assert!(b.report(0, EvalSplit::Test, 10, EvalCounts::new(3)).unwrap_err().contains("3 classes"));
-        let bad = EvalCounts { classes: 2, confusion: vec![1], loss_sum: 0.0 };
+        assert!(b.report(0, EvalSplit::Test, 10, classes(3, &[])).unwrap_err().contains("3 classes"));
+        let mlm = Counts::Tokens(MlmCounts { tokens: 5, correct: 1, loss_sum: 2.0 });
+        assert!(b.report(0, EvalSplit::Test, 10, mlm).unwrap_err().contains("cannot be added"));
+        let bad = Counts::Classes(EvalCounts { classes: 2, confusion: vec![1], loss_sum: 0.0 });
         assert!(b.report(0, EvalSplit::Test, 10, bad).unwrap_err().contains("needs 4 entries"));
         let m = b.report(0, EvalSplit::Test, 10, c0).unwrap().unwrap();
         assert_eq!((m.examples, m.accuracy, m.loss), (2, 0.5, 2.0));
         assert_eq!(b.result(EvalSplit::Test, 10), Some(&m));
         // Evaluated again (a restarted generation): the new counts replace the old result.
-        assert_eq!(b.report(0, EvalSplit::Test, 10, EvalCounts::new(2)), Ok(None));
+        assert_eq!(b.report(0, EvalSplit::Test, 10, classes(2, &[])), Ok(None));
         assert_eq!(b.result(EvalSplit::Test, 10), None);
+    }
+
+    #[test]
+    fn masked_lm_counts_add_up_over_the_ranks() {
+        let mut b = EvalBoard::new(2);
+        let (c0, c1) =
+            (MlmCounts { tokens: 4, correct: 1, loss_sum: 8.0 }, MlmCounts { tokens: 96, correct: 49, loss_sum: 92.0 });
+        assert_eq!(b.report(0, EvalSplit::Dev, 5, Counts::Tokens(c0)), Ok(None));
+        let m = b.report(1, EvalSplit::Dev, 5, Counts::Tokens(c1)).unwrap().unwrap();
+        assert_eq!((m.examples, m.accuracy, m.loss, m.macro_f1), (100, 0.5, 1.0, None));
+        assert_eq!(m.perplexity, Some(1f64.exp()));
     }
 }

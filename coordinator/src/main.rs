@@ -21,8 +21,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use coordinator::service::{CheckpointSetup, CoordinatorService, JobInfo};
-use job::config::JobConfig;
+use coordinator::service::{CheckpointSetup, CoordinatorService, Data, JobInfo};
+use job::config::{JobConfig, Task};
 use job::progress::ProgressBoard;
 use proto::v1::coordinator_server::CoordinatorServer;
 use std::net::SocketAddr;
@@ -135,8 +135,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         job.train.batch_size,
         cli.world_size
     );
-    let data = job::data::load(&job)?;
-    anyhow::ensure!(!data.train.is_empty(), "{}: the training split is empty", job.data.train.display());
+    let data: Data = match job.train.task {
+        Task::Classification => {
+            let data = job::data::load(&job)?;
+            anyhow::ensure!(!data.train.is_empty(), "{}: the training split is empty", job.data.train.display());
+            data.into()
+        }
+        Task::Mlm => job::pack::Corpora::open(&job, None)?.into(),
+    };
     tracing::info!(config = %serde_json::to_string(&job)?, world = cli.world_size, "resolved job config");
     let mut token = proto::auth::JobToken::from_file_or_env(cli.token_file.as_deref()).map_err(anyhow::Error::msg)?;
     if token.is_none() && cli.spawn_local {
@@ -354,14 +360,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let (mut dev, mut test) = (None, None);
     for ((split, step), m) in svc.eval_results() {
-        println!(
-            "step {step}: {} accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
-            split.name(),
-            m.accuracy,
-            m.macro_f1,
-            m.loss,
-            m.examples
-        );
+        let counted = if m.perplexity.is_some() { "masked tokens" } else { "examples" };
+        println!("step {step}: {} {}  ({} {counted})", split.name(), m.summary(), m.examples);
         // In step order within a split: the last one is the final evaluation.
         match split {
             job::eval::EvalSplit::Dev => dev = Some(m),

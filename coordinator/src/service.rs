@@ -12,7 +12,8 @@ use crate::telemetry::{CheckpointStatus, JobStatus, Telemetry, WorkerStatus, CUR
 use job::checkpoints::{self, Manifest, Partial, Store};
 use job::config::ElasticSection;
 use job::data::Datasets;
-use job::eval::EvalCounts;
+use job::eval::{Counts, EvalCounts, MlmCounts};
+use job::pack::{Corpora, CorpusRows};
 use job::progress::{ProgressBoard, StepRecord};
 use job::shard;
 use proto::v1::checkpoint_part::Part;
@@ -20,7 +21,7 @@ use proto::v1::coordinator_server::Coordinator;
 use proto::v1::{
     beat_reply, Beat, BeatReply, CheckpointPart, CheckpointSaved, ChecksumReport, ChecksumResult, EvalReport,
     EvalResult, Example, ExampleBatch, FetchCheckpointRequest, FileChunk, FinishReply, FinishRequest, GetJobRequest,
-    JobSpec, JoinReply, JoinRequest, Progress, ProgressReply, ResumePoint, ShardRequest, Split,
+    JobSpec, JoinReply, JoinRequest, Progress, ProgressReply, ResumePoint, ShardRequest, Split, TokenRow,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -79,6 +80,94 @@ pub struct Signal {
 
 pub const STATE_FILE: &str = "coordinator.json";
 
+/// What the coordinator serves: a fine-tuning job's labelled splits, or a pretraining job's
+/// corpora (memory-mapped, read a row at a time).
+pub enum Data {
+    Labelled(Datasets),
+    Corpus(Box<Corpora>),
+}
+
+impl From<Datasets> for Data {
+    fn from(d: Datasets) -> Data {
+        Data::Labelled(d)
+    }
+}
+
+impl From<Corpora> for Data {
+    fn from(c: Corpora) -> Data {
+        Data::Corpus(Box::new(c))
+    }
+}
+
+impl Data {
+    /// Examples (rows) in a split; `None` where the job has no such split.
+    fn len(&self, split: Split) -> Option<usize> {
+        match self {
+            Data::Labelled(d) => match split {
+                Split::Train => Some(d.train.len()),
+                Split::Dev => d.dev.as_ref().map(Vec::len),
+                Split::Test => d.test.as_ref().map(Vec::len),
+            },
+            Data::Corpus(c) => Self::corpus(c, split).map(|r| r.rows() as usize),
+        }
+    }
+
+    fn corpus(c: &Corpora, split: Split) -> Option<&CorpusRows> {
+        match split {
+            Split::Train => Some(&c.train),
+            Split::Dev => c.dev.as_ref(),
+            Split::Test => c.test.as_ref(),
+        }
+    }
+
+    /// The batch of `split`'s examples at `indices`; `position` is the first one's in the shard.
+    fn batch(&self, split: Split, indices: &[usize], position: u64) -> ExampleBatch {
+        let mut batch = ExampleBatch { position, ..Default::default() };
+        match self {
+            Data::Labelled(d) => {
+                let records = match split {
+                    Split::Train => &d.train,
+                    Split::Dev => d.dev.as_ref().expect("checked by the caller"),
+                    Split::Test => d.test.as_ref().expect("checked by the caller"),
+                };
+                batch.examples = indices
+                    .iter()
+                    .map(|&i| {
+                        let rec = &records[i];
+                        Example {
+                            index: i as u64,
+                            text: rec.text.clone(),
+                            text_pair: rec.text_pair.clone(),
+                            label: rec.label,
+                        }
+                    })
+                    .collect();
+            }
+            Data::Corpus(c) => {
+                let rows = Self::corpus(c, split).expect("checked by the caller");
+                batch.rows = indices.iter().map(|&i| token_row(rows, i as u64)).collect();
+            }
+        }
+        batch
+    }
+}
+
+/// Row `r` of a corpus as the wire carries it.
+fn token_row(rows: &CorpusRows, r: u64) -> TokenRow {
+    let mut row = TokenRow { index: r, ..Default::default() };
+    let mut words = Vec::new();
+    for (ids, starts) in rows.segments(r) {
+        row.segments.push(ids.len() as u32);
+        row.ids.extend(ids);
+        words.extend(starts);
+    }
+    row.word_starts = vec![0; words.len().div_ceil(8)];
+    for (t, _) in words.iter().enumerate().filter(|(_, &w)| w) {
+        row.word_starts[t / 8] |= 1 << (t % 8);
+    }
+    row
+}
+
 pub struct Inner {
     /// The job's lifecycle: the one lock of its state (see `state.rs`).
     state: Mutex<JobState>,
@@ -90,7 +179,7 @@ pub struct Inner {
     pub all_finished: Notify,
     signal: tokio::sync::watch::Sender<Signal>,
     job: JobInfo,
-    data: Datasets,
+    data: Data,
     /// Each training example's length, by which a step's examples are dealt ([`shard::cost`]).
     train_cost: Vec<u32>,
     /// How long a call that waits for every rank (Join, ReportEval) waits.
@@ -120,7 +209,8 @@ impl std::ops::Deref for CoordinatorService {
 }
 
 impl CoordinatorService {
-    pub fn new(world: usize, job: JobInfo, data: Datasets, gather_timeout: Duration) -> Self {
+    pub fn new(world: usize, job: JobInfo, data: impl Into<Data>, gather_timeout: Duration) -> Self {
+        let data = data.into();
         let (signal, _) = tokio::sync::watch::channel(Signal { generation: 0, end: None });
         let config_sha256 = job::fingerprint::sha256_hex(job.config_json.as_bytes());
         let elastic = ElasticSection::default();
@@ -134,11 +224,13 @@ impl CoordinatorService {
                 gathered: Notify::new(),
                 all_finished: Notify::new(),
                 signal,
-                train_cost: data
-                    .train
-                    .iter()
-                    .map(|r| shard::cost(&r.text, r.text_pair.as_deref(), job.max_seq_len))
-                    .collect(),
+                // Packed rows are of one length; a corpus's rows are not dealt by length.
+                train_cost: match &data {
+                    Data::Labelled(d) => {
+                        d.train.iter().map(|r| shard::cost(&r.text, r.text_pair.as_deref(), job.max_seq_len)).collect()
+                    }
+                    Data::Corpus(_) => Vec::new(),
+                },
                 job,
                 data,
                 gather_timeout,
@@ -738,17 +830,16 @@ impl Coordinator for CoordinatorService {
         let world = self.world_size();
         let split =
             Split::try_from(r.split).map_err(|_| Status::invalid_argument(format!("unknown split {}", r.split)))?;
-        let records = match split {
-            Split::Train => Some(&self.data.train),
-            Split::Dev => self.data.dev.as_ref(),
-            Split::Test => self.data.test.as_ref(),
-        }
-        .ok_or_else(|| Status::not_found(format!("the job has no {} split", split.as_str_name().to_lowercase())))?;
-        let n = records.len();
+        let n = self
+            .data
+            .len(split)
+            .ok_or_else(|| Status::not_found(format!("the job has no {} split", split.as_str_name().to_lowercase())))?;
         let indices = match split {
             Split::Train => {
-                let balance = (self.job.batch_size > 0 && self.job.batch_size.is_multiple_of(world))
-                    .then(|| shard::Balance { cost: &self.train_cost, batch: self.job.batch_size / world });
+                let balance = (!self.train_cost.is_empty()
+                    && self.job.batch_size > 0
+                    && self.job.batch_size.is_multiple_of(world))
+                .then(|| shard::Balance { cost: &self.train_cost, batch: self.job.batch_size / world });
                 shard::train_indices(n, world, rank, self.job.seed, r.epoch, balance)
             }
             Split::Dev | Split::Test => shard::eval_indices(n, world, rank),
@@ -759,28 +850,11 @@ impl Coordinator for CoordinatorService {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
         let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let data = &inner.data;
-            let records = match split {
-                Split::Train => &data.train,
-                Split::Dev => data.dev.as_ref().expect("checked above"),
-                Split::Test => data.test.as_ref().expect("checked above"),
-            };
+        // A corpus's rows are read from memory-mapped shards (page faults): off the runtime.
+        tokio::task::spawn_blocking(move || {
             for (k, chunk) in indices[start..].chunks(STREAM_BATCH).enumerate() {
-                let examples = chunk
-                    .iter()
-                    .map(|&i| {
-                        let rec = &records[i];
-                        Example {
-                            index: i as u64,
-                            text: rec.text.clone(),
-                            text_pair: rec.text_pair.clone(),
-                            label: rec.label,
-                        }
-                    })
-                    .collect();
-                let batch = ExampleBatch { examples, position: (start + k * STREAM_BATCH) as u64 };
-                if tx.send(Ok(batch)).await.is_err() {
+                let batch = inner.data.batch(split, chunk, (start + k * STREAM_BATCH) as u64);
+                if tx.blocking_send(Ok(batch)).is_err() {
                     return; // the worker went away
                 }
             }
@@ -798,11 +872,26 @@ impl Coordinator for CoordinatorService {
 
     async fn report_eval(&self, request: Request<EvalReport>) -> Result<Response<EvalResult>, Status> {
         let r = request.into_inner();
-        if r.classes == 0 || r.classes > MAX_CLASSES {
-            return Err(Status::invalid_argument(format!("classes = {} is outside 1..={MAX_CLASSES}", r.classes)));
+        if r.classes > MAX_CLASSES {
+            return Err(Status::invalid_argument(format!("classes = {} is outside 0..={MAX_CLASSES}", r.classes)));
         }
         let split = eval_split(r.split)?;
-        let counts = EvalCounts { classes: r.classes as usize, confusion: r.confusion, loss_sum: r.loss_sum };
+        let counts = match (&self.data, r.classes) {
+            (Data::Labelled(_), 1..) => Counts::Classes(EvalCounts {
+                classes: r.classes as usize,
+                confusion: r.confusion,
+                loss_sum: r.loss_sum,
+            }),
+            (Data::Corpus(_), 0) if r.correct <= r.tokens => {
+                Counts::Tokens(MlmCounts { tokens: r.tokens, correct: r.correct, loss_sum: r.loss_sum })
+            }
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "counts of {} classes ({} correct of {} tokens) do not fit this job's task",
+                    r.classes, r.correct, r.tokens
+                )))
+            }
+        };
         let done =
             self.state().report_eval(r.generation, r.rank as usize, split, r.step, counts).map_err(|e| status(&e))?;
         if let Some(m) = done {
@@ -813,6 +902,7 @@ impl Coordinator for CoordinatorService {
                 loss = m.loss,
                 accuracy = m.accuracy,
                 macro_f1 = m.macro_f1,
+                perplexity = m.perplexity,
                 "evaluation"
             );
             self.telemetry.lock().expect("telemetry lock").record_eval(split.name(), r.step, &m);
@@ -830,6 +920,7 @@ impl Coordinator for CoordinatorService {
                         loss: m.loss,
                         accuracy: m.accuracy,
                         macro_f1: m.macro_f1,
+                        perplexity: m.perplexity,
                     }));
                 }
             }
@@ -981,8 +1072,15 @@ impl Coordinator for CoordinatorService {
                         job_config_json: self.job.config_json.clone(),
                         ring_peers: a.ring_peers,
                         nccl_id: a.nccl_id,
-                        labels: self.data.labels.names.clone(),
-                        train_examples: self.data.train.len() as u64,
+                        labels: match &self.data {
+                            Data::Labelled(d) => d.labels.names.clone(),
+                            Data::Corpus(_) => Vec::new(),
+                        },
+                        train_examples: self.data.len(Split::Train).unwrap_or(0) as u64,
+                        corpus_tokenizer: match &self.data {
+                            Data::Labelled(_) => Vec::new(),
+                            Data::Corpus(c) => c.train.reader().tokenizer_hash().to_vec(),
+                        },
                         resume: a.resume.as_ref().map(|(dir, m)| ResumePoint {
                             step: m.step,
                             epoch: m.cursor.epoch,

@@ -19,7 +19,7 @@ use crate::gather::{EvalBoard, EvalSplit};
 use crate::rendezvous::{JoinError, Joiner, Rendezvous};
 use job::checkpoints::Manifest;
 use job::config::ElasticSection;
-use job::eval::{EvalCounts, EvalMetrics};
+use job::eval::{Counts, EvalMetrics};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -518,7 +518,7 @@ impl JobState {
         rank: usize,
         split: EvalSplit,
         step: u64,
-        counts: EvalCounts,
+        counts: Counts,
     ) -> Result<Option<EvalMetrics>, Refusal> {
         let rank = self.current(generation, rank)?;
         self.evals.report(rank, split, step, counts).map_err(Refusal::Invalid)

@@ -25,7 +25,10 @@ pub struct EvalPoint {
     pub examples: u64,
     pub loss: f64,
     pub accuracy: f64,
-    pub macro_f1: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
 }
 
 /// Running totals over the job (Prometheus counters): they only grow, replays included.
@@ -114,14 +117,9 @@ impl Telemetry {
     pub fn record_eval(&mut self, split: &str, step: u64, m: &EvalMetrics) {
         self.evals.retain(|e| !(e.split == split && e.step >= step));
         if let Some(tb) = &mut self.tensorboard {
-            tb.scalars(
-                step,
-                &[
-                    (&format!("{split}/accuracy"), m.accuracy),
-                    (&format!("{split}/macro_f1"), m.macro_f1),
-                    (&format!("{split}/loss"), m.loss),
-                ],
-            );
+            let named: Vec<(String, f64)> = m.named().into_iter().map(|(k, v)| (format!("{split}/{k}"), v)).collect();
+            let scalars: Vec<(&str, f64)> = named.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            tb.scalars(step, &scalars);
         }
         self.evals.push(EvalPoint {
             split: split.to_string(),
@@ -130,6 +128,7 @@ impl Telemetry {
             loss: m.loss,
             accuracy: m.accuracy,
             macro_f1: m.macro_f1,
+            perplexity: m.perplexity,
         });
     }
 
@@ -310,7 +309,7 @@ pub fn prometheus_text(s: &JobStatus) -> String {
     metric("steps_total", "counter", "Steps trained, replays after restarts included.", &one(t.steps as f64));
     metric("allreduce_seconds_total", "counter", "Rank 0's time in gradient all-reduces.", &one(t.allreduce_s));
     metric("data_wait_seconds_total", "counter", "Rank 0's time waiting for data.", &one(t.data_wait_s));
-    let eval = |f: fn(&EvalPoint) -> f64| -> Vec<(String, f64)> {
+    let eval = |f: fn(&EvalPoint) -> Option<f64>| -> Vec<(String, f64)> {
         let mut latest: Vec<&EvalPoint> = Vec::new();
         for e in &s.evals {
             match latest.iter_mut().find(|l| l.split == e.split) {
@@ -319,12 +318,18 @@ pub fn prometheus_text(s: &JobStatus) -> String {
                 None => latest.push(e),
             }
         }
-        latest.iter().map(|e| (label("split", &e.split), f(e))).collect()
+        latest.iter().filter_map(|e| Some((label("split", &e.split), f(e)?))).collect()
     };
-    metric("eval_accuracy", "gauge", "Accuracy of the latest evaluation of each split.", &eval(|e| e.accuracy));
+    metric("eval_accuracy", "gauge", "Accuracy of the latest evaluation of each split.", &eval(|e| Some(e.accuracy)));
     metric("eval_macro_f1", "gauge", "Macro-F1 of the latest evaluation of each split.", &eval(|e| e.macro_f1));
-    metric("eval_loss", "gauge", "Mean loss of the latest evaluation of each split.", &eval(|e| e.loss));
-    metric("eval_step", "gauge", "The step of the latest evaluation of each split.", &eval(|e| e.step as f64));
+    metric(
+        "eval_perplexity",
+        "gauge",
+        "Masked-LM perplexity of the latest evaluation of each split.",
+        &eval(|e| e.perplexity),
+    );
+    metric("eval_loss", "gauge", "Mean loss of the latest evaluation of each split.", &eval(|e| Some(e.loss)));
+    metric("eval_step", "gauge", "The step of the latest evaluation of each split.", &eval(|e| Some(e.step as f64)));
     metric(
         "workers",
         "gauge",

@@ -18,6 +18,7 @@ fn report(rank: u32, counts: &EvalCounts) -> EvalReport {
         confusion: counts.confusion.clone(),
         loss_sum: counts.loss_sum,
         generation: 0,
+        ..Default::default()
     }
 }
 
@@ -61,6 +62,10 @@ async fn malformed_reports_are_refused() {
     let mut r = report(0, &EvalCounts::new(2));
     r.classes = 1_000_000;
     assert_eq!(c.report_eval(r).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // Masked-LM counts (0 classes) in a classification job.
+    let mlm = EvalReport { rank: 0, split: Split::Test as i32, step: 20, tokens: 10, correct: 3, ..Default::default() };
+    let e = c.report_eval(mlm).await.unwrap_err();
+    assert!(e.message().contains("do not fit this job's task"), "{}", e.message());
     let e = c.report_eval(report(7, &EvalCounts::new(2))).await.unwrap_err();
     assert!(e.message().contains("outside the world"), "{}", e.message());
 }

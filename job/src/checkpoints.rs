@@ -137,9 +137,9 @@ pub fn step_metrics<'a>(
         out.insert("train/loss".to_string(), train_loss);
     }
     for (split, m) in evals {
-        out.insert(format!("{split}/accuracy"), m.accuracy);
-        out.insert(format!("{split}/macro_f1"), m.macro_f1);
-        out.insert(format!("{split}/loss"), m.loss);
+        for (name, v) in m.named() {
+            out.insert(format!("{split}/{name}"), v);
+        }
     }
     out
 }
@@ -350,7 +350,7 @@ impl Store {
         if self.best_metric.is_empty() {
             return None;
         }
-        let lower_is_better = self.best_metric.ends_with("loss");
+        let lower_is_better = self.best_metric.ends_with("loss") || self.best_metric.ends_with("perplexity");
         let mut best: Option<(&PathBuf, f64)> = None;
         for (dir, m) in all {
             let Some(&v) = m.metrics.get(&self.best_metric) else { continue };

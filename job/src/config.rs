@@ -57,6 +57,10 @@ impl Default for DataSection {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
+    /// What the job trains: a sequence `classification` head on labelled rows (fine-tuning), or
+    /// the masked-LM head (`mlm`, pretraining) on preprocessed corpora (`worker preprocess`;
+    /// `data.train`, `data.dev`, `data.test` are then corpus directories).
+    pub task: Task,
     pub seed: u64,
     pub epochs: u32,
     /// Stop after this many optimizer steps (0: run all epochs).
@@ -91,6 +95,36 @@ pub struct TrainSection {
     pub zero: u8,
 }
 
+/// What a job trains (`train.task`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    #[default]
+    Classification,
+    Mlm,
+}
+
+/// Masked-LM pretraining (`train.task = "mlm"`): how rows are formed and masked.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MlmSection {
+    /// The probability that a token (or, with `whole_word`, a word) is selected for the loss;
+    /// 80% of those become [MASK], 10% a random token, 10% stay.
+    pub mask_prob: f64,
+    /// Select whole words (every piece of a word together), from the tokenizer's word ids.
+    pub whole_word: bool,
+    /// Pack documents into rows of `model.max_seq_len` (each its own segment: block-diagonal
+    /// attention, positions restarting); `false`: one document per row, dynamically padded
+    /// (longer ones split into rows).
+    pub pack: bool,
+}
+
+impl Default for MlmSection {
+    fn default() -> Self {
+        MlmSection { mask_prob: 0.15, whole_word: false, pack: true }
+    }
+}
+
 /// Arithmetic of the dense layers (`train.precision`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +137,7 @@ pub enum Precision {
 impl Default for TrainSection {
     fn default() -> Self {
         TrainSection {
+            task: Task::Classification,
             seed: 42,
             epochs: 2,
             max_steps: 0,
@@ -252,6 +287,7 @@ pub struct JobConfig {
     pub model: ModelSection,
     pub data: DataSection,
     pub train: TrainSection,
+    pub mlm: MlmSection,
     pub output: OutputSection,
     pub checkpoint: CheckpointSection,
     pub elastic: ElasticSection,
@@ -338,6 +374,15 @@ impl JobConfig {
         if t.zero > 1 {
             return Err(format!("train.zero = {}: ZeRO stage 0 or 1", t.zero));
         }
+        if !(self.mlm.mask_prob > 0.0 && self.mlm.mask_prob < 1.0) {
+            return Err(format!("mlm.mask_prob = {} must be in (0, 1)", self.mlm.mask_prob));
+        }
+        if t.task == Task::Mlm && self.model.max_seq_len < 3 {
+            return Err(format!(
+                "model.max_seq_len = {}: a row needs room for [CLS], a token and [SEP]",
+                self.model.max_seq_len
+            ));
+        }
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("train.epochs and train.max_steps are both 0: nothing to train".into());
         }
@@ -366,13 +411,19 @@ impl JobConfig {
             return Err("checkpoint.keep_last = 0: at least the latest checkpoint must be kept".into());
         }
         if !c.best_metric.is_empty() {
-            let ok = c.best_metric.split_once('/').is_some_and(|(split, metric)| {
-                matches!(split, "dev" | "test") && matches!(metric, "accuracy" | "macro_f1" | "loss")
-            });
+            let metrics: &[&str] = match t.task {
+                Task::Classification => &["accuracy", "macro_f1", "loss"],
+                Task::Mlm => &["accuracy", "loss", "perplexity"],
+            };
+            let ok = c
+                .best_metric
+                .split_once('/')
+                .is_some_and(|(split, metric)| matches!(split, "dev" | "test") && metrics.contains(&metric));
             if !ok {
                 return Err(format!(
-                    "checkpoint.best_metric = {:?}: expected <dev|test>/<accuracy|macro_f1|loss>, or \"\" for none",
-                    c.best_metric
+                    "checkpoint.best_metric = {:?}: expected <dev|test>/<{}>, or \"\" for none",
+                    c.best_metric,
+                    metrics.join("|")
                 ));
             }
         }

@@ -13,15 +13,46 @@ pub struct EvalCounts {
     pub loss_sum: f64,
 }
 
+/// A split's metrics, from the counts of every worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
+    /// Examples counted; for a masked-LM, masked tokens.
     pub examples: u64,
-    /// Mean cross-entropy per example.
+    /// Mean cross-entropy per example (per masked token).
     pub loss: f64,
     pub accuracy: f64,
-    /// The mean of the per-class F1 over the classes that occur as a label or as a prediction
-    /// (scikit-learn's `f1_score(average="macro")`).
-    pub macro_f1: f64,
+    /// Classification: the mean of the per-class F1 over the classes that occur as a label or as
+    /// a prediction (scikit-learn's `f1_score(average="macro")`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    /// Masked-LM: `exp(loss)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+}
+
+impl EvalMetrics {
+    /// Each metric the evaluation has, by name (`accuracy`, `macro_f1`, `loss`, `perplexity`):
+    /// what `<split>/<name>` means in manifests, logs and dashboards.
+    pub fn named(&self) -> Vec<(&'static str, f64)> {
+        let mut out = vec![("accuracy", self.accuracy)];
+        out.extend(self.macro_f1.map(|v| ("macro_f1", v)));
+        out.push(("loss", self.loss));
+        out.extend(self.perplexity.map(|v| ("perplexity", v)));
+        out
+    }
+
+    /// `accuracy 0.8125  macro-F1 0.7990  loss 0.4321` (a log line's part).
+    pub fn summary(&self) -> String {
+        let mut s = format!("accuracy {:.4}", self.accuracy);
+        if let Some(f) = self.macro_f1 {
+            s += &format!("  macro-F1 {f:.4}");
+        }
+        s += &format!("  loss {:.4}", self.loss);
+        if let Some(p) = self.perplexity {
+            s += &format!("  perplexity {p:.3}");
+        }
+        s
+    }
 }
 
 impl EvalCounts {
@@ -69,7 +100,8 @@ impl EvalCounts {
             examples: n,
             loss: per(self.loss_sum),
             accuracy: per(correct as f64),
-            macro_f1: if present == 0 { 0.0 } else { f1_sum / present as f64 },
+            macro_f1: Some(if present == 0 { 0.0 } else { f1_sum / present as f64 }),
+            perplexity: None,
         }
     }
 }
@@ -81,16 +113,6 @@ pub struct MlmCounts {
     pub tokens: u64,
     pub correct: u64,
     pub loss_sum: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MlmMetrics {
-    pub tokens: u64,
-    /// Mean cross-entropy per masked token.
-    pub loss: f64,
-    pub accuracy: f64,
-    /// `exp(loss)`.
-    pub perplexity: f64,
 }
 
 impl MlmCounts {
@@ -107,10 +129,44 @@ impl MlmCounts {
         self.loss_sum += other.loss_sum;
     }
 
-    pub fn metrics(&self) -> MlmMetrics {
+    pub fn metrics(&self) -> EvalMetrics {
         let n = self.tokens.max(1) as f64;
         let loss = self.loss_sum / n;
-        MlmMetrics { tokens: self.tokens, loss, accuracy: self.correct as f64 / n, perplexity: loss.exp() }
+        EvalMetrics {
+            examples: self.tokens,
+            loss,
+            accuracy: self.correct as f64 / n,
+            macro_f1: None,
+            perplexity: Some(loss.exp()),
+        }
+    }
+}
+
+/// One worker's evaluation counts, of either head.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Counts {
+    Classes(EvalCounts),
+    Tokens(MlmCounts),
+}
+
+impl Counts {
+    /// Adds another worker's counts (of the same kind).
+    pub fn merge(&mut self, other: &Counts) -> Result<(), String> {
+        match (self, other) {
+            (Counts::Classes(a), Counts::Classes(b)) => a.merge(b),
+            (Counts::Tokens(a), Counts::Tokens(b)) => {
+                a.merge(b);
+                Ok(())
+            }
+            _ => Err("classification counts and masked-LM counts cannot be added".into()),
+        }
+    }
+
+    pub fn metrics(&self) -> EvalMetrics {
+        match self {
+            Counts::Classes(c) => c.metrics(),
+            Counts::Tokens(c) => c.metrics(),
+        }
     }
 }
 
@@ -130,12 +186,17 @@ mod tests {
         let mut whole = a;
         whole.merge(&b);
         let m = whole.metrics();
-        assert_eq!((m.tokens, whole.correct), (40, 15));
+        assert_eq!((m.examples, whole.correct), (40, 15));
         // The mean over tokens, not the mean of the workers' means (2.0).
         assert!((m.loss - 100.0 / 40.0).abs() < 1e-12);
-        assert!((m.perplexity - 2.5f64.exp()).abs() < 1e-9);
+        assert!((m.perplexity.unwrap() - 2.5f64.exp()).abs() < 1e-9);
+        assert_eq!(m.macro_f1, None);
         assert!((m.accuracy - 15.0 / 40.0).abs() < 1e-12);
-        assert_eq!(MlmCounts::default().metrics().tokens, 0);
+        assert_eq!(MlmCounts::default().metrics().examples, 0);
+        let mut c = Counts::Tokens(a);
+        assert!(c.merge(&Counts::Classes(EvalCounts::new(2))).is_err());
+        c.merge(&Counts::Tokens(b)).unwrap();
+        assert_eq!(c.metrics(), m);
     }
 
     #[test]
@@ -150,7 +211,7 @@ mod tests {
         assert!((m.accuracy - 4.0 / 6.0).abs() < 1e-12);
         assert!((m.loss - 0.5).abs() < 1e-12);
         // F1: class 0 = 2*2/(3+3) = 2/3, class 1 = 2*1/(2+2) = 1/2, class 2 = 1.
-        assert!((m.macro_f1 - (2.0 / 3.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
+        assert!((m.macro_f1.unwrap() - (2.0 / 3.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
     }
 
     #[test]
@@ -173,7 +234,7 @@ mod tests {
         let mut c = EvalCounts::new(5);
         c.add(0, 0, 0.0);
         c.add(1, 1, 0.0);
-        assert_eq!(c.metrics().macro_f1, 1.0);
+        assert_eq!(c.metrics().macro_f1, Some(1.0));
         assert_eq!(EvalCounts::new(2).metrics().accuracy, 0.0);
     }
 }

@@ -7,11 +7,16 @@
 //! own segment id (1, 2, ... ; 0 is padding), so that the attention keeps each segment to itself
 //! (block-diagonal) and a token's output does not depend on what else was packed beside it. Rows
 //! are filled: a new row starts only when fewer than 3 places are left (no room for a token
-//! between `[CLS]` and `[SEP]`), so at most 2 places of a row are padding.
+//! between `[CLS]` and `[SEP]`), so at most 2 places of a row are padding. With `one_per_row`, a
+//! row holds one segment (a document, or a row-long piece of a longer one) and is as long as it.
 //!
-//! The rows are a pure function of the document stream: a row's content depends on the documents
-//! before it only through where the previous row stopped ([`Cursor`]), which is what a resumed
-//! job needs to continue at the exact row without reading what came before.
+//! Where the rows break depends on the documents' lengths only ([`next_row`]), so a corpus's rows
+//! are numbered without reading a token ([`RowIndex`], built from the document lengths), and row
+//! `r` is read by itself, from anywhere, without reading what came before ([`CorpusRows`]): what a
+//! shuffled epoch and a resumed job need.
+
+use crate::tokens::{CorpusReader, ShardError};
+use std::path::Path;
 
 /// Where the packer stands in the document stream: the next token to pack is token `offset` of
 /// document `document` (counted over the whole stream).
@@ -19,6 +24,47 @@
 pub struct Cursor {
     pub document: u64,
     pub offset: u64,
+}
+
+/// Tokens `start .. start + len` of `document`: one segment of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub document: u64,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// The row that starts at `at`, as pieces of documents, and where the next row starts; `None` at
+/// the end of the stream. `doc_len(d)` is document `d`'s length, `None` past the last; empty
+/// documents are skipped.
+pub fn next_row(
+    max_len: usize,
+    one_per_row: bool,
+    mut at: Cursor,
+    doc_len: impl Fn(u64) -> Option<u64>,
+) -> Option<(Vec<Piece>, Cursor)> {
+    assert!(max_len >= 3, "a row needs room for [CLS], a token and [SEP]");
+    let mut pieces = Vec::new();
+    let mut room = max_len as u64;
+    while room >= 3 {
+        let Some(n) = doc_len(at.document) else { break };
+        assert!(at.offset <= n, "the cursor is past the document's end");
+        if at.offset == n {
+            at = Cursor { document: at.document + 1, offset: 0 };
+            continue;
+        }
+        let len = (n - at.offset).min(room - 2);
+        pieces.push(Piece { document: at.document, start: at.offset, len });
+        room -= len + 2;
+        at.offset += len;
+        if at.offset == n {
+            at = Cursor { document: at.document + 1, offset: 0 };
+        }
+        if one_per_row {
+            break;
+        }
+    }
+    (!pieces.is_empty()).then_some((pieces, at))
 }
 
 /// One packed row.
@@ -36,6 +82,30 @@ pub struct Row {
 }
 
 impl Row {
+    /// The row of `segments` (each a piece's ids and word starts), each wrapped in `cls` .. `sep`.
+    pub fn build<'a>(segments: impl IntoIterator<Item = (&'a [u32], &'a [bool])>, cls: u32, sep: u32) -> Row {
+        let mut r = Row::default();
+        for (segment, (ids, words)) in (1..).zip(segments) {
+            assert_eq!(ids.len(), words.len(), "one word flag per token");
+            let n = ids.len();
+            r.ids.push(cls);
+            r.ids.extend_from_slice(ids);
+            r.ids.push(sep);
+            r.positions.extend(0..n as u32 + 2);
+            r.segments.extend(std::iter::repeat_n(segment, n + 2));
+            r.special.push(true);
+            r.special.extend(std::iter::repeat_n(false, n));
+            r.special.push(true);
+            r.word_start.push(true);
+            if n > 0 {
+                r.word_start.push(true); // a segment's first token starts a word even mid-word
+                r.word_start.extend_from_slice(&words[1..]);
+            }
+            r.word_start.push(true);
+        }
+        r
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -45,74 +115,124 @@ impl Row {
     }
 }
 
-/// Packs documents into rows; see the module documentation.
-#[derive(Clone, Debug)]
-pub struct Packer {
-    max_len: usize,
-    cls: u32,
-    sep: u32,
-    row: Row,
-    cursor: Cursor,
+/// Packs documents held in memory (`(ids, word starts)` each) into rows.
+pub fn pack(max_len: usize, one_per_row: bool, docs: &[(&[u32], &[bool])], cls: u32, sep: u32) -> Vec<Row> {
+    let doc_len = |d: u64| docs.get(d as usize).map(|(ids, _)| ids.len() as u64);
+    let mut rows = Vec::new();
+    let mut at = Cursor::default();
+    while let Some((pieces, next)) = next_row(max_len, one_per_row, at, doc_len) {
+        let segments = pieces.iter().map(|p| {
+            let (ids, words) = docs[p.document as usize];
+            let r = p.start as usize..(p.start + p.len) as usize;
+            (&ids[r.clone()], &words[r])
+        });
+        rows.push(Row::build(segments, cls, sep));
+        at = next;
+    }
+    rows
 }
 
-impl Packer {
-    /// A packer for rows of `max_len` (at least 3) tokens, starting at `cursor`.
-    pub fn new(max_len: usize, cls: u32, sep: u32, cursor: Cursor) -> Self {
-        assert!(max_len >= 3, "a row needs room for [CLS], a token and [SEP]");
-        Packer { max_len, cls, sep, row: Row::default(), cursor }
-    }
+/// Every [`STRIDE`]-th row's start, so that any row is found by packing at most `STRIDE - 1` rows
+/// of lengths from the nearest: 1 MiB of index per 4M rows (0.5G tokens of 128-token rows).
+pub const STRIDE: u64 = 64;
 
-    /// Where the next row starts when no row is being filled.
-    pub fn cursor(&self) -> Cursor {
-        self.cursor
-    }
+/// A corpus's rows, numbered: the start of every [`STRIDE`]-th, built from the document lengths.
+#[derive(Clone, Debug)]
+pub struct RowIndex {
+    max_len: usize,
+    one_per_row: bool,
+    starts: Vec<Cursor>,
+    rows: u64,
+}
 
-    /// Packs document `cursor().document` (`ids` with its word starts) from `cursor().offset` on,
-    /// calling `emit(row, cursor after it)` for each row it completes. Empty documents are
-    /// skipped.
-    pub fn push(&mut self, ids: &[u32], word_start: &[bool], mut emit: impl FnMut(Row, Cursor)) {
-        assert_eq!(ids.len(), word_start.len(), "one word flag per token");
-        let mut at = self.cursor.offset as usize;
-        assert!(at <= ids.len(), "the cursor is past the document's end");
-        while at < ids.len() {
-            let room = self.max_len - self.row.len();
-            if room < 3 {
-                self.flush(&mut emit);
-                continue;
+impl RowIndex {
+    pub fn build(max_len: usize, one_per_row: bool, doc_len: impl Fn(u64) -> Option<u64>) -> RowIndex {
+        let (mut starts, mut rows, mut at) = (Vec::new(), 0u64, Cursor::default());
+        while let Some((_, next)) = next_row(max_len, one_per_row, at, &doc_len) {
+            if rows.is_multiple_of(STRIDE) {
+                starts.push(at);
             }
-            let take = (ids.len() - at).min(room - 2);
-            let segment = self.row.segments.last().map_or(1, |s| s + 1);
-            let r = &mut self.row;
-            r.ids.push(self.cls);
-            r.ids.extend_from_slice(&ids[at..at + take]);
-            r.ids.push(self.sep);
-            r.positions.extend(0..take as u32 + 2);
-            r.segments.extend(std::iter::repeat_n(segment, take + 2));
-            r.special.push(true);
-            r.special.extend(std::iter::repeat_n(false, take));
-            r.special.push(true);
-            r.word_start.push(true);
-            r.word_start.push(true); // a segment's first token starts a word even mid-word
-            r.word_start.extend_from_slice(&word_start[at + 1..at + take]);
-            r.word_start.push(true);
-            at += take;
-            self.cursor.offset = at as u64;
+            rows += 1;
+            at = next;
         }
-        self.cursor = Cursor { document: self.cursor.document + 1, offset: 0 };
-        if self.max_len - self.row.len() < 3 {
-            self.flush(&mut emit);
-        }
+        RowIndex { max_len, one_per_row, starts, rows }
     }
 
-    /// Emits the row being filled, if any (the end of the stream).
-    pub fn finish(&mut self, mut emit: impl FnMut(Row, Cursor)) {
-        self.flush(&mut emit);
+    pub fn rows(&self) -> u64 {
+        self.rows
     }
 
-    fn flush(&mut self, emit: &mut impl FnMut(Row, Cursor)) {
-        if !self.row.is_empty() {
-            emit(std::mem::take(&mut self.row), self.cursor);
+    /// Row `r`'s pieces.
+    pub fn pieces(&self, r: u64, doc_len: impl Fn(u64) -> Option<u64>) -> Vec<Piece> {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        let mut at = self.starts[(r / STRIDE) as usize];
+        for _ in 0..r % STRIDE {
+            at = next_row(self.max_len, self.one_per_row, at, &doc_len).expect("indexed").1;
         }
+        next_row(self.max_len, self.one_per_row, at, &doc_len).expect("indexed").0
+    }
+}
+
+/// A preprocessed corpus read as numbered rows: what a pretraining job trains and evaluates on.
+pub struct CorpusRows {
+    reader: CorpusReader,
+    index: RowIndex,
+}
+
+impl CorpusRows {
+    /// Opens the corpus in `dir` (see [`CorpusReader::open`]) and numbers its rows.
+    pub fn open(
+        dir: &Path,
+        tokenizer: Option<(&[u8; 32], &Path)>,
+        max_len: usize,
+        one_per_row: bool,
+    ) -> Result<CorpusRows, ShardError> {
+        let reader = CorpusReader::open(dir, tokenizer)?;
+        let index = RowIndex::build(max_len, one_per_row, |d| reader.doc_len(d));
+        Ok(CorpusRows { reader, index })
+    }
+
+    pub fn reader(&self) -> &CorpusReader {
+        &self.reader
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.index.rows()
+    }
+
+    /// Row `r`'s segments: each piece's ids and word starts, without `[CLS]` and `[SEP]`.
+    pub fn segments(&self, r: u64) -> Vec<(Vec<u32>, Vec<bool>)> {
+        let pieces = self.index.pieces(r, |d| self.reader.doc_len(d));
+        pieces.iter().map(|p| self.reader.piece(p.document, p.start..p.start + p.len)).collect()
+    }
+}
+
+/// A pretraining job's corpora: `data.train`, and `data.dev` / `data.test` where set, as rows of
+/// `model.max_seq_len` (`mlm.pack` chooses packed rows or one document a row).
+pub struct Corpora {
+    pub train: CorpusRows,
+    pub dev: Option<CorpusRows>,
+    pub test: Option<CorpusRows>,
+}
+
+impl Corpora {
+    /// Opens the job's corpora, all written by `tokenizer` where it is given (a worker), else by
+    /// the tokenizer that wrote the training corpus (the coordinator).
+    pub fn open(job: &crate::config::JobConfig, tokenizer: Option<(&[u8; 32], &Path)>) -> Result<Corpora, ShardError> {
+        let (max_len, one_per_row) = (job.model.max_seq_len, !job.mlm.pack);
+        let train = CorpusRows::open(&job.data.train, tokenizer, max_len, one_per_row)?;
+        let hash = train.reader.tokenizer_hash();
+        let named = job.data.train.join(crate::tokens::MANIFEST);
+        let same = Some((&hash, named.as_path()));
+        let open = |dir: &Option<std::path::PathBuf>| {
+            dir.as_ref().map(|d| CorpusRows::open(d, same, max_len, one_per_row)).transpose()
+        };
+        let (dev, test) = (open(&job.data.dev)?, open(&job.data.test)?);
+        if train.rows() == 0 {
+            let msg = "holds no tokens: nothing to train on".into();
+            return Err(ShardError { path: job.data.train.clone(), msg });
+        }
+        Ok(Corpora { train, dev, test })
     }
 }
 
@@ -124,33 +244,30 @@ mod tests {
     const SEP: u32 = 102;
 
     /// Documents of assorted lengths, the long ones longer than a row; ids say (document, index).
-    fn docs() -> Vec<Vec<u32>> {
-        [5usize, 1, 40, 0, 13, 90, 2, 29, 30, 31, 7]
+    fn docs() -> Vec<(Vec<u32>, Vec<bool>)> {
+        [5usize, 1, 40, 0, 13, 90, 2, 29, 30, 31, 7, 0]
             .iter()
             .enumerate()
-            .map(|(d, &n)| (0..n as u32).map(|i| 1000 * (d as u32 + 1) + i).collect())
+            .map(|(d, &n)| {
+                ((0..n as u32).map(|i| 1000 * (d as u32 + 1) + i).collect(), (0..n).map(|i| i % 3 == 0).collect())
+            })
             .collect()
     }
 
-    fn pack(max_len: usize, docs: &[Vec<u32>], from: Cursor) -> Vec<(Row, Cursor)> {
-        let mut p = Packer::new(max_len, CLS, SEP, from);
-        let mut rows = Vec::new();
-        for d in &docs[from.document as usize..] {
-            let words: Vec<bool> = (0..d.len()).map(|i| i % 3 == 0).collect();
-            p.push(d, &words, |r, c| rows.push((r, c)));
-        }
-        p.finish(|r, c| rows.push((r, c)));
-        rows
+    fn rows_of(max_len: usize, one_per_row: bool) -> Vec<Row> {
+        let docs = docs();
+        let refs: Vec<(&[u32], &[bool])> = docs.iter().map(|(i, w)| (&i[..], &w[..])).collect();
+        pack(max_len, one_per_row, &refs, CLS, SEP)
     }
 
     #[test]
     fn rows_hold_every_token_once_in_order_as_segments_of_their_own() {
-        for max_len in [3, 4, 16, 32, 64] {
-            let rows = pack(max_len, &docs(), Cursor::default());
+        for (max_len, one_per_row) in [3, 4, 16, 32, 64].into_iter().flat_map(|m| [(m, false), (m, true)]) {
+            let rows = rows_of(max_len, one_per_row);
             let mut seen = Vec::new();
-            for (k, (r, _)) in rows.iter().enumerate() {
+            for (k, r) in rows.iter().enumerate() {
                 assert!(r.len() <= max_len);
-                if k + 1 < rows.len() {
+                if k + 1 < rows.len() && !one_per_row {
                     assert!(r.len() + 2 >= max_len, "max_len {max_len}: row {k} of {} left room", r.len());
                 }
                 let n = r.len();
@@ -163,6 +280,7 @@ mod tests {
                     if starts {
                         assert_eq!(r.ids[t], CLS);
                         assert_eq!(r.segments[t], if t == 0 { 1 } else { r.segments[t - 1] + 1 });
+                        assert!(r.word_start[t] && r.word_start[t + 1], "a segment starts a word");
                     }
                     let ends = t + 1 == n || r.segments[t + 1] != r.segments[t];
                     assert_eq!(r.special[t], starts || ends);
@@ -173,21 +291,33 @@ mod tests {
                         seen.push(r.ids[t]);
                     }
                 }
+                if one_per_row {
+                    assert!(r.segments.iter().all(|&s| s == 1), "one segment a row");
+                }
             }
-            assert_eq!(seen, docs().concat(), "max_len {max_len}");
+            let all: Vec<u32> = docs().into_iter().flat_map(|(ids, _)| ids).collect();
+            assert_eq!(seen, all, "max_len {max_len}");
         }
     }
 
     #[test]
-    fn a_cursor_resumes_at_the_exact_row() {
-        let all = pack(16, &docs(), Cursor::default());
-        for k in 0..all.len() - 1 {
-            let resumed = pack(16, &docs(), all[k].1);
-            assert_eq!(
-                resumed.iter().map(|r| &r.0).collect::<Vec<_>>(),
-                all[k + 1..].iter().map(|r| &r.0).collect::<Vec<_>>(),
-                "from row {k}"
-            );
+    fn the_index_finds_every_row_by_itself() {
+        let docs = docs();
+        let doc_len = |d: u64| docs.get(d as usize).map(|(ids, _)| ids.len() as u64);
+        for (max_len, one_per_row) in [(3, false), (16, false), (16, true), (40, false)] {
+            let rows = rows_of(max_len, one_per_row);
+            let index = RowIndex::build(max_len, one_per_row, doc_len);
+            assert_eq!(index.rows(), rows.len() as u64);
+            for (r, row) in rows.iter().enumerate() {
+                let pieces = index.pieces(r as u64, doc_len);
+                let segments = pieces.iter().map(|p| {
+                    let (ids, words) = &docs[p.document as usize];
+                    let s = p.start as usize..(p.start + p.len) as usize;
+                    (&ids[s.clone()], &words[s])
+                });
+                assert_eq!(&Row::build(segments, CLS, SEP), row, "row {r} of max_len {max_len}");
+            }
         }
+        assert!(rows_of(3, false).len() as u64 > 2 * STRIDE, "the index's stride is crossed");
     }
 }

@@ -52,12 +52,14 @@ pub struct CorpusReader {
     shards: Vec<TokenShard>,
     /// The first document of each shard, and the total at the end.
     firsts: Vec<u64>,
+    tokenizer: [u8; 32],
 }
 
 impl CorpusReader {
-    /// Opens the corpus in `dir` for a model whose tokenizer (`tokenizer`, for the message)
-    /// hashes to `hash`.
-    pub fn open(dir: &Path, hash: &[u8; 32], tokenizer: &Path) -> Result<Self, ShardError> {
+    /// Opens the corpus in `dir`. With `tokenizer` (its content hash, and its path for the
+    /// message), every shard must have been written by that tokenizer; without, by the one
+    /// `corpus.json` names (a reader with no tokenizer of its own: the coordinator).
+    pub fn open(dir: &Path, tokenizer: Option<(&[u8; 32], &Path)>) -> Result<Self, ShardError> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| err(&path, format!("{e} (an incomplete or missing preprocessing output)")))?;
@@ -65,13 +67,17 @@ impl CorpusReader {
         if corpus.format != VERSION {
             return Err(err(&path, format!("format version {}, this build reads {VERSION}", corpus.format)));
         }
+        let own = hex32(&corpus.tokenizer_sha256).ok_or_else(|| {
+            err(&path, format!("tokenizer_sha256 {:?} is not 64 hex digits", corpus.tokenizer_sha256))
+        })?;
+        let (hash, named) = tokenizer.unwrap_or((&own, &path));
         let (mut shards, mut firsts) = (Vec::new(), vec![0u64]);
         for s in &corpus.shards {
             if s.file.contains(['/', '\\']) || s.file == ".." {
                 return Err(err(&path, format!("names the shard {:?}, not a file beside it", s.file)));
             }
             let shard = TokenShard::open(&dir.join(&s.file))?;
-            shard.check_tokenizer(hash, tokenizer)?;
+            shard.check_tokenizer(hash, named)?;
             let h = shard.header();
             if (h.documents, h.tokens) != (s.documents, s.tokens) {
                 return Err(err(
@@ -85,21 +91,57 @@ impl CorpusReader {
             firsts.push(firsts.last().expect("starts at 0") + h.documents);
             shards.push(shard);
         }
-        Ok(CorpusReader { shards, firsts })
+        Ok(CorpusReader { shards, firsts, tokenizer: own })
     }
 
     pub fn documents(&self) -> u64 {
         *self.firsts.last().expect("starts at 0")
     }
 
+    /// The content hash of the tokenizer that wrote the corpus.
+    pub fn tokenizer_hash(&self) -> [u8; 32] {
+        self.tokenizer
+    }
+
+    fn locate(&self, d: u64) -> (&TokenShard, u64) {
+        let s = self.firsts.partition_point(|&f| f <= d) - 1;
+        (&self.shards[s], d - self.firsts[s])
+    }
+
+    /// Document `d`'s length in tokens; `None` past the last document.
+    pub fn doc_len(&self, d: u64) -> Option<u64> {
+        (d < self.documents()).then(|| {
+            let (shard, k) = self.locate(d);
+            let r = shard.document(k);
+            r.end - r.start
+        })
+    }
+
     /// Document `d` (counted over the whole corpus): its ids and word starts.
     pub fn document(&self, d: u64) -> (Vec<u32>, Vec<bool>) {
+        self.piece(d, 0..self.doc_len(d).unwrap_or(0))
+    }
+
+    /// Tokens `range` of document `d`: their ids and word starts.
+    pub fn piece(&self, d: u64, range: Range<u64>) -> (Vec<u32>, Vec<bool>) {
         assert!(d < self.documents(), "document {d} of {}", self.documents());
-        let s = self.firsts.partition_point(|&f| f <= d) - 1;
-        let shard = &self.shards[s];
-        let r = shard.document(d - self.firsts[s]);
+        let (shard, k) = self.locate(d);
+        let doc = shard.document(k);
+        assert!(range.end <= doc.end - doc.start, "tokens {range:?} of a document of {}", doc.end - doc.start);
+        let r = doc.start + range.start..doc.start + range.end;
         (r.clone().map(|t| shard.id(t)).collect(), r.map(|t| shard.word_start(t)).collect())
     }
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 pub const MAGIC: [u8; 8] = *b"TANDEMTK";

@@ -182,17 +182,14 @@ fn a_packed_row_computes_each_document_as_its_own_row() {
 #[test]
 fn a_packed_document_trains_as_it_would_alone() {
     use job::mlm::{mask_row, MaskSpec, Masked, IGNORE};
-    use job::pack::{Cursor, Packer, Row};
+    use job::pack::{pack, Row};
     use worker::tokenize::collate_rows;
     let (mut m, _) = checkpoint::load(&fixtures().join("tiny-cls"), Head::MaskedLm, 3).unwrap();
     let (a, b): (Vec<u32>, Vec<u32>) = ((0..9).map(|j| 7 + j * 11).collect(), (0..6).map(|j| 9 + j * 13).collect());
     let pack = |docs: &[&Vec<u32>]| -> Row {
-        let mut p = Packer::new(32, 2, 3, Cursor::default());
-        let mut rows = Vec::new();
-        for d in docs {
-            p.push(d, &vec![true; d.len()], |r, _| rows.push(r));
-        }
-        p.finish(|r, _| rows.push(r));
+        let words = [true; 32];
+        let refs: Vec<(&[u32], &[bool])> = docs.iter().map(|d| (&d[..], &words[..d.len()])).collect();
+        let mut rows = pack(32, false, &refs, 2, 3);
         assert_eq!(rows.len(), 1);
         rows.remove(0)
     };

@@ -6,7 +6,7 @@
 
 use crate::support::fixtures;
 use job::mlm::{mask_row, MaskSpec};
-use job::pack::{Cursor, Packer, Row};
+use job::pack::{pack, Row};
 use kernels::tolerance::norm_diff;
 use std::net::TcpListener;
 use std::time::Duration;
@@ -22,13 +22,11 @@ use worker::tokenize::collate_rows;
 /// (a handful of masked tokens in all), the others full 32-token rows (hundreds).
 fn rows(rank: usize, first: u64) -> (Vec<Row>, Vec<u32>) {
     let len = if rank == 0 { 2 } else { 30 };
-    let mut p = Packer::new(len + 2, 2, 3, Cursor::default());
-    let mut out = Vec::new();
-    for d in 0..12u32 {
-        let doc: Vec<u32> = (0..len as u32).map(|i| 5 + (d * 31 + i * 7 + rank as u32 * 13) % 240).collect();
-        p.push(&doc, &vec![true; doc.len()], |r, _| out.push(r));
-    }
-    p.finish(|r, _| out.push(r));
+    let docs: Vec<Vec<u32>> =
+        (0..12u32).map(|d| (0..len as u32).map(|i| 5 + (d * 31 + i * 7 + rank as u32 * 13) % 240).collect()).collect();
+    let words = vec![true; len];
+    let refs: Vec<(&[u32], &[bool])> = docs.iter().map(|d| (&d[..], &words[..])).collect();
+    let out = pack(len + 2, false, &refs, 2, 3);
     let ids = (0..out.len() as u32).map(|k| first as u32 + k).collect();
     (out, ids)
 }
@@ -144,5 +142,173 @@ fn masked_lm_on_uneven_masks_two_and_three_workers_equal_one() {
         // A mean of the ranks' means weighs rank 0's few tokens far more: the test tells it apart.
         let (biased, _) = train(parts, 2, true);
         assert!(norm_diff(&one, &biased) > 1e-4, "world {world}: a mean of means passed");
+    }
+}
+
+/// A pretraining job end to end, as a user runs it: a generated corpus preprocessed by the real
+/// `worker preprocess` (a training corpus and a held-out one), then `train.task = "mlm"` through
+/// the one training loop: single-process `worker train` and `coordinator --spawn-local` with 1
+/// and 2 workers (the coordinator reading the memory-mapped shards and streaming rows) on the
+/// same global batch, the rows packed from many documents, dynamic masks per epoch, dropout on,
+/// a checkpoint every 4 steps and the held-out corpus evaluated at each (exact counts over the
+/// ranks); then a run resumed from step 4 in a fresh directory.
+mod job_end_to_end {
+    use crate::distributed::{assert_bits_eq, checkpoint_steps, coordinator, loss_by_step, params, run_ok, scratch};
+    use crate::support::fixtures;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// Words of one token each in the fixture's vocabulary.
+    const WORDS: [&str; 12] =
+        ["good", "bad", "film", "movie", "funny", "story", "great", "best", "fun", "the", "a", "is"];
+
+    /// Documents of `lengths` tokens, one per line: one-token words, and "dull", which the
+    /// fixture's WordPiece splits into 4 pieces (d ##u ##l ##l: whole-word masking takes them
+    /// together).
+    fn corpus(dir: &Path, name: &str, lengths: &[usize], salt: usize) -> PathBuf {
+        let text: String = (0..lengths.len())
+            .map(|i| {
+                let (mut words, mut left) = (Vec::new(), lengths[i]);
+                for k in 0.. {
+                    if left == 0 {
+                        break;
+                    }
+                    if left >= 4 && (i + k) % 4 == 0 {
+                        words.push("dull");
+                        left -= 4;
+                    } else {
+                        words.push(WORDS[(i * 7 + k * k * 3 + salt) % WORDS.len()]);
+                        left -= 1;
+                    }
+                }
+                words.join(" ") + "\n"
+            })
+            .collect();
+        let (txt, out) = (dir.join(format!("{name}.txt")), dir.join(name));
+        std::fs::write(&txt, text).unwrap();
+        let o = Command::new(crate::distributed::bin("worker"))
+            .arg("preprocess")
+            .arg(&txt)
+            .arg("--tokenizer")
+            .arg(fixtures().join("tiny-cls/tokenizer.json"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--no-progress")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    }
+
+    /// The tiny fixture (no masked-LM head: it starts freshly initialised, the decoder tied to the
+    /// word embeddings), with dropout 0.1.
+    fn model(dir: &Path) -> PathBuf {
+        let m = dir.join("model-in");
+        std::fs::create_dir_all(&m).unwrap();
+        for f in ["model.safetensors", "tokenizer.json"] {
+            std::fs::copy(fixtures().join("tiny-cls").join(f), m.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-cls/config.json")).unwrap()).unwrap();
+        cfg["hidden_dropout_prob"] = 0.1.into();
+        cfg["attention_probs_dropout_prob"] = 0.1.into();
+        std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+        m
+    }
+
+    fn job(dir: &Path) -> PathBuf {
+        // Documents that fill rows of 32 exactly, four rows at a time (one document of 30 tokens,
+        // two of 14, four of 6, one of 9 and one of 19, each with its [CLS] and [SEP]): 48 rows,
+        // 6 steps of 8 an epoch, so that every world size takes the same global batches (with
+        // a partial last step a world of 2 would pad it with a repeated row, as
+        // DistributedSampler does). Long documents are split across rows.
+        let train: Vec<usize> = [30, 14, 14, 6, 6, 6, 6, 9, 19].repeat(12);
+        let dev: Vec<usize> = (0..40).map(|i| 2 + i * 13 % 60).collect();
+        let (train, dev, model) = (corpus(dir, "train", &train, 0), corpus(dir, "dev", &dev, 5), model(dir));
+        let p = dir.join("job.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[model]\npath = {model:?}\nmax_seq_len = 32\n[data]\ntrain = {train:?}\ndev = {dev:?}\n\
+                 [train]\ntask = \"mlm\"\nseed = 3\nepochs = 20\nmax_steps = 12\nbatch_size = 8\nlr = 2e-3\n\
+                 warmup_ratio = 0.0\n[mlm]\nwhole_word = true\n\
+                 [checkpoint]\nevery = 4\nkeep_last = 100\nbest_metric = \"dev/loss\"\n"
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    fn rows_of(cfg: &Path) -> u64 {
+        let job = job::config::JobConfig::load(Some(cfg), &[]).unwrap();
+        job::pack::Corpora::open(&job, None).unwrap().train.rows()
+    }
+
+    #[test]
+    fn pretraining_trains_n_workers_equal_one_and_a_resumed_run_is_bit_identical() {
+        let dir = scratch("mlm-job");
+        let cfg = job(&dir);
+        let rows = rows_of(&cfg);
+        // Two epochs of packed rows in 12 steps of 8: the masks are redrawn in the second.
+        assert_eq!(rows, 48);
+
+        let single = dir.join("single");
+        let (stdout, _) = run_ok({
+            let mut c = Command::new(crate::distributed::bin("worker"));
+            c.args(["train", "--config", cfg.to_str().unwrap(), "--no-progress"])
+                .args(["--set", &format!("output.dir={}", single.display())]);
+            c
+        });
+        assert!(stdout.contains("trained 12 steps") && stdout.contains("perplexity"), "{stdout}");
+        let want = params(&single.join("model"));
+        let curve = loss_by_step(&single);
+        assert_eq!(curve.len(), 12);
+        assert!(curve.values().all(|l| l.is_finite() && *l > 0.0));
+        let first: f64 = curve.range(..=3).map(|(_, l)| l).sum();
+        let last: f64 = curve.range(10..).map(|(_, l)| l).sum();
+        assert!(last < first, "the masked-LM loss went down: {curve:?}");
+        // The published model is a BertForMaskedLM with its head.
+        let config = std::fs::read_to_string(single.join("model/config.json")).unwrap();
+        assert!(config.contains("BertForMaskedLM"), "{config}");
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(single.join("metrics.json")).unwrap()).unwrap();
+        assert!(metrics["dev"]["perplexity"].as_f64().is_some_and(|p| p > 1.0), "{metrics}");
+
+        // One worker through the coordinator: the same bits; two: the same parameters to 1e-5.
+        let one = dir.join("w1");
+        run_ok(coordinator(&cfg, 1, &one));
+        assert_bits_eq(&params(&one.join("model")), &want, "one worker through the coordinator vs worker train");
+        assert_eq!(loss_by_step(&one), curve);
+        let two = dir.join("w2");
+        let (stdout, _) = run_ok(coordinator(&cfg, 2, &two));
+        assert!(stdout.contains("dev") && stdout.contains("perplexity"), "{stdout}");
+        let got = params(&two.join("model"));
+        let d = crate::distributed::norm_diff(&want, &got);
+        println!("masked-LM job: 2 workers vs worker train: parameters {d:.2e}");
+        assert!(d < 1e-5, "2 workers: relative difference {d}");
+        // The held-out evaluation, counted over two shards, equals one worker's.
+        let eval = |out: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
+        };
+        let (m1, m2) = (eval(&one), eval(&two));
+        assert_eq!(m1["dev"]["examples"], m2["dev"]["examples"], "the same masked tokens counted");
+        let rel = (m1["dev"]["loss"].as_f64().unwrap() - m2["dev"]["loss"].as_f64().unwrap()).abs();
+        assert!(rel < 1e-4, "dev loss {} vs {}", m1["dev"]["loss"], m2["dev"]["loss"]);
+
+        // Resumed from step 4 in a fresh directory: the same bits as the uninterrupted 2 workers.
+        let resumed = dir.join("resumed");
+        let step = resumed.join("checkpoints/step-00000004");
+        std::fs::create_dir_all(&step).unwrap();
+        for f in std::fs::read_dir(two.join("checkpoints/step-00000004")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), step.join(f.file_name())).unwrap();
+        }
+        let (_, err) = run_ok(coordinator(&cfg, 2, &resumed));
+        assert!(err.contains("resuming") && err.contains("step-00000004"), "{err}");
+        assert_eq!(checkpoint_steps(&resumed), vec![4, 8, 12]);
+        assert_bits_eq(&params(&resumed.join("model")), &got, "the resumed run vs the uninterrupted run");
+        let tail: std::collections::BTreeMap<u64, f64> = loss_by_step(&two).range(5..).map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(loss_by_step(&resumed), tail, "steps 5..=12, bit for bit");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -16,15 +16,17 @@ use crate::checkpoint;
 use crate::collective::{Collective, CollectiveError, Overlapped, Ring, RingHandle, RingOptions};
 use crate::engine::{self, Compute, Engine, Peers};
 use crate::tokenize::TextEncoder;
-use crate::train::{CheckpointAt, EvalSplit, Example, JobIo, Resume, RunInfo, Split};
+use crate::train::{CheckpointAt, EvalSplit, Example, Item, JobIo, Resume, RunInfo, Split};
 use anyhow::Context;
 use job::config::{ElasticSection, JobConfig};
+use job::eval::Counts;
+use job::mlm::MaskSpec;
 use job::progress::StepRecord;
 use proto::auth::ClientAuth;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{
     beat_reply, checkpoint_part::Part, Beat, CheckpointHeader, CheckpointPart, ChecksumReport, EvalReport, EvalResult,
-    FetchCheckpointRequest, FileChunk, FinishRequest, GetJobRequest, JoinRequest, Progress, ShardRequest,
+    ExampleBatch, FetchCheckpointRequest, FileChunk, FinishRequest, GetJobRequest, JoinRequest, Progress, ShardRequest,
     Split as WireSplit,
 };
 use std::net::{SocketAddr, TcpListener};
@@ -90,24 +92,51 @@ async fn connect(
     }
 }
 
-/// This rank's shard of an evaluation split, tokenized, with each example's dataset index.
+/// A streamed batch's examples, ready for the model: texts tokenized, corpus rows wrapped in
+/// `[CLS]` .. `[SEP]`.
+fn examples_of(batch: ExampleBatch, enc: &TextEncoder) -> anyhow::Result<Vec<Example>> {
+    let index = |i: u64| u32::try_from(i).context("example index beyond 2^32");
+    let mut out = Vec::with_capacity(batch.examples.len() + batch.rows.len());
+    for e in batch.examples {
+        let encoded = enc.encode(&e.text, e.text_pair.as_deref())?;
+        out.push(Example { index: index(e.index)?, item: Item::Text { encoded, label: e.label } });
+    }
+    for r in batch.rows {
+        let n: usize = r.segments.iter().map(|&l| l as usize).sum();
+        anyhow::ensure!(
+            n == r.ids.len() && r.word_starts.len() == n.div_ceil(8),
+            "row {}: segments of {n} tokens, {} ids and {} bytes of word starts",
+            r.index,
+            r.ids.len(),
+            r.word_starts.len()
+        );
+        let words: Vec<bool> = (0..n).map(|t| r.word_starts[t / 8] >> (t % 8) & 1 == 1).collect();
+        let mut at = 0;
+        let segments = r.segments.iter().map(|&l| {
+            let s = at..at + l as usize;
+            at += l as usize;
+            (&r.ids[s.clone()], &words[s])
+        });
+        let row = enc.row(segments)?;
+        out.push(Example { index: index(r.index)?, item: Item::Row(row) });
+    }
+    Ok(out)
+}
+
+/// This rank's shard of an evaluation split, ready for the model.
 async fn fetch_shard(
     client: &mut Client,
     (rank, generation): (u32, u64),
     split: WireSplit,
     enc: &TextEncoder,
-) -> anyhow::Result<(Vec<u32>, Split)> {
+) -> anyhow::Result<Split> {
     let req = ShardRequest { rank, split: split as i32, epoch: 0, start: 0, generation };
     let mut stream = client.stream_shard(req).await?.into_inner();
-    let (mut ids, mut examples, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    let mut examples = Vec::new();
     while let Some(batch) = stream.message().await? {
-        for e in batch.examples {
-            ids.push(u32::try_from(e.index).context("example index beyond 2^32")?);
-            examples.push(enc.encode(&e.text, e.text_pair.as_deref())?);
-            labels.push(e.label);
-        }
+        examples.extend(examples_of(batch, enc)?);
     }
-    Ok((ids, Split { path: split.as_str_name().into(), examples, labels }))
+    Ok(Split { path: split.as_str_name().into(), examples })
 }
 
 /// What the data feed sends: the examples of an epoch in shard order, then the epoch's end.
@@ -134,11 +163,8 @@ fn spawn_feed(
                 let req = ShardRequest { rank, split: WireSplit::Train as i32, epoch, start, generation };
                 let mut stream = client.stream_shard(req).await?.into_inner();
                 while let Some(batch) = stream.message().await? {
-                    for e in batch.examples {
-                        let index = u32::try_from(e.index).context("example index beyond 2^32")?;
-                        let encoded = enc.encode(&e.text, e.text_pair.as_deref())?;
-                        let fed = Feed::Example(Example { index, encoded, label: e.label });
-                        if tx.send(Ok(fed)).await.is_err() {
+                    for e in examples_of(batch, &enc)? {
+                        if tx.send(Ok(Feed::Example(e))).await.is_err() {
                             return Ok(()); // training is over
                         }
                     }
@@ -166,23 +192,21 @@ fn evaluate(
     g: &Gen,
     client: &mut Client,
     engine: &mut dyn Engine,
-    enc: &TextEncoder,
+    (enc, mask): (&TextEncoder, Option<&MaskSpec>),
     split: WireSplit,
     step: u64,
     batch_size: usize,
 ) -> anyhow::Result<EvalResult> {
     g.phase(&format!("evaluating {}", split.as_str_name().to_lowercase()));
-    let (_, shard) = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, enc))?;
-    let counts = crate::train::count_split(engine, &shard, batch_size, enc.pad_id)?;
-    let report = EvalReport {
-        rank: g.rank as u32,
-        split: split as i32,
-        step,
-        classes: counts.classes as u32,
-        confusion: counts.confusion,
-        loss_sum: counts.loss_sum,
-        generation: g.generation,
-    };
+    let shard = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, enc))?;
+    let mut report =
+        EvalReport { rank: g.rank as u32, split: split as i32, step, generation: g.generation, ..Default::default() };
+    match crate::train::count_split(engine, &shard, batch_size, mask, enc.pad_id)? {
+        Counts::Classes(c) => {
+            (report.classes, report.confusion, report.loss_sum) = (c.classes as u32, c.confusion, c.loss_sum);
+        }
+        Counts::Tokens(c) => (report.tokens, report.correct, report.loss_sum) = (c.tokens, c.correct, c.loss_sum),
+    }
     let m = g
         .wait(async { Ok(client.report_eval(report).await?) })
         .with_context(|| format!("reporting the evaluation of {} at step {step}", split.as_str_name()))?
@@ -193,6 +217,7 @@ fn evaluate(
             split = split.as_str_name(),
             accuracy = m.accuracy,
             macro_f1 = m.macro_f1,
+            perplexity = m.perplexity,
             loss = m.loss,
             "evaluation"
         );
@@ -713,12 +738,20 @@ fn train_generation(
     let t = &job.train;
     crate::kernel_threads(t.threads);
     let enc = Arc::new(TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?);
+    if !reply.corpus_tokenizer.is_empty() && reply.corpus_tokenizer != enc.content_hash() {
+        anyhow::bail!(
+            "the corpus {} was preprocessed with another tokenizer than {} (its vocabulary or normalisation differ)",
+            job.data.train.display(),
+            job.tokenizer_path().display()
+        );
+    }
     let info = RunInfo {
         rank: g.rank,
         world: reply.world_size as usize,
         train_examples: reply.train_examples as usize,
         labels: reply.labels.clone(),
         pad_id: enc.pad_id,
+        mask: crate::train::mask_spec(job, &enc)?,
         has_dev: job.data.dev.is_some(),
         has_test: job.data.test.is_some(),
     };
@@ -924,7 +957,8 @@ impl JobIo for RankIo<'_, '_> {
             EvalSplit::Dev => WireSplit::Dev,
             EvalSplit::Test => WireSplit::Test,
         };
-        evaluate(self.g, &mut self.client, engine, &self.enc, wire, step, self.job.train.eval_batch_size)?;
+        let how = (&*self.enc, self.info.mask.as_ref());
+        evaluate(self.g, &mut self.client, engine, how, wire, step, self.job.train.eval_batch_size)?;
         Ok(())
     }
 

@@ -7,11 +7,12 @@
 use crate::checkpoint;
 use crate::engine::{Device, Engine, Peers};
 use crate::tokenize::TextEncoder;
-use crate::train::{self, CheckpointAt, EvalSplit, Example, JobIo, Resume, RunInfo, Split};
+use crate::train::{self, CheckpointAt, EvalSplit, Example, Item, JobIo, Resume, RunInfo, Split};
 use anyhow::Context;
 use job::checkpoints::{self, Cursor, Manifest, Store};
-use job::config::JobConfig;
+use job::config::{JobConfig, Task};
 use job::eval::EvalMetrics;
+use job::pack::{Corpora, CorpusRows};
 use job::progress::{ProgressBoard, StepRecord, Summary};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ pub struct LocalIo<'a> {
     job: &'a JobConfig,
     info: RunInfo,
     enc: TextEncoder,
-    train: Split,
+    train: TrainData,
     dev: Option<Split>,
     test: Option<Split>,
     store: Store,
@@ -43,26 +44,40 @@ pub struct LocalIo<'a> {
 impl<'a> LocalIo<'a> {
     fn new(job: &'a JobConfig, progress: bool) -> anyhow::Result<Self> {
         let enc = TextEncoder::from_file(&job.tokenizer_path(), job.model.max_seq_len)?;
-        let data = job::data::load(job)?;
-        let train = train::tokenize_split(&job.data.train, &data.train, &enc)?;
-        let split = |path: &Option<PathBuf>, records: &Option<Vec<job::data::Record>>| match (path, records) {
-            (Some(p), Some(r)) => train::tokenize_split(p, r, &enc).map(Some),
-            _ => Ok(None),
+        let (train, dev, test, labels) = match job.train.task {
+            Task::Classification => {
+                let data = job::data::load(job)?;
+                let train = train::tokenize_split(&job.data.train, &data.train, &enc)?;
+                let split = |path: &Option<PathBuf>, records: &Option<Vec<job::data::Record>>| match (path, records) {
+                    (Some(p), Some(r)) => train::tokenize_split(p, r, &enc).map(Some),
+                    _ => Ok(None),
+                };
+                let (dev, test) = (split(&job.data.dev, &data.dev)?, split(&job.data.test, &data.test)?);
+                (TrainData::Texts(train), dev, test, data.labels.names)
+            }
+            Task::Mlm => {
+                let c = Corpora::open(job, Some((&enc.content_hash(), &job.tokenizer_path())))?;
+                let split = |rows: Option<CorpusRows>, path: &Option<PathBuf>| {
+                    rows.map(|r| all_rows(&r, &enc, path.clone().unwrap_or_default())).transpose()
+                };
+                let (dev, test) = (split(c.dev, &job.data.dev)?, split(c.test, &job.data.test)?);
+                (TrainData::Corpus(c.train), dev, test, Vec::new())
+            }
         };
-        let (dev, test) = (split(&job.data.dev, &data.dev)?, split(&job.data.test, &data.test)?);
         tracing::info!(
-            train = train.examples.len(),
+            train = train.len(),
             dev = dev.as_ref().map(|s| s.examples.len()),
             test = test.as_ref().map(|s| s.examples.len()),
-            labels = ?data.labels.names,
+            labels = ?labels,
             "data loaded"
         );
         let info = RunInfo {
             rank: 0,
             world: 1,
-            train_examples: train.examples.len(),
-            labels: data.labels.names.clone(),
+            train_examples: train.len(),
+            labels,
             pad_id: enc.pad_id,
+            mask: train::mask_spec(job, &enc)?,
             has_dev: dev.is_some(),
             has_test: test.is_some(),
         };
@@ -93,7 +108,7 @@ impl<'a> LocalIo<'a> {
 
     /// The epoch's order of the training set: the job's shard of a world of one.
     fn epoch_order(&self, epoch: u32) -> Vec<usize> {
-        job::shard::train_indices(self.train.examples.len(), 1, 0, self.job.train.seed, epoch, None)
+        job::shard::train_indices(self.train.len(), 1, 0, self.job.train.seed, epoch, None)
     }
 }
 
@@ -130,10 +145,7 @@ impl JobIo for LocalIo<'_> {
         let (_, order, at) = &mut self.order;
         let take = &order[*at..(*at + n).min(order.len())];
         *at += take.len();
-        Ok(take
-            .iter()
-            .map(|&i| Example { index: i as u32, encoded: self.train.examples[i].clone(), label: self.train.labels[i] })
-            .collect())
+        take.iter().map(|&i| self.train.example(i, &self.enc)).collect()
     }
 
     fn step_done(&mut self, _engine: &mut dyn Engine, rec: &StepRecord, total_steps: u64) -> anyhow::Result<()> {
@@ -150,15 +162,10 @@ impl JobIo for LocalIo<'_> {
             EvalSplit::Test => self.test.as_ref(),
         }
         .with_context(|| format!("the job has no {} split", split.name()))?;
-        let m = train::evaluate(engine, data, self.job.train.eval_batch_size, self.enc.pad_id)?;
-        let line = format!(
-            "step {step}: {} loss {:.4}  accuracy {:.4}  macro-F1 {:.4}  ({} examples)",
-            split.name(),
-            m.loss,
-            m.accuracy,
-            m.macro_f1,
-            m.examples
-        );
+        let (batch, mask) = (self.job.train.eval_batch_size, self.info.mask.as_ref());
+        let m = train::evaluate(engine, data, batch, mask, self.enc.pad_id)?;
+        let counted = if mask.is_some() { "masked tokens" } else { "examples" };
+        let line = format!("step {step}: {} {}  ({} {counted})", split.name(), m.summary(), m.examples);
         // Above the bar when there is one, else on stdout.
         let board = self.board();
         if board.is_hidden() {
@@ -215,4 +222,40 @@ impl LocalIo<'_> {
     fn model_dir(&self) -> PathBuf {
         self.job.output.dir.join("model")
     }
+}
+
+/// What `worker train` trains on: a labelled split tokenized up front, or a corpus's rows read
+/// from its memory-mapped shards as they are needed.
+enum TrainData {
+    Texts(Split),
+    Corpus(CorpusRows),
+}
+
+impl TrainData {
+    fn len(&self) -> usize {
+        match self {
+            TrainData::Texts(s) => s.examples.len(),
+            TrainData::Corpus(c) => c.rows() as usize,
+        }
+    }
+
+    fn example(&self, i: usize, enc: &TextEncoder) -> anyhow::Result<Example> {
+        Ok(match self {
+            TrainData::Texts(s) => s.examples[i].clone(),
+            TrainData::Corpus(c) => row_example(c, i as u64, enc)?,
+        })
+    }
+}
+
+/// Row `r` of a corpus, ready for the model.
+fn row_example(rows: &CorpusRows, r: u64, enc: &TextEncoder) -> anyhow::Result<Example> {
+    let segments = rows.segments(r);
+    let row = enc.row(segments.iter().map(|(ids, words)| (&ids[..], &words[..])))?;
+    Ok(Example { index: u32::try_from(r).context("more than 2^32 rows")?, item: Item::Row(row) })
+}
+
+/// Every row of an evaluation corpus.
+fn all_rows(rows: &CorpusRows, enc: &TextEncoder, path: PathBuf) -> anyhow::Result<Split> {
+    let examples = (0..rows.rows()).map(|r| row_example(rows, r, enc)).collect::<anyhow::Result<_>>()?;
+    Ok(Split { path, examples })
 }

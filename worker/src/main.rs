@@ -239,17 +239,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(config = %serde_json::to_string(&job)?, "resolved job config");
             let s = worker::local::train(&job, !no_progress, device)?;
             println!("trained {} steps in {:.0} s ({:.0} tokens/s)", s.steps, s.train_seconds, s.tokens_per_second);
-            if let Some(d) = &s.dev {
-                println!(
-                    "dev  accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
-                    d.accuracy, d.macro_f1, d.loss, d.examples
-                );
-            }
-            if let Some(t) = &s.test {
-                println!(
-                    "test accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
-                    t.accuracy, t.macro_f1, t.loss, t.examples
-                );
+            for (name, m) in [("dev ", &s.dev), ("test", &s.test)] {
+                if let Some(m) = m {
+                    let counted = if m.perplexity.is_some() { "masked tokens" } else { "examples" };
+                    println!("{name} {}  ({} {counted})", m.summary(), m.examples);
+                }
             }
             println!("model saved to {}", s.model_dir.display());
             Ok(())

@@ -7,6 +7,7 @@
 
 use crate::model::Batch;
 use crate::ModelError;
+use job::pack::Row;
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -50,6 +51,25 @@ impl TextEncoder {
     /// The id of a token of the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tok.token_to_id(token)
+    }
+
+    /// The id of a special token the job needs (`[CLS]`, `[SEP]`, `[MASK]`), or an error naming
+    /// the tokenizer.
+    pub fn special(&self, token: &str) -> Result<u32, ModelError> {
+        self.token_id(token).ok_or_else(|| {
+            ModelError::Tokenizer(self.path.clone(), format!("has no {token} token, which the job needs"))
+        })
+    }
+
+    /// The vocabulary's size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+
+    /// The row of a corpus's `segments` (each a piece's ids and word starts), wrapped in this
+    /// tokenizer's `[CLS]` .. `[SEP]`.
+    pub fn row<'a>(&self, segments: impl IntoIterator<Item = (&'a [u32], &'a [bool])>) -> Result<Row, ModelError> {
+        Ok(Row::build(segments, self.special("[CLS]")?, self.special("[SEP]")?))
     }
 
     /// Ids back to text, special tokens left out (as `transformers` decodes a fill).
@@ -159,10 +179,10 @@ fn bert_from_vocab(vocab: &Path) -> Result<Tokenizer, ModelError> {
 /// padded to the longest: the masked inputs, each token's position and segment (0 for padding),
 /// and per-token labels (`-100` where the loss does not look). `example_ids` key the dropout
 /// masks (the rows' numbers in the epoch).
-pub fn collate_rows(rows: &[job::pack::Row], masked: &[job::mlm::Masked], example_ids: &[u32], pad_id: u32) -> Batch {
+pub fn collate_rows(rows: &[Row], masked: &[job::mlm::Masked], example_ids: &[u32], pad_id: u32) -> Batch {
     assert_eq!(rows.len(), masked.len(), "one masking per row");
     let b = rows.len();
-    let t = rows.iter().map(job::pack::Row::len).max().unwrap_or(0);
+    let t = rows.iter().map(Row::len).max().unwrap_or(0);
     let mut batch = Batch {
         b,
         t,

@@ -16,30 +16,84 @@ use crate::engine::{self, Compute, Engine, Peers};
 use crate::layout::Head;
 use crate::model::{Batch, DropoutCtx};
 use crate::optim::{linear_schedule, schedule_steps, AdamW};
-use crate::tokenize::{collate, Encoded, TextEncoder};
+use crate::tokenize::{collate, collate_rows, Encoded, TextEncoder};
 use anyhow::Context;
 use job::checkpoints::Cursor;
-use job::config::{JobConfig, TrainSection};
+use job::config::{JobConfig, Task, TrainSection};
 use job::data::Record;
 pub use job::eval::EvalSplit;
-use job::eval::{EvalCounts, EvalMetrics};
+use job::eval::{Counts, EvalCounts, EvalMetrics, MlmCounts};
+use job::mlm::MaskSpec;
+use job::pack::Row;
 use job::progress::StepRecord;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// A tokenized, labelled split.
+/// A split of examples, tokenized (an evaluation split, or a worker's shard of one).
 pub struct Split {
     pub path: PathBuf,
-    pub examples: Vec<Encoded>,
-    pub labels: Vec<i64>,
+    pub examples: Vec<Example>,
 }
 
-/// The batch of the examples at `positions` of `split`; `index` gives each one's dataset index.
-pub fn batch_of(split: &Split, positions: &[usize], index: impl Fn(usize) -> u32, pad_id: u32) -> Batch {
-    let exs: Vec<&Encoded> = positions.iter().map(|&i| &split.examples[i]).collect();
-    let ys: Vec<i64> = positions.iter().map(|&i| split.labels[i]).collect();
-    let ids: Vec<u32> = positions.iter().map(|&i| index(i)).collect();
-    collate(&exs, &ids, &ys, pad_id)
+/// What the model reads of one example: a labelled text (fine-tuning), or a packed row of a
+/// corpus (pretraining; masked when it is batched).
+#[derive(Clone, Debug)]
+pub enum Item {
+    Text { encoded: Encoded, label: i64 },
+    Row(Row),
+}
+
+/// One example as the job's I/O delivers it.
+#[derive(Clone, Debug)]
+pub struct Example {
+    /// Its index in the dataset (the row's in the corpus): it keys the dropout masks and a
+    /// row's masked-LM masks.
+    pub index: u32,
+    pub item: Item,
+}
+
+/// The batch of `examples`: texts padded to the longest; rows masked for epoch `epoch` by
+/// `mask` (the masks a pure function of the row's index and the epoch), then padded.
+pub fn collate_examples(examples: &[Example], epoch: u32, mask: Option<&MaskSpec>, pad_id: u32) -> Batch {
+    let ids: Vec<u32> = examples.iter().map(|e| e.index).collect();
+    let (mut texts, mut labels, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    for e in examples {
+        match &e.item {
+            Item::Text { encoded, label } => {
+                texts.push(encoded);
+                labels.push(*label);
+            }
+            Item::Row(r) => rows.push(r),
+        }
+    }
+    if rows.is_empty() {
+        return collate(&texts, &ids, &labels, pad_id);
+    }
+    assert!(texts.is_empty(), "a batch of texts and rows");
+    let spec = mask.expect("rows are batched with a mask spec");
+    let masked: Vec<_> = rows
+        .iter()
+        .zip(&ids)
+        .map(|(r, &i)| job::mlm::mask_row(spec, epoch, u64::from(i), &r.ids, &r.special, &r.word_start))
+        .collect();
+    let rows: Vec<Row> = rows.into_iter().cloned().collect();
+    collate_rows(&rows, &masked, &ids, pad_id)
+}
+
+/// The masking of a pretraining job (`None` for fine-tuning): the `[MASK]` id of `enc`, random
+/// replacements from its whole vocabulary (as `DataCollatorForLanguageModeling` draws them).
+pub fn mask_spec(job: &JobConfig, enc: &TextEncoder) -> anyhow::Result<Option<MaskSpec>> {
+    if job.train.task != Task::Mlm {
+        return Ok(None);
+    }
+    let m = &job.mlm;
+    Ok(Some(MaskSpec {
+        prob: m.mask_prob as f32,
+        mask_id: enc.special("[MASK]")?,
+        vocab: enc.vocab_size() as u32,
+        whole_word: m.whole_word,
+        seed: job.train.seed,
+    }))
 }
 
 /// What one optimizer step did, over all ranks.
@@ -125,58 +179,61 @@ pub fn global_masked_count(engine: &mut dyn Engine, micro_batches: &[Batch]) -> 
 /// Tokenizes a labelled split.
 pub fn tokenize_split(path: &Path, records: &[Record], enc: &TextEncoder) -> anyhow::Result<Split> {
     let texts: Vec<(&str, Option<&str>)> = records.iter().map(|r| (r.text.as_str(), r.text_pair.as_deref())).collect();
-    let examples = enc.encode_all(&texts).with_context(|| format!("tokenizing {}", path.display()))?;
-    Ok(Split { path: path.to_owned(), examples, labels: records.iter().map(|r| r.label).collect() })
+    let encoded = enc.encode_all(&texts).with_context(|| format!("tokenizing {}", path.display()))?;
+    let examples = (0u32..)
+        .zip(encoded.into_iter().zip(records))
+        .map(|(index, (encoded, r))| Example { index, item: Item::Text { encoded, label: r.label } })
+        .collect();
+    Ok(Split { path: path.to_owned(), examples })
 }
 
-/// Evaluates without dropout: mean loss, accuracy and macro-F1 over the whole split.
-pub fn evaluate(engine: &mut dyn Engine, split: &Split, batch_size: usize, pad_id: u32) -> anyhow::Result<EvalMetrics> {
-    Ok(count_split(engine, split, batch_size, pad_id)?.metrics())
-}
-
-/// The evaluation counts of a split (or of one worker's shard of it).
+/// The evaluation counts of a split (or of one worker's shard of it), without dropout: a
+/// confusion matrix and the loss sum of a classifier; the masked tokens, those predicted right
+/// and their loss sum of a masked-LM (rows masked as in epoch 0, the same at every evaluation).
 pub fn count_split(
     engine: &mut dyn Engine,
     split: &Split,
     batch_size: usize,
+    mask: Option<&MaskSpec>,
     pad_id: u32,
-) -> anyhow::Result<EvalCounts> {
-    let classes = match engine.model().layout.head {
-        Head::Classification { num_labels } => num_labels,
-        Head::MaskedLm => anyhow::bail!("evaluation needs a classification head"),
+) -> anyhow::Result<Counts> {
+    let mut counts = match engine.model().layout.head {
+        Head::Classification { num_labels } => Counts::Classes(EvalCounts::new(num_labels)),
+        Head::MaskedLm => Counts::Tokens(MlmCounts::default()),
     };
-    count_batches(split, batch_size, pad_id, classes, |batch| {
-        engine.forward(batch, None)?;
-        engine.predictions()
-    })
-}
-
-/// Runs `forward` (giving each batch's predicted classes and per-example losses) over the
-/// split in batches without dropout, and counts predictions against the labels.
-fn count_batches(
-    split: &Split,
-    batch_size: usize,
-    pad_id: u32,
-    classes: usize,
-    mut forward: impl FnMut(&Batch) -> anyhow::Result<(Vec<u32>, Vec<f32>)>,
-) -> anyhow::Result<EvalCounts> {
-    let mut counts = EvalCounts::new(classes);
-    for (chunk_i, idx) in (0..split.examples.len()).collect::<Vec<_>>().chunks(batch_size).enumerate() {
-        let batch = batch_of(split, idx, |i| i as u32, pad_id);
-        let (predicted, losses) = forward(&batch).with_context(|| format!("evaluating batch {chunk_i}"))?;
-        for ((&p, &y), &loss) in predicted.iter().zip(&batch.labels).zip(&losses) {
-            counts.add(y as usize, p as usize, f64::from(loss));
+    for (chunk_i, chunk) in split.examples.chunks(batch_size).enumerate() {
+        let batch = collate_examples(chunk, 0, mask, pad_id);
+        let (predicted, losses) = engine
+            .forward(&batch, None)
+            .and_then(|_| engine.predictions())
+            .with_context(|| format!("evaluating batch {chunk_i} of {}", split.path.display()))?;
+        match &mut counts {
+            Counts::Classes(c) => {
+                for ((&p, &y), &loss) in predicted.iter().zip(&batch.labels).zip(&losses) {
+                    c.add(y as usize, p as usize, f64::from(loss));
+                }
+            }
+            Counts::Tokens(c) => {
+                // The head's rows are the labelled tokens, in batch order.
+                let labels = batch.labels.iter().filter(|&&l| l != job::mlm::IGNORE);
+                for ((&p, &y), &loss) in predicted.iter().zip(labels).zip(&losses) {
+                    c.add(i64::from(p) == y, f64::from(loss));
+                }
+            }
         }
     }
     Ok(counts)
 }
 
-/// One training example as the job's I/O delivers it.
-pub struct Example {
-    /// Its index in the dataset (it keys the example's dropout masks).
-    pub index: u32,
-    pub encoded: Encoded,
-    pub label: i64,
+/// Evaluates without dropout: the metrics of the whole split.
+pub fn evaluate(
+    engine: &mut dyn Engine,
+    split: &Split,
+    batch_size: usize,
+    mask: Option<&MaskSpec>,
+    pad_id: u32,
+) -> anyhow::Result<EvalMetrics> {
+    Ok(count_split(engine, split, batch_size, mask, pad_id)?.metrics())
 }
 
 /// Where training stands at a checkpoint: its step, the data cursor of that step in this
@@ -206,10 +263,13 @@ pub struct Resume {
 pub struct RunInfo {
     pub rank: usize,
     pub world: usize,
-    /// Examples in the whole training split.
+    /// Examples (a corpus's rows) in the whole training split.
     pub train_examples: usize,
+    /// The class names (none for pretraining).
     pub labels: Vec<String>,
     pub pad_id: u32,
+    /// A pretraining job's masking; `None` for fine-tuning.
+    pub mask: Option<MaskSpec>,
     pub has_dev: bool,
     pub has_test: bool,
 }
@@ -328,7 +388,10 @@ fn load_start(
     resume: Option<Resume>,
 ) -> anyhow::Result<(crate::model::Bert, AdamW, u64)> {
     let t = &job.train;
-    let head = Head::Classification { num_labels: info.labels.len() };
+    let head = match t.task {
+        Task::Classification => Head::Classification { num_labels: info.labels.len() },
+        Task::Mlm => Head::MaskedLm,
+    };
     let (mut model, report) = checkpoint::load(&job.model.path, head, t.seed)
         .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
     tracing::info!(initialized = ?report.initialized, skipped = ?report.skipped, params = model.layout.total, "checkpoint loaded");
@@ -383,17 +446,24 @@ fn train_step(
     let local = io.next_examples(plan.local_batch)?;
     let data_wait = started.elapsed();
     io.phase("training");
-    let (world, pad_id) = (io.info().world, io.info().pad_id);
+    let (world, pad_id, mask) = (io.info().world, io.info().pad_id, io.info().mask);
     let lr = linear_schedule(t.lr, step, plan.warmup, plan.total);
-    let batches: Vec<Batch> = local.chunks(plan.micro).map(|m| collate_examples(m, pad_id)).collect();
-    let global = local.len() * world;
+    let epoch = plan.cursor(step).0;
+    let batches: Vec<Batch> =
+        local.chunks(plan.micro).map(|m| collate_examples(m, epoch, mask.as_ref(), pad_id)).collect();
+    // The loss is a mean over the global batch's examples, or its masked tokens: a count every
+    // rank knows before backward (the examples by the schedule, the tokens summed over the ranks).
+    let global = match mask {
+        None => local.len() * world,
+        Some(_) => global_masked_count(engine, &batches)?,
+    };
     let r = optimizer_step(engine, &batches, global, t, step, lr);
     io.check()?; // an interrupted all-reduce fails the step: say why
     let r = r?;
     let loss = r.loss_sum / global as f64;
     let rec = StepRecord {
         step: step + 1,
-        epoch: plan.cursor(step).0,
+        epoch,
         loss,
         lr,
         grad_norm: f64::from(r.grad_norm),
@@ -454,12 +524,4 @@ fn evaluate_and_save(
         io.checkpoint(engine, &CheckpointAt { step, epoch, position, train_loss, is_final: false })?;
     }
     Ok(())
-}
-
-/// The batch of `examples`.
-fn collate_examples(examples: &[Example], pad_id: u32) -> Batch {
-    let exs: Vec<&Encoded> = examples.iter().map(|e| &e.encoded).collect();
-    let ids: Vec<u32> = examples.iter().map(|e| e.index).collect();
-    let ys: Vec<i64> = examples.iter().map(|e| e.label).collect();
-    collate(&exs, &ids, &ys, pad_id)
 }

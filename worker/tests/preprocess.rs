@@ -169,12 +169,13 @@ fn a_corpus_reads_back_across_its_shards_for_its_tokenizer_only() {
     assert!(corpus.shards.len() > 3);
     let tok = worker::tokenize::load_tokenizer(&tokenizer()).unwrap();
     let hash = worker::tokenize::content_hash(&tok);
-    let reader = CorpusReader::open(&out, &hash, &tokenizer()).unwrap();
+    let reader = CorpusReader::open(&out, Some((&hash, &tokenizer()))).unwrap();
     assert_eq!(reader.documents(), 200);
     for (d, text) in texts.iter().enumerate() {
         assert_eq!(reader.document(d as u64), encode(text), "document {d}");
     }
-    let other = CorpusReader::open(&out, &[0; 32], Path::new("other/tokenizer.json")).err().unwrap().to_string();
+    let other =
+        CorpusReader::open(&out, Some((&[0; 32], Path::new("other/tokenizer.json")))).err().unwrap().to_string();
     assert!(
         other.contains("shard-00000.tok") && other.contains("another tokenizer than other/tokenizer.json"),
         "{other}"
@@ -189,10 +190,10 @@ fn a_corpus_reads_back_across_its_shards_for_its_tokenizer_only() {
     );
     assert_ne!(changed, text);
     std::fs::write(&manifest, changed).unwrap();
-    let e = CorpusReader::open(&out, &hash, &tokenizer()).err().unwrap().to_string();
+    let e = CorpusReader::open(&out, Some((&hash, &tokenizer()))).err().unwrap().to_string();
     assert!(e.contains("shard-00000.tok") && e.contains("where corpus.json says"), "{e}");
     std::fs::remove_file(&manifest).unwrap();
-    let e = CorpusReader::open(&out, &hash, &tokenizer()).err().unwrap().to_string();
+    let e = CorpusReader::open(&out, Some((&hash, &tokenizer()))).err().unwrap().to_string();
     assert!(e.contains("corpus.json") && e.contains("incomplete or missing"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
