@@ -456,7 +456,10 @@ fn without_a_dev_split_the_test_split_is_evaluated_during_training_and_the_best_
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for step in [4, 8, 12] {
-        assert!(stdout.contains(&format!("step {step}: test accuracy")), "no test evaluation at step {step}:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("step {step}: test accuracy")),
+            "no test evaluation at step {step}:\n{stdout}"
+        );
     }
     // The published model is the checkpoint with the highest test accuracy (the earliest of
     // equals) among those kept (the best and the last), here not the last one.
