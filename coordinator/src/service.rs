@@ -143,6 +143,10 @@ impl Data {
                     })
                     .collect();
             }
+            // With shared storage the workers read the rows themselves: only their numbers go.
+            Data::Corpus(c) if c.shared => {
+                batch.rows = indices.iter().map(|&i| TokenRow { index: i as u64, ..Default::default() }).collect();
+            }
             Data::Corpus(c) => {
                 let rows = Self::corpus(c, split).expect("checked by the caller");
                 batch.rows = indices.iter().map(|&i| token_row(rows, i as u64)).collect();

@@ -36,6 +36,10 @@ pub struct DataSection {
     /// The class names, in class-id order; by default the sorted labels of the training set.
     pub labels: Option<Vec<String>>,
     pub skip_rows_after_header: usize,
+    /// A pretraining job's corpora are on storage that every worker mounts at the same path (a
+    /// shared volume): each worker maps the shards itself and the coordinator hands out only the
+    /// row numbers of its shard. `false`: the coordinator reads the rows and streams them.
+    pub shared_storage: bool,
 }
 
 impl Default for DataSection {
@@ -50,6 +54,7 @@ impl Default for DataSection {
             label_column: "label".into(),
             labels: None,
             skip_rows_after_header: 0,
+            shared_storage: false,
         }
     }
 }

@@ -213,9 +213,21 @@ pub struct Corpora {
     pub train: CorpusRows,
     pub dev: Option<CorpusRows>,
     pub test: Option<CorpusRows>,
+    /// `data.shared_storage`: every worker reads the rows itself.
+    pub shared: bool,
 }
 
 impl Corpora {
+    /// The corpus of a split: `train`, `dev` or `test`.
+    pub fn split(&self, name: &str) -> Option<&CorpusRows> {
+        match name {
+            "train" => Some(&self.train),
+            "dev" => self.dev.as_ref(),
+            "test" => self.test.as_ref(),
+            _ => None,
+        }
+    }
+
     /// Opens the job's corpora, all written by `tokenizer` where it is given (a worker), else by
     /// the tokenizer that wrote the training corpus (the coordinator).
     pub fn open(job: &crate::config::JobConfig, tokenizer: Option<(&[u8; 32], &Path)>) -> Result<Corpora, ShardError> {
@@ -232,7 +244,7 @@ impl Corpora {
             let msg = "holds no tokens: nothing to train on".into();
             return Err(ShardError { path: job.data.train.clone(), msg });
         }
-        Ok(Corpora { train, dev, test })
+        Ok(Corpora { train, dev, test, shared: job.data.shared_storage })
     }
 }
 

@@ -286,6 +286,13 @@ mod job_end_to_end {
         let d = crate::distributed::norm_diff(&want, &got);
         println!("masked-LM job: 2 workers vs worker train: parameters {d:.2e}");
         assert!(d < 1e-5, "2 workers: relative difference {d}");
+        // Workers that read the shards themselves (a shared volume), handed only row numbers:
+        // the same bits as rows streamed by the coordinator.
+        let shared = dir.join("w2-shared");
+        let mut c = coordinator(&cfg, 2, &shared);
+        c.args(["--set", "data.shared_storage=true"]);
+        run_ok(c);
+        assert_bits_eq(&params(&shared.join("model")), &got, "rows read by the workers vs streamed");
         // The held-out evaluation, counted over two shards, equals one worker's.
         let eval = |out: &Path| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()

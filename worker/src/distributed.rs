@@ -18,9 +18,10 @@ use crate::engine::{self, Compute, Engine, Peers};
 use crate::tokenize::TextEncoder;
 use crate::train::{CheckpointAt, EvalSplit, Example, Item, JobIo, Resume, RunInfo, Split};
 use anyhow::Context;
-use job::config::{ElasticSection, JobConfig};
+use job::config::{ElasticSection, JobConfig, Task};
 use job::eval::Counts;
 use job::mlm::MaskSpec;
+use job::pack::{Corpora, CorpusRows};
 use job::progress::StepRecord;
 use proto::auth::ClientAuth;
 use proto::v1::coordinator_client::CoordinatorClient;
@@ -93,8 +94,9 @@ async fn connect(
 }
 
 /// A streamed batch's examples, ready for the model: texts tokenized, corpus rows wrapped in
-/// `[CLS]` .. `[SEP]`.
-fn examples_of(batch: ExampleBatch, enc: &TextEncoder) -> anyhow::Result<Vec<Example>> {
+/// `[CLS]` .. `[SEP]`; rows sent as numbers only (`data.shared_storage`) read from `local`, this
+/// worker's own mapping of the split's corpus.
+fn examples_of(batch: ExampleBatch, enc: &TextEncoder, local: Option<&CorpusRows>) -> anyhow::Result<Vec<Example>> {
     let index = |i: u64| u32::try_from(i).context("example index beyond 2^32");
     let mut out = Vec::with_capacity(batch.examples.len() + batch.rows.len());
     for e in batch.examples {
@@ -102,6 +104,12 @@ fn examples_of(batch: ExampleBatch, enc: &TextEncoder) -> anyhow::Result<Vec<Exa
         out.push(Example { index: index(e.index)?, item: Item::Text { encoded, label: e.label } });
     }
     for r in batch.rows {
+        if r.segments.is_empty() {
+            let rows = local.context("the coordinator sent row numbers only, but this worker has no corpus mapped")?;
+            anyhow::ensure!(r.index < rows.rows(), "row {} of a corpus of {} rows", r.index, rows.rows());
+            out.push(crate::train::row_example(rows, r.index, enc)?);
+            continue;
+        }
         let n: usize = r.segments.iter().map(|&l| l as usize).sum();
         anyhow::ensure!(
             n == r.ids.len() && r.word_starts.len() == n.div_ceil(8),
@@ -128,13 +136,13 @@ async fn fetch_shard(
     client: &mut Client,
     (rank, generation): (u32, u64),
     split: WireSplit,
-    enc: &TextEncoder,
+    (enc, local): (&TextEncoder, Option<&CorpusRows>),
 ) -> anyhow::Result<Split> {
     let req = ShardRequest { rank, split: split as i32, epoch: 0, start: 0, generation };
     let mut stream = client.stream_shard(req).await?.into_inner();
     let mut examples = Vec::new();
     while let Some(batch) = stream.message().await? {
-        examples.extend(examples_of(batch, enc)?);
+        examples.extend(examples_of(batch, enc, local)?);
     }
     Ok(Split { path: split.as_str_name().into(), examples })
 }
@@ -152,7 +160,7 @@ fn spawn_feed(
     rt: &tokio::runtime::Runtime,
     mut client: Client,
     (rank, generation): (u32, u64),
-    enc: Arc<TextEncoder>,
+    (enc, corpora): (Arc<TextEncoder>, Option<Arc<Corpora>>),
     (epoch, position): (u32, u64),
 ) -> tokio::sync::mpsc::Receiver<anyhow::Result<Feed>> {
     let (tx, rx) = tokio::sync::mpsc::channel(PREFETCH_EXAMPLES);
@@ -163,7 +171,7 @@ fn spawn_feed(
                 let req = ShardRequest { rank, split: WireSplit::Train as i32, epoch, start, generation };
                 let mut stream = client.stream_shard(req).await?.into_inner();
                 while let Some(batch) = stream.message().await? {
-                    for e in examples_of(batch, &enc)? {
+                    for e in examples_of(batch, &enc, corpora.as_ref().map(|c| &c.train))? {
                         if tx.send(Ok(Feed::Example(e))).await.is_err() {
                             return Ok(()); // training is over
                         }
@@ -192,13 +200,13 @@ fn evaluate(
     g: &Gen,
     client: &mut Client,
     engine: &mut dyn Engine,
-    (enc, mask): (&TextEncoder, Option<&MaskSpec>),
+    (enc, mask, local): (&TextEncoder, Option<&MaskSpec>, Option<&CorpusRows>),
     split: WireSplit,
     step: u64,
     batch_size: usize,
 ) -> anyhow::Result<EvalResult> {
     g.phase(&format!("evaluating {}", split.as_str_name().to_lowercase()));
-    let shard = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, enc))?;
+    let shard = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, (enc, local)))?;
     let mut report =
         EvalReport { rank: g.rank as u32, split: split as i32, step, generation: g.generation, ..Default::default() };
     match crate::train::count_split(engine, &shard, batch_size, mask, enc.pad_id)? {
@@ -745,6 +753,10 @@ fn train_generation(
             job.tokenizer_path().display()
         );
     }
+    let corpora = match (job.train.task, job.data.shared_storage) {
+        (Task::Mlm, true) => Some(Arc::new(Corpora::open(job, Some((&enc.content_hash(), &job.tokenizer_path())))?)),
+        _ => None,
+    };
     let info = RunInfo {
         rank: g.rank,
         world: reply.world_size as usize,
@@ -762,6 +774,7 @@ fn train_generation(
         job,
         info,
         enc,
+        corpora,
         completed,
         feed: None,
         progress: None,
@@ -836,6 +849,8 @@ struct RankIo<'a, 'g> {
     job: &'a JobConfig,
     info: RunInfo,
     enc: Arc<TextEncoder>,
+    /// A pretraining job's corpora, where this worker reads them itself (`data.shared_storage`).
+    corpora: Option<Arc<Corpora>>,
     /// Completed steps, for the all-reduce fault point.
     completed: Arc<AtomicU64>,
     feed: Option<tokio::sync::mpsc::Receiver<anyhow::Result<Feed>>>,
@@ -872,7 +887,8 @@ impl JobIo for RankIo<'_, '_> {
         self.completed.store(step, Ordering::Relaxed);
         g.beats.step.store(step, Ordering::Relaxed);
         let who = (g.rank as u32, g.generation);
-        self.feed = Some(spawn_feed(g.rt, self.client.clone(), who, Arc::clone(&self.enc), cursor));
+        let data = (Arc::clone(&self.enc), self.corpora.clone());
+        self.feed = Some(spawn_feed(g.rt, self.client.clone(), who, data, cursor));
         if g.rank == 0 {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
             let mut c = self.client.clone();
@@ -957,7 +973,8 @@ impl JobIo for RankIo<'_, '_> {
             EvalSplit::Dev => WireSplit::Dev,
             EvalSplit::Test => WireSplit::Test,
         };
-        let how = (&*self.enc, self.info.mask.as_ref());
+        let local = self.corpora.as_ref().and_then(|c| c.split(split.name()));
+        let how = (&*self.enc, self.info.mask.as_ref(), local);
         evaluate(self.g, &mut self.client, engine, how, wire, step, self.job.train.eval_batch_size)?;
         Ok(())
     }

@@ -7,7 +7,7 @@
 use crate::checkpoint;
 use crate::engine::{Device, Engine, Peers};
 use crate::tokenize::TextEncoder;
-use crate::train::{self, CheckpointAt, EvalSplit, Example, Item, JobIo, Resume, RunInfo, Split};
+use crate::train::{self, CheckpointAt, EvalSplit, Example, JobIo, Resume, RunInfo, Split};
 use anyhow::Context;
 use job::checkpoints::{self, Cursor, Manifest, Store};
 use job::config::{JobConfig, Task};
@@ -242,20 +242,13 @@ impl TrainData {
     fn example(&self, i: usize, enc: &TextEncoder) -> anyhow::Result<Example> {
         Ok(match self {
             TrainData::Texts(s) => s.examples[i].clone(),
-            TrainData::Corpus(c) => row_example(c, i as u64, enc)?,
+            TrainData::Corpus(c) => train::row_example(c, i as u64, enc)?,
         })
     }
 }
 
-/// Row `r` of a corpus, ready for the model.
-fn row_example(rows: &CorpusRows, r: u64, enc: &TextEncoder) -> anyhow::Result<Example> {
-    let segments = rows.segments(r);
-    let row = enc.row(segments.iter().map(|(ids, words)| (&ids[..], &words[..])))?;
-    Ok(Example { index: u32::try_from(r).context("more than 2^32 rows")?, item: Item::Row(row) })
-}
-
 /// Every row of an evaluation corpus.
 fn all_rows(rows: &CorpusRows, enc: &TextEncoder, path: PathBuf) -> anyhow::Result<Split> {
-    let examples = (0..rows.rows()).map(|r| row_example(rows, r, enc)).collect::<anyhow::Result<_>>()?;
+    let examples = (0..rows.rows()).map(|r| train::row_example(rows, r, enc)).collect::<anyhow::Result<_>>()?;
     Ok(Split { path, examples })
 }

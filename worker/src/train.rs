@@ -80,6 +80,13 @@ pub fn collate_examples(examples: &[Example], epoch: u32, mask: Option<&MaskSpec
     collate_rows(&rows, &masked, &ids, pad_id)
 }
 
+/// Row `r` of a corpus, ready for the model.
+pub fn row_example(rows: &job::pack::CorpusRows, r: u64, enc: &TextEncoder) -> anyhow::Result<Example> {
+    let segments = rows.segments(r);
+    let row = enc.row(segments.iter().map(|(ids, words)| (&ids[..], &words[..])))?;
+    Ok(Example { index: u32::try_from(r).context("more than 2^32 rows")?, item: Item::Row(row) })
+}
+
 /// The masking of a pretraining job (`None` for fine-tuning): the `[MASK]` id of `enc`, random
 /// replacements from its whole vocabulary (as `DataCollatorForLanguageModeling` draws them).
 pub fn mask_spec(job: &JobConfig, enc: &TextEncoder) -> anyhow::Result<Option<MaskSpec>> {
@@ -398,6 +405,13 @@ fn load_start(
     if report.skipped.iter().any(|k| k.starts_with("cls.seq_relationship.")) {
         tracing::info!("the checkpoint's next-sentence-prediction head (BertForPreTraining) is not used");
     }
+    anyhow::ensure!(
+        job.model.max_seq_len <= model.cfg.max_position_embeddings,
+        "model.max_seq_len = {} exceeds the checkpoint's max_position_embeddings = {} ({})",
+        job.model.max_seq_len,
+        model.cfg.max_position_embeddings,
+        job.model.path.join("config.json").display()
+    );
     if !t.dropout {
         model.cfg.disable_dropout();
     }

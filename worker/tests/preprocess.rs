@@ -228,13 +228,14 @@ fn memory_cgroup(tag: &str, limit: u64) -> Option<(PathBuf, PathBuf)> {
 
 /// The acceptance test of streaming: a corpus twice the size of the memory the process may use
 /// (a memory cgroup, which counts what the process touches, unlike `ulimit -v`, which would
-/// count mapped files) is preprocessed whole.
+/// count mapped files) is preprocessed whole, then pretrained on under the same limit.
 #[test]
-fn a_corpus_larger_than_the_memory_limit_is_preprocessed() {
+fn a_corpus_larger_than_the_memory_limit_is_preprocessed_and_trained_on() {
     const LIMIT: u64 = 64 << 20;
     let Some((cgroup, procs)) = memory_cgroup("preprocess", LIMIT) else {
         println!(
-            "a_corpus_larger_than_the_memory_limit_is_preprocessed: skipped: no memory cgroup can be created here"
+            "a_corpus_larger_than_the_memory_limit_is_preprocessed_and_trained_on: skipped: no memory cgroup can be \
+             created here"
         );
         return;
     };
@@ -266,5 +267,31 @@ fn a_corpus_larger_than_the_memory_limit_is_preprocessed() {
     let corpus = ok(run);
     assert_eq!(corpus.documents, lines, "every line of the {bytes}-byte corpus is a document");
     println!("preprocessed {bytes} bytes ({} tokens) under a {LIMIT}-byte memory cgroup", corpus.tokens);
+
+    // Pretraining on it under the same limit: the rows are numbered from the document lengths
+    // and read from the mapped shards as the shuffled epoch asks for them.
+    let Some((cgroup, procs)) = memory_cgroup("pretrain", LIMIT) else { panic!("the second cgroup") };
+    let script = format!("echo $$ > {}; exec \"$0\" \"$@\"", procs.display());
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-cls");
+    let cfg = dir.join("job.toml");
+    let text = format!(
+        "[model]\npath = {model:?}\nmax_seq_len = 32\n[data]\ntrain = {out:?}\n[train]\ntask = \"mlm\"\n\
+         max_steps = 4\nbatch_size = 8\n[output]\ndir = {:?}\n",
+        dir.join("run")
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = Command::new("sh")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_worker"), "train", "--no-progress", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let peak = std::fs::read_to_string(cgroup.join("memory.max_usage_in_bytes"))
+        .or_else(|_| std::fs::read_to_string(cgroup.join("memory.peak")))
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir(&cgroup);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "training failed: {}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("trained 4 steps"), "{stdout}");
+    println!("pretrained 4 steps on it under the same limit (peak {} bytes)", peak.trim());
     std::fs::remove_dir_all(&dir).unwrap();
 }
