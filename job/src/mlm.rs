@@ -6,9 +6,9 @@
 //! Every draw is a pure function of (seed, epoch, row, position): token `t` of row `row` in epoch
 //! `epoch` draws Philox counter `(t, row, epoch, "MLMK")` under the job's seed, word 0 deciding
 //! the selection, word 1 the 80/10/10 choice and word 2 the random token. A row is numbered by
-//! its place in the epoch's order, not by which worker holds it, so the masks, and with them the
-//! number of masked tokens the loss divides by, are the same for any world size, micro-batch
-//! split or restart, and a new epoch masks afresh. With whole-word masking every token of a word
+//! its place in the corpus (`pack::RowIndex`), not by which worker holds it, so the masks, and
+//! with them the number of masked tokens the loss divides by, are the same for any world size,
+//! micro-batch split or restart, and a new epoch masks afresh. With whole-word masking every token of a word
 //! takes the selection drawn at the word's first token.
 
 use philox::{key_from_seed, philox4x32_10, u32_to_unit_f32};

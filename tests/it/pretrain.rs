@@ -166,6 +166,10 @@ mod job_end_to_end {
     /// fixture's WordPiece splits into 4 pieces (d ##u ##l ##l: whole-word masking takes them
     /// together).
     fn corpus(dir: &Path, name: &str, lengths: &[usize], salt: usize) -> PathBuf {
+        corpus_with(dir, name, lengths, salt, &fixtures().join("tiny-cls/tokenizer.json"))
+    }
+
+    fn corpus_with(dir: &Path, name: &str, lengths: &[usize], salt: usize, tokenizer: &Path) -> PathBuf {
         let text: String = (0..lengths.len())
             .map(|i| {
                 let (mut words, mut left) = (Vec::new(), lengths[i]);
@@ -190,7 +194,7 @@ mod job_end_to_end {
             .arg("preprocess")
             .arg(&txt)
             .arg("--tokenizer")
-            .arg(fixtures().join("tiny-cls/tokenizer.json"))
+            .arg(tokenizer)
             .arg("--out")
             .arg(&out)
             .arg("--no-progress")
@@ -316,6 +320,44 @@ mod job_end_to_end {
         assert_bits_eq(&params(&resumed.join("model")), &got, "the resumed run vs the uninterrupted run");
         let tail: std::collections::BTreeMap<u64, f64> = loss_by_step(&two).range(5..).map(|(k, v)| (*k, *v)).collect();
         assert_eq!(loss_by_step(&resumed), tail, "steps 5..=12, bit for bit");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A corpus preprocessed with another tokenizer (the fixture's without lowercasing: other
+    /// ids for the same text) is refused by `worker train`, naming the shard and the model's
+    /// tokenizer, and by a distributed worker, naming the corpus; nothing is written.
+    #[test]
+    fn a_corpus_of_another_tokenizer_is_refused() {
+        let dir = scratch("mlm-tokenizer");
+        let mut tok: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-cls/tokenizer.json")).unwrap())
+                .unwrap();
+        tok["normalizer"]["lowercase"] = false.into();
+        let other = dir.join("cased.json");
+        std::fs::write(&other, tok.to_string()).unwrap();
+        let cfg = job(&dir);
+        let cased = corpus_with(&dir, "cased", &[30, 14, 14], 0, &other);
+        let set = format!("data.train={}", cased.display());
+        let out = dir.join("single");
+        let o = Command::new(crate::distributed::bin("worker"))
+            .args(["train", "--no-progress", "--config", cfg.to_str().unwrap(), "--set", &set])
+            .args(["--set", &format!("output.dir={}", out.display())])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains("shard-00000.tok") && err.contains("another tokenizer"), "{err}");
+        assert!(!out.join("checkpoints").exists(), "nothing is written");
+        let out = dir.join("w1");
+        let mut c = coordinator(&cfg, 1, &out);
+        c.args(["--set", &set, "--set", &format!("data.dev={}", cased.display()), "--set", "elastic.max_restarts=0"]);
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(
+            err.contains(&format!("the corpus {} was preprocessed with another tokenizer", cased.display())),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }
