@@ -56,7 +56,12 @@ async fn main() -> anyhow::Result<()> {
     let local = Arc::new(Corpora::open(&job, None)?);
 
     let config_json = serde_json::to_string(&job)?;
-    let info = JobInfo { config_json: config_json.clone(), seed: job.train.seed, batch_size: 32 * workers, max_seq_len: max_len };
+    let info = JobInfo {
+        config_json: config_json.clone(),
+        seed: job.train.seed,
+        batch_size: 32 * workers,
+        max_seq_len: max_len,
+    };
     let svc = CoordinatorService::new(workers, info, corpora, Duration::from_secs(600));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
