@@ -33,7 +33,8 @@ pub struct DataSpec {
     pub format: Option<Format>,
     pub text_column: String,
     pub text_pair_column: Option<String>,
-    pub label_column: String,
+    /// `None`: rows without labels (texts to predict); their `label` is empty.
+    pub label_column: Option<String>,
     /// Rows to skip after the header (Orange's `.tab` files have two: types and flags).
     pub skip_rows_after_header: usize,
 }
@@ -89,7 +90,8 @@ fn read_delimited(spec: &DataSpec, text: &str, delim: u8, quoting: bool) -> Resu
             ),
         })
     };
-    let (ti, li) = (col(&spec.text_column)?, col(&spec.label_column)?);
+    let ti = col(&spec.text_column)?;
+    let li = spec.label_column.as_deref().map(col).transpose()?;
     let pi = spec.text_pair_column.as_deref().map(col).transpose()?;
     let mut out = Vec::new();
     for (n, rec) in rdr.records().enumerate() {
@@ -113,7 +115,12 @@ fn read_delimited(spec: &DataSpec, text: &str, delim: u8, quoting: bool) -> Resu
         out.push(Example {
             text: field(ti, &format!("text (column `{}`)", spec.text_column))?,
             text_pair: pi.map(|i| field(i, "text pair")).transpose()?,
-            label: field(li, &format!("label (column `{}`)", spec.label_column))?.trim().to_string(),
+            label: match li {
+                Some(i) => field(i, &format!("label (column `{}`)", spec.label_column.as_deref().unwrap_or("")))?
+                    .trim()
+                    .to_string(),
+                None => String::new(),
+            },
             line,
         });
     }
@@ -140,11 +147,12 @@ fn read_jsonl(spec: &DataSpec, text: &str) -> Result<Vec<Example>, DataError> {
                 Some(other) => Err(err(format!("`{key}` must be a string, got {other}"))),
             }
         };
-        let label = match obj.get(&spec.label_column) {
-            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(serde_json::Value::Bool(b)) => b.to_string(),
-            _ => return Err(err(format!("row has no label (`{}`)", spec.label_column))),
+        let label = match spec.label_column.as_deref().map(|c| (c, obj.get(c))) {
+            None => String::new(),
+            Some((_, Some(serde_json::Value::String(s)))) if !s.trim().is_empty() => s.trim().to_string(),
+            Some((_, Some(serde_json::Value::Number(n)))) => n.to_string(),
+            Some((_, Some(serde_json::Value::Bool(b)))) => b.to_string(),
+            Some((c, _)) => return Err(err(format!("row has no label (`{c}`)"))),
         };
         out.push(Example {
             text: text_of(&spec.text_column)?,
@@ -218,7 +226,7 @@ pub fn spec_for(job: &crate::config::JobConfig, path: &Path) -> DataSpec {
         format: job.data.format,
         text_column: job.data.text_column.clone(),
         text_pair_column: job.data.text_pair_column.clone(),
-        label_column: job.data.label_column.clone(),
+        label_column: Some(job.data.label_column.clone()),
         skip_rows_after_header: job.data.skip_rows_after_header,
     }
 }

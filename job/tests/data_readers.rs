@@ -17,7 +17,7 @@ fn spec(path: PathBuf) -> DataSpec {
         format: None,
         text_column: "sentence".into(),
         text_pair_column: None,
-        label_column: "y".into(),
+        label_column: Some("y".into()),
         skip_rows_after_header: 0,
     }
 }

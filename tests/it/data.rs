@@ -12,7 +12,7 @@ fn spec(rel: &str, text: &str, label: &str, skip: usize) -> DataSpec {
         format: None,
         text_column: text.into(),
         text_pair_column: None,
-        label_column: label.into(),
+        label_column: Some(label.into()),
         skip_rows_after_header: skip,
     }
 }
@@ -27,7 +27,7 @@ fn rotten_tomatoes_split_is_by_movie_and_complete() {
         let labels = LabelSet::infer(&rows).unwrap();
         assert_eq!(labels.names, vec!["negative", "positive"]);
         total += rows.len();
-        let m = read(&DataSpec { label_column: "movie".into(), ..s }).unwrap();
+        let m = read(&DataSpec { label_column: Some("movie".into()), ..s }).unwrap();
         movies.push(m.into_iter().map(|r| r.label).collect::<HashSet<_>>());
     }
     // 7,403 fresh + 5,405 rotten snippets; plot summaries are not reviews and are dropped.

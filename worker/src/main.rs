@@ -20,7 +20,7 @@ use std::time::Instant;
 use worker::checkpoint;
 use worker::layout::Head;
 use worker::model::Batch;
-use worker::tokenize::{collate, TextEncoder};
+use worker::tokenize::{collate, Encoded, TextEncoder};
 
 #[derive(Parser)]
 #[command(
@@ -108,9 +108,18 @@ enum Cmd {
         /// A text (repeatable).
         #[arg(long)]
         text: Vec<String>,
-        /// A file with one text per line.
+        /// A file of texts, predicted in batches: CSV, TSV or JSON Lines (by its extension), the
+        /// text in --text-column and a second text in --text-pair-column; one JSON line out per
+        /// row, in order (after the --text ones).
         #[arg(long)]
-        input: Option<PathBuf>,
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        #[arg(long)]
+        text_pair_column: Option<String>,
+        /// Texts per forward pass.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
         #[arg(long, default_value_t = 128)]
         max_seq_len: usize,
         /// For a masked-LM model: the fills given for each [MASK].
@@ -248,7 +257,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("model saved to {}", s.model_dir.display());
             Ok(())
         }
-        Cmd::Predict { model, text, input, max_seq_len, top_k } => predict(&model, text, input, max_seq_len, top_k),
+        Cmd::Predict { model, text, file, text_column, text_pair_column, batch_size, max_seq_len, top_k } => {
+            let mut inputs: Vec<(String, Option<String>)> = text.into_iter().map(|t| (t, None)).collect();
+            if let Some(path) = file {
+                let spec = job::data::DataSpec {
+                    path,
+                    format: None,
+                    text_column,
+                    text_pair_column,
+                    label_column: None,
+                    skip_rows_after_header: 0,
+                };
+                inputs.extend(job::data::read(&spec)?.into_iter().map(|r| (r.text, r.text_pair)));
+            }
+            predict(&model, &inputs, batch_size.max(1), max_seq_len, top_k)
+        }
         Cmd::Preprocess { inputs, tokenizer, out, blank_lines, text_field, shard_tokens, no_progress } => {
             let opts = worker::preprocess::Options {
                 inputs,
@@ -276,20 +299,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// As the fill-mask pipeline answers: for each `[MASK]` of each text, the `top_k` likeliest
 /// tokens with their probabilities and the text with each filled in.
-fn fill_mask(model: &mut worker::model::Bert, enc: &TextEncoder, texts: &[String], top_k: usize) -> anyhow::Result<()> {
-    let mask = enc.token_id("[MASK]").context("the tokenizer has no [MASK] token")?;
-    for t in texts {
-        let e = enc.encode(t, None)?;
-        // Label every [MASK] (with any id): the head computes the rows that carry a label.
-        let labels: Vec<i64> = e.ids.iter().map(|&id| if id == mask { 0 } else { job::mlm::IGNORE }).collect();
-        let masks: Vec<usize> = (0..e.ids.len()).filter(|&i| e.ids[i] == mask).collect();
-        anyhow::ensure!(!masks.is_empty(), "no [MASK] in {t:?}");
-        let batch = collate(&[&e], &[0], &labels, enc.pad_id);
-        model.forward(&batch, None)?;
-        let vocab = model.cfg.vocab_size;
+/// As the fill-mask pipeline answers, for a batch of texts: for each `[MASK]` of each text, the
+/// `top_k` likeliest tokens with their probabilities and the text with each filled in.
+fn fill_mask(
+    model: &mut worker::model::Bert,
+    enc: &TextEncoder,
+    texts: &[(String, Option<String>)],
+    top_k: usize,
+) -> anyhow::Result<()> {
+    let mask = enc.special("[MASK]")?;
+    let encoded = texts.iter().map(|(t, p)| enc.encode(t, p.as_deref())).collect::<Result<Vec<_>, _>>()?;
+    let t = encoded.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    // Label every [MASK] (with any id): the head computes the rows that carry a label, in order.
+    let mut labels = vec![job::mlm::IGNORE; texts.len() * t];
+    for (i, e) in encoded.iter().enumerate() {
+        anyhow::ensure!(e.ids.contains(&mask), "no [MASK] in {:?}", texts[i].0);
+        for (k, _) in e.ids.iter().enumerate().filter(|(_, &id)| id == mask) {
+            labels[i * t + k] = 0;
+        }
+    }
+    let refs: Vec<&Encoded> = encoded.iter().collect();
+    let ids: Vec<u32> = (0..texts.len() as u32).collect();
+    model.forward(&collate(&refs, &ids, &labels, enc.pad_id), None)?;
+    let vocab = model.cfg.vocab_size;
+    let mut row = 0;
+    for ((text, pair), e) in texts.iter().zip(&encoded) {
         let mut fills = Vec::new();
-        for (k, &at) in masks.iter().enumerate() {
-            let logits = &model.acts.logits[k * vocab..(k + 1) * vocab];
+        for at in (0..e.ids.len()).filter(|&k| e.ids[k] == mask) {
+            let logits = &model.acts.logits[row * vocab..(row + 1) * vocab];
+            row += 1;
             let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let z: f64 = logits.iter().map(|&l| (f64::from(l) - f64::from(top)).exp()).sum();
             let mut order: Vec<usize> = (0..vocab).collect();
@@ -309,23 +347,24 @@ fn fill_mask(model: &mut worker::model::Bert, enc: &TextEncoder, texts: &[String
                 .collect();
             fills.push(answers);
         }
-        println!("{}", serde_json::json!({ "text": t, "fills": fills }));
+        let mut line = serde_json::json!({ "text": text, "fills": fills });
+        if let Some(p) = pair {
+            line["text_pair"] = p.as_str().into();
+        }
+        println!("{line}");
     }
     Ok(())
 }
 
+/// `worker predict`: `inputs` (text, optional pair) in batches of `batch_size`, one JSON line each.
 fn predict(
     dir: &std::path::Path,
-    mut texts: Vec<String>,
-    input: Option<PathBuf>,
+    inputs: &[(String, Option<String>)],
+    batch_size: usize,
     max_len: usize,
     top_k: usize,
 ) -> anyhow::Result<()> {
-    if let Some(path) = input {
-        let body = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        texts.extend(body.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
-    }
-    anyhow::ensure!(!texts.is_empty(), "nothing to predict: give --text or --input");
+    anyhow::ensure!(!inputs.is_empty(), "nothing to predict: give --text or --file");
     let cfg = worker::bert_config::BertConfig::from_file(&dir.join(checkpoint::CONFIG_FILE))?;
     let id2label = cfg.raw.get("id2label").and_then(|v| v.as_object());
     let num_labels = id2label.map(|m| m.len()).unwrap_or(2);
@@ -339,19 +378,28 @@ fn predict(
     let enc = TextEncoder::from_file(&dir.join("tokenizer.json"), max_len)?;
     if matches!(arch, "BertForMaskedLM" | "BertForPreTraining") {
         let (mut model, _) = checkpoint::load(dir, Head::MaskedLm, 0)?;
-        return fill_mask(&mut model, &enc, &texts, top_k);
+        for chunk in inputs.chunks(batch_size) {
+            fill_mask(&mut model, &enc, chunk, top_k)?;
+        }
+        return Ok(());
     }
     let (mut model, _) = checkpoint::load(dir, Head::Classification { num_labels }, 0)?;
-    for t in &texts {
-        let e = enc.encode(t, None)?;
-        let batch = collate(&[&e], &[0], &[0], enc.pad_id);
-        model.forward(&batch, None)?;
-        // As the text-classification pipeline answers: the top label and its softmax probability.
-        let logits = &model.acts.logits;
-        let top = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
-        let z: f64 = logits.iter().map(|&l| (f64::from(l) - f64::from(logits[top])).exp()).sum();
-        let line = serde_json::json!({ "text": t, "label": name(top), "score": 1.0 / z, "logits": logits });
-        println!("{line}");
+    for chunk in inputs.chunks(batch_size) {
+        let encoded = chunk.iter().map(|(t, p)| enc.encode(t, p.as_deref())).collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&Encoded> = encoded.iter().collect();
+        let ids: Vec<u32> = (0..chunk.len() as u32).collect();
+        model.forward(&collate(&refs, &ids, &vec![0; chunk.len()], enc.pad_id), None)?;
+        for (i, (text, pair)) in chunk.iter().enumerate() {
+            // As the text-classification pipeline answers: the top label and its softmax probability.
+            let logits = &model.acts.logits[i * num_labels..(i + 1) * num_labels];
+            let top = (0..num_labels).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
+            let z: f64 = logits.iter().map(|&l| (f64::from(l) - f64::from(logits[top])).exp()).sum();
+            let mut line = serde_json::json!({ "text": text, "label": name(top), "score": 1.0 / z, "logits": logits });
+            if let Some(p) = pair {
+                line["text_pair"] = p.as_str().into();
+            }
+            println!("{line}");
+        }
     }
     Ok(())
 }

@@ -125,6 +125,32 @@ fn trains_saves_and_predicts_the_tiny_model() {
         let z: f64 = logits.iter().map(|x| x.exp()).sum();
         assert!((l["score"].as_f64().unwrap() - logits[top].exp() / z).abs() < 1e-6, "{l}");
     }
+
+    // A file, in batches of 2 (padded to each batch's longest): the answers of one text at a time.
+    let texts = ["great fun", "dull", "the best film of the year and a great story", "bad", "funny"];
+    let csv: String = std::iter::once("id,text\n".to_string())
+        .chain(texts.iter().enumerate().map(|(i, t)| format!("{i},\"{t}\"\n")))
+        .collect();
+    let file = dir.write("predict.csv", &csv);
+    let model = model_dir.to_str().unwrap();
+    let out = worker(&["predict", "--model", model, "--file", file.to_str().unwrap(), "--batch-size", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let batched: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(batched.len(), texts.len());
+    for (t, b) in texts.iter().zip(&batched) {
+        let one = worker(&["predict", "--model", model, "--text", t]);
+        let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+        assert_eq!((&b["text"], &b["label"]), (&one["text"], &one["label"]));
+        for (x, y) in b["logits"].as_array().unwrap().iter().zip(one["logits"].as_array().unwrap()) {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{t}: batched {x} vs alone {y}");
+        }
+    }
+    let bad = dir.write("bad.jsonl", "{\"text\": \"fine\"}\n{\"txt\": \"oops\"}\n");
+    let out = worker(&["predict", "--model", model, "--file", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.jsonl:2") && err.contains("`text`"), "{err}");
 }
 
 #[test]
@@ -534,6 +560,29 @@ fn predict_fills_each_mask_of_a_masked_lm_model() {
                 .unwrap()
                 .contains(a["token_str"].as_str().unwrap().trim_start_matches("##")));
         }
+    }
+    // A JSON Lines file in batches of 2: the fills of one text at a time.
+    let texts = ["[MASK] film", "the film was [MASK] and [MASK] fun", "a [MASK] story of the best movie", "[MASK]"];
+    let jsonl: String = texts.iter().map(|t| serde_json::json!({ "text": t }).to_string() + "\n").collect();
+    let file = dir.write("fill.jsonl", &jsonl);
+    let model = model_dir.to_str().unwrap();
+    let out = worker(&["predict", "--model", model, "--file", file.to_str().unwrap(), "--batch-size", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let batched: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(batched.len(), texts.len());
+    for (t, b) in texts.iter().zip(&batched) {
+        let one: serde_json::Value =
+            serde_json::from_slice(&worker(&["predict", "--model", model, "--text", t]).stdout).unwrap();
+        let tokens = |v: &serde_json::Value| -> Vec<Vec<u64>> {
+            v["fills"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_array().unwrap().iter().map(|a| a["token"].as_u64().unwrap()).collect())
+                .collect()
+        };
+        assert_eq!(tokens(b), tokens(&one), "{t}: the batched fills differ");
     }
     // A text without [MASK] is an error that says so.
     let out = worker(&["predict", "--model", model_dir.to_str().unwrap(), "--text", "no mask here"]);
