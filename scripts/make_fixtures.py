@@ -5,6 +5,7 @@ Run by hand (CI never runs it; it needs torch and transformers), from the reposi
 
     python scripts/make_fixtures.py fixtures          # writes tests/fixtures/*
     python scripts/make_fixtures.py check-saved DIR   # a model saved by `worker train` vs ours
+    python scripts/make_fixtures.py check-saved-mlm DIR   # a pretrained masked-LM model vs ours
 
 `fixtures` writes:
   tests/fixtures/tiny-cls/      a tiny random BertForSequenceClassification (config + safetensors)
@@ -196,6 +197,50 @@ def tiny_tokenizer():
     print(f"tiny tokenizer: {len(vocab)} tokens, e.g. {vocab[-5:]}")
 
 
+MASKED = [
+    "The company said its [MASK] rose in the first quarter.",
+    "Shares of the bank [MASK] sharply after the [MASK] was announced.",
+    "The board approved a two for one stock [MASK].",
+]
+
+
+def check_saved_mlm(model_dir):
+    """A masked-LM model saved by a pretraining job: BertForMaskedLM's logits at each [MASK]
+    against ours, and the fill-mask pipeline's top 5 against `worker predict`'s."""
+    from transformers import AutoTokenizer, pipeline
+    model, info = BertForMaskedLM.from_pretrained(model_dir, attn_implementation="eager", output_loading_info=True)
+    model.eval()
+    print(f"BertForMaskedLM.from_pretrained: missing {info['missing_keys']}, unexpected {info['unexpected_keys']}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    worker = os.environ.get("WORKER", os.path.join(ROOT, "target", "release", "worker"))
+    args = [worker, "predict", "--model", model_dir, "--top-k", "5"]
+    for s in MASKED:
+        args += ["--text", s]
+    ours = [json.loads(line)["fills"] for line in subprocess.check_output(args, text=True).splitlines()]
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, top_k=5)
+    worst, same = 0.0, True
+    for s, mine in zip(MASKED, ours):
+        enc = encode(os.path.join(model_dir, "tokenizer.json"), [s])
+        with torch.no_grad():
+            logits = model(**enc).logits[0]
+        at = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
+        theirs = fill(s)
+        theirs = [theirs] if isinstance(theirs[0], dict) else theirs
+        for k, (pos, answers) in enumerate(zip(at, mine)):
+            row = logits[pos]
+            scale = row.abs().max().item()
+            for a in answers:
+                worst = max(worst, abs(a["logit"] - row[a["token"]].item()) / scale)
+            ref = [(t["token"], round(t["score"], 5)) for t in theirs[k]]
+            got = [(a["token"], round(a["score"], 5)) for a in answers]
+            same &= [t for t, _ in ref] == [t for t, _ in got]
+            print(f"{s[:44]!r:48} mask {k}: pipeline {[t['token_str'] for t in theirs[k]]} {[x for _, x in ref]}")
+            print(f"{'':48}         tandem   {[a['token_str'] for a in answers]} {[x for _, x in got]}")
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}: largest logit difference at the "
+          f"fills, relative to the row's largest logit: {worst:.3e}; same top-5 tokens in the same order: {same}")
+    sys.exit(0 if worst < 1e-5 and same and not info["missing_keys"] else 1)
+
+
 def check_saved(model_dir, eval_csv=None):
     model = BertForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
     worker = os.environ.get("WORKER", os.path.join(ROOT, "target", "release", "worker"))
@@ -232,6 +277,8 @@ if __name__ == "__main__":
         fixtures()
     elif len(sys.argv) == 2 and sys.argv[1] == "tiny-tokenizer":
         tiny_tokenizer()
+    elif len(sys.argv) == 3 and sys.argv[1] == "check-saved-mlm":
+        check_saved_mlm(sys.argv[2])
     elif len(sys.argv) in (3, 4) and sys.argv[1] == "check-saved":
         check_saved(*sys.argv[2:])
     else:

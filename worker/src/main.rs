@@ -339,6 +339,7 @@ fn fill_mask(
                     filled[at] = id as u32;
                     serde_json::json!({
                         "score": (f64::from(logits[id]) - f64::from(top)).exp() / z,
+                        "logit": logits[id],
                         "token": id,
                         "token_str": enc.decode(&[id as u32]).unwrap_or_default(),
                         "sequence": enc.decode(&filled).unwrap_or_default(),
