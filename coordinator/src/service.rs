@@ -854,11 +854,16 @@ impl Coordinator for CoordinatorService {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
         let inner = Arc::clone(&self.inner);
-        // A corpus's rows are read from memory-mapped shards (page faults): off the runtime.
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             for (k, chunk) in indices[start..].chunks(STREAM_BATCH).enumerate() {
-                let batch = inner.data.batch(split, chunk, (start + k * STREAM_BATCH) as u64);
-                if tx.blocking_send(Ok(batch)).is_err() {
+                // A corpus's rows are read from memory-mapped shards (page faults): each message
+                // is made on the blocking pool, which no stream holds while its worker is slow.
+                let (inner, chunk, position) = (Arc::clone(&inner), chunk.to_vec(), (start + k * STREAM_BATCH) as u64);
+                let Ok(batch) = tokio::task::spawn_blocking(move || inner.data.batch(split, &chunk, position)).await
+                else {
+                    return; // the runtime is shutting down
+                };
+                if tx.send(Ok(batch)).await.is_err() {
                     return; // the worker went away
                 }
             }
