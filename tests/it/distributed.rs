@@ -55,7 +55,7 @@ fn write_data(dir: &Path) -> PathBuf {
 }
 
 /// The tiny fixture model, with the dropout probabilities set to `p`.
-fn model_with_dropout(dir: &Path, p: f64) -> PathBuf {
+pub(crate) fn model_with_dropout(dir: &Path, p: f64) -> PathBuf {
     let m = dir.join("model-in");
     std::fs::create_dir_all(&m).unwrap();
     for f in ["model.safetensors", "tokenizer.json"] {

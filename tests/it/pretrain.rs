@@ -204,22 +204,6 @@ mod job_end_to_end {
         out
     }
 
-    /// The tiny fixture (no masked-LM head: it starts freshly initialised, the decoder tied to the
-    /// word embeddings), with dropout 0.1.
-    fn model(dir: &Path) -> PathBuf {
-        let m = dir.join("model-in");
-        std::fs::create_dir_all(&m).unwrap();
-        for f in ["model.safetensors", "tokenizer.json"] {
-            std::fs::copy(fixtures().join("tiny-cls").join(f), m.join(f)).unwrap();
-        }
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-cls/config.json")).unwrap()).unwrap();
-        cfg["hidden_dropout_prob"] = 0.1.into();
-        cfg["attention_probs_dropout_prob"] = 0.1.into();
-        std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
-        m
-    }
-
     fn job(dir: &Path) -> PathBuf {
         // Documents that fill rows of 32 exactly, four rows at a time (one document of 30 tokens,
         // two of 14, four of 6, one of 9 and one of 19, each with its [CLS] and [SEP]): 48 rows,
@@ -228,7 +212,10 @@ mod job_end_to_end {
         // DistributedSampler does). Long documents are split across rows.
         let train: Vec<usize> = [30, 14, 14, 6, 6, 6, 6, 9, 19].repeat(12);
         let dev: Vec<usize> = (0..40).map(|i| 2 + i * 13 % 60).collect();
-        let (train, dev, model) = (corpus(dir, "train", &train, 0), corpus(dir, "dev", &dev, 5), model(dir));
+        // The tiny fixture with dropout 0.1: it has no masked-LM head, which starts freshly
+        // initialised, the decoder tied to the word embeddings.
+        let model = crate::distributed::model_with_dropout(dir, 0.1);
+        let (train, dev) = (corpus(dir, "train", &train, 0), corpus(dir, "dev", &dev, 5));
         let p = dir.join("job.toml");
         std::fs::write(
             &p,

@@ -74,6 +74,21 @@ fn worker(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_worker")).args(args).env_remove("RUST_LOG").output().expect("worker runs")
 }
 
+/// `worker predict` on `file` in batches of 2, and on each of `texts` alone: (batched, alone),
+/// one JSON answer per text each.
+fn predict_batched_and_alone(model: &Path, file: &Path, texts: &[&str]) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let model = model.to_str().unwrap();
+    let out = worker(&["predict", "--model", model, "--file", file.to_str().unwrap(), "--batch-size", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let batched: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(batched.len(), texts.len());
+    let alone = texts
+        .iter()
+        .map(|t| serde_json::from_slice(&worker(&["predict", "--model", model, "--text", t]).stdout).unwrap());
+    batched.into_iter().zip(alone).collect()
+}
+
 fn train(job: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--config", job.to_str().unwrap(), "--no-progress"];
     args.extend_from_slice(extra);
@@ -132,15 +147,7 @@ fn trains_saves_and_predicts_the_tiny_model() {
         .chain(texts.iter().enumerate().map(|(i, t)| format!("{i},\"{t}\"\n")))
         .collect();
     let file = dir.write("predict.csv", &csv);
-    let model = model_dir.to_str().unwrap();
-    let out = worker(&["predict", "--model", model, "--file", file.to_str().unwrap(), "--batch-size", "2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let batched: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(batched.len(), texts.len());
-    for (t, b) in texts.iter().zip(&batched) {
-        let one = worker(&["predict", "--model", model, "--text", t]);
-        let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    for (t, (b, one)) in texts.iter().zip(predict_batched_and_alone(&model_dir, &file, &texts)) {
         assert_eq!((&b["text"], &b["label"]), (&one["text"], &one["label"]));
         for (x, y) in b["logits"].as_array().unwrap().iter().zip(one["logits"].as_array().unwrap()) {
             let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
@@ -148,7 +155,7 @@ fn trains_saves_and_predicts_the_tiny_model() {
         }
     }
     let bad = dir.write("bad.jsonl", "{\"text\": \"fine\"}\n{\"txt\": \"oops\"}\n");
-    let out = worker(&["predict", "--model", model, "--file", bad.to_str().unwrap()]);
+    let out = worker(&["predict", "--model", model_dir.to_str().unwrap(), "--file", bad.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("bad.jsonl:2") && err.contains("`text`"), "{err}");
 }
@@ -565,15 +572,7 @@ fn predict_fills_each_mask_of_a_masked_lm_model() {
     let texts = ["[MASK] film", "the film was [MASK] and [MASK] fun", "a [MASK] story of the best movie", "[MASK]"];
     let jsonl: String = texts.iter().map(|t| serde_json::json!({ "text": t }).to_string() + "\n").collect();
     let file = dir.write("fill.jsonl", &jsonl);
-    let model = model_dir.to_str().unwrap();
-    let out = worker(&["predict", "--model", model, "--file", file.to_str().unwrap(), "--batch-size", "2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let batched: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(batched.len(), texts.len());
-    for (t, b) in texts.iter().zip(&batched) {
-        let one: serde_json::Value =
-            serde_json::from_slice(&worker(&["predict", "--model", model, "--text", t]).stdout).unwrap();
+    for (t, (b, one)) in texts.iter().zip(predict_batched_and_alone(&model_dir, &file, &texts)) {
         let tokens = |v: &serde_json::Value| -> Vec<Vec<u64>> {
             v["fills"]
                 .as_array()
@@ -582,7 +581,7 @@ fn predict_fills_each_mask_of_a_masked_lm_model() {
                 .map(|f| f.as_array().unwrap().iter().map(|a| a["token"].as_u64().unwrap()).collect())
                 .collect()
         };
-        assert_eq!(tokens(b), tokens(&one), "{t}: the batched fills differ");
+        assert_eq!(tokens(&b), tokens(&one), "{t}: the batched fills differ");
     }
     // A text without [MASK] is an error that says so.
     let out = worker(&["predict", "--model", model_dir.to_str().unwrap(), "--text", "no mask here"]);
