@@ -6,6 +6,7 @@ Run by hand (CI never runs it; it needs torch and transformers), from the reposi
     python scripts/make_fixtures.py fixtures          # writes tests/fixtures/*
     python scripts/make_fixtures.py check-saved DIR   # a model saved by `worker train` vs ours
     python scripts/make_fixtures.py check-saved-mlm DIR   # a pretrained masked-LM model vs ours
+    python scripts/make_fixtures.py parquet   # tests/fixtures/corpus.parquet (+ .jsonl), as datasets writes
 
 `fixtures` writes:
   tests/fixtures/tiny-cls/      a tiny random BertForSequenceClassification (config + safetensors)
@@ -272,9 +273,27 @@ def check_saved(model_dir, eval_csv=None):
     sys.exit(0 if worst < 1e-5 else 1)
 
 
+def parquet_fixture():
+    """tests/fixtures/corpus.parquet as `datasets` writes a split (pyarrow, snappy, row groups
+    of 20), and the same documents as tests/fixtures/corpus.jsonl."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    words = ["good", "bad", "film", "movie", "funny", "story", "great", "best", "fun", "the", "a", "is",
+             "naïve", "café", "über", "dull"]
+    texts = [" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(3 + i % 11)) for i in range(50)]
+    table = pa.table({"id": list(range(50)), "text": texts, "label": [i % 3 for i in range(50)]})
+    pq.write_table(table, os.path.join(FIX, "corpus.parquet"), row_group_size=20, compression="snappy")
+    with open(os.path.join(FIX, "corpus.jsonl"), "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    print(f"corpus.parquet: {len(texts)} rows in 3 row groups (pyarrow {pa.__version__})")
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "fixtures":
         fixtures()
+    elif len(sys.argv) == 2 and sys.argv[1] == "parquet":
+        parquet_fixture()
     elif len(sys.argv) == 2 and sys.argv[1] == "tiny-tokenizer":
         tiny_tokenizer()
     elif len(sys.argv) == 3 and sys.argv[1] == "check-saved-mlm":

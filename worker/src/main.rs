@@ -131,7 +131,8 @@ enum Cmd {
     Preprocess {
         /// Files or directories (every file below, in path order): plain text, one document per
         /// line (or blank-line separated with --blank-lines); JSON Lines (.jsonl/.json, the text
-        /// in --text-field); any of them gzip-compressed (.gz).
+        /// in --text-field); any of them gzip-compressed (.gz); Parquet (.parquet, the text in
+        /// the --text-field column).
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         /// The tokenizer (a tokenizer.json).
@@ -143,7 +144,7 @@ enum Cmd {
         /// Documents are separated by blank lines instead of one per line.
         #[arg(long)]
         blank_lines: bool,
-        /// The field of each JSON object that holds the document's text.
+        /// The field of each JSON object (the column of a Parquet file) that holds the text.
         #[arg(long, default_value = "text")]
         text_field: String,
         /// The most tokens one shard holds (whole documents; a longer document is an error).

@@ -3,7 +3,8 @@
 //! Inputs are files or directories (every file below, in path order): plain text with one
 //! document per line or, with `blank_lines`, documents separated by blank lines; JSON Lines
 //! (`.jsonl`, `.json`), the document in one string field of each object; any of them gzip-
-//! compressed (`.gz`). Documents are read in order in chunks of about [`CHUNK_BYTES`], each chunk
+//! compressed (`.gz`); Parquet (`.parquet`, as `datasets` writes a split: the document in one
+//! string column, read a row group at a time). Documents are read in order in chunks of about [`CHUNK_BYTES`], each chunk
 //! tokenized in parallel and written in order (shards stream to disk, see `job::tokens`), so
 //! memory stays at a chunk whatever the corpus size, and the output is the same bytes for any
 //! thread count. A document
@@ -81,8 +82,14 @@ fn read_docs(
     doc: &mut dyn FnMut(Doc) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let raw = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let counted = Counted { inner: raw, read };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.ends_with(".parquet") {
+        #[cfg(feature = "parquet")]
+        return read_parquet(path, raw, file, o, read, doc);
+        #[cfg(not(feature = "parquet"))]
+        anyhow::bail!("{}: this worker was built without Parquet (the `parquet` feature)", path.display());
+    }
+    let counted = Counted { inner: raw, read };
     let (stem, gz) = match name.strip_suffix(".gz") {
         Some(s) => (s.to_owned(), true),
         None => (name.clone(), false),
@@ -128,6 +135,49 @@ fn read_docs(
     if let Some(d) = pending {
         doc(d)?;
     }
+    Ok(())
+}
+
+#[cfg(feature = "parquet")]
+/// A Parquet file's documents: the string column `o.text_field` of every row, in order (row `k`,
+/// from 1, where a text file would name a line). Only that column is read.
+fn read_parquet(
+    path: &Path,
+    raw: std::fs::File,
+    file: usize,
+    o: &Options,
+    read: &mut dyn FnMut(u64),
+    doc: &mut dyn FnMut(Doc) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let bytes = raw.metadata().map(|m| m.len()).unwrap_or(0);
+    let reader = SerializedFileReader::new(raw).with_context(|| format!("{}: not a Parquet file", path.display()))?;
+    let schema = reader.metadata().file_metadata().schema();
+    let fields = schema.get_fields();
+    let column = fields.iter().find(|f| f.name() == o.text_field).with_context(|| {
+        let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+        format!("{}: no column {:?} (--text-field); its columns: {}", path.display(), o.text_field, names.join(", "))
+    })?;
+    let projection = parquet::schema::types::Type::group_type_builder(schema.name())
+        .with_fields(vec![column.clone()])
+        .build()
+        .with_context(|| format!("{}: reading column {:?}", path.display(), o.text_field))?;
+    let rows = reader.get_row_iter(Some(projection)).with_context(|| format!("reading {}", path.display()))?;
+    for (k, row) in rows.enumerate() {
+        let at = k + 1;
+        let row = row.with_context(|| format!("{}: row {at}", path.display()))?;
+        match row.get_column_iter().next().map(|(_, f)| f) {
+            Some(Field::Str(text)) => doc(Doc { file, line: at, text: text.clone() })?,
+            other => anyhow::bail!(
+                "{}:{at}: column {:?} holds {}, not a string (--text-field)",
+                path.display(),
+                o.text_field,
+                other.map_or("nothing".to_string(), |f| f.to_string())
+            ),
+        }
+    }
+    read(bytes);
     Ok(())
 }
 

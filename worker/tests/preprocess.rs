@@ -124,6 +124,34 @@ fn the_output_is_the_same_bytes_for_any_thread_count() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A Parquet file as `datasets` writes a split (pyarrow, snappy, 3 row groups; made by
+/// `scripts/make_fixtures.py parquet` beside the same documents as JSON Lines) becomes the same
+/// shards, byte for byte, as the JSON Lines; a missing or non-string column is named.
+#[test]
+fn a_parquet_file_gives_the_shards_of_the_same_json_lines() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let dir = temp("parquet");
+    let (from_parquet, from_jsonl) = (dir.join("parquet"), dir.join("jsonl"));
+    let a = ok(preprocess(&[&fixtures.join("corpus.parquet")], &from_parquet, &[], 2));
+    let b = ok(preprocess(&[&fixtures.join("corpus.jsonl")], &from_jsonl, &[], 2));
+    assert_eq!(a, b);
+    assert_eq!(a.documents, 50);
+    for s in &a.shards {
+        let (x, y) =
+            (std::fs::read(from_parquet.join(&s.file)).unwrap(), std::fs::read(from_jsonl.join(&s.file)).unwrap());
+        assert!(x == y, "{}: the shards differ", s.file);
+    }
+    let out = preprocess(&[&fixtures.join("corpus.parquet")], &dir.join("x"), &["--text-field", "body"], 1);
+    fails_with(out, &["corpus.parquet", "no column \"body\"", "id, text, label"]);
+    let out = preprocess(&[&fixtures.join("corpus.parquet")], &dir.join("y"), &["--text-field", "id"], 1);
+    fails_with(out, &["corpus.parquet:1", "not a string"]);
+    for failed in ["x", "y"] {
+        let left: Vec<_> = std::fs::read_dir(dir.join(failed)).map(|d| d.flatten().collect()).unwrap_or_default();
+        assert!(left.is_empty(), "a failed run left {left:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_input_is_named_and_nothing_written_is_lost() {
     let dir = temp("bad");
