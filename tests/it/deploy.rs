@@ -19,7 +19,7 @@ fn every_overlay_builds_validates_and_passes_only_flags_the_binaries_have() {
     let o = Command::new(repo_root().join("scripts/check-deploy.sh")).arg(&bins).output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{out}\n{err}");
-    for overlay in ["cpu", "gpu"] {
+    for overlay in ["cpu", "gpu", "pretrain-cpu"] {
         assert!(out.contains(&format!("overlay {overlay} builds and validates")), "{out}");
     }
     eprintln!("{out}");
@@ -33,4 +33,10 @@ fn the_manifests_job_config_is_a_valid_job() {
     assert!(job.output.dir.starts_with("/var/lib/tandem"), "the output goes to the checkpoint volume");
     // The GPU overlay runs 4 workers: the global batch must divide among them.
     assert_eq!(job.train.batch_size % 4, 0);
+    // The pretraining overlay's: a masked-LM job whose workers read the corpus volume.
+    let path = repo_root().join("deploy/k8s/overlays/pretrain-cpu/job.toml");
+    let job = job::config::JobConfig::load(Some(&path), &[]).unwrap();
+    assert_eq!(job.train.task, job::config::Task::Mlm);
+    assert!(job.data.shared_storage && job.data.train.starts_with("/data/corpus"), "{:?}", job.data);
+    assert!(job.checkpoint.resume && job.output.dir.starts_with("/var/lib/tandem"));
 }
