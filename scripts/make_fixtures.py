@@ -7,6 +7,7 @@ Run by hand (CI never runs it; it needs torch and transformers), from the reposi
     python scripts/make_fixtures.py check-saved DIR   # a model saved by `worker train` vs ours
     python scripts/make_fixtures.py check-saved-mlm DIR   # a pretrained masked-LM model vs ours
     python scripts/make_fixtures.py parquet   # tests/fixtures/corpus.parquet (+ .jsonl), as datasets writes
+    python scripts/make_fixtures.py bert-vocab   # tests/fixtures/bert-vocab: BertTokenizer's ids on a small vocab
 
 `fixtures` writes:
   tests/fixtures/tiny-cls/      a tiny random BertForSequenceClassification (config + safetensors)
@@ -273,6 +274,38 @@ def check_saved(model_dir, eval_csv=None):
     sys.exit(0 if worst < 1e-5 else 1)
 
 
+def bert_vocab_fixture():
+    """tests/fixtures/bert-vocab/: a small vocab.txt and the ids transformers' (slow, Python)
+    BertTokenizer gives for English, accented and Chinese text, with and without pairs, under
+    three tokenizer_config settings (cases.json)."""
+    from transformers import BertTokenizer
+    out = os.path.join(FIX, "bert-vocab")
+    os.makedirs(out, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
+             + list("北京大学的生中文") + list(",.!'-?;:") + ["é", "ï", "ü", "H", "W", "N", "##é", "##ï", "##ü"]
+             + ["hello", "world", "naive", "cafe", "the", "film", "read", "too", "and", "un", "##believ", "##able",
+                "##ly", "a", "second", "sentence", "don", "t", "goers", "Hello", "World", "##llo", "##orld", "caf"])
+    with open(os.path.join(out, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    texts = [("Héllo, WORLD! Naïve café-goers don't read [MASK] too.", None),
+             ("北京大学的学生 read 中文 too", "and a second sentence"),
+             ("  unbelievably\tlong-winded   über film ", None),
+             ("Hello World", "zzz qqq")]
+    settings = [{"do_lower_case": True}, {"do_lower_case": False},
+                {"do_lower_case": True, "strip_accents": False, "tokenize_chinese_chars": False}]
+    cases = []
+    for cfg in settings:
+        tok = BertTokenizer(os.path.join(out, "vocab.txt"), **cfg)
+        for text, pair in texts:
+            enc = tok(text, pair) if pair else tok(text)
+            cases.append({"config": cfg, "text": text, "pair": pair, "ids": enc["input_ids"],
+                          "type_ids": enc["token_type_ids"]})
+    with open(os.path.join(out, "cases.json"), "w", encoding="utf-8") as f:
+        json.dump({"transformers": transformers.__version__, "cases": cases}, f, ensure_ascii=False, indent=1)
+    print(f"bert-vocab: {len(vocab)} tokens, {len(cases)} cases (transformers {transformers.__version__})")
+
+
 def parquet_fixture():
     """tests/fixtures/corpus.parquet as `datasets` writes a split (pyarrow, snappy, row groups
     of 20), and the same documents as tests/fixtures/corpus.jsonl."""
@@ -292,6 +325,8 @@ def parquet_fixture():
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "fixtures":
         fixtures()
+    elif len(sys.argv) == 2 and sys.argv[1] == "bert-vocab":
+        bert_vocab_fixture()
     elif len(sys.argv) == 2 and sys.argv[1] == "parquet":
         parquet_fixture()
     elif len(sys.argv) == 2 and sys.argv[1] == "tiny-tokenizer":

@@ -108,6 +108,33 @@ fn vocab_txt_alone_tokenizes_and_hashes_as_tokenizer_json() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// vocab.txt checkpoints against transformers' own (slow, Python) `BertTokenizer`: a small
+/// vocabulary fixture and the ids it gave for English, accented and Chinese text, with and
+/// without a pair, under three tokenizer_config.json settings (lowercasing, accent stripping,
+/// Chinese characters), written by `scripts/make_fixtures.py bert-vocab`.
+#[test]
+fn vocab_txt_gives_bert_tokenizer_s_ids() {
+    let src = crate::support::fixtures().join("bert-vocab");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("cases.json")).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("tandem-bert-vocab-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("vocab.txt"), dir.join("vocab.txt")).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    for case in cases["cases"].as_array().unwrap() {
+        std::fs::write(dir.join("tokenizer_config.json"), case["config"].to_string()).unwrap();
+        let enc = TextEncoder::from_file(&dir.join("tokenizer.json"), 128).unwrap();
+        let (text, pair) = (case["text"].as_str().unwrap(), case["pair"].as_str());
+        let got = enc.encode(text, pair).unwrap();
+        assert_eq!(got.ids, ids(&case["ids"]), "{} {text:?}", case["config"]);
+        assert_eq!(got.type_ids, ids(&case["type_ids"]), "{} {text:?}", case["config"]);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A checkpoint sharded over several safetensors files (`model.safetensors.index.json`, as
 /// `transformers` writes past `max_shard_size`) loads to the same parameters as the single file;
 /// an index naming a missing file, or a file outside the directory, is an error naming it.
