@@ -90,7 +90,19 @@ struct Cli {
     /// Never draw a progress bar (log a line every 50 steps instead, as without a terminal).
     #[arg(long)]
     no_progress: bool,
+    /// After the job ends, how long open connections (a health Watch stream, a stalled worker)
+    /// may keep the coordinator from exiting, in seconds; then it exits anyway.
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_S", default_value_t = 10)]
+    shutdown_grace_s: u64,
 }
+
+/// HTTP/2 streams one gRPC connection may have open at once: a worker uses a handful (its
+/// heartbeat, data feed, evaluation, upload), so that one connection cannot open thousands.
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// HTTP/2 pings on quiet connections, and how long a ping may go unanswered before the
+/// connection is dropped; TCP keepalive under them.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// The checkpoint directory, and the checkpoint to resume from when there is one that this job
 /// may continue.
@@ -320,10 +332,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         <CoordinatorServer<CoordinatorService> as tonic::server::NamedService>::NAME,
         tonic_health::ServingStatus::Serving,
     ));
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
+        .tcp_keepalive(Some(TCP_KEEPALIVE));
     if let Some(tls) = &tls {
         builder = builder.tls_config(tls.config().map_err(anyhow::Error::msg)?).context("configuring TLS")?;
     }
+    // Graceful shutdown waits for every connection to close; after the grace period the
+    // coordinator stops waiting (an open health Watch or a stopped worker would hold it forever).
+    let (ended_tx, mut ended_rx) = tokio::sync::watch::channel(false);
+    let grace = Duration::from_secs(cli.shutdown_grace_s);
     let server = builder
         .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -334,8 +354,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             done.all_finished.notified().await;
             // Let the last replies (Finish, the STOP of the heartbeats) go out.
             tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = ended_tx.send(true);
         });
-    rt.block_on(server).context("serving gRPC")?;
+    rt.block_on(async {
+        tokio::select! {
+            served = server => served.context("serving gRPC"),
+            _ = async {
+                let _ = ended_rx.wait_for(|ended| *ended).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace_s = grace.as_secs(), "connections still open after the job ended; exiting anyway");
+                Ok(())
+            }
+        }
+    })?;
     svc.finish_progress();
     let png = job.output.dir.join("loss.png");
     match std::fs::write(&png, svc.loss_png()) {

@@ -393,3 +393,49 @@ fn prometheus_parsing_catches_a_malformed_line() {
         assert!(std::panic::catch_unwind(|| parse_prometheus(bad)).is_err(), "{bad:?} passed");
     }
 }
+
+/// A health `Watch` stream held open through the end of a job (a stream the server never
+/// closes by itself): the coordinator still exits, with the job's success, once
+/// `--shutdown-grace-s` has passed after the job ended, instead of waiting for the stream.
+#[test]
+fn an_open_watch_stream_does_not_keep_the_coordinator_from_exiting() {
+    let dir = scratch("grace");
+    let cfg = checkpointed_job(&dir, 10);
+    let mut c = coordinator(&cfg, 1, &dir.join("out"));
+    c.args(["--no-http", "--shutdown-grace-s", "2"]);
+    let mut job = Running::start(c);
+    let grpc = job.logged("coordinator listening addr=");
+    // The watcher: its own runtime on its own thread, reading the stream until it ends.
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let ch =
+                tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+            let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            let mut stream = c.watch(req).await.unwrap().into_inner();
+            let first = stream.message().await;
+            opened_tx.send(first.is_ok()).unwrap();
+            while let Ok(Some(_)) = stream.message().await {}
+        });
+    });
+    assert!(opened.recv_timeout(Duration::from_secs(60)).unwrap(), "the Watch stream did not open");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = job.child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            job.child.kill().unwrap();
+            panic!("the coordinator did not exit with a Watch stream open:\n{}", job.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(200)); // the log thread's last lines
+    let log = job.log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("exiting anyway"), "the stream was closed before the grace period ran out:\n{log}");
+    assert!(dir.join("out/model/model.safetensors").exists(), "the job's model is published");
+    std::fs::remove_dir_all(&dir).ok();
+}
