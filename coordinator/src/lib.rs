@@ -5,6 +5,7 @@
 
 pub mod gather;
 pub mod http;
+pub mod limits;
 pub mod plot;
 pub mod rendezvous;
 pub mod service;

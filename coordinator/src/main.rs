@@ -335,8 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
-        .tcp_keepalive(Some(TCP_KEEPALIVE));
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE));
     if let Some(tls) = &tls {
         builder = builder.tls_config(tls.config().map_err(anyhow::Error::msg)?).context("configuring TLS")?;
     }
@@ -344,13 +343,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // coordinator stops waiting (an open health Watch or a stopped worker would hold it forever).
     let (ended_tx, mut ended_rx) = tokio::sync::watch::channel(false);
     let grace = Duration::from_secs(cli.shutdown_grace_s);
+    let max_connections = coordinator::limits::max_connections(cli.world_size);
+    let incoming = coordinator::limits::limit(
+        tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(TCP_KEEPALIVE)),
+        max_connections,
+    );
+    tracing::debug!(max_connections, "gRPC connection limit");
     let server = builder
         .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             CoordinatorServer::new(svc.clone()),
             proto::auth::ServerAuth::new(token),
         ))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             done.all_finished.notified().await;
             // Let the last replies (Finish, the STOP of the heartbeats) go out.
             tokio::time::sleep(Duration::from_millis(200)).await;

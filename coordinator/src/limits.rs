@@ -1,0 +1,89 @@
+//! The gRPC port's connection limit: at most `max` connections open at once. A connection past
+//! the limit is accepted and closed at once (logged at most once a second), so that one client
+//! opening connections cannot exhaust the coordinator's memory or file descriptors; a
+//! connection's slot is given back when it closes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// The connections a coordinator of `world` workers allows: two for each worker (a worker
+/// reconnecting while its last connection times out) and 64 for probes, scrapes and tools.
+pub fn max_connections(world: usize) -> usize {
+    2 * world + 64
+}
+
+/// A connection holding one of the limit's slots.
+pub struct Limited {
+    inner: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// `incoming`'s connections, at most `max` open at once.
+pub fn limit(
+    incoming: impl Stream<Item = std::io::Result<TcpStream>>,
+    max: usize,
+) -> impl Stream<Item = std::io::Result<Limited>> {
+    let slots = Arc::new(Semaphore::new(max));
+    let mut last_warning: Option<Instant> = None;
+    incoming.filter_map(move |conn| match conn {
+        Err(e) => Some(Err(e)),
+        Ok(inner) => match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => Some(Ok(Limited { inner, _slot: slot })),
+            Err(_) => {
+                if last_warning.is_none_or(|t| t.elapsed().as_secs() >= 1) {
+                    last_warning = Some(Instant::now());
+                    let peer = inner.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    tracing::warn!(max, %peer, "connection limit reached: closing a new connection");
+                }
+                None
+            }
+        },
+    })
+}
+
+impl Connected for Limited {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
