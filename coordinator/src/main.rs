@@ -104,6 +104,31 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
+/// How a local worker ended.
+enum Exit {
+    Exited(std::process::ExitStatus),
+    /// Still running at the deadline, and killed.
+    Killed,
+}
+
+/// Waits for the local workers to exit until `deadline`, then kills those still running.
+fn reap(children: &mut [std::process::Child], deadline: std::time::Instant) -> Vec<Exit> {
+    children
+        .iter_mut()
+        .map(|c| loop {
+            match c.try_wait() {
+                Ok(Some(status)) => break Exit::Exited(status),
+                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break Exit::Killed;
+                }
+            }
+        })
+        .collect()
+}
+
 /// The checkpoint directory, and the checkpoint to resume from when there is one that this job
 /// may continue.
 fn checkpoint_setup(job: &JobConfig, worlds: std::ops::RangeInclusive<usize>) -> anyhow::Result<CheckpointSetup> {
@@ -381,21 +406,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(()) => tracing::info!(path = %png.display(), "loss curve saved"),
         Err(e) => tracing::warn!(path = %png.display(), error = %e, "cannot save the loss curve"),
     }
+    // Local workers leave on their own after Finish (or STOP); one that does not (stopped, hung)
+    // is killed after the grace period instead of holding the coordinator.
+    let exits = reap(
+        &mut children.lock().expect("children lock"),
+        std::time::Instant::now() + grace.max(Duration::from_secs(10)),
+    );
     if let Some(Err(why)) = svc.outcome() {
-        // The workers were told to STOP: give them a moment to leave on their own.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for c in children.lock().expect("children lock").iter_mut() {
-            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
         anyhow::bail!("{why}; the job is stopped");
     }
-    for c in children.lock().expect("children lock").iter_mut() {
-        let status = c.wait()?;
-        anyhow::ensure!(status.success(), "a worker exited with {status}");
+    for (rank, exit) in exits.iter().enumerate() {
+        match exit {
+            Exit::Exited(status) => anyhow::ensure!(status.success(), "worker {rank} exited with {status}"),
+            Exit::Killed => tracing::warn!(rank, "a local worker was still running after the job ended; killed it"),
+        }
     }
     let (mut dev, mut test) = (None, None);
     for ((split, step), m) in svc.eval_results() {
@@ -416,4 +440,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         summary.write(&job.output.dir).context("writing the run's metrics")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A local worker that does not leave (here `sleep`, as a stopped or hung one) is killed at the
+    /// deadline instead of holding the coordinator; one that left is reported as it exited.
+    #[test]
+    fn reap_kills_what_is_still_running_at_the_deadline() {
+        let spawn = |cmd: &str, args: &[&str]| std::process::Command::new(cmd).args(args).spawn().unwrap();
+        let mut children = vec![spawn("sleep", &["30"]), spawn("true", &[]), spawn("false", &[])];
+        let started = std::time::Instant::now();
+        let exits = reap(&mut children, started + Duration::from_millis(300));
+        assert!(started.elapsed() < Duration::from_secs(5), "reaping took {:?}", started.elapsed());
+        assert!(matches!(exits[0], Exit::Killed));
+        assert!(matches!(&exits[1], Exit::Exited(s) if s.success()));
+        assert!(matches!(&exits[2], Exit::Exited(s) if !s.success()));
+    }
 }
