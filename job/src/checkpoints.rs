@@ -9,6 +9,7 @@
 //!     tokenizer.json ...      the tokenizer files, when rank 0 sent them
 //!     manifest.json           step, data cursor, RNG keys, job config, metrics, file sizes + SHA-256
 //!   .partial-step-00000300-<pid>/   a checkpoint being written (deleted on the next start)
+//!   .lock                     held (flock) by the one live process that uses the directory
 //! ```
 //!
 //! **Architecture Invariant:** a directory named `step-*` is complete. A checkpoint is written
@@ -53,6 +54,11 @@ pub enum CheckpointError {
     Io(PathBuf, std::io::Error),
     #[error("checkpoint directory {dir} is not writable: {source}")]
     NotWritable { dir: PathBuf, source: std::io::Error },
+    #[error(
+        "checkpoint directory {0} is in use by another live process (a second coordinator, or worker train, on the \
+         same checkpoint.dir); stop it, or choose another checkpoint.dir or output.dir"
+    )]
+    Locked(PathBuf),
     #[error("checkpoint {0}: {1}")]
     Invalid(PathBuf, String),
     #[error("{0:?} is not a file a checkpoint may hold (one of {ALLOWED_FILES:?})")]
@@ -151,9 +157,16 @@ pub struct Rng {
     pub epoch: u32,
 }
 
+/// The file in a checkpoint directory that its one live user holds an OS lock on (`flock`,
+/// released when the process dies, so a restarted coordinator is never locked out).
+pub const LOCK_FILE: &str = ".lock";
+
 /// The checkpoint directory and its retention policy.
 #[derive(Debug)]
 pub struct Store {
+    /// The directory's lock, held while the store lives (`None` where the file system has no
+    /// locks).
+    _lock: Option<File>,
     dir: PathBuf,
     keep_last: usize,
     /// `split/metric`; empty for none.
@@ -220,6 +233,21 @@ impl Store {
     pub fn open(dir: &Path, keep_last: usize, best_metric: &str) -> Result<Self, CheckpointError> {
         let not_writable = |source| CheckpointError::NotWritable { dir: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(not_writable)?;
+        // Before anything is cleaned up: another live user's partial checkpoints are its own.
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(dir.join(LOCK_FILE))
+            .map_err(not_writable)?;
+        let lock = match lock.try_lock() {
+            Ok(()) => Some(lock),
+            Err(std::fs::TryLockError::WouldBlock) => return Err(CheckpointError::Locked(dir.to_owned())),
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot lock the checkpoint directory; going on without");
+                None
+            }
+        };
         let probe = dir.join(format!(".probe-{}", std::process::id()));
         File::create(&probe).and_then(|mut f| f.write_all(b"probe")).map_err(not_writable)?;
         std::fs::remove_file(&probe).map_err(not_writable)?;
@@ -235,7 +263,12 @@ impl Store {
                 std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
             }
         }
-        Ok(Store { dir: dir.to_owned(), keep_last: keep_last.max(1), best_metric: best_metric.to_string() })
+        Ok(Store {
+            _lock: lock,
+            dir: dir.to_owned(),
+            keep_last: keep_last.max(1),
+            best_metric: best_metric.to_string(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -558,10 +591,12 @@ mod tests {
         let crashed = dir.join(".partial-step-00000030-1");
         std::fs::create_dir(&crashed).unwrap();
         std::fs::write(crashed.join("model.safetensors"), b"torn").unwrap();
+        drop(store); // the crashed process's lock went with it
         let store = Store::open(&dir, 3, "").unwrap();
         assert!(!crashed.exists());
         assert_eq!(steps(&store), vec![10]);
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n != LOCK_FILE).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("step-00000010")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -578,6 +613,29 @@ mod tests {
         // Re-reaching step 20 replaces the damaged one.
         save(&store, 20, None);
         assert_eq!(store.latest().unwrap().unwrap().1.step, 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// One live user per checkpoint directory: a second store on it is refused, naming it, and
+    /// leaves the first one's partial checkpoint alone; once the first is gone, it opens.
+    #[test]
+    fn a_second_live_store_on_the_same_directory_is_refused() {
+        let dir = scratch("locked");
+        let first = Store::open(&dir, 3, "").unwrap();
+        let mut partial = first.begin(7).unwrap();
+        partial.write("model.safetensors", b"being written").unwrap();
+        let e = Store::open(&dir, 3, "").unwrap_err();
+        assert!(matches!(&e, CheckpointError::Locked(d) if d == &dir), "{e}");
+        assert!(e.to_string().contains("in use by another live process"), "{e}");
+        let partials = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+            .count();
+        assert_eq!(partials, 1, "the refused store cleaned up the live one's partial checkpoint");
+        drop(partial);
+        drop(first);
+        Store::open(&dir, 3, "").unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
