@@ -179,10 +179,15 @@ fn bert_from_vocab(vocab: &Path) -> Result<Tokenizer, ModelError> {
 /// padded to the longest: the masked inputs, each token's position and segment (0 for padding),
 /// and per-token labels (`-100` where the loss does not look). `example_ids` key the dropout
 /// masks (the rows' numbers in the epoch).
-pub fn collate_rows(rows: &[Row], masked: &[job::mlm::Masked], example_ids: &[u32], pad_id: u32) -> Batch {
+pub fn collate_rows<R: std::borrow::Borrow<Row>>(
+    rows: &[R],
+    masked: &[job::mlm::Masked],
+    example_ids: &[u32],
+    pad_id: u32,
+) -> Batch {
     assert_eq!(rows.len(), masked.len(), "one masking per row");
     let b = rows.len();
-    let t = rows.iter().map(Row::len).max().unwrap_or(0);
+    let t = rows.iter().map(|r| r.borrow().len()).max().unwrap_or(0);
     let mut batch = Batch {
         b,
         t,
@@ -195,6 +200,7 @@ pub fn collate_rows(rows: &[Row], masked: &[job::mlm::Masked], example_ids: &[u3
         labels: vec![job::mlm::IGNORE; b * t],
     };
     for (i, (r, m)) in rows.iter().zip(masked).enumerate() {
+        let r = r.borrow();
         let (at, n) = (i * t, r.len());
         assert_eq!(m.inputs.len(), n, "a masking of another row");
         batch.input_ids[at..at + n].copy_from_slice(&m.inputs);

@@ -76,7 +76,6 @@ pub fn collate_examples(examples: &[Example], epoch: u32, mask: Option<&MaskSpec
         .zip(&ids)
         .map(|(r, &i)| job::mlm::mask_row(spec, epoch, u64::from(i), &r.ids, &r.special, &r.word_start))
         .collect();
-    let rows: Vec<Row> = rows.into_iter().cloned().collect();
     collate_rows(&rows, &masked, &ids, pad_id)
 }
 
