@@ -86,8 +86,8 @@ async fn main() -> anyhow::Result<()> {
                 config_sha256: digest,
                 ..Default::default()
             };
-            c.join(req).await?;
-            anyhow::Ok(c)
+            let secret = c.join(req).await?.into_inner().member_secret;
+            anyhow::Ok((c, secret))
         }));
     }
     let mut clients = Vec::new();
@@ -97,10 +97,11 @@ async fn main() -> anyhow::Result<()> {
 
     let t0 = Instant::now();
     let mut streams = Vec::new();
-    for (rank, mut c) in clients.into_iter().enumerate() {
+    for (rank, (mut c, member_secret)) in clients.into_iter().enumerate() {
         let local = Arc::clone(&local);
         streams.push(tokio::spawn(async move {
-            let req = ShardRequest { rank: rank as u32, split: Split::Train as i32, epoch: 0, start: 0, generation: 0 };
+            let req =
+                ShardRequest { rank: rank as u32, split: Split::Train as i32, member_secret, ..Default::default() };
             let mut s = c.stream_shard(req).await?.into_inner();
             let (mut rows, mut tokens) = (0u64, 0u64);
             'stream: while let Some(batch) = s.message().await? {

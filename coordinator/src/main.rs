@@ -131,9 +131,15 @@ fn reap(children: &mut [std::process::Child], deadline: std::time::Instant) -> V
 
 /// The checkpoint directory, and the checkpoint to resume from when there is one that this job
 /// may continue.
-fn checkpoint_setup(job: &JobConfig, worlds: std::ops::RangeInclusive<usize>) -> anyhow::Result<CheckpointSetup> {
+fn checkpoint_setup(
+    job: &JobConfig,
+    worlds: std::ops::RangeInclusive<usize>,
+    train_examples: usize,
+) -> anyhow::Result<CheckpointSetup> {
     let (store, resume) = job::checkpoints::open_for(job, worlds)?;
     Ok(CheckpointSetup {
+        schedule: job::schedule::Schedule::new(&job.train, train_examples)?,
+        every: job.checkpoint.every,
         store,
         resume,
         model_dir: job.output.dir.join("model"),
@@ -207,7 +213,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::ensure!(!cli.spawn_local, "--spawn-local runs its workers over loopback without TLS: drop --tls-cert");
         t.config().map_err(anyhow::Error::msg)?; // bad files fail now, before any worker joins
     }
-    let setup = checkpoint_setup(&job, min_workers..=cli.world_size)?;
+    let train_examples = data.len(proto::v1::Split::Train).unwrap_or(0);
+    let setup = checkpoint_setup(&job, min_workers..=cli.world_size, train_examples)?;
     // A restarted coordinator continues the generation numbers (so that nothing of an earlier
     // generation is mistaken for current); its restart budget starts afresh.
     let mut restarts = coordinator::service::read_state(setup.store.dir())?;

@@ -25,6 +25,8 @@ pub struct Joiner {
     pub hostname: String,
     /// The NCCL unique id it made (empty on CPU); rank 0's is the generation's.
     pub nccl_id: Vec<u8>,
+    /// What the coordinator gave it to prove it is this member (`JoinReply.member_secret`).
+    pub secret: proto::auth::MemberSecret,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,6 +239,11 @@ impl Rendezvous {
         (self.joined(), self.min)
     }
 
+    /// The member of `rank`, once the world is closed.
+    pub fn member(&self, rank: usize) -> Option<&Joiner> {
+        self.slots[*self.world.as_ref()?.get(rank)?].as_ref()
+    }
+
     /// Every member by rank, once the world is closed.
     pub fn members(&self) -> Option<Vec<&Joiner>> {
         let w = self.world.as_ref()?;
@@ -261,6 +268,7 @@ mod tests {
             ring_addr: format!("{host}:29500"),
             hostname: host.into(),
             nccl_id: Vec::new(),
+            secret: proto::auth::MemberSecret::generate(),
         }
     }
 

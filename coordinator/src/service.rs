@@ -15,6 +15,7 @@ use job::data::Datasets;
 use job::eval::{Counts, EvalCounts, MlmCounts};
 use job::pack::{Corpora, CorpusRows};
 use job::progress::{ProgressBoard, StepRecord};
+use job::schedule::{CheckpointAt, Schedule};
 use job::shard;
 use proto::v1::checkpoint_part::Part;
 use proto::v1::coordinator_server::Coordinator;
@@ -65,6 +66,9 @@ pub struct CheckpointSetup {
     pub publish: job::config::Publish,
     /// The resolved job config (recorded in every manifest).
     pub config: serde_json::Value,
+    /// The run's schedule and `checkpoint.every`: an upload must be a checkpoint of it.
+    pub schedule: Schedule,
+    pub every: u64,
 }
 
 /// The largest class count an evaluation report may carry (a bound on message-driven allocation).
@@ -101,7 +105,8 @@ impl From<Corpora> for Data {
 
 impl Data {
     /// Examples (rows) in a split; `None` where the job has no such split.
-    fn len(&self, split: Split) -> Option<usize> {
+    /// How many examples (or corpus rows) `split` holds; None: the job has no such split.
+    pub fn len(&self, split: Split) -> Option<usize> {
         match self {
             Data::Labelled(d) => match split {
                 Split::Train => Some(d.train.len()),
@@ -462,9 +467,10 @@ impl Inner {
         self.ckpt.as_ref().ok_or_else(|| Status::failed_precondition("this coordinator keeps no checkpoints"))
     }
 
-    /// A message of generation `generation` is still current, and its rank is inside the world.
-    fn current(&self, generation: u64, rank: u32) -> Result<usize, Status> {
-        self.state().current(generation, rank as usize).map_err(|r| status(&r))
+    /// A message of generation `generation` is still current, its rank is inside the world, and
+    /// it comes from the worker that joined as that rank ([`JobState::authorize`]).
+    fn authorize(&self, generation: u64, rank: u32, secret: &[u8]) -> Result<usize, Status> {
+        self.state().authorize(generation, rank as usize, secret).map_err(|r| status(&r))
     }
 
     /// The whole job at this moment: what the status page and `/metrics` show. The state's
@@ -555,7 +561,7 @@ fn status(r: &Refusal) -> Status {
     match r {
         Refusal::Failed(_) | Refusal::Stale { .. } => Status::aborted(r.to_string()),
         Refusal::OutsideWorld { .. } | Refusal::Invalid(_) => Status::invalid_argument(r.to_string()),
-        Refusal::NotAllowed(_) => Status::permission_denied(r.to_string()),
+        Refusal::NotAllowed(_) | Refusal::NotMember { .. } => Status::permission_denied(r.to_string()),
         Refusal::Mismatch(_) => Status::failed_precondition(r.to_string()),
         Refusal::Join(e) => match e {
             JoinError::WorldFull { .. } | JoinError::Running { .. } => Status::resource_exhausted(e.to_string()),
@@ -672,8 +678,25 @@ impl Coordinator for CoordinatorService {
             Some(CheckpointPart { part: Some(Part::Header(h)) }) => h,
             _ => return Err(Status::invalid_argument("a checkpoint stream starts with its header")),
         };
-        self.state().accept_upload(header.generation, header.rank as usize).map_err(|r| status(&r))?;
-        self.checkpoint_setup()?;
+        let setup = self.checkpoint_setup()?;
+        {
+            // Only rank 0 uploads, and only a checkpoint the training loop writes at that step.
+            let s = self.state();
+            s.accept_upload(header.generation, header.rank as usize, &header.member_secret).map_err(|r| status(&r))?;
+            let start = s.resume_point().map_or(0, |(_, m)| m.step);
+            let at = CheckpointAt {
+                step: header.step,
+                epoch: header.epoch,
+                position: header.position,
+                train_loss: header.train_loss,
+                is_final: header.r#final,
+            };
+            let local_batch = self.job.batch_size / s.world_size().max(1);
+            setup
+                .schedule
+                .check_checkpoint(setup.every, local_batch, start, &at)
+                .map_err(|why| Status::invalid_argument(format!("checkpoint refused: {why}")))?;
+        }
         let _in_flight = InFlight::new(&self.uploads);
         // The files go to disk on a blocking thread; a stream that breaks off drops the
         // partial checkpoint, which deletes itself.
@@ -720,10 +743,9 @@ impl Coordinator for CoordinatorService {
         // chosen where it restarts from.
         let (world, metrics) = {
             let s = self.state();
-            s.accept_upload(header.generation, 0).map_err(|r| status(&r))?;
+            s.accept_upload(header.generation, 0, &header.member_secret).map_err(|r| status(&r))?;
             (s.world_size() as u32, s.metrics_at(step, header.train_loss))
         };
-        let setup = self.checkpoint_setup()?;
         let cursor = checkpoints::Cursor { epoch: header.epoch, position: header.position, world_size: world };
         let manifest = Manifest::new(step, cursor, self.job.seed, header.r#final, setup.config.clone(), metrics);
         let is_final = header.r#final;
@@ -801,7 +823,7 @@ impl Coordinator for CoordinatorService {
             return Err(Status::permission_denied(format!("rank {} reported progress: only rank 0 does", r.rank)));
         }
         // A report of a generation that is over would put a replaced step into the history.
-        self.current(r.generation, r.rank)?;
+        self.authorize(r.generation, r.rank, &r.member_secret)?;
         let rec = StepRecord {
             step: r.step,
             epoch: r.epoch,
@@ -830,7 +852,7 @@ impl Coordinator for CoordinatorService {
 
     async fn stream_shard(&self, request: Request<ShardRequest>) -> Result<Response<Self::StreamShardStream>, Status> {
         let r = request.into_inner();
-        let rank = self.current(r.generation, r.rank)?;
+        let rank = self.authorize(r.generation, r.rank, &r.member_secret)?;
         let world = self.world_size();
         let split =
             Split::try_from(r.split).map_err(|_| Status::invalid_argument(format!("unknown split {}", r.split)))?;
@@ -874,7 +896,11 @@ impl Coordinator for CoordinatorService {
     async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
         let r = request.into_inner();
         let f = Finished { steps: r.steps, model_dir: r.model_dir };
-        let effect = self.state().finish(r.generation, r.rank as usize, f).map_err(|e| status(&e))?;
+        let effect = {
+            let mut s = self.state();
+            s.authorize(r.generation, r.rank as usize, &r.member_secret).map_err(|e| status(&e))?;
+            s.finish(r.generation, r.rank as usize, f).map_err(|e| status(&e))?
+        };
         self.apply(effect).await;
         Ok(Response::new(FinishReply {}))
     }
@@ -901,8 +927,11 @@ impl Coordinator for CoordinatorService {
                 )))
             }
         };
-        let done =
-            self.state().report_eval(r.generation, r.rank as usize, split, r.step, counts).map_err(|e| status(&e))?;
+        let done = {
+            let mut s = self.state();
+            s.authorize(r.generation, r.rank as usize, &r.member_secret).map_err(|e| status(&e))?;
+            s.report_eval(r.generation, r.rank as usize, split, r.step, counts).map_err(|e| status(&e))?
+        };
         if let Some(m) = done {
             tracing::info!(
                 split = split.name(),
@@ -946,8 +975,11 @@ impl Coordinator for CoordinatorService {
 
     async fn report_checksum(&self, request: Request<ChecksumReport>) -> Result<Response<ChecksumResult>, Status> {
         let r = request.into_inner();
-        let effect =
-            self.state().report_checksum(r.generation, r.rank as usize, r.step, r.checksum).map_err(|e| status(&e))?;
+        let effect = {
+            let mut s = self.state();
+            s.authorize(r.generation, r.rank as usize, &r.member_secret).map_err(|e| status(&e))?;
+            s.report_checksum(r.generation, r.rank as usize, r.step, r.checksum).map_err(|e| status(&e))?
+        };
         self.apply(effect).await;
         let deadline = tokio::time::Instant::now() + self.gather_timeout;
         loop {
@@ -979,8 +1011,11 @@ impl Coordinator for CoordinatorService {
         let mut signal = self.signal.subscribe();
         // A beat of a generation that is over (or of a rank outside the world) is answered,
         // and the stream ends: the worker rejoins or stops.
-        let rank = match self.current(generation, first.rank) {
+        let authorized = self.state().authorize(generation, first.rank as usize, &first.member_secret);
+        let rank = match authorized {
             Ok(rank) => rank,
+            // Nobody acts as another rank: not even to say that it failed, or is gone.
+            Err(e @ Refusal::NotMember { .. }) => return Err(status(&e)),
             Err(_) => {
                 let v = verdict(&signal.borrow_and_update(), generation);
                 let v = if v.action == beat_reply::Action::Continue as i32 {
@@ -1046,6 +1081,7 @@ impl Coordinator for CoordinatorService {
             ring_addr: r.ring_addr,
             hostname: r.hostname,
             nccl_id: r.nccl_id,
+            secret: proto::auth::MemberSecret::generate(),
         };
         if joiner.nccl_id.len() > NCCL_ID_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -1081,6 +1117,7 @@ impl Coordinator for CoordinatorService {
                         job_config_json: self.job.config_json.clone(),
                         ring_peers: a.ring_peers,
                         nccl_id: a.nccl_id,
+                        member_secret: a.secret,
                         labels: match &self.data {
                             Data::Labelled(d) => d.labels.names.clone(),
                             Data::Corpus(_) => Vec::new(),

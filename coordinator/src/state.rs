@@ -63,6 +63,11 @@ pub enum Refusal {
     OutsideWorld { rank: usize, world: usize },
     #[error("{0}")]
     NotAllowed(String),
+    #[error(
+        "this message acts as rank {rank} of generation {generation} without its member secret: only the worker \
+         that joined as rank {rank} acts as it"
+    )]
+    NotMember { rank: usize, generation: u64 },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -97,6 +102,8 @@ pub struct Assignment {
     pub generation: u64,
     pub ring_peers: Vec<String>,
     pub nccl_id: Vec<u8>,
+    /// The member's secret, which its later messages carry.
+    pub secret: Vec<u8>,
     /// The checkpoint the generation starts from: its directory and manifest.
     pub resume: Option<(PathBuf, Manifest)>,
 }
@@ -266,6 +273,17 @@ impl JobState {
             return Err(Refusal::OutsideWorld { rank, world });
         }
         Ok(rank)
+    }
+
+    /// [`JobState::current`], and the message proves that it comes from the worker that joined
+    /// as `rank` (it carries that member's secret): the job token alone does not let a worker
+    /// act as another rank.
+    pub fn authorize(&self, generation: u64, rank: usize, secret: &[u8]) -> Result<usize, Refusal> {
+        let rank = self.current(generation, rank)?;
+        match self.rdv.member(rank) {
+            Some(m) if m.secret.matches(secret) => Ok(rank),
+            _ => Err(Refusal::NotMember { rank, generation }),
+        }
     }
 
     // --- generations, failures, liveness ---
@@ -478,6 +496,7 @@ impl JobState {
                 generation,
                 ring_peers: members.iter().map(|m| m.ring_addr.clone()).collect(),
                 nccl_id: members[0].nccl_id.clone(),
+                secret: members[rank].secret.as_bytes().to_vec(),
                 resume: self.resume.clone(),
             })),
             _ if !self.rdv.is_open() => JoinWait::Left,
@@ -573,11 +592,11 @@ impl JobState {
 
     /// A checkpoint upload from `rank` of `generation` may be written: rank 0 of the running
     /// generation saves.
-    pub fn accept_upload(&self, generation: u64, rank: usize) -> Result<(), Refusal> {
+    pub fn accept_upload(&self, generation: u64, rank: usize, secret: &[u8]) -> Result<(), Refusal> {
         if rank != 0 {
             return Err(Refusal::NotAllowed(format!("rank {rank} sent a checkpoint: only rank 0 saves")));
         }
-        self.current(generation, rank).map(|_| ())
+        self.authorize(generation, rank, secret).map(|_| ())
     }
 
     /// The metrics a checkpoint of `step` records: its training loss and the evaluations of
@@ -671,6 +690,7 @@ mod tests {
             ring_addr: format!("10.0.0.{rank}:29500"),
             hostname: format!("host-{rank}"),
             nccl_id: Vec::new(),
+            secret: proto::auth::MemberSecret::generate(),
         }
     }
 
@@ -699,7 +719,7 @@ mod tests {
         assert_eq!((slot, started), (0, None));
         // Nothing runs yet: a failure report, a stale beat, an upload are refused or ignored.
         assert_eq!(s.fail(generation, "rank 0 died"), None);
-        assert!(matches!(s.accept_upload(generation, 0), Err(Refusal::Stale { .. })));
+        assert!(matches!(s.accept_upload(generation, 0, &[]), Err(Refusal::Stale { .. })));
         // A worker that leaves frees its slot for a replacement.
         assert!(s.leave(0, "host-0"));
         assert_eq!(s.missing(), vec![0, 1]);
@@ -787,22 +807,35 @@ mod tests {
     }
 
     #[test]
-    fn an_upload_of_a_stale_generation_or_another_rank_is_refused() {
+    fn an_upload_of_a_stale_generation_or_another_rank_or_without_the_secret_is_refused() {
         let t0 = Instant::now();
         let mut s = job(2, 3, t0);
+        assert!(matches!(s.accept_upload(0, 0, &[]), Err(Refusal::Stale { .. })), "nothing runs yet");
         let g0 = gather(&mut s, 2, t0);
-        assert_eq!(s.accept_upload(g0, 0), Ok(()));
-        assert!(matches!(s.accept_upload(g0, 1), Err(Refusal::NotAllowed(_))));
+        let secret = |s: &JobState, rank| s.rdv.member(rank).unwrap().secret.as_bytes().to_vec();
+        let (s0, s1) = (secret(&s, 0), secret(&s, 1));
+        assert_ne!(s0, s1);
+        assert_eq!(s.accept_upload(g0, 0, &s0), Ok(()));
+        assert!(matches!(s.accept_upload(g0, 1, &s1), Err(Refusal::NotAllowed(_))));
+        // Rank 1 acting as rank 0: refused, for uploads as for everything else.
+        for wrong in [&s1[..], &[], &s0[..31]] {
+            assert_eq!(s.accept_upload(g0, 0, wrong), Err(Refusal::NotMember { rank: 0, generation: g0 }));
+            assert_eq!(s.authorize(g0, 0, wrong), Err(Refusal::NotMember { rank: 0, generation: g0 }));
+        }
+        assert_eq!(s.authorize(g0, 1, &s1), Ok(1));
         assert!(matches!(s.fail(g0, "rank 1 died"), Some(Effect::Restarting { .. })));
         // Failing already: an upload that started before must not be kept.
-        assert!(matches!(s.accept_upload(g0, 0), Err(Refusal::Stale { .. })));
+        assert!(matches!(s.accept_upload(g0, 0, &s0), Err(Refusal::Stale { .. })));
         s.restart(g0, None, t0);
         assert!(
-            matches!(s.accept_upload(g0, 0), Err(Refusal::Stale { generation, current }) if generation == g0 && current == g0 + 1)
+            matches!(s.accept_upload(g0, 0, &s0), Err(Refusal::Stale { generation, current }) if generation == g0 && current == g0 + 1)
         );
         let g1 = gather(&mut s, 2, t0);
-        assert_eq!(s.accept_upload(g1, 0), Ok(()));
-        assert!(matches!(s.accept_upload(g1 + 1, 0), Err(Refusal::Stale { .. })));
+        // Each generation's members get fresh secrets.
+        assert_eq!(s.accept_upload(g1, 0, &s0), Err(Refusal::NotMember { rank: 0, generation: g1 }));
+        let s0 = secret(&s, 0);
+        assert_eq!(s.accept_upload(g1, 0, &s0), Ok(()));
+        assert!(matches!(s.accept_upload(g1 + 1, 0, &s0), Err(Refusal::Stale { .. })));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! not on each other): the job config and its layers (`config`), the dataset readers and labels
 //! (`data`), the checkpoint directory (`checkpoints`), which examples each rank sees (`shard`), evaluation counts and their metrics
 //! (`eval`), step records and the progress reporter (`progress`), digests of the config and the
-//! model files (`fingerprint`), fault points for the failure tests (`fault`), token shards of a
+//! model files (`fingerprint`), fault points for the failure tests (`fault`), the schedule of a run and the
+//! checkpoints that fit it (`schedule`), token shards of a
 //! pretraining corpus (`tokens`), their documents packed into rows (`pack`) and dynamically
 //! masked (`mlm`), and the binaries' logging and error reporting (`main_with`).
 //!
@@ -17,6 +18,7 @@ pub mod fingerprint;
 pub mod mlm;
 pub mod pack;
 pub mod progress;
+pub mod schedule;
 pub mod shard;
 pub mod tokens;
 

@@ -135,6 +135,36 @@ impl tonic::service::Interceptor for ServerAuth {
     }
 }
 
+/// The secret of one member of one generation: `Join` hands it to the worker it admits, and
+/// every later RPC that acts as that rank carries it, so that holding the job token is not
+/// enough to act as another rank (upload its checkpoint, finish for it, report its failure).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MemberSecret([u8; 32]);
+
+impl std::fmt::Debug for MemberSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemberSecret(<redacted>)")
+    }
+}
+
+impl MemberSecret {
+    /// 32 fresh bytes from the OS.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).expect("the OS random number generator");
+        MemberSecret(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Whether `presented` is this secret, in time independent of where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        bool::from(self.0.as_slice().ct_eq(presented))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

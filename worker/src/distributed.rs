@@ -134,11 +134,11 @@ fn examples_of(batch: ExampleBatch, enc: &TextEncoder, local: Option<&CorpusRows
 /// This rank's shard of an evaluation split, ready for the model.
 async fn fetch_shard(
     client: &mut Client,
-    (rank, generation): (u32, u64),
+    me: &Member,
     split: WireSplit,
     (enc, local): (&TextEncoder, Option<&CorpusRows>),
 ) -> anyhow::Result<Split> {
-    let req = ShardRequest { rank, split: split as i32, epoch: 0, start: 0, generation };
+    let req = ShardRequest { split: split as i32, epoch: 0, start: 0, ..me.shard_request() };
     let mut stream = client.stream_shard(req).await?.into_inner();
     let mut examples = Vec::new();
     while let Some(batch) = stream.message().await? {
@@ -159,7 +159,7 @@ enum Feed {
 fn spawn_feed(
     rt: &tokio::runtime::Runtime,
     mut client: Client,
-    (rank, generation): (u32, u64),
+    me: Member,
     (enc, corpora): (Arc<TextEncoder>, Option<Arc<Corpora>>),
     (epoch, position): (u32, u64),
 ) -> tokio::sync::mpsc::Receiver<anyhow::Result<Feed>> {
@@ -168,7 +168,7 @@ fn spawn_feed(
         let mut start = position;
         for epoch in epoch.. {
             let r: anyhow::Result<()> = async {
-                let req = ShardRequest { rank, split: WireSplit::Train as i32, epoch, start, generation };
+                let req = ShardRequest { split: WireSplit::Train as i32, epoch, start, ..me.shard_request() };
                 let mut stream = client.stream_shard(req).await?.into_inner();
                 while let Some(batch) = stream.message().await? {
                     for e in examples_of(batch, &enc, corpora.as_ref().map(|c| &c.train))? {
@@ -206,9 +206,16 @@ fn evaluate(
     batch_size: usize,
 ) -> anyhow::Result<EvalResult> {
     g.phase(&format!("evaluating {}", split.as_str_name().to_lowercase()));
-    let shard = g.wait(fetch_shard(client, (g.rank as u32, g.generation), split, (enc, local)))?;
-    let mut report =
-        EvalReport { rank: g.rank as u32, split: split as i32, step, generation: g.generation, ..Default::default() };
+    let me = g.member();
+    let shard = g.wait(fetch_shard(client, &me, split, (enc, local)))?;
+    let mut report = EvalReport {
+        rank: me.rank,
+        split: split as i32,
+        step,
+        generation: me.generation,
+        member_secret: me.secret,
+        ..Default::default()
+    };
     match crate::train::count_split(engine, &shard, batch_size, mask, enc.pad_id)? {
         Counts::Classes(c) => {
             (report.classes, report.confusion, report.loss_sum) = (c.classes as u32, c.confusion, c.loss_sum);
@@ -375,11 +382,32 @@ struct Beats {
     failed: tokio::sync::Notify,
 }
 
+/// Who this worker is in a generation: every message that acts as its rank carries all three
+/// (the secret is the one its Join reply gave it).
+#[derive(Clone)]
+struct Member {
+    rank: u32,
+    generation: u64,
+    secret: Vec<u8>,
+}
+
+impl Member {
+    fn shard_request(&self) -> ShardRequest {
+        ShardRequest {
+            rank: self.rank,
+            generation: self.generation,
+            member_secret: self.secret.clone(),
+            ..ShardRequest::default()
+        }
+    }
+}
+
 /// One generation of this worker: its rank, and the plumbing every wait goes through.
 struct Gen<'a> {
     rt: &'a tokio::runtime::Runtime,
     rank: usize,
     generation: u64,
+    secret: Vec<u8>,
     abort: Arc<Abort>,
     beats: Arc<Beats>,
 }
@@ -396,6 +424,10 @@ impl std::fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 impl Gen<'_> {
+    fn member(&self) -> Member {
+        Member { rank: self.rank as u32, generation: self.generation, secret: self.secret.clone() }
+    }
+
     /// Runs `fut` on the runtime until it completes or the generation is interrupted.
     fn wait<T>(&self, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
         self.rt.block_on(async {
@@ -424,7 +456,7 @@ impl Gen<'_> {
 fn spawn_heartbeat(
     rt: &tokio::runtime::Runtime,
     mut client: Client,
-    (rank, generation): (u32, u64),
+    me: Member,
     e: &ElasticSection,
     abort: Arc<Abort>,
     beats: Arc<Beats>,
@@ -433,8 +465,9 @@ fn spawn_heartbeat(
         (ElasticSection::secs(e.heartbeat_interval_s), ElasticSection::secs(e.heartbeat_timeout_s));
     rt.spawn(async move {
         let beat = |b: &Beats| Beat {
-            rank,
-            generation,
+            rank: me.rank,
+            generation: me.generation,
+            member_secret: me.secret.clone(),
             step: b.step.load(Ordering::Relaxed),
             phase: b.phase.lock().expect("phase lock").clone(),
             failure: b.failure.lock().expect("failure lock").clone(),
@@ -672,16 +705,11 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
         let (rank, generation) = (reply.rank as usize, reply.generation);
         let span = tracing::info_span!("worker", rank, generation);
         let _enter = span.enter();
-        let g = Gen { rt: &rt, rank, generation, abort: Arc::default(), beats: Arc::default() };
+        let secret = reply.member_secret.clone();
+        let g = Gen { rt: &rt, rank, generation, secret, abort: Arc::default(), beats: Arc::default() };
         *current.lock().expect("current lock") = Some(Arc::clone(&g.beats));
-        let heartbeat = spawn_heartbeat(
-            &rt,
-            client.clone(),
-            (rank as u32, generation),
-            &job.elastic,
-            g.abort.clone(),
-            g.beats.clone(),
-        );
+        let heartbeat =
+            spawn_heartbeat(&rt, client.clone(), g.member(), &job.elastic, g.abort.clone(), g.beats.clone());
         let result = train_generation(&g, &opts, client, &reply, &job, &listener, &compute);
         let why = match &result {
             // Done: wait for the job's end, since a failure elsewhere can still restart it.
@@ -886,9 +914,8 @@ impl JobIo for RankIo<'_, '_> {
         let g = self.g;
         self.completed.store(step, Ordering::Relaxed);
         g.beats.step.store(step, Ordering::Relaxed);
-        let who = (g.rank as u32, g.generation);
         let data = (Arc::clone(&self.enc), self.corpora.clone());
-        self.feed = Some(spawn_feed(g.rt, self.client.clone(), who, data, cursor));
+        self.feed = Some(spawn_feed(g.rt, self.client.clone(), g.member(), data, cursor));
         if g.rank == 0 {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
             let mut c = self.client.clone();
@@ -951,6 +978,7 @@ impl JobIo for RankIo<'_, '_> {
                 data_wait_s: rec.data_wait_s,
                 step_s: rec.step_s,
                 generation: g.generation,
+                member_secret: g.secret.clone(),
                 forward_s: rec.forward_s,
                 backward_s: rec.backward_s,
                 optimizer_s: rec.optimizer_s,
@@ -960,7 +988,9 @@ impl JobIo for RankIo<'_, '_> {
         if every > 0 && step.is_multiple_of(every) {
             g.phase("comparing parameter checksums");
             let checksum = checksum(&engine.host_params()?.params);
-            let report = ChecksumReport { rank: g.rank as u32, generation: g.generation, step, checksum };
+            let me = g.member();
+            let report =
+                ChecksumReport { rank: me.rank, generation: me.generation, step, checksum, member_secret: me.secret };
             let client = &mut self.client;
             g.wait(async { Ok(client.report_checksum(report).await?) })
                 .with_context(|| format!("comparing parameter checksums at step {step}"))?;
@@ -994,6 +1024,7 @@ impl JobIo for RankIo<'_, '_> {
             train_loss: at.train_loss,
             r#final: at.is_final,
             generation: g.generation,
+            member_secret: g.secret.clone(),
         };
         if at.is_final {
             g.phase("saving the final checkpoint");
@@ -1024,7 +1055,9 @@ impl JobIo for RankIo<'_, '_> {
         self.progress = None;
         let g = self.g;
         let model_dir = std::mem::take(&mut self.model_dir);
-        let fin = FinishRequest { rank: g.rank as u32, model_dir, steps, generation: g.generation };
+        let me = g.member();
+        let fin =
+            FinishRequest { rank: me.rank, model_dir, steps, generation: me.generation, member_secret: me.secret };
         let client = &mut self.client;
         g.wait(async { Ok(client.finish(fin).await?) })?;
         tracing::info!(steps, "finished");

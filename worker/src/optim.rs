@@ -80,17 +80,6 @@ impl AdamW {
     }
 }
 
-/// The number of optimizer steps of a job (`train.epochs` of `per_epoch` steps, capped by
-/// `train.max_steps` when set) and how many of them warm up (`ceil(total * warmup_ratio)`, as
-/// `transformers` computes it).
-pub fn schedule_steps(per_epoch: u64, t: &job::config::TrainSection) -> (u64, u64) {
-    let mut total = per_epoch * u64::from(t.epochs);
-    if t.max_steps > 0 && (total == 0 || t.max_steps < total) {
-        total = t.max_steps;
-    }
-    (total, (total as f64 * t.warmup_ratio).ceil() as u64)
-}
-
 /// The learning rate of the update that follows `done` completed steps.
 pub fn linear_schedule(base: f64, done: u64, warmup: u64, total: u64) -> f64 {
     if done < warmup {

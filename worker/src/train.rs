@@ -15,7 +15,7 @@ use crate::checkpoint;
 use crate::engine::{self, Compute, Engine, Peers};
 use crate::layout::Head;
 use crate::model::{Batch, DropoutCtx};
-use crate::optim::{linear_schedule, schedule_steps, AdamW};
+use crate::optim::{linear_schedule, AdamW};
 use crate::tokenize::{collate, collate_rows, Encoded, TextEncoder};
 use anyhow::Context;
 use job::checkpoints::Cursor;
@@ -26,6 +26,7 @@ use job::eval::{Counts, EvalCounts, EvalMetrics, MlmCounts};
 use job::mlm::MaskSpec;
 use job::pack::Row;
 use job::progress::StepRecord;
+pub use job::schedule::{CheckpointAt, Schedule};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -242,17 +243,6 @@ pub fn evaluate(
     Ok(count_split(engine, split, batch_size, mask, pad_id)?.metrics())
 }
 
-/// Where training stands at a checkpoint: its step, the data cursor of that step in this
-/// world's shards, the training loss of the step, and whether it is the end.
-#[derive(Clone, Debug)]
-pub struct CheckpointAt {
-    pub step: u64,
-    pub epoch: u32,
-    pub position: u64,
-    pub train_loss: f64,
-    pub is_final: bool,
-}
-
 /// The checkpoint a run resumes from, as its I/O found it.
 pub struct Resume {
     /// Where it came from (named in errors).
@@ -313,15 +303,14 @@ pub trait JobIo {
     fn finish(&mut self, steps: u64) -> anyhow::Result<()>;
 }
 
-/// The schedule of a run: a function of the training set's size, the world size and the config.
+/// The schedule of a run (a function of the training set's size and the config) and this rank's
+/// share of each step.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    pub sched: Schedule,
     /// This rank's share of the global batch, and the micro-batch it computes at a time.
     pub local_batch: usize,
     pub micro: usize,
-    pub per_epoch: u64,
-    pub total: u64,
-    pub warmup: u64,
 }
 
 impl Plan {
@@ -333,18 +322,12 @@ impl Plan {
         );
         let local_batch = t.batch_size / world;
         let micro = if t.micro_batch_size == 0 { local_batch } else { t.micro_batch_size.min(local_batch) };
-        let shard_len = train_examples.div_ceil(world);
-        anyhow::ensure!(shard_len > 0, "the training split is empty");
-        // ceil(ceil(n / world) / (batch / world)) = ceil(n / batch): the schedule does not
-        // depend on the world size, so an elastic job keeps it when it continues with fewer.
-        let per_epoch = shard_len.div_ceil(local_batch) as u64;
-        let (total, warmup) = schedule_steps(per_epoch, t);
-        Ok(Plan { local_batch, micro, per_epoch, total, warmup })
+        Ok(Plan { sched: Schedule::new(t, train_examples)?, local_batch, micro })
     }
 
     /// The data cursor of `step` in a rank's shard: (epoch, position).
     pub fn cursor(&self, step: u64) -> (u32, u64) {
-        ((step / self.per_epoch) as u32, (step % self.per_epoch) * self.local_batch as u64)
+        self.sched.cursor(step, self.local_batch)
     }
 }
 
@@ -365,10 +348,10 @@ pub fn run(io: &mut dyn JobIo, job: &JobConfig, compute: &Compute, peers: Peers)
 
     // The steps, with the evaluations and checkpoints due between them.
     let mut train_loss = f64::NAN;
-    while step < plan.total {
+    while step < plan.sched.total {
         train_loss = train_step(io, engine, t, &plan, step)?;
         step += 1;
-        if step < plan.total {
+        if step < plan.sched.total {
             evaluate_and_save(io, engine, job, &plan, step, train_loss)?;
         }
     }
@@ -470,7 +453,7 @@ fn train_step(
     let data_wait = started.elapsed();
     io.phase("training");
     let (world, pad_id, mask) = (io.info().world, io.info().pad_id, io.info().mask);
-    let lr = linear_schedule(t.lr, step, plan.warmup, plan.total);
+    let lr = linear_schedule(t.lr, step, plan.sched.warmup, plan.sched.total);
     let epoch = plan.cursor(step).0;
     let batches: Vec<Batch> =
         local.chunks(plan.micro).map(|m| collate_examples(m, epoch, mask.as_ref(), pad_id)).collect();
@@ -500,7 +483,7 @@ fn train_step(
         optimizer_s: r.optimizer.as_secs_f64(),
         time_s: 0.0,
     };
-    io.step_done(engine, &rec, plan.total)?;
+    io.step_done(engine, &rec, plan.sched.total)?;
     Ok(loss)
 }
 
@@ -531,7 +514,7 @@ fn evaluate_and_save(
     let t = &job.train;
     let ckpt_due = job.checkpoint.every > 0 && step.is_multiple_of(job.checkpoint.every);
     let eval_due =
-        if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(plan.per_epoch) };
+        if t.eval_every > 0 { step.is_multiple_of(t.eval_every) } else { step.is_multiple_of(plan.sched.per_epoch) };
     let mut evaluated = None;
     if let (true, Some(split)) = (eval_due, eval_split) {
         io.evaluate(engine, split, step)?;

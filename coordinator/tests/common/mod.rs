@@ -55,9 +55,10 @@ pub async fn serve_with_token(
 }
 
 /// Joins `world` workers (real Join RPCs, all at once) so that the world of generation 0 is
-/// complete; the RPCs that need a member (shards, evaluations) are accepted from then on.
+/// complete; the RPCs that need a member (shards, evaluations) are accepted from then on, with
+/// the member secret of each rank, returned by rank.
 #[allow(dead_code)]
-pub async fn join_all(url: &str, world: usize) {
+pub async fn join_all(url: &str, world: usize) -> Vec<Vec<u8>> {
     let mut handles = Vec::new();
     for rank in 0..world {
         let url = url.to_string();
@@ -76,7 +77,12 @@ pub async fn join_all(url: &str, world: usize) {
             .unwrap()
         }));
     }
+    let mut secrets = Vec::new();
     for h in handles {
-        assert_eq!(h.await.unwrap().into_inner().generation, 0);
+        let reply = h.await.unwrap().into_inner();
+        assert_eq!(reply.generation, 0);
+        assert_eq!(reply.member_secret.len(), 32);
+        secrets.push(reply.member_secret);
     }
+    secrets
 }
