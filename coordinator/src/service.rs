@@ -202,6 +202,10 @@ pub struct Inner {
     output_dir: PathBuf,
     /// Checkpoint uploads being received now.
     uploads: std::sync::atomic::AtomicUsize,
+    /// Held while the checkpoint directory changes or is chosen from: a commit and its pruning,
+    /// or a restart's choice of checkpoint, one at a time, so that pruning never deletes the
+    /// checkpoint a new generation starts from. Taken before the state lock, never after.
+    dir_lock: Mutex<()>,
 }
 
 /// The gRPC service; clones share one job.
@@ -249,6 +253,7 @@ impl CoordinatorService {
                 telemetry: Mutex::default(),
                 output_dir: PathBuf::new(),
                 uploads: Default::default(),
+                dir_lock: Mutex::default(),
             }),
         }
     }
@@ -349,6 +354,7 @@ impl Inner {
                 Effect::Started => self.changed.notify_waiters(),
                 Effect::Gathered => self.gathered.notify_waiters(),
                 Effect::Restarting { generation, reason } => {
+                    let _dir = self.dir_lock.lock().expect("checkpoint directory lock");
                     let resume = self.ckpt.as_ref().and_then(|c| match c.store.latest() {
                         Ok(latest) => latest,
                         Err(e) => {
@@ -581,14 +587,16 @@ fn eval_split(split: i32) -> Result<EvalSplit, Status> {
     }
 }
 
-/// Writes the restart bookkeeping atomically (a temporary file, fsync, rename).
+/// Writes the restart bookkeeping atomically (a temporary file of a unique name, fsync, rename,
+/// then the directory fsynced).
 pub fn write_state(dir: &std::path::Path, r: &Restarts) -> std::io::Result<()> {
     use std::io::Write;
-    let tmp = dir.join(format!(".{STATE_FILE}.{}", std::process::id()));
+    let tmp = dir.join(format!(".{STATE_FILE}.{}", checkpoints::unique()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(serde_json::to_string_pretty(r).expect("state serialises").as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(STATE_FILE))
+    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads the restart bookkeeping a previous coordinator left in `dir` (default when none).
@@ -753,7 +761,13 @@ impl Coordinator for CoordinatorService {
         let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, checkpoints::CheckpointError> {
             let setup = commit_inner.ckpt.as_ref().expect("checked above");
             job::fault::coordinator_point("commit", step);
-            let path = setup.store.commit(partial, manifest)?;
+            let path = {
+                let _dir = commit_inner.dir_lock.lock().expect("checkpoint directory lock");
+                // The checkpoint the running generation started from: its workers may be
+                // fetching it.
+                let fetched = commit_inner.state().resume_point().map(|(dir, _)| dir.clone());
+                setup.store.commit(partial, manifest, &fetched.iter().map(PathBuf::as_path).collect::<Vec<_>>())?
+            };
             if is_final {
                 let from = setup.store.publish_end(&path, setup.publish, &setup.model_dir)?;
                 tracing::info!(checkpoint = %from.display(), model = %setup.model_dir.display(), "model published");

@@ -8,15 +8,18 @@
 //!     optimizer.safetensors   AdamW moments per tensor; the step count in the metadata
 //!     tokenizer.json ...      the tokenizer files, when rank 0 sent them
 //!     manifest.json           step, data cursor, RNG keys, job config, metrics, file sizes + SHA-256
-//!   .partial-step-00000300-<pid>/   a checkpoint being written (deleted on the next start)
+//!   .partial-step-00000300-<unique>/   a checkpoint being written (deleted on the next start)
 //!   .lock                     held (flock) by the one live process that uses the directory
 //! ```
 //!
 //! **Architecture Invariant:** a directory named `step-*` is complete. A checkpoint is written
-//! under a `.partial-*` name; its files and then the manifest are fsynced, the directory is
-//! renamed to its final name, and the parent directory is fsynced. A crash at any moment leaves
-//! either the whole checkpoint or a `.partial-*` directory that nothing reads. Pruning deletes
-//! only after the new checkpoint is in place, and never the newest one.
+//! under a `.partial-*` name (unique across processes and hosts: not the PID, which is 1 in every
+//! container); its files and then the manifest are fsynced, the directory is renamed to its
+//! final name (exchanged with a damaged one of the same step), and the parent directory is
+//! fsynced. A crash at any moment leaves either the whole checkpoint or a `.partial-*` directory
+//! that nothing reads. Pruning deletes only checkpoints older than the one just committed, after
+//! it is in place, and never the one a new generation is fetching. The published model directory
+//! is replaced the same way, in one step.
 //!
 //! Plain file-system logic: no gRPC here (the service module streams into [`Partial`]).
 
@@ -248,7 +251,7 @@ impl Store {
                 None
             }
         };
-        let probe = dir.join(format!(".probe-{}", std::process::id()));
+        let probe = dir.join(format!(".probe-{}", unique()));
         File::create(&probe).and_then(|mut f| f.write_all(b"probe")).map_err(not_writable)?;
         std::fs::remove_file(&probe).map_err(not_writable)?;
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
@@ -258,9 +261,11 @@ impl Store {
                 let _ = std::fs::remove_file(entry.path()); // a state file whose write was cut off
                 continue;
             }
-            if name.starts_with(".partial-") || name.starts_with(".replaced-") {
+            if name.starts_with(".partial-") {
                 tracing::info!(path = %entry.path().display(), "removing an incomplete checkpoint");
                 std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+            } else if let Some((target, _)) = name.strip_prefix(".replaced-").and_then(|n| n.rsplit_once('-')) {
+                recover(&dir.join(target))?;
             }
         }
         Ok(Store {
@@ -307,7 +312,7 @@ impl Store {
 
     /// Starts writing the checkpoint of `step`.
     pub fn begin(&self, step: u64) -> Result<Partial, CheckpointError> {
-        let dir = self.dir.join(format!(".partial-{}-{}", dir_name(step), std::process::id()));
+        let dir = self.dir.join(format!(".partial-{}-{}", dir_name(step), unique()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(io(&dir))?;
         Ok(Partial { dir, step, files: BTreeMap::new(), committed: false })
@@ -315,8 +320,14 @@ impl Store {
 
     /// Completes a checkpoint: checks that it holds the required files, fsyncs them, writes the
     /// manifest (with the files' sizes and hashes filled in), renames the directory into place,
-    /// and prunes old checkpoints. Returns the checkpoint's directory.
-    pub fn commit(&self, mut partial: Partial, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
+    /// and prunes old checkpoints (never one of `protect`: the one a new generation is fetching).
+    /// Returns the checkpoint's directory.
+    pub fn commit(
+        &self,
+        mut partial: Partial,
+        mut manifest: Manifest,
+        protect: &[&Path],
+    ) -> Result<PathBuf, CheckpointError> {
         for req in REQUIRED_FILES {
             if !partial.files.contains_key(*req) {
                 return Err(CheckpointError::Invalid(partial.dir.clone(), format!("{req} was not sent")));
@@ -332,20 +343,12 @@ impl Store {
         let mut f = File::create(&mpath).map_err(io(&mpath))?;
         f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(io(&mpath))?;
         sync_dir(&partial.dir)?;
+        // A damaged checkpoint of the same step (`latest` skipped it) is replaced only now that
+        // its replacement is complete.
         let target = self.dir.join(dir_name(partial.step));
-        if target.exists() {
-            // A damaged checkpoint of the same step (`latest` skipped it): set it aside only now
-            // that its replacement is complete.
-            let aside = self.dir.join(format!(".replaced-{}-{}", dir_name(partial.step), std::process::id()));
-            std::fs::rename(&target, &aside).map_err(io(&target))?;
-            std::fs::rename(&partial.dir, &target).map_err(io(&target))?;
-            let _ = std::fs::remove_dir_all(&aside);
-        } else {
-            std::fs::rename(&partial.dir, &target).map_err(io(&target))?;
-        }
+        install_dir(&partial.dir, &target)?;
         partial.committed = true;
-        sync_dir(&self.dir)?;
-        self.prune()?;
+        self.prune(&target, protect)?;
         Ok(target)
     }
 
@@ -362,18 +365,37 @@ impl Store {
         Ok(from)
     }
 
-    /// Keeps the `keep_last` newest checkpoints and the best by `best_metric`; deletes the rest.
-    pub fn prune(&self) -> Result<Vec<PathBuf>, CheckpointError> {
+    /// Prunes after `just` was committed: keeps it, the `keep_last - 1` newest complete ones
+    /// before it, the best by `best_metric`, and `protect`; deletes the other checkpoints older
+    /// than `just`. Newer ones (left by an earlier run and skipped on resume as damaged, or from
+    /// steps the job will write again) are neither counted nor deleted: a damaged newer
+    /// checkpoint can never make pruning delete the one just written. "Complete" is checked by
+    /// the files' sizes against the manifest (no hashing here: that is `latest`'s job).
+    pub fn prune(&self, just: &Path, protect: &[&Path]) -> Result<Vec<PathBuf>, CheckpointError> {
         let all = self.list()?;
-        let keep_from = all.len().saturating_sub(self.keep_last);
+        let Some(at) = all.iter().find(|(d, _)| d == just).map(|(_, m)| m.step) else {
+            return Ok(Vec::new()); // not a listed checkpoint: nothing is judged against it
+        };
         let best = self.best(&all);
+        let older: Vec<&(PathBuf, Manifest)> = all.iter().filter(|(_, m)| m.step < at).collect();
+        let complete = |d: &Path, m: &Manifest| {
+            m.files.iter().all(|(name, f)| std::fs::metadata(d.join(name)).is_ok_and(|md| md.len() == f.bytes))
+        };
+        let mut kept = 1; // `just`
         let mut removed = Vec::new();
-        for (i, (dir, _)) in all.iter().enumerate() {
-            if i >= keep_from || Some(dir) == best.as_ref() {
+        for (dir, m) in older.into_iter().rev() {
+            if Some(dir) == best.as_ref() || protect.contains(&dir.as_path()) {
+                continue;
+            }
+            if kept < self.keep_last && complete(dir, m) {
+                kept += 1;
                 continue;
             }
             std::fs::remove_dir_all(dir).map_err(io(dir))?;
             removed.push(dir.clone());
+        }
+        if !removed.is_empty() {
+            sync_dir(&self.dir)?;
         }
         Ok(removed)
     }
@@ -415,6 +437,7 @@ pub fn open_for(
 ) -> anyhow::Result<(Store, Option<(PathBuf, Manifest)>)> {
     let c = &job.checkpoint;
     let store = Store::open(&job.checkpoint_dir(), c.keep_last, &c.best_metric)?;
+    recover(&job.output.dir.join("model"))?;
     let resume = match store.latest()? {
         None => None,
         Some((dir, _)) if !c.resume => anyhow::bail!(
@@ -454,14 +477,13 @@ pub fn open_for(
 
 /// Publishes the model files of a checkpoint (weights, config, tokenizer: not the optimizer
 /// state or the manifest) as the model directory `to`, which `transformers` loads. The copy is
-/// made under a temporary name and renamed into place; an older model directory there is
-/// replaced only once the new one is complete.
+/// made under a temporary name, fsynced, and put in place in one step ([`install_dir`]): a crash
+/// at any moment leaves the old model directory or the new one, whole.
 pub fn publish_model(checkpoint: &Path, to: &Path) -> Result<(), CheckpointError> {
     let parent = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".partial-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    recover(to)?;
+    let tmp = parent.join(format!(".partial-{}-{}", file_name(to), unique()));
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
     for f in ALLOWED_FILES.iter().filter(|f| **f != "optimizer.safetensors") {
         let src = checkpoint.join(f);
@@ -472,15 +494,81 @@ pub fn publish_model(checkpoint: &Path, to: &Path) -> Result<(), CheckpointError
         }
     }
     sync_dir(&tmp)?;
-    if to.exists() {
-        let old = parent.join(format!(".replaced-{name}-{}", std::process::id()));
-        std::fs::rename(to, &old).map_err(io(to))?;
-        std::fs::rename(&tmp, to).map_err(io(to))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(&tmp, to).map_err(io(to))?;
+    crate::fault::coordinator_point("publish-copied", 0);
+    install_dir(&tmp, to)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+/// A name no other process or host picks: the PID is 1 in every container, so it is mixed with
+/// the time and a per-process random key (std's `RandomState`), and a counter.
+pub fn unique() -> String {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:016x}", KEY.get_or_init(Default::default).hash_one((std::process::id(), nanos, n)))
+}
+
+/// Puts the complete directory `new` at `target` in one step, then fsyncs their parent: a
+/// rename when nothing is at `target`, else an exchange of the two (`renameat2` with
+/// `RENAME_EXCHANGE`), after which the old directory, now at `new`'s name, is deleted. Where
+/// the file system cannot exchange, the old one is first renamed to `.replaced-<name>-*`: a
+/// crash between the two renames leaves no `target`, and [`recover`] puts the old one back.
+fn install_dir(new: &Path, target: &Path) -> Result<(), CheckpointError> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !target.exists() {
+        std::fs::rename(new, target).map_err(io(target))?;
+        return sync_dir(parent);
+    }
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, new, CWD, target, RenameFlags::EXCHANGE) {
+        Ok(()) => {
+            sync_dir(parent)?;
+            crate::fault::coordinator_point("install-swapped", 0);
+            std::fs::remove_dir_all(new).map_err(io(new))?;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, target = %target.display(), "cannot exchange directories here; two renames");
+            let aside = parent.join(format!(".replaced-{}-{}", file_name(target), unique()));
+            std::fs::rename(target, &aside).map_err(io(target))?;
+            std::fs::rename(new, target).map_err(io(target))?;
+            sync_dir(parent)?;
+            std::fs::remove_dir_all(&aside).map_err(io(&aside))?;
+        }
     }
     sync_dir(parent)
+}
+
+/// Cleans up what a crash of [`publish_model`] or [`install_dir`] left beside `target`:
+/// `.partial-<name>-*` copies are deleted; a `.replaced-<name>-*` directory is put back when
+/// `target` is missing (the crash fell between the two renames), else deleted.
+pub fn recover(target: &Path) -> Result<(), CheckpointError> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = file_name(target);
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
+    for entry in entries {
+        let entry = entry.map_err(io(parent))?;
+        let n = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if n.starts_with(&format!(".partial-{name}-")) {
+            tracing::info!(path = %path.display(), "removing an incomplete copy");
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        } else if n.starts_with(&format!(".replaced-{name}-")) {
+            if target.exists() {
+                std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            } else {
+                tracing::warn!(path = %path.display(), target = %target.display(), "putting back what a crash left aside");
+                std::fs::rename(&path, target).map_err(io(target))?;
+                sync_dir(parent)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
@@ -549,7 +637,7 @@ mod tests {
         for f in REQUIRED_FILES {
             p.write(f, format!("{f} at {step}").as_bytes()).unwrap();
         }
-        store.commit(p, manifest(step, acc)).unwrap()
+        store.commit(p, manifest(step, acc), &[]).unwrap()
     }
 
     fn steps(store: &Store) -> Vec<u64> {
@@ -585,7 +673,7 @@ mod tests {
         // The writer forgets a file: the commit is refused, nothing changes.
         let mut p = store.begin(20).unwrap();
         p.write("model.safetensors", b"x").unwrap();
-        let e = store.commit(p, manifest(20, None)).unwrap_err();
+        let e = store.commit(p, manifest(20, None), &[]).unwrap_err();
         assert!(e.to_string().contains("optimizer.safetensors was not sent"), "{e}");
         // A crash of the whole process leaves a .partial directory: the next open removes it.
         let crashed = dir.join(".partial-step-00000030-1");
@@ -636,6 +724,110 @@ mod tests {
         drop(partial);
         drop(first);
         Store::open(&dir, 3, "").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An earlier run left a newer checkpoint whose bytes were damaged (`latest` skipped it, so
+    /// the job resumed from an older one): pruning after the next commit keeps the checkpoint
+    /// just committed (and one a new generation is fetching), whatever the damaged one holds.
+    #[test]
+    fn prune_with_a_damaged_newer_checkpoint_keeps_the_one_just_committed() {
+        let dir = scratch("prune-damaged");
+        let store = Store::open(&dir, 1, "").unwrap();
+        save(&store, 10, None);
+        let newer = save(&store, 20, None);
+        assert_eq!(steps(&store), vec![20]);
+        save(&store, 10, None);
+        std::fs::write(newer.join("model.safetensors"), b"model.safetensors at 2X").unwrap(); // same size
+        assert_eq!(store.latest().unwrap().unwrap().1.step, 10, "the damaged one is skipped");
+        let just = save(&store, 12, None);
+        assert!(just.join(MANIFEST).exists(), "the checkpoint just committed was pruned");
+        assert_eq!(steps(&store), vec![12, 20], "older ones pruned; the newer one neither counted nor deleted");
+        assert_eq!(store.latest().unwrap().unwrap().0, just);
+        // A checkpoint being fetched is kept past keep_last.
+        let mut p = store.begin(14).unwrap();
+        for f in REQUIRED_FILES {
+            p.write(f, b"x").unwrap();
+        }
+        store.commit(p, manifest(14, None), &[just.as_path()]).unwrap();
+        assert_eq!(steps(&store), vec![12, 14, 20]);
+        save(&store, 16, None);
+        assert_eq!(steps(&store), vec![16, 20]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The model files of `dir` (a checkpoint or a published model), by name.
+    fn model_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+            .filter(|(n, _)| n != MANIFEST && n != "optimizer.safetensors")
+            .collect()
+    }
+
+    /// Run by `publish_killed_at_every_step_leaves_a_complete_model` in a child process, which
+    /// `TANDEM_FAULT` kills at the point under test.
+    #[test]
+    #[ignore = "a child process of publish_killed_at_every_step_leaves_a_complete_model"]
+    fn publish_child() {
+        let dir = PathBuf::from(std::env::var("TANDEM_TEST_PUBLISH").unwrap());
+        publish_model(&dir.join("checkpoints/step-00000020"), &dir.join("model")).unwrap();
+    }
+
+    /// The coordinator is SIGKILLed at every point of publishing a model over an older one:
+    /// `model/` is afterwards the old model or the new one, whole, and the next publish (after
+    /// the start's clean-up) leaves the new one and no leftovers.
+    #[test]
+    fn publish_killed_at_every_step_leaves_a_complete_model() {
+        for point in ["publish-copied", "install-swapped"] {
+            let dir = scratch(&format!("publish-{point}"));
+            let store = Store::open(&dir.join("checkpoints"), 3, "").unwrap();
+            let (old, new) = (save(&store, 10, None), save(&store, 20, None));
+            let model = dir.join("model");
+            publish_model(&old, &model).unwrap();
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "checkpoints::tests::publish_child", "--ignored", "--quiet"])
+                .env("TANDEM_FAULT", format!("coordinator:{point}@0"))
+                .env("TANDEM_TEST_PUBLISH", &dir)
+                .output()
+                .unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&child.status),
+                Some(9),
+                "{point}: the child was not killed: {}",
+                String::from_utf8_lossy(&child.stderr)
+            );
+            let after = model_files(&model);
+            assert!(after == model_files(&old) || after == model_files(&new), "{point}: a torn model: {after:?}");
+            let leftovers = |d: &Path| {
+                std::fs::read_dir(d)
+                    .unwrap()
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            };
+            assert_eq!(leftovers(&dir), 1, "{point}: the killed publish left its copy behind");
+            recover(&model).unwrap();
+            assert_eq!(leftovers(&dir), 0, "{point}: the start's clean-up");
+            publish_model(&new, &model).unwrap();
+            assert_eq!(model_files(&model), model_files(&new));
+            assert_eq!(leftovers(&dir), 0);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    /// A crash between the two renames of the fallback (file systems without an exchange)
+    /// leaves no model directory: the next start puts the old one back.
+    #[test]
+    fn a_model_set_aside_by_a_crash_is_put_back() {
+        let dir = scratch("put-back");
+        std::fs::create_dir_all(dir.join(".replaced-model-1")).unwrap();
+        std::fs::write(dir.join(".replaced-model-1/config.json"), b"{}").unwrap();
+        std::fs::create_dir_all(dir.join(".partial-model-2")).unwrap();
+        recover(&dir.join("model")).unwrap();
+        assert_eq!(std::fs::read(dir.join("model/config.json")).unwrap(), b"{}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "only model/ is left");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

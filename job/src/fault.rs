@@ -8,7 +8,10 @@
 //! - `rank<N>:step@S`: right after step S;
 //! - `rank<N>:perturb@S`: not a kill: after step S the rank nudges one parameter, a silent
 //!   desync for the parameter checksums to catch;
-//! - `coordinator:commit@S`: with the checkpoint of step S written but not yet complete.
+//! - `coordinator:commit@S`: with the checkpoint of step S written but not yet complete;
+//! - `coordinator:publish-copied@0`: with a model being published copied, not yet in place;
+//! - `coordinator:install-swapped@0`: with a directory exchanged into place (a published model,
+//!   or a checkpoint replacing a damaged one of its step), the old one not yet deleted.
 //!
 //! A worker fires only in the job's first generation (a replacement started with the same
 //! environment does not kill itself again); `worker train` is rank 0 of generation 0 and has the

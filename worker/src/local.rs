@@ -189,7 +189,7 @@ impl JobIo for LocalIo<'_> {
         let metrics = checkpoints::step_metrics(at.train_loss, evals);
         let config = serde_json::to_value(self.job)?;
         let manifest = Manifest::new(at.step, cursor, self.job.train.seed, at.is_final, config, metrics);
-        let path = self.store.commit(partial, manifest)?;
+        let path = self.store.commit(partial, manifest, &[])?;
         tracing::info!(step = at.step, path = %path.display(), "checkpoint saved");
         if at.is_final {
             let model_dir = self.model_dir();
