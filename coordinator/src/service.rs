@@ -541,9 +541,15 @@ impl Inner {
         }
     }
 
-    /// The loss curve (and evaluation accuracies) as a PNG.
+    /// The loss curve (and evaluation accuracies) as a PNG, drawn without the telemetry's lock.
     pub fn loss_png(&self) -> Vec<u8> {
-        self.telemetry.lock().expect("telemetry lock").plot_png()
+        let series = self.telemetry.lock().expect("telemetry lock").plot_series();
+        crate::telemetry::loss_chart(&series)
+    }
+
+    /// The telemetry's version ([`Telemetry::changes`]): the loss chart changes only with it.
+    pub fn telemetry_changes(&self) -> u64 {
+        self.telemetry.lock().expect("telemetry lock").changes()
     }
 
     /// What the ranks reported when they finished (rank 0's model directory among it).

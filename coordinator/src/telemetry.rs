@@ -54,6 +54,8 @@ pub struct Telemetry {
     total_steps: u64,
     totals: Totals,
     tensorboard: Option<EventWriter>,
+    /// Records taken so far ([`Telemetry::changes`]).
+    changes: u64,
 }
 
 impl Default for Telemetry {
@@ -65,6 +67,7 @@ impl Default for Telemetry {
             total_steps: 0,
             totals: Totals::default(),
             tensorboard: None,
+            changes: 0,
         }
     }
 }
@@ -83,6 +86,7 @@ impl Telemetry {
 
     /// Rank 0's report of a completed step (`r.time_s` already set).
     pub fn record_step(&mut self, r: StepRecord, total_steps: u64) {
+        self.changes += 1;
         self.total_steps = total_steps;
         let t = &mut self.totals;
         t.steps += 1;
@@ -115,6 +119,7 @@ impl Telemetry {
 
     /// A split's evaluation at a step, once every rank has reported.
     pub fn record_eval(&mut self, split: &str, step: u64, m: &EvalMetrics) {
+        self.changes += 1;
         self.evals.retain(|e| !(e.split == split && e.step >= step));
         if let Some(tb) = &mut self.tensorboard {
             let named: Vec<(String, f64)> = m.named().into_iter().map(|(k, v)| (format!("{split}/{k}"), v)).collect();
@@ -134,9 +139,15 @@ impl Telemetry {
 
     /// The job restarts from the checkpoint of `step`: TensorBoard drops what it shows past it.
     pub fn record_restart(&mut self, step: u64, checkpoint: &str) {
+        self.changes += 1;
         if let Some(tb) = &mut self.tensorboard {
             tb.session_start(step, checkpoint);
         }
+    }
+
+    /// How many records have changed the history: a version for what is drawn from it.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     pub fn last(&self) -> Option<&StepRecord> {
@@ -180,8 +191,9 @@ impl Telemetry {
         }
     }
 
-    /// Draws the loss curve (and the evaluation accuracy) as a PNG.
-    pub fn plot_png(&self) -> Vec<u8> {
+    /// The loss curve and the evaluation accuracies: what [`loss_chart`] draws (copied, so that
+    /// it is drawn without the telemetry's lock).
+    pub fn plot_series(&self) -> Vec<Series> {
         let loss: Vec<(f64, f64)> = self.steps.iter().map(|r| (r.step as f64, r.loss)).collect();
         let mut series = vec![Series { name: "train loss".into(), points: loss, style: Style::Noisy }];
         let mut splits: Vec<&str> = self.evals.iter().map(|e| e.split.as_str()).collect();
@@ -192,8 +204,13 @@ impl Telemetry {
             let points = self.evals.iter().filter(|e| e.split == split).map(|e| (e.step as f64, e.accuracy)).collect();
             series.push(Series { name: format!("{} accuracy", split.to_lowercase()), points, style: Style::Marked });
         }
-        line_chart_png(&series, "step", "loss", "accuracy")
+        series
     }
+}
+
+/// Draws the loss curve (and the evaluation accuracy) as a PNG.
+pub fn loss_chart(series: &[Series]) -> Vec<u8> {
+    line_chart_png(series, "step", "loss", "accuracy")
 }
 
 /// A worker of the current generation as the coordinator last heard from it.
