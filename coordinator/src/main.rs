@@ -91,7 +91,8 @@ struct Cli {
     #[arg(long)]
     no_progress: bool,
     /// After the job ends, how long open connections (a health Watch stream, a stalled worker)
-    /// may keep the coordinator from exiting, in seconds; then it exits anyway.
+    /// and local workers that have not exited may keep the coordinator from exiting, in seconds;
+    /// then it exits anyway (killing those workers) with the job's result.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_S", default_value_t = 10)]
     shutdown_grace_s: u64,
 }
@@ -373,7 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Graceful shutdown waits for every connection to close; after the grace period the
     // coordinator stops waiting (an open health Watch or a stopped worker would hold it forever).
-    let (ended_tx, mut ended_rx) = tokio::sync::watch::channel(false);
+    let (ended_tx, mut ended_rx) = tokio::sync::watch::channel(None::<std::time::Instant>);
     let grace = Duration::from_secs(cli.shutdown_grace_s);
     let max_connections = coordinator::limits::max_connections(cli.world_size);
     let incoming = coordinator::limits::limit(
@@ -393,13 +394,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             done.all_finished.notified().await;
             // Let the last replies (Finish, the STOP of the heartbeats) go out.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let _ = ended_tx.send(true);
+            let _ = ended_tx.send(Some(std::time::Instant::now()));
         });
     rt.block_on(async {
         tokio::select! {
             served = server => served.context("serving gRPC"),
             _ = async {
-                let _ = ended_rx.wait_for(|ended| *ended).await;
+                let _ = ended_rx.wait_for(Option::is_some).await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(grace_s = grace.as_secs(), "connections still open after the job ended; exiting anyway");
@@ -414,11 +415,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(path = %png.display(), error = %e, "cannot save the loss curve"),
     }
     // Local workers leave on their own after Finish (or STOP); one that does not (stopped, hung)
-    // is killed after the grace period instead of holding the coordinator.
-    let exits = reap(
-        &mut children.lock().expect("children lock"),
-        std::time::Instant::now() + grace.max(Duration::from_secs(10)),
-    );
+    // is killed when the grace period after the job's end runs out, instead of holding the
+    // coordinator: one grace period for connections and workers alike.
+    let ended_at = (*ended_rx.borrow()).unwrap_or_else(std::time::Instant::now);
+    let exits = reap(&mut children.lock().expect("children lock"), ended_at + grace);
     if let Some(Err(why)) = svc.outcome() {
         anyhow::bail!("{why}; the job is stopped");
     }

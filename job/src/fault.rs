@@ -8,6 +8,8 @@
 //! - `rank<N>:step@S`: right after step S;
 //! - `rank<N>:perturb@S`: not a kill: after step S the rank nudges one parameter, a silent
 //!   desync for the parameter checksums to catch;
+//! - `rank<N>:finished@S`: not a kill: having finished a job of S steps, the rank SIGSTOPs
+//!   itself (a worker that hangs at the end, for the coordinator's shutdown grace period);
 //! - `coordinator:commit@S`: with the checkpoint of step S written but not yet complete;
 //! - `coordinator:publish-copied@0`: with a model being published copied, not yet in place;
 //! - `coordinator:install-swapped@0`: with a directory exchanged into place (a published model,
@@ -58,6 +60,12 @@ pub fn kill_self(what: &str) -> ! {
     loop {
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+/// SIGSTOPs this process (as `kill -STOP` from outside): it hangs until SIGCONT or SIGKILL.
+pub fn stop_self(what: &str) {
+    eprintln!("TANDEM_FAULT: stopping this process (pid {}) {what}", std::process::id());
+    let _ = std::process::Command::new("sh").args(["-c", &format!("kill -STOP {}", std::process::id())]).status();
 }
 
 /// The coordinator's injection points.

@@ -401,8 +401,10 @@ fn prometheus_parsing_catches_a_malformed_line() {
 fn an_open_watch_stream_does_not_keep_the_coordinator_from_exiting() {
     let dir = scratch("grace");
     let cfg = checkpointed_job(&dir, 10);
-    let mut c = coordinator(&cfg, 1, &dir.join("out"));
+    let mut c = coordinator(&cfg, 2, &dir.join("out"));
     c.args(["--no-http", "--shutdown-grace-s", "2"]);
+    // Rank 1 hangs once it has finished (SIGSTOP): the coordinator cannot wait for it to exit.
+    c.env("TANDEM_FAULT", "rank1:finished@10");
     let mut job = Running::start(c);
     let grpc = job.logged("coordinator listening addr=");
     // The watcher: its own runtime on its own thread, reading the stream until it ends.
@@ -422,20 +424,30 @@ fn an_open_watch_stream_does_not_keep_the_coordinator_from_exiting() {
     });
     assert!(opened.recv_timeout(Duration::from_secs(60)).unwrap(), "the Watch stream did not open");
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut ended: Option<Instant> = None;
     let status = loop {
         if let Some(status) = job.child.try_wait().unwrap() {
             break status;
         }
+        if ended.is_none() && job.log().contains("model published") {
+            ended = Some(Instant::now());
+        }
         if Instant::now() > deadline {
             job.child.kill().unwrap();
-            panic!("the coordinator did not exit with a Watch stream open:\n{}", job.log());
+            panic!("the coordinator did not exit with a Watch stream open and a stopped worker:\n{}", job.log());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     };
+    let took = ended.map(|t| t.elapsed());
     std::thread::sleep(Duration::from_millis(200)); // the log thread's last lines
     let log = job.log();
-    assert!(status.success(), "{log}");
+    assert!(status.success(), "the job's exit code: {status}\n{log}");
+    assert!(log.contains("TANDEM_FAULT: stopping this process"), "rank 1 did not stop itself:\n{log}");
     assert!(log.contains("exiting anyway"), "the stream was closed before the grace period ran out:\n{log}");
+    assert!(log.contains("still running after the job ended; killed it"), "the stopped worker:\n{log}");
+    // One grace period (2 s) for the connections and the local workers, with a loaded machine's
+    // margin.
+    assert!(took.is_some_and(|t| t < Duration::from_secs(15)), "exited {took:?} after the job ended:\n{log}");
     assert!(dir.join("out/model/model.safetensors").exists(), "the job's model is published");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -644,6 +644,7 @@ pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let listener = TcpListener::bind(opts.ring_listen).with_context(|| format!("binding {}", opts.ring_listen))?;
     let ring_addr = opts.ring_advertise.clone().unwrap_or(listener.local_addr()?.to_string());
+    tracing::info!(listen = %listener.local_addr()?, advertised = ring_addr, "ring listener");
     // The host name and the process id: several local workers share a host.
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -1061,6 +1062,9 @@ impl JobIo for RankIo<'_, '_> {
         let client = &mut self.client;
         g.wait(async { Ok(client.finish(fin).await?) })?;
         tracing::info!(steps, "finished");
+        if job::fault::worker_due(g.rank, g.generation, "finished", steps) {
+            job::fault::stop_self("after it finished");
+        }
         Ok(())
     }
 }
