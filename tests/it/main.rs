@@ -5,6 +5,7 @@ mod data;
 mod deploy;
 mod determinism;
 mod distributed;
+mod hostile;
 mod minilm;
 mod observe;
 mod parity;

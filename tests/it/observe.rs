@@ -146,13 +146,13 @@ fn png_size(png: &[u8]) -> (u32, u32) {
 }
 
 /// A job's coordinator with its stderr collected; the gRPC and HTTP addresses it logged.
-struct Running {
-    child: std::process::Child,
+pub(crate) struct Running {
+    pub(crate) child: std::process::Child,
     log: Arc<Mutex<String>>,
 }
 
 impl Running {
-    fn start(mut c: Command) -> Self {
+    pub(crate) fn start(mut c: Command) -> Self {
         let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (stderr, sink) = (child.stderr.take().unwrap(), Arc::clone(&log));
@@ -166,12 +166,12 @@ impl Running {
         Running { child, log }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 
     /// The value logged after `key` (e.g. `url="http://..."`), once it is logged.
-    fn logged(&self, key: &str) -> String {
+    pub(crate) fn logged(&self, key: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(rest) = self.log().split(key).nth(1) {
@@ -185,7 +185,7 @@ impl Running {
 
 /// The coordinator's grpc.health.v1 answer for `service`, asked without the job token (as a
 /// Kubernetes probe asks): the serving status, or the gRPC error code.
-fn health(grpc: &str, service: &str) -> Result<i32, tonic::Code> {
+pub(crate) fn health(grpc: &str, service: &str) -> Result<i32, tonic::Code> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
