@@ -21,8 +21,11 @@ echo "check-deploy: deploy/Dockerfile passes hadolint"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cp -r deploy/k8s "$tmp/k8s"
-# The token file is the user's (kept out of git); any content renders the same manifests.
+# The token and TLS files are the user's (deploy/k8s/make-secrets.sh; kept out of git); any
+# content renders the same manifests.
 echo "placeholder-token-for-validation" > "$tmp/k8s/base/job-token.txt"
+mkdir -p "$tmp/k8s/base/tls"
+for f in ca.pem tls.crt tls.key; do echo "placeholder $f" > "$tmp/k8s/base/tls/$f"; done
 
 # Flags and variables the manifests pass vs the binaries' --help. POD_IP only feeds
 # $(POD_IP) in TANDEM_RING_ADVERTISE.

@@ -5,6 +5,11 @@ pub use job::eval::EvalSplit;
 use job::eval::{Counts, EvalMetrics};
 use std::collections::BTreeMap;
 
+/// Gathers (evaluations here, checksums in the state) that may be incomplete at once: the ranks
+/// move in step, so a real job has one or two; a member that reports step after step nobody else
+/// reaches is refused past this, instead of piling up memory.
+pub const MAX_PENDING: usize = 8;
+
 /// Collects the ranks' counts per (split, step) and says when a set is complete. Refusals (a rank
 /// outside the world, a second report, counts of another shape) change nothing.
 #[derive(Debug)]
@@ -43,6 +48,13 @@ impl EvalBoard {
         }
         // A restarted job evaluates a step again: the new counts replace the old result.
         if !self.pending.contains_key(&(split, step)) {
+            if self.pending.len() >= MAX_PENDING {
+                return Err(format!(
+                    "rank {rank}: {MAX_PENDING} evaluations are incomplete already; the {} split at step {step} is not \
+                     one the other ranks have reached",
+                    split.name()
+                ));
+            }
             self.done.remove(&(split, step));
         }
         let slots = self.pending.entry((split, step)).or_insert_with(|| vec![None; self.world]);
@@ -50,10 +62,13 @@ impl EvalBoard {
             // Counts of another shape cannot be merged: refuse them now, not when the set is full.
             other.clone().merge(&counts).map_err(|e| format!("rank {rank}: {e}"))?;
         }
-        if slots[rank].is_some() {
+        let Some(slot) = slots.get_mut(rank) else {
+            return Err(format!("rank {rank} is outside the world of {}", slots.len()));
+        };
+        if slot.is_some() {
             return Err(format!("rank {rank} already reported the {} split at step {step}", split.name()));
         }
-        slots[rank] = Some(counts);
+        *slot = Some(counts);
         if slots.iter().any(Option::is_none) {
             return Ok(None);
         }
@@ -110,6 +125,12 @@ mod tests {
         // Evaluated again (a restarted generation): the new counts replace the old result.
         assert_eq!(b.report(0, EvalSplit::Test, 10, classes(2, &[])), Ok(None));
         assert_eq!(b.result(EvalSplit::Test, 10), None);
+        // One rank reporting steps nobody else reaches is bounded.
+        for step in 11..10 + MAX_PENDING as u64 {
+            assert_eq!(b.report(0, EvalSplit::Test, step, classes(2, &[])), Ok(None));
+        }
+        let e = b.report(0, EvalSplit::Test, 1_000_000, classes(2, &[])).unwrap_err();
+        assert!(e.contains("8 evaluations are incomplete already"), "{e}");
     }
 
     #[test]

@@ -67,7 +67,9 @@ struct Cli {
     /// and handed to the workers through their environment.
     #[arg(long, env = "TANDEM_JOB_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Serve without a job token on a non-loopback address (anyone who can reach it can join).
+    /// Serve a non-loopback address without a job token (anyone who can reach it can join)
+    /// or without TLS (the token and the data cross the network in clear text): for a network
+    /// you trust. Without it, such an address needs both.
     #[arg(long)]
     insecure: bool,
     /// Serve gRPC over TLS with this certificate (PEM; with --tls-key). Workers then connect
@@ -214,6 +216,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::ensure!(!cli.spawn_local, "--spawn-local runs its workers over loopback without TLS: drop --tls-cert");
         t.config().map_err(anyhow::Error::msg)?; // bad files fail now, before any worker joins
     }
+    anyhow::ensure!(
+        tls.is_some() || cli.listen.ip().is_loopback() || cli.insecure,
+        "--listen {} is reachable from other machines and would serve without TLS: the job token and the training \
+         data would cross the network in clear text; give --tls-cert and --tls-key (workers then connect to \
+         https://... with --tls-ca), or pass --insecure on a network you trust",
+        cli.listen
+    );
     let train_examples = data.len(proto::v1::Split::Train).unwrap_or(0);
     let setup = checkpoint_setup(&job, min_workers..=cli.world_size, train_examples)?;
     // A restarted coordinator continues the generation numbers (so that nothing of an earlier

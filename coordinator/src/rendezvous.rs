@@ -31,12 +31,31 @@ pub struct Joiner {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JoinError {
-    WorldFull { world: usize },
-    Running { world: usize, max: usize },
-    ProtocolMismatch { ours: u32, theirs: u32 },
-    RankOutOfRange { hint: u32, world: usize },
-    RankTaken { rank: usize, by: String },
+    WorldFull {
+        world: usize,
+    },
+    Running {
+        world: usize,
+        max: usize,
+    },
+    ProtocolMismatch {
+        ours: u32,
+        theirs: u32,
+    },
+    RankOutOfRange {
+        hint: u32,
+        world: usize,
+    },
+    RankTaken {
+        rank: usize,
+        by: String,
+    },
     BadRingAddr(String),
+    /// A CUDA worker (it sent an NCCL id) in a world of CPU workers, or the other way round.
+    MixedDevices {
+        cuda: bool,
+        other: String,
+    },
 }
 
 impl fmt::Display for JoinError {
@@ -56,6 +75,14 @@ impl fmt::Display for JoinError {
             }
             JoinError::RankTaken { rank, by } => write!(f, "rank {rank} is already taken by {by}"),
             JoinError::BadRingAddr(a) => write!(f, "ring address {a:?} is not host:port"),
+            JoinError::MixedDevices { cuda, other } => {
+                let (this, theirs) = if *cuda { ("CUDA", "CPU") } else { ("CPU", "CUDA") };
+                write!(
+                    f,
+                    "this worker computes on {this} and {other} on {theirs}: a world's gradients are summed by one \
+                     transport (the CPU ring or NCCL), so every worker runs on the same --device"
+                )
+            }
         }
     }
 }
@@ -161,6 +188,10 @@ impl Rendezvous {
             } else {
                 JoinError::Running { world: w.len(), max: self.max }
             });
+        }
+        let cuda = !j.nccl_id.is_empty();
+        if let Some(other) = self.slots.iter().flatten().find(|o| o.nccl_id.is_empty() == cuda) {
+            return Err(JoinError::MixedDevices { cuda, other: other.hostname.clone() });
         }
         let slot = match j.rank_hint {
             Some(h) if h as usize >= self.max => return Err(JoinError::RankOutOfRange { hint: h, world: self.max }),
@@ -349,5 +380,24 @@ mod tests {
         assert!(r.leave(2, "c"));
         assert!(r.tick(t0 + Duration::from_secs(10)));
         assert_eq!(r.world_size(), 2);
+    }
+
+    #[test]
+    fn a_cuda_worker_and_a_cpu_worker_cannot_share_a_world() {
+        let mut r = Rendezvous::new(3, 1);
+        r.join_now(joiner(Some(0), "cpu-a")).unwrap();
+        let mut gpu = joiner(Some(1), "gpu-b");
+        gpu.nccl_id = vec![7; 128];
+        let e = r.join_now(gpu).unwrap_err();
+        assert_eq!(e, JoinError::MixedDevices { cuda: true, other: "cpu-a".into() });
+        assert!(e.to_string().contains("this worker computes on CUDA and cpu-a on CPU"), "{e}");
+        assert_eq!(r.missing(), vec![1, 2], "the refusal changed nothing");
+        // A world of CUDA workers refuses a CPU one the same way.
+        let mut r = Rendezvous::new(2, 1);
+        let mut gpu = joiner(None, "gpu-a");
+        gpu.nccl_id = vec![7; 128];
+        r.join_now(gpu).unwrap();
+        let e = r.join_now(joiner(None, "cpu-b")).unwrap_err();
+        assert_eq!(e, JoinError::MixedDevices { cuda: false, other: "gpu-a".into() });
     }
 }

@@ -580,6 +580,7 @@ fn status(r: &Refusal) -> Status {
             JoinError::ProtocolMismatch { .. } => Status::failed_precondition(e.to_string()),
             JoinError::RankTaken { .. } => Status::already_exists(e.to_string()),
             JoinError::RankOutOfRange { .. } | JoinError::BadRingAddr(_) => Status::invalid_argument(e.to_string()),
+            JoinError::MixedDevices { .. } => Status::failed_precondition(e.to_string()),
         },
     }
 }
@@ -1103,9 +1104,9 @@ impl Coordinator for CoordinatorService {
             nccl_id: r.nccl_id,
             secret: proto::auth::MemberSecret::generate(),
         };
-        if joiner.nccl_id.len() > NCCL_ID_BYTES {
+        if !matches!(joiner.nccl_id.len(), 0 | NCCL_ID_BYTES) {
             return Err(Status::invalid_argument(format!(
-                "an NCCL unique id is {NCCL_ID_BYTES} bytes; this worker sent {}",
+                "an NCCL unique id is {NCCL_ID_BYTES} bytes (none on CPU); this worker sent {}",
                 joiner.nccl_id.len()
             )));
         }

@@ -519,8 +519,10 @@ impl JobState {
     /// `rank` of `generation` finished; once every rank has, the job ends.
     pub fn finish(&mut self, generation: u64, rank: usize, f: Finished) -> Result<Option<Effect>, Refusal> {
         let rank = self.current(generation, rank)?;
+        let world = self.finished.len();
+        let slot = self.finished.get_mut(rank).ok_or(Refusal::OutsideWorld { rank, world })?;
         tracing::info!(rank, steps = f.steps, model_dir = f.model_dir, "worker finished");
-        self.finished[rank] = Some(f);
+        *slot = Some(f);
         Ok(if self.finished.iter().all(Option::is_some) { self.end(Ok(())) } else { None })
     }
 
@@ -564,11 +566,20 @@ impl JobState {
     ) -> Result<Option<Effect>, Refusal> {
         let rank = self.current(generation, rank)?;
         let world = self.rdv.world_size();
+        let incomplete = self.checksums.values().filter(|s| s.iter().any(Option::is_none)).count();
+        if !self.checksums.contains_key(&step) && incomplete >= crate::gather::MAX_PENDING {
+            return Err(Refusal::Invalid(format!(
+                "{incomplete} checksum gathers are incomplete already; step {step} is not one the other ranks have reached"
+            )));
+        }
         let sums = self.checksums.entry(step).or_insert_with(|| vec![None; world]);
-        if sums[rank].is_some() {
+        let Some(slot) = sums.get_mut(rank) else {
+            return Err(Refusal::OutsideWorld { rank, world: sums.len() });
+        };
+        if slot.is_some() {
             return Err(Refusal::Invalid(format!("rank {rank} already reported step {step}")));
         }
-        sums[rank] = Some(checksum);
+        *slot = Some(checksum);
         if sums.iter().any(Option::is_none) {
             return Ok(None);
         }

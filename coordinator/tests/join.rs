@@ -137,3 +137,27 @@ async fn a_worker_with_another_config_or_model_is_refused_and_takes_no_rank() {
     assert_eq!((reply.rank, reply.world_size), (1, 2));
     assert_eq!(first.await.unwrap().unwrap().into_inner().rank, 0);
 }
+
+/// An NCCL id of another length than NCCL's 128 bytes, and a CPU worker (no id) in a world of
+/// CUDA workers, are refused at Join with what is wrong, taking no rank.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_nccl_id_and_a_mixed_world_are_refused() {
+    let url = serve(2, empty_data(2), Duration::from_secs(10)).await;
+    let mut c = CoordinatorClient::connect(url.clone()).await.unwrap();
+    let short = JoinRequest { nccl_id: vec![1; 100], ..req(Some(0), 2001) };
+    let e = c.join(short).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("128 bytes (none on CPU); this worker sent 100"), "{}", e.message());
+    // A CUDA worker holds slot 0 (its Join waits for the world); a CPU one is refused.
+    let waiting = tokio::spawn(async move { c.join(req(Some(0), 2002)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c2 = CoordinatorClient::connect(url).await.unwrap();
+    let cpu = JoinRequest { nccl_id: vec![], ..req(Some(1), 2003) };
+    let e = c2.join(cpu).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("this worker computes on CPU and w2002 on CUDA"), "{}", e.message());
+    // A CUDA worker completes the world.
+    let reply = c2.join(req(Some(1), 2004)).await.unwrap().into_inner();
+    assert_eq!((reply.rank, reply.world_size), (1, 2));
+    assert_eq!(waiting.await.unwrap().unwrap().into_inner().rank, 0);
+}

@@ -60,3 +60,70 @@ fn a_job_over_mutual_tls_refuses_workers_without_the_right_certificates() {
     assert!(err.contains(&format!("TLS key {}: not a PEM file", cfg.display())), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Off loopback, nothing travels in clear text unless told: a coordinator on a non-loopback
+/// address without TLS refuses to start, and a worker refuses to send its token to a plain
+/// http:// coordinator elsewhere, each naming the fix (TLS, or --insecure).
+#[test]
+fn clear_text_off_loopback_is_refused_without_insecure() {
+    let dir = scratch("clear-text");
+    let cfg = checkpointed_job(&dir, 10);
+    let o = std::process::Command::new(bin("coordinator"))
+        .args(["--world-size", "1", "--config", cfg.to_str().unwrap(), "--listen", "0.0.0.0:0"])
+        .args(["--set", &format!("output.dir={}", dir.join("out").display())])
+        .env("TANDEM_JOB_TOKEN", "a-token-for-the-clear-text-test")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the coordinator served 0.0.0.0 without TLS:\n{err}");
+    assert!(err.contains("would serve without TLS") && err.contains("--insecure"), "{err}");
+    let o = std::process::Command::new(bin("worker"))
+        .args(["--coordinator", "http://192.0.2.1:29400", "--timeout-s", "1"])
+        .env("TANDEM_JOB_TOKEN", "a-token-for-the-clear-text-test")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("clear text") && err.contains("--insecure"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The certificates deploy/k8s/make-secrets.sh makes for the Kubernetes manifests work: a
+/// coordinator serving them trains a job with a worker that trusts the CA it wrote and reaches
+/// the coordinator by its Service's name. Needs openssl (required where
+/// TANDEM_REQUIRE_OPENSSL=1, as in CI; skipped with a note elsewhere).
+#[test]
+fn the_kubernetes_secrets_script_makes_certificates_a_job_runs_over() {
+    if std::process::Command::new("openssl").arg("version").output().is_err() {
+        assert!(std::env::var("TANDEM_REQUIRE_OPENSSL").as_deref() != Ok("1"), "openssl is missing");
+        eprintln!("tls: openssl not found: deploy/k8s/make-secrets.sh is not checked");
+        return;
+    }
+    let dir = scratch("k8s-secrets");
+    let k8s = dir.join("k8s");
+    std::fs::create_dir_all(k8s.join("base")).unwrap();
+    let script = crate::support::repo_root().join("deploy/k8s/make-secrets.sh");
+    std::fs::copy(&script, k8s.join("make-secrets.sh")).unwrap();
+    let o = std::process::Command::new("bash").arg(k8s.join("make-secrets.sh")).arg("jobs").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = |name: &str| k8s.join("base").join(name).to_str().unwrap().to_string();
+    assert_eq!(std::fs::read_to_string(f("job-token.txt")).unwrap().trim().len(), 64);
+    let cfg = checkpointed_job(&dir, 10);
+    let (port, log) = (free_port(), dir.join("coord.log"));
+    let mut c = coordinator_at(&cfg, 1, &dir.join("out"), port, &log);
+    c.args(["--tls-cert", &f("tls/tls.crt"), "--tls-key", &f("tls/tls.key")])
+        .env("TANDEM_JOB_TOKEN_FILE", f("job-token.txt"));
+    let coord = c.spawn().unwrap();
+    let mut w = std::process::Command::new(bin("worker"));
+    w.args(["--coordinator", &format!("https://127.0.0.1:{port}"), "--rank-hint", "0", "--timeout-s", "60"])
+        .args(["--tls-ca", &f("tls/ca.pem"), "--tls-domain", "tandem-coordinator.jobs.svc"])
+        .env("TANDEM_JOB_TOKEN_FILE", f("job-token.txt"))
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("worker.log")).unwrap());
+    let w = w.spawn().unwrap();
+    wait_ok(coord, "the coordinator", &log);
+    wait_ok(w, "the worker", &dir.join("worker.log"));
+    assert!(dir.join("out/model/model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

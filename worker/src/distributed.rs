@@ -49,6 +49,22 @@ pub struct WorkerOpts {
     pub tls: Option<proto::tls::ClientTls>,
     /// Where the model computes; on a GPU, gradients are summed with NCCL instead of the ring.
     pub device: engine::Device,
+    /// Send the token in clear text (http://) to a coordinator off this machine.
+    pub insecure: bool,
+}
+
+/// Refuses to send the job token in clear text off this machine: a plain http:// coordinator
+/// URL whose host is not loopback, unless `insecure`.
+fn check_clear_text(url: &str, token: bool, tls: bool, insecure: bool) -> anyhow::Result<()> {
+    let uri: tonic::transport::Uri = url.parse().with_context(|| format!("coordinator address {url:?}"))?;
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    anyhow::ensure!(
+        !token || tls || loopback || insecure,
+        "the coordinator {url} is not on this machine and the URL is plain http://: the job token would cross the \
+         network in clear text; use an https:// URL with --tls-ca, or pass --insecure on a network you trust"
+    );
+    Ok(())
 }
 
 type Client = CoordinatorClient<InterceptedService<tonic::transport::Channel, ClientAuth>>;
@@ -639,6 +655,7 @@ fn join(
 }
 
 pub fn run(opts: WorkerOpts) -> anyhow::Result<()> {
+    check_clear_text(&opts.coordinator, opts.token.is_some(), opts.tls.is_some(), opts.insecure)?;
     // One runtime thread carries the data feed, the heartbeats and the progress reports while
     // the main thread computes; the main thread enters the runtime only for calls it must wait on.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -1066,5 +1083,24 @@ impl JobIo for RankIo<'_, '_> {
             job::fault::stop_self("after it finished");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_clear_text;
+
+    #[test]
+    fn the_token_never_crosses_the_network_in_clear_text_unless_told() {
+        for local in ["http://127.0.0.1:29400", "http://localhost:29400", "http://[::1]:29400"] {
+            assert!(check_clear_text(local, true, false, false).is_ok(), "{local}");
+        }
+        let remote = "http://tandem-coordinator:29400";
+        let e = check_clear_text(remote, true, false, false).unwrap_err().to_string();
+        assert!(e.contains("clear text") && e.contains("--insecure"), "{e}");
+        assert!(check_clear_text("http://10.0.0.7:29400", true, false, false).is_err());
+        assert!(check_clear_text(remote, true, false, true).is_ok(), "--insecure");
+        assert!(check_clear_text(remote, false, false, false).is_ok(), "no token to leak");
+        assert!(check_clear_text("https://tandem-coordinator:29400", true, true, false).is_ok(), "TLS");
     }
 }

@@ -64,6 +64,10 @@ struct Cli {
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Send the job token to a coordinator that is not on this machine over plain http:// (in
+    /// clear text): for a network you trust. Without it, such a coordinator needs https://.
+    #[arg(long)]
+    insecure: bool,
     /// Where to compute: cpu, or cuda (an NVIDIA GPU: --gpu picks which).
     #[arg(long, env = "TANDEM_DEVICE", value_enum, default_value_t = Device::Cpu, global = true)]
     device: Device,
@@ -236,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 identity: cli.tls_cert.zip(cli.tls_key),
             }),
             device,
+            insecure: cli.insecure,
         });
     };
     match cmd {
