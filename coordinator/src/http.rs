@@ -93,7 +93,8 @@ pub fn router(svc: CoordinatorService) -> Router {
 pub async fn serve(listener: tokio::net::TcpListener, svc: CoordinatorService) -> std::io::Result<()> {
     let app = router(svc);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut incoming = std::pin::pin!(crate::limits::limit(incoming, MAX_CONNECTIONS));
+    let mut incoming =
+        std::pin::pin!(crate::limits::limit(incoming, MAX_CONNECTIONS, crate::limits::HANDSHAKE_TIMEOUT));
     while let Some(conn) = incoming.next().await {
         let conn = match conn {
             Ok(c) => c,

@@ -1,8 +1,12 @@
-//! The gRPC port's connection limit: at most `max` connections open at once. A connection past
-//! the limit is accepted and closed at once (logged at most once a second), so that one client
+//! The ports' connection limits: at most `max` connections open at once. A connection past the
+//! limit is accepted and closed at once (logged at most once a second), so that one client
 //! opening connections cannot exhaust the coordinator's memory or file descriptors; a
-//! connection's slot is given back when it closes.
+//! connection's slot is given back when it closes. A connection that has not sent the first
+//! [`HANDSHAKE_BYTES`] (an HTTP/2 preface is 24, a TLS ClientHello more, an HTTP/1 request line
+//! as many) within the handshake time is closed: silent or dripping clients cannot hold the
+//! slots.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,23 +23,38 @@ pub fn max_connections(world: usize) -> usize {
     2 * world + 64
 }
 
+/// The bytes a connection must send within the handshake time.
+pub const HANDSHAKE_BYTES: usize = 16;
+/// The handshake time the coordinator gives its ports' connections.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A connection holding one of the limit's slots.
 pub struct Limited {
     inner: TcpStream,
     _slot: OwnedSemaphorePermit,
+    received: usize,
+    /// Until [`HANDSHAKE_BYTES`] have arrived: when the connection is given up.
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// `incoming`'s connections, at most `max` open at once.
+/// `incoming`'s connections, at most `max` open at once, each closed unless it sends
+/// [`HANDSHAKE_BYTES`] within `handshake`.
 pub fn limit(
     incoming: impl Stream<Item = std::io::Result<TcpStream>>,
     max: usize,
+    handshake: std::time::Duration,
 ) -> impl Stream<Item = std::io::Result<Limited>> {
     let slots = Arc::new(Semaphore::new(max));
     let mut last_warning: Option<Instant> = None;
     incoming.filter_map(move |conn| match conn {
         Err(e) => Some(Err(e)),
         Ok(inner) => match Arc::clone(&slots).try_acquire_owned() {
-            Ok(slot) => Some(Ok(Limited { inner, _slot: slot })),
+            Ok(slot) => Some(Ok(Limited {
+                inner,
+                _slot: slot,
+                received: 0,
+                handshake: Some(Box::pin(tokio::time::sleep(handshake))),
+            })),
             Err(_) => {
                 if last_warning.is_none_or(|t| t.elapsed().as_secs() >= 1) {
                     last_warning = Some(Instant::now());
@@ -58,7 +77,21 @@ impl Connected for Limited {
 
 impl AsyncRead for Limited {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let this = &mut *self;
+        if let Some(deadline) = &mut this.handshake {
+            this.received += buf.filled().len() - before;
+            if this.received >= HANDSHAKE_BYTES {
+                this.handshake = None;
+            } else if read.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("fewer than {HANDSHAKE_BYTES} bytes within the handshake time"),
+                )));
+            }
+        }
+        read
     }
 }
 

@@ -391,6 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_nodelay(Some(true))
             .with_keepalive(Some(TCP_KEEPALIVE)),
         max_connections,
+        coordinator::limits::HANDSHAKE_TIMEOUT,
     );
     tracing::debug!(max_connections, "gRPC connection limit");
     let server = builder
