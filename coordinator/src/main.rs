@@ -151,6 +151,15 @@ fn checkpoint_setup(
     })
 }
 
+/// A listener on `addr` whose accept queue holds `backlog` connections (tokio's default is
+/// 1,024; the kernel caps it at `net.core.somaxconn`).
+fn bind_with_backlog(addr: SocketAddr, backlog: usize) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(backlog.max(1024)).unwrap_or(u32::MAX))
+}
+
 /// The HTTP listener: `explicit` when given (a bind failure is an error), else the host of the
 /// gRPC address on port 29401, or any free port when that one is taken.
 async fn bind_http(explicit: Option<SocketAddr>, grpc: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -269,8 +278,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_progress(board);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let listener =
-        rt.block_on(tokio::net::TcpListener::bind(cli.listen)).with_context(|| format!("binding {}", cli.listen))?;
+    let listener = {
+        // A backlog for a world that joins at once (the kernel caps it at net.core.somaxconn).
+        let _guard = rt.enter();
+        bind_with_backlog(cli.listen, coordinator::limits::max_connections(cli.world_size))
+            .with_context(|| format!("binding {}", cli.listen))?
+    };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening");
     if !cli.no_http {

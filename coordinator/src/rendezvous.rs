@@ -99,8 +99,16 @@ pub struct Rendezvous {
     protocol_version: u32,
     generation: u64,
     slots: Vec<Option<Joiner>>,
+    /// How many slots are filled, the lowest slot that may be free, and the device of the workers
+    /// in them (CUDA or not, and the first one's host): kept so that a join costs O(1) however
+    /// large the world.
+    filled: usize,
+    first_free: usize,
+    device: Option<(bool, String)>,
     /// The slot of each rank, once this generation's world is closed.
     world: Option<Vec<usize>>,
+    /// The rank of each slot, once the world is closed (`None`: a slot left out of it).
+    ranks: Vec<Option<usize>>,
     /// When the `min`-th worker of this gathering joined.
     min_reached: Option<Instant>,
     /// When this generation started gathering.
@@ -131,7 +139,11 @@ impl Rendezvous {
             protocol_version,
             generation,
             slots: vec![None; max],
+            filled: 0,
+            first_free: 0,
+            device: None,
             world: None,
+            ranks: Vec::new(),
             min_reached: None,
             since: Instant::now(),
         }
@@ -171,7 +183,7 @@ impl Rendezvous {
     }
 
     fn joined(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
+        self.filled
     }
 
     /// Admits a worker to the gathering generation and returns its slot.
@@ -190,8 +202,8 @@ impl Rendezvous {
             });
         }
         let cuda = !j.nccl_id.is_empty();
-        if let Some(other) = self.slots.iter().flatten().find(|o| o.nccl_id.is_empty() == cuda) {
-            return Err(JoinError::MixedDevices { cuda, other: other.hostname.clone() });
+        if let Some((_, other)) = self.device.as_ref().filter(|(theirs, _)| *theirs != cuda) {
+            return Err(JoinError::MixedDevices { cuda, other: other.clone() });
         }
         let slot = match j.rank_hint {
             Some(h) if h as usize >= self.max => return Err(JoinError::RankOutOfRange { hint: h, world: self.max }),
@@ -202,9 +214,17 @@ impl Rendezvous {
                 }
                 r
             }
-            None => self.slots.iter().position(Option::is_none).expect("an open world has a free slot"),
+            None => {
+                let free = self.slots[self.first_free..].iter().position(Option::is_none);
+                self.first_free + free.expect("an open world has a free slot")
+            }
         };
+        if slot == self.first_free {
+            self.first_free += 1;
+        }
+        self.device.get_or_insert_with(|| (cuda, j.hostname.clone()));
         self.slots[slot] = Some(j);
+        self.filled += 1;
         if self.joined() >= self.min && self.min_reached.is_none() {
             self.min_reached = Some(now);
         }
@@ -220,7 +240,13 @@ impl Rendezvous {
         let n = self.joined();
         let last_call_over = self.min_reached.is_some_and(|t| now.saturating_duration_since(t) >= self.last_call);
         if n == self.max || (n >= self.min && last_call_over && self.batch_size.is_multiple_of(n)) {
-            self.world = Some(self.slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i).collect());
+            let world: Vec<usize> =
+                self.slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i).collect();
+            self.ranks = vec![None; self.max];
+            for (rank, &slot) in world.iter().enumerate() {
+                self.ranks[slot] = Some(rank);
+            }
+            self.world = Some(world);
             return true;
         }
         false
@@ -236,6 +262,11 @@ impl Rendezvous {
         match self.slots.get(slot) {
             Some(Some(j)) if j.hostname == hostname => {
                 self.slots[slot] = None;
+                self.filled -= 1;
+                self.first_free = self.first_free.min(slot);
+                if self.filled == 0 {
+                    self.device = None;
+                }
                 if self.joined() < self.min {
                     self.min_reached = None;
                 }
@@ -249,7 +280,9 @@ impl Rendezvous {
     pub fn restart(&mut self, now: Instant) -> u64 {
         self.generation += 1;
         self.slots = vec![None; self.max];
+        (self.filled, self.first_free, self.device) = (0, 0, None);
         self.world = None;
+        self.ranks = Vec::new();
         self.min_reached = None;
         self.since = now;
         self.generation
@@ -257,7 +290,7 @@ impl Rendezvous {
 
     /// The rank of the worker in `slot`, once the world is closed.
     pub fn rank_of_slot(&self, slot: usize) -> Option<usize> {
-        self.world.as_ref()?.iter().position(|&s| s == slot)
+        *self.ranks.get(slot)?
     }
 
     /// The slots still free.
@@ -399,5 +432,19 @@ mod tests {
         r.join_now(gpu).unwrap();
         let e = r.join_now(joiner(None, "cpu-b")).unwrap_err();
         assert_eq!(e, JoinError::MixedDevices { cuda: false, other: "gpu-a".into() });
+    }
+
+    #[test]
+    fn slots_are_filled_lowest_first_and_a_left_slot_is_taken_again() {
+        let mut r = Rendezvous::new(4, 1);
+        assert_eq!(r.join_now(joiner(None, "a")), Ok(0));
+        assert_eq!(r.join_now(joiner(Some(2), "c")), Ok(2));
+        assert_eq!(r.join_now(joiner(None, "b")), Ok(1));
+        assert!(r.leave(0, "a"));
+        assert_eq!(r.count().0, 2);
+        assert_eq!(r.join_now(joiner(None, "a2")), Ok(0), "the left slot first");
+        assert_eq!(r.join_now(joiner(None, "d")), Ok(3), "then past the hinted one");
+        assert!(!r.is_open());
+        assert_eq!((r.rank_of_slot(3), r.member(3).map(|m| m.hostname.as_str())), (Some(3), Some("d")));
     }
 }

@@ -1120,8 +1120,9 @@ impl Coordinator for CoordinatorService {
                 e => status(&e),
             }
         })?;
+        // Waiting joins wake when the world closes (Started), restarts or ends, not at every join:
+        // at ten thousand workers that would be a hundred million wake-ups.
         self.apply(started).await;
-        self.changed.notify_waiters();
         // Until the world is complete, a worker that times out or hangs up gives its slot back
         // (dropping this guard), so that its restarted self or a replacement can take it.
         let mut guard = SlotGuard { inner: Arc::clone(&self.inner), slot, host, kept: false };
@@ -1136,7 +1137,8 @@ impl Coordinator for CoordinatorService {
                         rank: a.rank as u32,
                         world_size: a.world as u32,
                         job_config_json: self.job.config_json.clone(),
-                        ring_peers: a.ring_peers,
+                        ring_prev: a.ring_prev,
+                        ring_next: a.ring_next,
                         nccl_id: a.nccl_id,
                         member_secret: a.secret,
                         labels: match &self.data {

@@ -100,7 +100,9 @@ pub struct Assignment {
     pub rank: usize,
     pub world: usize,
     pub generation: u64,
-    pub ring_peers: Vec<String>,
+    /// The ring addresses of rank - 1 and rank + 1.
+    pub ring_prev: String,
+    pub ring_next: String,
     pub nccl_id: Vec<u8>,
     /// The member's secret, which its later messages carry.
     pub secret: Vec<u8>,
@@ -163,6 +165,8 @@ pub struct JobState {
     finished: Vec<Option<Finished>>,
     evals: EvalBoard,
     checksums: BTreeMap<u64, Vec<Option<u64>>>,
+    /// When the gathering's progress was last logged (at most once a second).
+    join_logged: Option<Instant>,
     /// The checkpoint the current generation starts from.
     resume: Option<(PathBuf, Manifest)>,
     /// Checkpoints written by this process, by step, and the published model.
@@ -189,6 +193,7 @@ impl JobState {
             finished: vec![None; world],
             evals: EvalBoard::new(world),
             checksums: BTreeMap::new(),
+            join_logged: None,
             resume: None,
             saved: BTreeMap::new(),
             final_model: None,
@@ -439,7 +444,7 @@ impl JobState {
 
     /// The host of `rank` in the running generation.
     pub fn host(&self, rank: usize) -> String {
-        self.rdv.members().and_then(|m| m.get(rank).map(|j| j.hostname.clone())).unwrap_or_default()
+        self.rdv.member(rank).map(|j| j.hostname.clone()).unwrap_or_default()
     }
 
     // --- rendezvous ---
@@ -476,7 +481,20 @@ impl JobState {
         let host = joiner.hostname.clone();
         let slot = self.rdv.join(joiner, now)?;
         self.model_sha256.get_or_insert(model_sha256);
-        tracing::info!(host, slot, generation = self.rdv.generation(), "worker joined");
+        tracing::debug!(host, slot, generation = self.rdv.generation(), "worker joined");
+        // A line a second while a large world gathers, not a line a worker.
+        if self.join_logged.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            self.join_logged = Some(now);
+            let (joined, min) = self.rdv.count();
+            tracing::info!(
+                joined,
+                min,
+                max = self.rdv.max_workers(),
+                generation = self.rdv.generation(),
+                last = host,
+                "workers joining"
+            );
+        }
         let started = (was_open && !self.rdv.is_open()).then(|| self.started(now));
         Ok((slot, self.rdv.generation(), started))
     }
@@ -489,18 +507,24 @@ impl JobState {
         if self.rdv.generation() != generation {
             return JoinWait::Restarted;
         }
-        match (self.rdv.members(), self.rdv.rank_of_slot(slot)) {
-            (Some(members), Some(rank)) => JoinWait::Ready(Box::new(Assignment {
-                rank,
-                world: members.len(),
-                generation,
-                ring_peers: members.iter().map(|m| m.ring_addr.clone()).collect(),
-                nccl_id: members[0].nccl_id.clone(),
-                secret: members[rank].secret.as_bytes().to_vec(),
-                resume: self.resume.clone(),
-            })),
-            _ if !self.rdv.is_open() => JoinWait::Left,
-            _ => JoinWait::Waiting,
+        // O(1) a join: the world may be tens of thousands of workers, each waking for its reply.
+        match self.rdv.rank_of_slot(slot) {
+            Some(rank) => {
+                let world = self.rdv.world_size();
+                let member = |r: usize| self.rdv.member(r).expect("a closed world's ranks are filled");
+                JoinWait::Ready(Box::new(Assignment {
+                    rank,
+                    world,
+                    generation,
+                    ring_prev: member((rank + world - 1) % world).ring_addr.clone(),
+                    ring_next: member((rank + 1) % world).ring_addr.clone(),
+                    nccl_id: member(0).nccl_id.clone(),
+                    secret: member(rank).secret.as_bytes().to_vec(),
+                    resume: self.resume.clone(),
+                }))
+            }
+            None if !self.rdv.is_open() => JoinWait::Left,
+            None => JoinWait::Waiting,
         }
     }
 

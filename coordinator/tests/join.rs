@@ -47,8 +47,15 @@ async fn workers_rendezvous_and_receive_ranks_config_and_peers() {
         assert_eq!(r.nccl_id, vec![(rank0_port % 251) as u8; 128], "rank 0's NCCL id is relayed");
         assert_eq!(r.world_size, 3);
         assert_eq!(r.job_config_json, "{\"job\":1}");
-        assert_eq!(r.ring_peers[2], "127.0.0.1:1002");
-        assert_eq!(r.ring_peers, replies[0].ring_peers);
+    }
+    // Each rank gets its ring neighbours' addresses (rank - 1 and rank + 1), not the world's.
+    let addr_of = |rank: u32| {
+        let i = replies.iter().position(|r| r.rank == rank).unwrap();
+        format!("127.0.0.1:{}", [1001, 1002, 1003][i])
+    };
+    for r in &replies {
+        assert_eq!(r.ring_prev, addr_of((r.rank + 2) % 3));
+        assert_eq!(r.ring_next, addr_of((r.rank + 1) % 3));
     }
     // The world is full now.
     let mut c = CoordinatorClient::connect(url.clone()).await.unwrap();
@@ -108,7 +115,8 @@ async fn a_worker_that_times_out_or_hangs_up_frees_its_rank() {
     let b = tokio::spawn(async move { CoordinatorClient::connect(u1).await.unwrap().join(req(Some(1), 2004)).await });
     let (a, b) = (a.await.unwrap().unwrap().into_inner(), b.await.unwrap().unwrap().into_inner());
     assert_eq!((a.rank, b.rank), (0, 1));
-    assert_eq!(a.ring_peers, vec!["127.0.0.1:2003".to_string(), "127.0.0.1:2004".to_string()]);
+    assert_eq!((a.ring_prev.as_str(), a.ring_next.as_str()), ("127.0.0.1:2004", "127.0.0.1:2004"));
+    assert_eq!(b.ring_next, "127.0.0.1:2003");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

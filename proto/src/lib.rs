@@ -5,7 +5,7 @@ pub mod auth;
 pub mod tls;
 
 /// Bumped on every incompatible change of the protocol; a worker of another version is refused.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 pub mod v1 {
     tonic::include_proto!("tandem.v1");

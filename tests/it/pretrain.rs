@@ -11,7 +11,7 @@ use kernels::tolerance::norm_diff;
 use std::net::TcpListener;
 use std::time::Duration;
 use worker::checkpoint;
-use worker::collective::{Overlapped, Ring, RingOptions};
+use worker::collective::{Neighbours, Overlapped, Ring, RingOptions};
 use worker::engine::{self, Compute, Peers};
 use worker::layout::Head;
 use worker::model::Batch;
@@ -113,7 +113,8 @@ fn train(parts: Vec<Batch>, steps: u64, mean_of_means: bool) -> (Vec<f32>, Vec<u
         .map(|(rank, (l, b))| {
             let addrs = addrs.clone();
             std::thread::spawn(move || {
-                let ring = Ring::connect(rank, &addrs, l, &RingOptions::new(Duration::from_secs(20))).unwrap();
+                let ring =
+                    Ring::connect(Neighbours::of(rank, &addrs), l, &RingOptions::new(Duration::from_secs(20))).unwrap();
                 let mut engine = open(Peers::Ring(Overlapped::new(Box::new(ring))));
                 run(engine.as_mut(), &b)
             })

@@ -119,19 +119,32 @@ const MAX_ADMITTING: usize = 16;
 #[cfg(target_endian = "big")]
 compile_error!("the ring all-reduce sends native f32 bytes and assumes a little-endian machine");
 
+/// A rank's place in the ring: all it needs of the world (the coordinator's Join reply carries
+/// only these, whatever the world's size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbours {
+    pub rank: usize,
+    pub world: usize,
+    /// The ring addresses of rank - 1 and rank + 1 (mod world).
+    pub prev: SocketAddr,
+    pub next: SocketAddr,
+}
+
+impl Neighbours {
+    /// `rank`'s neighbours in a ring of every rank's address, `peers`.
+    pub fn of(rank: usize, peers: &[SocketAddr]) -> Self {
+        let world = peers.len();
+        Neighbours { rank, world, prev: peers[(rank + world - 1) % world], next: peers[(rank + 1) % world] }
+    }
+}
+
 impl Ring {
-    /// Joins the ring: `listener` is this rank's own (already bound to `peers[rank]`), `peers`
-    /// every rank's address.
-    pub fn connect(
-        rank: usize,
-        peers: &[SocketAddr],
-        listener: TcpListener,
-        opts: &RingOptions,
-    ) -> Result<Self, CollectiveError> {
+    /// Joins the ring as `n.rank`: `listener` is this rank's own, where its predecessor connects.
+    pub fn connect(n: Neighbours, listener: TcpListener, opts: &RingOptions) -> Result<Self, CollectiveError> {
+        let Neighbours { rank, world, prev: prev_addr, next: next_addr } = n;
         let (timeout, generation) = (opts.timeout, opts.generation);
         let cancel = opts.cancel.clone();
         let cancelled = move || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
-        let world = peers.len();
         if rank >= world || world < 2 {
             return Err(CollectiveError::Setup(format!(
                 "rank {rank} in a ring of {world}: a ring needs 2 or more ranks"
@@ -140,7 +153,6 @@ impl Ring {
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + timeout;
-        let next_addr = peers[next_rank];
         let token = opts.token.clone();
         // The successor side, on its own thread: connect (retrying while it starts listening),
         // introduce ourselves, answer its challenge, and wait for its verdict.
@@ -177,7 +189,7 @@ impl Ring {
         let who = Who { rank, prev_rank, world, generation, token };
         let prev = admit(&listener, &who, deadline, &cancelled).map_err(|e| CollectiveError::Peer {
             rank: prev_rank,
-            addr: peers[prev_rank].to_string(),
+            addr: prev_addr.to_string(),
             source: std::io::Error::new(
                 e.kind(),
                 format!("rank {rank} found no valid predecessor within {timeout:?}: {e}"),
@@ -204,14 +216,7 @@ impl Ring {
             from_predecessor = if prev.shared_memory() { "shared memory" } else { "tcp" },
             "ring connected"
         );
-        Ok(Ring {
-            rank,
-            world,
-            next,
-            prev,
-            next_addr: peers[next_rank].to_string(),
-            prev_addr: peers[prev_rank].to_string(),
-        })
+        Ok(Ring { rank, world, next, prev, next_addr: next_addr.to_string(), prev_addr: prev_addr.to_string() })
     }
 
     /// Whether the data to the successor and from the predecessor moves through shared memory.

@@ -13,7 +13,7 @@
 //! parameters never diverge.
 
 use crate::checkpoint;
-use crate::collective::{Collective, CollectiveError, Overlapped, Ring, RingHandle, RingOptions};
+use crate::collective::{Collective, CollectiveError, Neighbours, Overlapped, Ring, RingHandle, RingOptions};
 use crate::engine::{self, Compute, Engine, Peers};
 use crate::tokenize::TextEncoder;
 use crate::train::{CheckpointAt, EvalSplit, Example, Item, JobIo, Resume, RunInfo, Split};
@@ -843,16 +843,9 @@ fn connect_peers(
 ) -> anyhow::Result<Peers> {
     let (rank, world) = (g.rank, reply.world_size as usize);
     g.phase("connecting the ring");
-    let peers: Vec<SocketAddr> = reply
-        .ring_peers
-        .iter()
-        .map(|p| p.parse().with_context(|| format!("ring peer address {p:?}")))
-        .collect::<anyhow::Result<_>>()?;
-    anyhow::ensure!(
-        peers.len() == world && rank < world,
-        "the coordinator sent {} ring peers for a world of {world}",
-        peers.len()
-    );
+    anyhow::ensure!(rank < world, "the coordinator made this worker rank {rank} of a world of {world}");
+    let addr = |a: &str| a.parse::<SocketAddr>().with_context(|| format!("ring peer address {a:?}"));
+    let neighbours = Neighbours { rank, world, prev: addr(&reply.ring_prev)?, next: addr(&reply.ring_next)? };
     let e = &job.elastic;
     match compute {
         _ if world == 1 => Ok(Peers::Alone),
@@ -864,7 +857,7 @@ fn connect_peers(
                 cancel: Some(Arc::clone(&g.abort.flag)),
                 transport: e.ring_transport,
             };
-            let r = Ring::connect(rank, &peers, listener.try_clone()?, &ring);
+            let r = Ring::connect(neighbours, listener.try_clone()?, &ring);
             g.check()?;
             let r = r?;
             g.abort.watch_ring(r.handle()?);

@@ -593,11 +593,11 @@ fn bench_ring(
     iters: usize,
     transport: RingTransport,
 ) -> anyhow::Result<()> {
-    use worker::collective::{Collective, Ring, RingOptions};
+    use worker::collective::{Collective, Neighbours, Ring, RingOptions};
     let addr = *peers.get(rank).with_context(|| format!("no peer address for rank {rank}"))?;
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     let opts = RingOptions { transport, ..RingOptions::new(std::time::Duration::from_secs(60)) };
-    let mut ring = Ring::connect(rank, peers, listener, &opts)?;
+    let mut ring = Ring::connect(Neighbours::of(rank, peers), listener, &opts)?;
     let shm = ring.shared_memory();
     let transport = if shm.0 && shm.1 { "shm" } else { "tcp" };
     let n = peers.len() as f64;

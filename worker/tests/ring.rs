@@ -6,7 +6,9 @@
 use job::config::RingTransport;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
-use worker::collective::{all_reduce_rows, chunk_ranges, Collective, CollectiveError, Overlapped, Ring, RingOptions};
+use worker::collective::{
+    all_reduce_rows, chunk_ranges, Collective, CollectiveError, Neighbours, Overlapped, Ring, RingOptions,
+};
 
 fn value(rank: usize, i: usize) -> f32 {
     // Values of mixed magnitude, so that the order of the sum shows in the bits.
@@ -64,7 +66,7 @@ fn on_owned_ring<T: Send + 'static>(
             let (addrs, f) = (addrs.clone(), std::sync::Arc::clone(&f));
             std::thread::spawn(move || {
                 let o = RingOptions { transport, ..opts(Duration::from_secs(10)) };
-                let ring = Ring::connect(rank, &addrs, l, &o).unwrap();
+                let ring = Ring::connect(Neighbours::of(rank, &addrs), l, &o).unwrap();
                 if transport == RingTransport::Tcp {
                     assert_eq!(ring.shared_memory(), (false, false), "rank {rank}: shared memory with tcp");
                 }
@@ -123,9 +125,13 @@ fn a_dead_peer_is_an_error_not_a_hang() {
     let start = Instant::now();
     let a = {
         let addrs = addrs.clone();
-        std::thread::spawn(move || Ring::connect(0, &addrs, l0, &opts(Duration::from_millis(800))).map(|_| ()))
+        std::thread::spawn(move || {
+            Ring::connect(Neighbours::of(0, &addrs), l0, &opts(Duration::from_millis(800))).map(|_| ())
+        })
     };
-    let b = std::thread::spawn(move || Ring::connect(1, &addrs, l1, &opts(Duration::from_millis(800))).map(|_| ()));
+    let b = std::thread::spawn(move || {
+        Ring::connect(Neighbours::of(1, &addrs), l1, &opts(Duration::from_millis(800))).map(|_| ())
+    });
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     assert!(matches!(a, Err(CollectiveError::Peer { rank: 2, .. })), "{a:?}");
     assert!(matches!(b, Err(CollectiveError::Peer { rank: 2, .. })), "{b:?}");
@@ -205,8 +211,11 @@ fn ring_peers_must_hold_the_job_token() {
             .map(|(rank, (l, tok))| {
                 let addrs = addrs.clone();
                 std::thread::spawn(move || {
-                    let mut ring =
-                        Ring::connect(rank, &addrs, l, &RingOptions { token: tok, ..opts(Duration::from_secs(3)) })?;
+                    let mut ring = Ring::connect(
+                        Neighbours::of(rank, &addrs),
+                        l,
+                        &RingOptions { token: tok, ..opts(Duration::from_secs(3)) },
+                    )?;
                     let mut buf = vec![rank as f32; 10];
                     ring.all_reduce_sum(&mut buf)?;
                     Ok::<_, CollectiveError>(buf)
@@ -254,7 +263,7 @@ fn two_ranks_sum(ls: Vec<TcpListener>, addrs: &[SocketAddr], timeout: Duration) 
         .map(|(rank, l)| {
             let addrs = addrs.to_vec();
             std::thread::spawn(move || {
-                let mut ring = Ring::connect(rank, &addrs, l, &opts(timeout)).unwrap();
+                let mut ring = Ring::connect(Neighbours::of(rank, &addrs), l, &opts(timeout)).unwrap();
                 let mut buf = vec![1.0f32 + rank as f32; 1000];
                 ring.all_reduce_sum(&mut buf).unwrap();
                 buf
