@@ -6,6 +6,7 @@
 pub mod gather;
 pub mod http;
 pub mod limits;
+pub mod load;
 pub mod plot;
 pub mod rendezvous;
 pub mod service;

@@ -31,8 +31,13 @@ pub const W: u32 = 960;
 pub const H: u32 = 480;
 /// The legend strip above the plot.
 pub const LEGEND_H: u32 = 36;
-pub const COLOURS: [RGBColor; 4] =
-    [RGBColor(31, 100, 180), RGBColor(220, 110, 20), RGBColor(40, 150, 60), RGBColor(170, 40, 150)];
+pub const COLOURS: [RGBColor; 5] = [
+    RGBColor(31, 100, 180),
+    RGBColor(220, 110, 20),
+    RGBColor(40, 150, 60),
+    RGBColor(170, 40, 150),
+    RGBColor(120, 120, 120),
+];
 const SMOOTHING: f64 = 0.9;
 
 fn finite(points: &[(f64, f64)]) -> impl Iterator<Item = (f64, f64)> + '_ {
@@ -85,10 +90,16 @@ fn draw(px: &mut [u8], series: &[Series], x_name: &str, left_name: &str, right_n
     let (legend, plot) = root.split_vertically(LEGEND_H);
     let on = |s: &&Series, style| s.style == style;
     let (x0, x1) = padded(series.iter().flat_map(|s| finite(&s.points)).map(|p| p.0), (0.0, 1.0));
-    let (l0, l1) =
-        padded(series.iter().filter(|s| on(s, Style::Noisy)).flat_map(|s| finite(&s.points)).map(|p| p.1), (0.0, 1.0));
     let (r0, r1) =
         padded(series.iter().filter(|s| on(s, Style::Marked)).flat_map(|s| finite(&s.points)).map(|p| p.1), (0.0, 1.0));
+    // Without a left-axis series, the left axis repeats the right one.
+    let has_left = series.iter().any(|s| s.style == Style::Noisy);
+    let (l0, l1) = if has_left {
+        padded(series.iter().filter(|s| on(s, Style::Noisy)).flat_map(|s| finite(&s.points)).map(|p| p.1), (0.0, 1.0))
+    } else {
+        (r0, r1)
+    };
+    let left_name = if has_left { left_name } else { right_name };
     let font = ("sans-serif", 15).into_font();
     let mut chart = ChartBuilder::on(&plot)
         .margin_left(10)

@@ -202,11 +202,17 @@ pub struct Inner {
     output_dir: PathBuf,
     /// Checkpoint uploads being received now.
     uploads: std::sync::atomic::AtomicUsize,
+    /// The last epoch's training shards of every rank, by (epoch, world): computed once for the
+    /// world, not once a stream (an O(n) permutation for each of thousands of ranks).
+    train_shards: tokio::sync::Mutex<Option<EpochShards>>,
     /// Held while the checkpoint directory changes or is chosen from: a commit and its pruning,
     /// or a restart's choice of checkpoint, one at a time, so that pruning never deletes the
     /// checkpoint a new generation starts from. Taken before the state lock, never after.
     dir_lock: Mutex<()>,
 }
+
+/// Every rank's training shard of an epoch, by (epoch, world).
+type EpochShards = ((u32, usize), Arc<Vec<Vec<usize>>>);
 
 /// The gRPC service; clones share one job.
 #[derive(Clone)]
@@ -253,6 +259,7 @@ impl CoordinatorService {
                 telemetry: Mutex::default(),
                 output_dir: PathBuf::new(),
                 uploads: Default::default(),
+                train_shards: tokio::sync::Mutex::default(),
                 dir_lock: Mutex::default(),
             }),
         }
@@ -310,6 +317,29 @@ impl CoordinatorService {
         *inner.telemetry.get_mut().expect("telemetry lock") = telemetry;
         inner.output_dir = output_dir;
         self
+    }
+
+    /// Every rank's training shard of `epoch` in a world of `world` (of `n` examples), computed on
+    /// the blocking pool once and kept until another epoch or world is asked for.
+    async fn train_shards(&self, n: usize, world: usize, epoch: u32) -> Result<Arc<Vec<Vec<usize>>>, Status> {
+        let mut cache = self.train_shards.lock().await;
+        if let Some((key, shards)) = cache.as_ref() {
+            if *key == (epoch, world) {
+                return Ok(Arc::clone(shards));
+            }
+        }
+        let inner = Arc::clone(&self.inner);
+        let shards = tokio::task::spawn_blocking(move || {
+            let (cost, batch) = (&inner.train_cost, inner.job.batch_size);
+            let balance = (!cost.is_empty() && batch > 0 && batch.is_multiple_of(world))
+                .then(|| shard::Balance { cost, batch: batch / world });
+            shard::train_shards(n, world, inner.job.seed, epoch, balance)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let shards = Arc::new(shards);
+        *cache = Some(((epoch, world), Arc::clone(&shards)));
+        Ok(shards)
     }
 
     /// Watches the job's generations on the current runtime: closes elastic worlds when their
@@ -882,13 +912,7 @@ impl Coordinator for CoordinatorService {
             .len(split)
             .ok_or_else(|| Status::not_found(format!("the job has no {} split", split.as_str_name().to_lowercase())))?;
         let indices = match split {
-            Split::Train => {
-                let balance = (!self.train_cost.is_empty()
-                    && self.job.batch_size > 0
-                    && self.job.batch_size.is_multiple_of(world))
-                .then(|| shard::Balance { cost: &self.train_cost, batch: self.job.batch_size / world });
-                shard::train_indices(n, world, rank, self.job.seed, r.epoch, balance)
-            }
+            Split::Train => self.train_shards(n, world, r.epoch).await?[rank].clone(),
             Split::Dev | Split::Test => shard::eval_indices(n, world, rank),
         };
         let start = usize::try_from(r.start).unwrap_or(usize::MAX);
@@ -1049,15 +1073,25 @@ impl Coordinator for CoordinatorService {
             }
         };
         let svc = self.clone();
+        // A worker gives the coordinator up when no reply came for heartbeat_timeout_s: CONTINUE
+        // goes out at most every quarter of that (a RESTART or STOP at once), not for every beat,
+        // which halves what tens of thousands of beating workers cost.
+        let quiet = ElasticSection::secs(self.elastic.heartbeat_timeout_s) / 4;
         tokio::spawn(async move {
             let mut next = Some(first);
+            let mut replied: Option<Instant> = None;
             loop {
                 if let Some(b) = next.take() {
                     let effect = svc.state().beat(generation, rank, b.step, &b.phase, &b.failure, Instant::now());
                     svc.apply(effect).await;
                     let v = verdict(&signal.borrow_and_update(), generation);
-                    if tx.send(Ok(v)).await.is_err() {
-                        return;
+                    let due =
+                        v.action != beat_reply::Action::Continue as i32 || replied.is_none_or(|t| t.elapsed() >= quiet);
+                    if due {
+                        if tx.send(Ok(v)).await.is_err() {
+                            return;
+                        }
+                        replied = Some(Instant::now());
                     }
                 }
                 tokio::select! {

@@ -423,8 +423,10 @@ impl JobState {
         if let Some(s) = self.seen.get_mut(rank) {
             if s.step != step || s.phase != phase {
                 s.unchanged_since = now;
+                s.step = step;
+                phase.clone_into(&mut s.phase);
             }
-            *s = Seen { at: now, step, phase: phase.to_string(), unchanged_since: s.unchanged_since };
+            s.at = now;
         }
         if failure.is_empty() {
             return None;

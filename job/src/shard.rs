@@ -45,8 +45,16 @@ pub fn train_indices(
     balance: Option<Balance<'_>>,
 ) -> Vec<usize> {
     assert!(world >= 1 && rank < world, "rank {rank} outside a world of {world}");
+    train_shards(n, world, seed, epoch, balance).swap_remove(rank)
+}
+
+/// Every rank's [`train_indices`] at once, by rank: one permutation and one deal of each step
+/// for the whole world (a coordinator serving thousands of ranks computes the epoch once).
+pub fn train_shards(n: usize, world: usize, seed: u64, epoch: u32, balance: Option<Balance<'_>>) -> Vec<Vec<usize>> {
+    assert!(world >= 1, "a world of {world}");
+    let mut shards = vec![Vec::with_capacity(n.div_ceil(world)); world];
     if n == 0 {
-        return Vec::new();
+        return shards;
     }
     let mut order = philox::permutation(n, seed, epoch);
     let total = n.div_ceil(world) * world;
@@ -55,23 +63,31 @@ pub fn train_indices(
         order.push(order[i]);
         i += 1;
     }
+    let round_robin = |shards: &mut Vec<Vec<usize>>, examples: &[usize]| {
+        for (k, &e) in examples.iter().enumerate() {
+            shards[k % world].push(e);
+        }
+    };
     let Some(bal) = balance.filter(|b| world > 1 && b.batch > 0) else {
-        return order.into_iter().skip(rank).step_by(world).collect();
+        round_robin(&mut shards, &order);
+        return shards;
     };
     assert_eq!(bal.cost.len(), n, "one cost per example");
-    let mut mine = Vec::with_capacity(total / world);
     for step in order.chunks(bal.batch * world) {
         if step.len() < bal.batch * world {
-            mine.extend(step.iter().skip(rank).step_by(world));
+            round_robin(&mut shards, step);
         } else {
-            mine.extend(deal(step, bal, world, rank));
+            for (&e, owner) in step.iter().zip(deal(step, bal, world)) {
+                shards[owner].push(e);
+            }
         }
     }
-    mine
+    shards
 }
 
-/// `rank`'s share of one step's examples under [`Balance`], in their order within the step.
-fn deal(step: &[usize], bal: Balance<'_>, world: usize, rank: usize) -> Vec<usize> {
+/// The rank that takes each of one step's examples under [`Balance`] (each rank takes its
+/// examples in their order within the step).
+fn deal(step: &[usize], bal: Balance<'_>, world: usize) -> Vec<usize> {
     let mut longest_first: Vec<usize> = (0..step.len()).collect();
     longest_first.sort_by_key(|&p| (Reverse(bal.cost[step[p]]), p));
     // The ranks that still take examples, least loaded (then lowest) first.
@@ -86,7 +102,7 @@ fn deal(step: &[usize], bal: Balance<'_>, world: usize, rank: usize) -> Vec<usiz
             open.push(Reverse((load + u64::from(bal.cost[step[p]]), r)));
         }
     }
-    step.iter().zip(owner).filter(|&(_, o)| o == rank).map(|(&i, _)| i).collect()
+    owner
 }
 
 /// The evaluation indices of `rank`: strided, unshuffled, unpadded.

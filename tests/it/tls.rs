@@ -78,7 +78,7 @@ fn clear_text_off_loopback_is_refused_without_insecure() {
     assert!(!o.status.success(), "the coordinator served 0.0.0.0 without TLS:\n{err}");
     assert!(err.contains("would serve without TLS") && err.contains("--insecure"), "{err}");
     let o = std::process::Command::new(bin("worker"))
-        .args(["--coordinator", "http://192.0.2.1:29400", "--timeout-s", "1"])
+        .args(["--coordinator", "http://tandem-coordinator.invalid:29400", "--timeout-s", "1"])
         .env("TANDEM_JOB_TOKEN", "a-token-for-the-clear-text-test")
         .output()
         .unwrap();
