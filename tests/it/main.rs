@@ -6,6 +6,7 @@ mod deploy;
 mod determinism;
 mod distributed;
 mod hostile;
+mod launch;
 mod minilm;
 mod observe;
 mod parity;

@@ -10,6 +10,7 @@ pub mod cuda_ops;
 pub mod distributed;
 pub mod engine;
 pub mod gpu_check;
+pub mod launch;
 pub mod layout;
 pub mod local;
 pub mod model;

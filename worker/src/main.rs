@@ -24,6 +24,7 @@ use worker::tokenize::{collate, Encoded, TextEncoder};
 
 #[derive(Parser)]
 #[command(
+    args_override_self = true,
     name = "worker",
     version,
     about = "A Tandem BERT training process",
@@ -71,9 +72,20 @@ struct Cli {
     /// Where to compute: cpu, or cuda (an NVIDIA GPU: --gpu picks which).
     #[arg(long, env = "TANDEM_DEVICE", value_enum, default_value_t = Device::Cpu, global = true)]
     device: Device,
-    /// The GPU to use with --device cuda (an index among the visible ones; one worker per GPU).
-    #[arg(long, env = "TANDEM_GPU", default_value_t = 0, global = true)]
-    gpu: usize,
+    /// The GPU to use with --device cuda (an index among the visible ones; one worker per GPU;
+    /// default: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID, else 0).
+    #[arg(long, env = "TANDEM_GPU", global = true)]
+    gpu: Option<usize>,
+    /// Start this many workers on this node, one per device, and wait for them (torchrun's
+    /// --nproc-per-node): each gets `--gpu i` with --device cuda or an equal share of the cores,
+    /// rank hint node_rank * N + i, ring port + i when --ring-listen names one; a worker that
+    /// crashes is replaced, SIGTERM / SIGINT are forwarded.
+    #[arg(long, env = "TANDEM_NPROC_PER_NODE")]
+    nproc_per_node: Option<usize>,
+    /// This node's index among the nodes, for --nproc-per-node (default: torchrun's NODE_RANK or
+    /// GROUP_RANK, Slurm's SLURM_NODEID, or Kubernetes' JOB_COMPLETION_INDEX).
+    #[arg(long, env = "TANDEM_NODE_RANK")]
+    node_rank: Option<usize>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -207,12 +219,17 @@ fn main() {
     job::main_with(|| run(Cli::parse()));
 }
 
+/// The GPU index: --gpu / TANDEM_GPU, else the local rank torchrun or Slurm set, else 0.
+fn gpu_index(flag: Option<usize>) -> usize {
+    flag.or_else(|| worker::launch::env_number(&["LOCAL_RANK", "SLURM_LOCALID"]).map(|(_, v)| v)).unwrap_or(0)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Cmd::GpuCheck { cuda_include }) = &cli.cmd {
-        return gpu_check(cli.gpu, cuda_include.clone());
+        return gpu_check(gpu_index(cli.gpu), cuda_include.clone());
     }
     if cli.device == Device::Cuda {
-        if let Some(why) = kernels::cuda::cuda_unavailable(cli.gpu) {
+        if let Some(why) = kernels::cuda::cuda_unavailable(gpu_index(cli.gpu)) {
             anyhow::bail!("{why}");
         }
         anyhow::ensure!(
@@ -222,15 +239,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let device = match cli.device {
         Device::Cpu => worker::engine::Device::Cpu,
-        Device::Cuda => worker::engine::Device::Cuda(cli.gpu),
+        Device::Cuda => worker::engine::Device::Cuda(gpu_index(cli.gpu)),
     };
     let Some(cmd) = cli.cmd else {
-        let coordinator = cli.coordinator.context("give --coordinator URL to join a job, or a command (see --help)")?;
+        if let Some(nproc) = cli.nproc_per_node.filter(|&n| n != 1) {
+            anyhow::ensure!(
+                !std::env::args().any(|a| a == "--rank-hint" || a.starts_with("--rank-hint=")),
+                "--nproc-per-node gives each worker its rank hint (node rank x N + i): give the node's rank with \
+                 --node-rank instead of --rank-hint"
+            );
+            let node_rank = cli.node_rank.or_else(|| {
+                worker::launch::env_number(&["NODE_RANK", "GROUP_RANK", "SLURM_NODEID", "JOB_COMPLETION_INDEX"])
+                    .map(|(_, v)| v)
+            });
+            return worker::launch::Launch {
+                nproc,
+                node_rank,
+                cuda: cli.device == Device::Cuda,
+                ring_listen: cli.ring_listen,
+                ring_advertise: cli.ring_advertise,
+            }
+            .run();
+        }
+        // torchrun's and Slurm's variables, where Tandem's own are not given (README, "Launching").
+        let master = std::env::var("MASTER_ADDR").ok().zip(std::env::var("MASTER_PORT").ok());
+        let coordinator = cli.coordinator.or_else(|| master.map(|(addr, port)| format!("http://{addr}:{port}")));
+        let coordinator = coordinator.context(
+            "give --coordinator URL (or MASTER_ADDR and MASTER_PORT) to join a job, or a command (see --help)",
+        )?;
+        let rank_hint = cli.rank_hint.or_else(|| {
+            let (from, rank) = worker::launch::env_number(&["RANK", "SLURM_PROCID"])?;
+            tracing::info!(rank, from, "rank hint from the environment");
+            u32::try_from(rank).ok()
+        });
         let token = proto::auth::JobToken::from_file_or_env(cli.token_file.as_deref()).map_err(anyhow::Error::msg)?;
         return worker::distributed::run(worker::distributed::WorkerOpts {
             token,
             coordinator,
-            rank_hint: cli.rank_hint,
+            rank_hint,
             ring_listen: cli.ring_listen,
             ring_advertise: cli.ring_advertise,
             timeout: std::time::Duration::from_secs(cli.timeout_s),

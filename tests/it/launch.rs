@@ -1,0 +1,79 @@
+//! Launching as cluster users do, with real processes: one `worker --nproc-per-node 2` for the
+//! node (torchrun's convention) and two workers that find the coordinator and their ranks from
+//! torchrun's variables alone (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) train the
+//! same job as `coordinator --spawn-local`, bit for bit.
+
+use crate::distributed::{assert_bits_eq, bin, checkpointed_job, coordinator, params, run_ok, scratch};
+use crate::observe::Running;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The job's coordinator without local workers; returns it and its port.
+fn start_coordinator(cfg: &Path, out: &Path) -> (Running, String) {
+    let mut c = Command::new(bin("coordinator"));
+    c.args(["--world-size", "2", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0", "--no-http"])
+        .args(["--gather-timeout-s", "120", "--no-progress", "--shutdown-grace-s", "2"])
+        .args(["--set", &format!("output.dir={}", out.display())]);
+    let job = Running::start(c);
+    let addr = job.logged("coordinator listening addr=");
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
+    (job, port)
+}
+
+fn wait(p: &mut Running, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(status.success(), "{what} exited with {status}:\n{}", p.log());
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not finish:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_launcher_per_node_and_torchrun_variables_train_what_spawn_local_trains() {
+    let dir = scratch("launch");
+    let cfg = checkpointed_job(&dir, 20);
+    run_ok(coordinator(&cfg, 2, &dir.join("local")));
+    let want = params(&dir.join("local/model"));
+
+    // One launcher for the node: two workers, rank hints 0 and 1 (node rank 0).
+    let (mut coord, port) = start_coordinator(&cfg, &dir.join("launcher"));
+    let mut launcher = Command::new(bin("worker"));
+    launcher.args(["--coordinator", &format!("http://127.0.0.1:{port}"), "--nproc-per-node", "2", "--node-rank", "0"]);
+    let mut launcher = Running::start(launcher);
+    wait(&mut coord, "the coordinator");
+    wait(&mut launcher, "the launcher");
+    assert!(launcher.log().contains("starting the workers of this node"), "{}", launcher.log());
+    assert_bits_eq(&params(&dir.join("launcher/model")), &want, "--nproc-per-node 2 vs --spawn-local");
+
+    // Two workers with torchrun's variables and no flags at all.
+    let (mut coord, port) = start_coordinator(&cfg, &dir.join("torchrun"));
+    let mut workers: Vec<Running> = (0..2)
+        .rev()
+        .map(|rank| {
+            let mut w = Command::new(bin("worker"));
+            w.env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("RAYON_NUM_THREADS", "1");
+            Running::start(w)
+        })
+        .collect();
+    wait(&mut coord, "the coordinator");
+    for (k, w) in workers.iter_mut().enumerate() {
+        wait(w, &format!("worker {k}"));
+        assert!(w.log().contains("rank hint from the environment"), "{}", w.log());
+    }
+    // Started rank 1 first: the ranks came from RANK, not from the order of arrival.
+    let log = workers[0].log();
+    assert!(log.contains("rank hint from the environment rank=1"), "{log}");
+    assert_bits_eq(&params(&dir.join("torchrun/model")), &want, "torchrun's variables vs --spawn-local");
+    std::fs::remove_dir_all(&dir).ok();
+}
