@@ -83,4 +83,39 @@ sed 's/--no-progress/--no-such-flag/' "$tmp/cpu.yaml" > "$tmp/unknown.yaml"
 if check_flags "$tmp/unknown.yaml" >/dev/null 2>&1; then
   echo "check-deploy: a manifest passing --no-such-flag passed the --help check" >&2; exit 1
 fi
-echo "check-deploy: ok (a schema error and an unknown flag are caught)"
+
+# Slurm: the script parses (bash -n), and its dry run (fake SLURM_* variables, TANDEM_DRY_RUN=1:
+# the commands are printed, not run) passes only flags the binaries have.
+check_slurm() {
+  bash -n "$1"
+  SLURM_JOB_ID=7 SLURM_JOB_NUM_NODES=2 SLURM_JOB_NODELIST=node-a,node-b SLURM_SUBMIT_DIR=/shared \
+    TANDEM_DRY_RUN=1 bash "$1" configs/rotten-tomatoes.toml > "$tmp/slurm.txt"
+  "$py" - "$bin_dir" "$tmp/slurm.txt" <<'PY'
+import re, subprocess, sys
+bin_dir, printed = sys.argv[1], sys.argv[2]
+bad, seen = [], 0
+for line in open(printed):
+    words = line.split()
+    for i, w in enumerate(words):
+        exe = w.rsplit("/", 1)[-1]
+        if words[0] == "srun" and exe in ("coordinator", "worker"):
+            h = subprocess.run([f"{bin_dir}/{exe}", "--help"], check=True, capture_output=True, text=True).stdout
+            for a in words[i + 1:]:
+                if a.startswith("--"):
+                    seen += 1
+                    if not re.search(r"(^|\s)" + re.escape(a.split("=", 1)[0]) + r"([\s,=<]|$)", h, re.M):
+                        bad.append(f"{exe}: {a} is not in `{exe} --help`")
+            break
+if bad or seen == 0:
+    print("\n".join(bad) or "no coordinator or worker command in the dry run", file=sys.stderr)
+    sys.exit(1)
+print(f"check-deploy: the Slurm script's {seen} flags are in the binaries' --help")
+PY
+}
+check_slurm deploy/slurm/tandem.sbatch
+sed 's/--nproc-per-node /--no-such-flag /' deploy/slurm/tandem.sbatch > "$tmp/unknown.sbatch"
+if check_slurm "$tmp/unknown.sbatch" >/dev/null 2>&1; then
+  echo "check-deploy: a Slurm script passing --no-such-flag passed the --help check" >&2; exit 1
+fi
+
+echo "check-deploy: ok (a schema error and an unknown flag are caught, in the manifests and the Slurm script)"
