@@ -20,12 +20,12 @@ done
 echo "check-deploy: deploy/Dockerfile passes hadolint"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-cp -r deploy/k8s "$tmp/k8s"
+cp -r deploy/k8s deploy/kubeflow deploy/jobset "$tmp/"
 # The token and TLS files are the user's (deploy/k8s/make-secrets.sh; kept out of git); any
 # content renders the same manifests.
-echo "placeholder-token-for-validation" > "$tmp/k8s/base/job-token.txt"
-mkdir -p "$tmp/k8s/base/tls"
-for f in ca.pem tls.crt tls.key; do echo "placeholder $f" > "$tmp/k8s/base/tls/$f"; done
+echo "placeholder-token-for-validation" > "$tmp/k8s/common/job-token.txt"
+mkdir -p "$tmp/k8s/common/tls"
+for f in ca.pem tls.crt tls.key; do echo "placeholder $f" > "$tmp/k8s/common/tls/$f"; done
 
 # Flags and variables the manifests pass vs the binaries' --help. POD_IP only feeds
 # $(POD_IP) in TANDEM_RING_ADVERTISE.
@@ -33,13 +33,27 @@ check_flags() {
   "$py" - "$bin_dir" "$1" <<'PY'
 import json, re, subprocess, sys, yaml
 bin_dir, rendered = sys.argv[1], sys.argv[2]
-helper_only = {"POD_IP"}
+helper_only = {"POD_IP", "JOBSET_NAME"}
 helps, bad, seen = {}, [], 0
+
+def pod_specs(doc):
+    kind, spec = doc.get("kind"), doc.get("spec", {})
+    if kind in ("Job", "Deployment", "StatefulSet"):
+        yield spec["template"]["spec"]
+    elif kind == "Pod":
+        yield spec
+    elif kind in ("JobSet", "ClusterTrainingRuntime"):
+        js = spec if kind == "JobSet" else spec["template"]["spec"]
+        for rj in js["replicatedJobs"]:
+            yield rj["template"]["spec"]["template"]["spec"]
+
 for doc in yaml.safe_load_all(open(rendered)):
-    if not doc or doc.get("kind") not in ("Job", "Deployment", "StatefulSet", "Pod"):
-        continue
-    spec = doc["spec"]["template"]["spec"] if doc["kind"] != "Pod" else doc["spec"]
+  if not doc:
+    continue
+  for spec in pod_specs(doc):
     for c in spec.get("containers", []) + spec.get("initContainers", []):
+        if not c.get("image", "").startswith("tandem"):
+            continue  # a helper (the init container that reads the JobSet)
         exe = (c.get("command") or [None])[0]
         if exe not in ("coordinator", "worker"):
             bad.append(f"{doc['metadata']['name']}/{c['name']}: runs {exe!r}, not coordinator or worker")
@@ -64,6 +78,32 @@ print(f"check-deploy: {seen} flags and variables of {rendered.rsplit('/', 1)[-1]
 PY
 }
 
+# Kubeflow Trainer v2 and JobSet: the custom resources parsed by the Trainer API's models, every
+# key checked (scripts/validate_crds.py), the rest against the Kubernetes schemas; the runtime's
+# replicated jobs and the JobSet's must be the same.
+check_crds() {  # (chained: `set -e` does not hold inside a function called by `if`)
+  kubectl kustomize "$tmp/$1" > "$tmp/$1.yaml" &&
+    "$py" scripts/validate_crds.py "$tmp/$1.yaml" "${@:2}" &&
+    "$py" -m kubernetes_validate --strict --quiet -k "$k8s_version" "$tmp/$1.yaml.core" &&
+    check_flags "$tmp/$1.yaml"
+}
+check_crds kubeflow --same deploy/kubeflow/cluster-training-runtime.yaml deploy/jobset/jobset.yaml
+check_crds jobset
+echo "check-deploy: deploy/kubeflow and deploy/jobset validate (Trainer trainer.kubeflow.org/v1alpha1, JobSet v1alpha2)"
+for broken in 's/numNodes: 2/numNodes: "two"/' 's/numNodes: 2/numNode: 2/'; do
+  cp deploy/kubeflow/trainjob.yaml "$tmp/trainjob.yaml"
+  sed "$broken" "$tmp/trainjob.yaml" > "$tmp/kubeflow/trainjob.yaml"
+  if check_crds kubeflow >/dev/null 2>&1; then
+    echo "check-deploy: a TrainJob edited by $broken passed validation" >&2; exit 1
+  fi
+done
+cp deploy/kubeflow/trainjob.yaml "$tmp/kubeflow/trainjob.yaml"
+sed 's/--world-size-file=/--no-such-flag=/' deploy/kubeflow/cluster-training-runtime.yaml > "$tmp/kubeflow/cluster-training-runtime.yaml"
+if check_crds kubeflow >/dev/null 2>&1; then
+  echo "check-deploy: a runtime passing --no-such-flag passed the --help check" >&2; exit 1
+fi
+cp deploy/kubeflow/cluster-training-runtime.yaml "$tmp/kubeflow/cluster-training-runtime.yaml"
+
 for overlay in "$tmp"/k8s/overlays/*/; do
   name=$(basename "$overlay")
   kubectl kustomize "$overlay" > "$tmp/$name.yaml"
@@ -86,11 +126,11 @@ fi
 
 # Slurm: the script parses (bash -n), and its dry run (fake SLURM_* variables, TANDEM_DRY_RUN=1:
 # the commands are printed, not run) passes only flags the binaries have.
-check_slurm() {
-  bash -n "$1"
-  SLURM_JOB_ID=7 SLURM_JOB_NUM_NODES=2 SLURM_JOB_NODELIST=node-a,node-b SLURM_SUBMIT_DIR=/shared \
-    TANDEM_DRY_RUN=1 bash "$1" configs/rotten-tomatoes.toml > "$tmp/slurm.txt"
-  "$py" - "$bin_dir" "$tmp/slurm.txt" <<'PY'
+check_slurm() {  # (chained: `set -e` does not hold inside a function called by `if`)
+  bash -n "$1" &&
+    SLURM_JOB_ID=7 SLURM_JOB_NUM_NODES=2 SLURM_JOB_NODELIST=node-a,node-b SLURM_SUBMIT_DIR=/shared \
+      TANDEM_DRY_RUN=1 bash "$1" configs/rotten-tomatoes.toml > "$tmp/slurm.txt" &&
+    "$py" - "$bin_dir" "$tmp/slurm.txt" <<'PY'
 import re, subprocess, sys
 bin_dir, printed = sys.argv[1], sys.argv[2]
 bad, seen = [], 0

@@ -45,8 +45,12 @@ use std::time::Duration;
 struct Cli {
     /// How many workers the job has (the most it runs with: with `elastic.min_workers` it may
     /// continue with fewer after a failure).
-    #[arg(long, env = "TANDEM_WORLD_SIZE")]
-    world_size: usize,
+    #[arg(long, env = "TANDEM_WORLD_SIZE", required_unless_present = "world_size_file")]
+    world_size: Option<usize>,
+    /// Read the world size from this file instead (a number; written by an init container that
+    /// counts the JobSet's nodes, in deploy/kubeflow and deploy/jobset).
+    #[arg(long, env = "TANDEM_WORLD_SIZE_FILE", conflicts_with = "world_size")]
+    world_size_file: Option<PathBuf>,
     /// The job config (TOML). Layers: defaults < this file < TANDEM_* environment < --set.
     #[arg(long, env = "TANDEM_CONFIG")]
     config: Option<PathBuf>,
@@ -182,13 +186,22 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    anyhow::ensure!(cli.world_size >= 1, "--world-size must be at least 1");
+    let world_size = match (cli.world_size, &cli.world_size_file) {
+        (Some(n), _) => n,
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading --world-size-file {}", f.display()))?
+            .trim()
+            .parse()
+            .with_context(|| format!("--world-size-file {}: not a number", f.display()))?,
+        (None, None) => anyhow::bail!("give --world-size (or --world-size-file)"),
+    };
+    anyhow::ensure!(world_size >= 1, "--world-size must be at least 1");
     let job = JobConfig::load(cli.config.as_deref(), &cli.set)?;
     anyhow::ensure!(
-        job.train.batch_size.is_multiple_of(cli.world_size),
+        job.train.batch_size.is_multiple_of(world_size),
         "train.batch_size = {} is not a multiple of --world-size {}: every worker takes an equal share of each batch",
         job.train.batch_size,
-        cli.world_size
+        world_size
     );
     let data: Data = match job.train.task {
         Task::Classification => {
@@ -198,7 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Task::Mlm => job::pack::Corpora::open(&job, None)?.into(),
     };
-    tracing::info!(config = %serde_json::to_string(&job)?, world = cli.world_size, "resolved job config");
+    tracing::info!(config = %serde_json::to_string(&job)?, world = world_size, "resolved job config");
     let mut token = proto::auth::JobToken::from_file_or_env(cli.token_file.as_deref()).map_err(anyhow::Error::msg)?;
     if token.is_none() && cli.spawn_local {
         token = Some(proto::auth::JobToken::generate().context("making a job token")?);
@@ -209,11 +222,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
          same for every worker), or pass --insecure",
         cli.listen
     );
-    let min_workers = if job.elastic.min_workers == 0 { cli.world_size } else { job.elastic.min_workers };
+    let min_workers = if job.elastic.min_workers == 0 { world_size } else { job.elastic.min_workers };
     anyhow::ensure!(
-        min_workers <= cli.world_size,
+        min_workers <= world_size,
         "elastic.min_workers = {min_workers} exceeds --world-size {}",
-        cli.world_size
+        world_size
     );
     let tls = match (&cli.tls_cert, &cli.tls_key) {
         (Some(cert), Some(key)) => {
@@ -233,7 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cli.listen
     );
     let train_examples = data.len(proto::v1::Split::Train).unwrap_or(0);
-    let setup = checkpoint_setup(&job, min_workers..=cli.world_size, train_examples)?;
+    let setup = checkpoint_setup(&job, min_workers..=world_size, train_examples)?;
     // A restarted coordinator continues the generation numbers (so that nothing of an earlier
     // generation is mistaken for current); its restart budget starts afresh.
     let mut restarts = coordinator::service::read_state(setup.store.dir())?;
@@ -270,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some((dir, m)) = &setup.resume {
         telemetry.record_restart(m.step, &dir.display().to_string());
     }
-    let svc = CoordinatorService::new(cli.world_size, info, data, Duration::from_secs(cli.gather_timeout_s))
+    let svc = CoordinatorService::new(world_size, info, data, Duration::from_secs(cli.gather_timeout_s))
         .with_telemetry(telemetry, job.output.dir.clone())
         .with_elastic(job.elastic.clone(), job.train.batch_size, restarts)
         .with_checkpoints(setup)
@@ -281,7 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = {
         // A backlog for a world that joins at once (the kernel caps it at net.core.somaxconn).
         let _guard = rt.enter();
-        bind_with_backlog(cli.listen, coordinator::limits::max_connections(cli.world_size))
+        bind_with_backlog(cli.listen, coordinator::limits::max_connections(world_size))
             .with_context(|| format!("binding {}", cli.listen))?
     };
     let addr = listener.local_addr()?;
@@ -323,8 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::ensure!(exe.exists(), "{} not found: build the worker (cargo build -p worker)", exe.display());
         // Share the cores: each local worker gets cores / N compute threads unless told otherwise.
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let threads =
-            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / cli.world_size).max(1).to_string());
+        let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / world_size).max(1).to_string());
         let child_token = token.clone();
         let spawn = move |rank: usize| -> anyhow::Result<std::process::Child> {
             let mut cmd = std::process::Command::new(&exe);
@@ -340,7 +352,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cmd.spawn().with_context(|| format!("starting {}", exe.display()))
         };
-        for rank in 0..cli.world_size {
+        for rank in 0..world_size {
             children.lock().expect("children lock").push(spawn(rank)?);
         }
         // Like Kubernetes restarting a pod: a local worker that dies is replaced (same rank
@@ -398,7 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // coordinator stops waiting (an open health Watch or a stopped worker would hold it forever).
     let (ended_tx, mut ended_rx) = tokio::sync::watch::channel(None::<std::time::Instant>);
     let grace = Duration::from_secs(cli.shutdown_grace_s);
-    let max_connections = coordinator::limits::max_connections(cli.world_size);
+    let max_connections = coordinator::limits::max_connections(world_size);
     let incoming = coordinator::limits::limit(
         tonic::transport::server::TcpIncoming::from(listener)
             .with_nodelay(Some(true))

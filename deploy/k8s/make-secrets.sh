@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Writes what the manifests' Secrets are made of, into deploy/k8s/base/ (git ignores it): the
+# Writes what the manifests' Secrets are made of, into deploy/k8s/common/ (git ignores it): the
 # job token (job-token.txt) and TLS for the coordinator's gRPC port (tls/: a CA of its own, the
 # coordinator's certificate for the Service's names, and its key; deploy/make-tls.sh). Run it
 # once per cluster namespace, before `kubectl apply -k`:
@@ -11,7 +11,7 @@
 set -euo pipefail
 ns=${1:-default}
 here="$(dirname "$0")"
-base="$here/base"
+base="$here/common"
 umask 077
 [ -s "$base/job-token.txt" ] || openssl rand -hex 32 > "$base/job-token.txt"
 svc=tandem-coordinator

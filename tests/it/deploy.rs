@@ -27,7 +27,7 @@ fn every_overlay_builds_validates_and_passes_only_flags_the_binaries_have() {
 
 #[test]
 fn the_manifests_job_config_is_a_valid_job() {
-    let path = repo_root().join("deploy/k8s/base/job.toml");
+    let path = repo_root().join("deploy/k8s/common/job.toml");
     let job = job::config::JobConfig::load(Some(&path), &[]).unwrap();
     assert!(job.checkpoint.resume, "a restarted coordinator pod must resume");
     assert!(job.output.dir.starts_with("/var/lib/tandem"), "the output goes to the checkpoint volume");

@@ -101,13 +101,13 @@ fn the_kubernetes_secrets_script_makes_certificates_a_job_runs_over() {
     }
     let dir = scratch("k8s-secrets");
     let k8s = dir.join("k8s");
-    std::fs::create_dir_all(k8s.join("base")).unwrap();
+    std::fs::create_dir_all(k8s.join("common")).unwrap();
     let deploy = crate::support::repo_root().join("deploy");
     std::fs::copy(deploy.join("k8s/make-secrets.sh"), k8s.join("make-secrets.sh")).unwrap();
     std::fs::copy(deploy.join("make-tls.sh"), dir.join("make-tls.sh")).unwrap();
     let o = std::process::Command::new("bash").arg(k8s.join("make-secrets.sh")).arg("jobs").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let f = |name: &str| k8s.join("base").join(name).to_str().unwrap().to_string();
+    let f = |name: &str| k8s.join("common").join(name).to_str().unwrap().to_string();
     assert_eq!(std::fs::read_to_string(f("job-token.txt")).unwrap().trim().len(), 64);
     let cfg = checkpointed_job(&dir, 10);
     let (port, log) = (free_port(), dir.join("coord.log"));
