@@ -1,7 +1,8 @@
 //! Launching as cluster users do, with real processes: one `worker --nproc-per-node 2` for the
-//! node (torchrun's convention) and two workers that find the coordinator and their ranks from
-//! torchrun's variables alone (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) train the
-//! same job as `coordinator --spawn-local`, bit for bit.
+//! node (torchrun's convention; also with one of its workers SIGKILLed, which it replaces) and two
+//! workers that find the coordinator and their ranks from torchrun's variables alone (RANK,
+//! LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) train the same job as `coordinator
+//! --spawn-local`, bit for bit.
 
 use crate::distributed::{assert_bits_eq, bin, checkpointed_job, coordinator, params, run_ok, scratch};
 use crate::observe::Running;
@@ -50,6 +51,20 @@ fn a_launcher_per_node_and_torchrun_variables_train_what_spawn_local_trains() {
     wait(&mut launcher, "the launcher");
     assert!(launcher.log().contains("starting the workers of this node"), "{}", launcher.log());
     assert_bits_eq(&params(&dir.join("launcher/model")), &want, "--nproc-per-node 2 vs --spawn-local");
+
+    // A worker of the launcher SIGKILLed at step 7: the launcher starts a replacement, the job
+    // restarts from its checkpoint of step 5 and ends the same.
+    let (mut coord, port) = start_coordinator(&cfg, &dir.join("crash"));
+    let mut launcher = Command::new(bin("worker"));
+    launcher
+        .args(["--coordinator", &format!("http://127.0.0.1:{port}"), "--nproc-per-node", "2", "--node-rank", "0"])
+        .env("TANDEM_FAULT", "rank1:step@7");
+    let mut launcher = Running::start(launcher);
+    wait(&mut coord, "the coordinator");
+    wait(&mut launcher, "the launcher");
+    let log = launcher.log();
+    assert!(log.contains("TANDEM_FAULT: killing") && log.contains("starting a replacement"), "{log}");
+    assert_bits_eq(&params(&dir.join("crash/model")), &want, "a launcher's replaced worker vs --spawn-local");
 
     // Two workers with torchrun's variables and no flags at all.
     let (mut coord, port) = start_coordinator(&cfg, &dir.join("torchrun"));
