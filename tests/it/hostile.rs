@@ -33,9 +33,10 @@ fn reference() -> &'static [f32] {
     })
 }
 
-/// The job's coordinator without local workers (the test starts them once its attack is on),
-/// detecting failures at test speed: a heartbeat missed for 3 s restarts the job.
-fn start_coordinator(cfg: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Running, String) {
+/// The job's coordinator of 2 workers without local workers (a test starts them itself),
+/// detecting failures at test speed: a heartbeat missed for 3 s restarts the job. Returns it and
+/// its gRPC address.
+pub(crate) fn start_coordinator(cfg: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Running, String) {
     let mut c = Command::new(bin("coordinator"));
     c.args(["--world-size", &WORLD.to_string(), "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
         .args(["--gather-timeout-s", "120", "--no-progress", "--shutdown-grace-s", "2"])
@@ -54,23 +55,6 @@ fn start_worker(grpc: &str, rank: usize, env: &[(&str, &str)]) -> Running {
         .env("RAYON_NUM_THREADS", "1")
         .envs(env.iter().copied());
     Running::start(w)
-}
-
-/// Waits for `p` to exit (at most 5 minutes); its exit status must be success.
-fn wait_success(p: &mut Running, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            std::thread::sleep(Duration::from_millis(200)); // the log thread's last lines
-            assert!(status.success(), "{what} exited with {status}:\n{}", p.log());
-            return;
-        }
-        if Instant::now() > deadline {
-            p.child.kill().unwrap();
-            panic!("{what} did not finish:\n{}", p.log());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The job ended as the unattacked one: no failure detected (generation 0: a missed heartbeat
@@ -252,9 +236,9 @@ fn ten_thousand_watch_streams_and_a_connection_burst_are_refused_and_the_job_is_
 
     // The job runs with the served Watch streams still open on the flood's connection.
     let mut workers: Vec<Running> = (0..WORLD).map(|r| start_worker(&grpc, r, &[])).collect();
-    wait_success(&mut coord, "the coordinator");
+    coord.wait_success("the coordinator");
     for (r, w) in workers.iter_mut().enumerate() {
-        wait_success(w, &format!("worker {r}"));
+        w.wait_success(&format!("worker {r}"));
     }
     drop(flood);
     assert_unharmed(&coord, &out, "the job beside 10,000 Watch streams");
@@ -310,9 +294,9 @@ fn an_http_flood_during_a_job_misses_no_heartbeat_and_changes_nothing() {
     for c in clients {
         c.join().unwrap();
     }
-    wait_success(&mut coord, "the coordinator");
+    coord.wait_success("the coordinator");
     for (r, w) in workers.iter_mut().enumerate() {
-        wait_success(w, &format!("worker {r}"));
+        w.wait_success(&format!("worker {r}"));
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("hostile: {ok} HTTP requests answered, {failed} failed, over {:?}", started.elapsed());
@@ -369,9 +353,9 @@ fn ring_connections_that_drip_or_send_garbage_do_not_hold_up_the_ring() {
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let mut rank0 = start_worker(&grpc, 0, &token);
-    wait_success(&mut coord, "the coordinator");
-    wait_success(&mut rank0, "worker 0");
-    wait_success(&mut rank1, "worker 1");
+    coord.wait_success("the coordinator");
+    rank0.wait_success("worker 0");
+    rank1.wait_success("worker 1");
     stop.store(true, Ordering::Relaxed);
     for a in attackers {
         a.join().unwrap();

@@ -5,35 +5,9 @@
 //! --spawn-local`, bit for bit.
 
 use crate::distributed::{assert_bits_eq, bin, checkpointed_job, coordinator, params, run_ok, scratch};
+use crate::hostile::start_coordinator;
 use crate::observe::Running;
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-/// The job's coordinator without local workers; returns it and its port.
-fn start_coordinator(cfg: &Path, out: &Path) -> (Running, String) {
-    let mut c = Command::new(bin("coordinator"));
-    c.args(["--world-size", "2", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0", "--no-http"])
-        .args(["--gather-timeout-s", "120", "--no-progress", "--shutdown-grace-s", "2"])
-        .args(["--set", &format!("output.dir={}", out.display())]);
-    let job = Running::start(c);
-    let addr = job.logged("coordinator listening addr=");
-    let port = addr.rsplit_once(':').unwrap().1.to_string();
-    (job, port)
-}
-
-fn wait(p: &mut Running, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            std::thread::sleep(Duration::from_millis(200));
-            assert!(status.success(), "{what} exited with {status}:\n{}", p.log());
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not finish:\n{}", p.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn a_launcher_per_node_and_torchrun_variables_train_what_spawn_local_trains() {
@@ -43,31 +17,32 @@ fn a_launcher_per_node_and_torchrun_variables_train_what_spawn_local_trains() {
     let want = params(&dir.join("local/model"));
 
     // One launcher for the node: two workers, rank hints 0 and 1 (node rank 0).
-    let (mut coord, port) = start_coordinator(&cfg, &dir.join("launcher"));
+    let (mut coord, grpc) = start_coordinator(&cfg, &dir.join("launcher"), &["--no-http"], &[]);
     let mut launcher = Command::new(bin("worker"));
-    launcher.args(["--coordinator", &format!("http://127.0.0.1:{port}"), "--nproc-per-node", "2", "--node-rank", "0"]);
+    launcher.args(["--coordinator", &format!("http://{grpc}"), "--nproc-per-node", "2", "--node-rank", "0"]);
     let mut launcher = Running::start(launcher);
-    wait(&mut coord, "the coordinator");
-    wait(&mut launcher, "the launcher");
+    coord.wait_success("the coordinator");
+    launcher.wait_success("the launcher");
     assert!(launcher.log().contains("starting the workers of this node"), "{}", launcher.log());
     assert_bits_eq(&params(&dir.join("launcher/model")), &want, "--nproc-per-node 2 vs --spawn-local");
 
     // A worker of the launcher SIGKILLed at step 7: the launcher starts a replacement, the job
     // restarts from its checkpoint of step 5 and ends the same.
-    let (mut coord, port) = start_coordinator(&cfg, &dir.join("crash"));
+    let (mut coord, grpc) = start_coordinator(&cfg, &dir.join("crash"), &["--no-http"], &[]);
     let mut launcher = Command::new(bin("worker"));
     launcher
-        .args(["--coordinator", &format!("http://127.0.0.1:{port}"), "--nproc-per-node", "2", "--node-rank", "0"])
+        .args(["--coordinator", &format!("http://{grpc}"), "--nproc-per-node", "2", "--node-rank", "0"])
         .env("TANDEM_FAULT", "rank1:step@7");
     let mut launcher = Running::start(launcher);
-    wait(&mut coord, "the coordinator");
-    wait(&mut launcher, "the launcher");
+    coord.wait_success("the coordinator");
+    launcher.wait_success("the launcher");
     let log = launcher.log();
     assert!(log.contains("TANDEM_FAULT: killing") && log.contains("starting a replacement"), "{log}");
     assert_bits_eq(&params(&dir.join("crash/model")), &want, "a launcher's replaced worker vs --spawn-local");
 
     // Two workers with torchrun's variables and no flags at all.
-    let (mut coord, port) = start_coordinator(&cfg, &dir.join("torchrun"));
+    let (mut coord, grpc) = start_coordinator(&cfg, &dir.join("torchrun"), &["--no-http"], &[]);
+    let port = grpc.rsplit_once(':').unwrap().1.to_string();
     let mut workers: Vec<Running> = (0..2)
         .rev()
         .map(|rank| {
@@ -81,9 +56,9 @@ fn a_launcher_per_node_and_torchrun_variables_train_what_spawn_local_trains() {
             Running::start(w)
         })
         .collect();
-    wait(&mut coord, "the coordinator");
+    coord.wait_success("the coordinator");
     for (k, w) in workers.iter_mut().enumerate() {
-        wait(w, &format!("worker {k}"));
+        w.wait_success(&format!("worker {k}"));
         assert!(w.log().contains("rank hint from the environment"), "{}", w.log());
     }
     // Started rank 1 first: the ranks came from RANK, not from the order of arrival.

@@ -166,6 +166,23 @@ impl Running {
         Running { child, log }
     }
 
+    /// Waits for the process to exit (at most 5 minutes); its exit status must be success.
+    pub(crate) fn wait_success(&mut self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(200)); // the log thread's last lines
+                assert!(status.success(), "{what} exited with {status}:\n{}", self.log());
+                return;
+            }
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                panic!("{what} did not finish:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
