@@ -99,9 +99,9 @@ pub async fn serve(listener: tokio::net::TcpListener, svc: CoordinatorService) -
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
-                // Out of file descriptors, or a connection reset while queued: go on.
+                // Out of file descriptors, or a connection reset while queued: go on (the
+                // limit pauses accepting after an error).
                 tracing::debug!(error = %e, "accepting an HTTP connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };

@@ -46,7 +46,7 @@ pub fn limit(
 ) -> impl Stream<Item = std::io::Result<Limited>> {
     let slots = Arc::new(Semaphore::new(max));
     let mut last_warning: Option<Instant> = None;
-    incoming.filter_map(move |conn| match conn {
+    let limited = incoming.filter_map(move |conn| match conn {
         Err(e) => Some(Err(e)),
         Ok(inner) => match Arc::clone(&slots).try_acquire_owned() {
             Ok(slot) => Some(Ok(Limited {
@@ -64,7 +64,38 @@ pub fn limit(
                 None
             }
         },
-    })
+    });
+    Backoff { inner: Box::pin(limited), pause: None }
+}
+
+/// How long accepting pauses after an accept error.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// After an accept error (out of file descriptors: EMFILE), the next accept waits
+/// [`ACCEPT_BACKOFF`]: the listener would fail again at once, and the server's accept loop would
+/// spin on a core until a descriptor frees.
+struct Backoff<S> {
+    inner: Pin<Box<S>>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T, S: Stream<Item = std::io::Result<T>>> Stream for Backoff<S> {
+    type Item = std::io::Result<T>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(pause) = &mut self.pause {
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        let item = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Err(e))) = &item {
+            tracing::debug!(error = %e, "accepting a connection failed; pausing");
+            self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+        }
+        item
+    }
 }
 
 impl Connected for Limited {
@@ -118,5 +149,24 @@ impl AsyncWrite for Limited {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accept_errors_pause_the_accept_loop() {
+        let errors = tokio_stream::iter((0..5).map(|_| Err::<TcpStream, _>(std::io::Error::other("EMFILE"))));
+        let mut s = std::pin::pin!(limit(errors, 1, std::time::Duration::from_secs(1)));
+        let t = Instant::now();
+        let mut n = 0;
+        while let Some(e) = s.next().await {
+            assert!(e.is_err());
+            n += 1;
+        }
+        assert_eq!(n, 5);
+        assert!(t.elapsed() >= ACCEPT_BACKOFF * 4, "5 errors in {:?}", t.elapsed());
     }
 }
