@@ -233,6 +233,26 @@ async fn join_all(clients: &[Client], requests: Vec<JoinRequest>) -> anyhow::Res
     Ok((replies, t0.elapsed().as_secs_f64()))
 }
 
+/// Calls `call` for every admitted worker at once (its client and Join reply); returns the
+/// results in worker order and the seconds until the last one came.
+async fn on_every_worker<T, Fut>(
+    clients: &[Client],
+    replies: &[JoinReply],
+    call: impl Fn(Client, &JoinReply) -> Fut,
+) -> anyhow::Result<(Vec<T>, f64)>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let t = Instant::now();
+    let handles: Vec<_> = clients.iter().zip(replies).map(|(c, r)| tokio::spawn(call(c.clone(), r))).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await??);
+    }
+    Ok((out, t.elapsed().as_secs_f64()))
+}
+
 fn ranks_ok(replies: &[JoinReply], m: usize) -> bool {
     let mut ranks: Vec<u32> = replies.iter().map(|r| r.rank).collect();
     ranks.sort_unstable();
@@ -299,80 +319,50 @@ pub async fn measure(m: usize, o: &Options) -> anyhow::Result<Row> {
     row.rss_mib = rss;
 
     // Every worker streams its training shard.
-    let t = Instant::now();
-    let handles: Vec<_> = replies
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let mut c = clients[i].clone();
-            let req = ShardRequest {
-                rank: r.rank,
-                split: Split::Train as i32,
-                generation,
-                member_secret: r.member_secret.clone(),
-                ..Default::default()
-            };
-            tokio::spawn(async move {
-                let mut s = c.stream_shard(req).await?.into_inner();
-                let mut n = 0usize;
-                while let Some(b) = s.message().await? {
-                    n += b.examples.len();
-                }
-                anyhow::Ok(n)
-            })
-        })
-        .collect();
-    let mut examples = 0;
-    for h in handles {
-        examples += h.await??;
-    }
-    row.stream_examples_per_s = examples as f64 / t.elapsed().as_secs_f64();
+    let (counts, took) = on_every_worker(&clients, &replies, |mut c, r| {
+        let req = ShardRequest {
+            rank: r.rank,
+            split: Split::Train as i32,
+            generation: r.generation,
+            member_secret: r.member_secret.clone(),
+            ..Default::default()
+        };
+        async move {
+            let mut s = c.stream_shard(req).await?.into_inner();
+            let mut n = 0usize;
+            while let Some(b) = s.message().await? {
+                n += b.examples.len();
+            }
+            anyhow::Ok(n)
+        }
+    })
+    .await?;
+    row.stream_examples_per_s = counts.iter().sum::<usize>() as f64 / took;
 
     // The evaluation and checksum gathers: every worker reports, each reply waits for all.
-    let t = Instant::now();
-    let handles: Vec<_> = replies
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let mut c = clients[i].clone();
-            let req = EvalReport {
-                rank: r.rank,
-                split: Split::Test as i32,
-                step: 1,
-                classes: 2,
-                confusion: vec![1, 0, 0, 1],
-                loss_sum: 0.5,
-                generation,
-                member_secret: r.member_secret.clone(),
-                ..Default::default()
-            };
-            tokio::spawn(async move { c.report_eval(req).await })
-        })
-        .collect();
-    for h in handles {
-        h.await?.context("an evaluation report")?;
-    }
-    row.eval_gather_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let handles: Vec<_> = replies
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let mut c = clients[i].clone();
-            let req = ChecksumReport {
-                rank: r.rank,
-                generation,
-                step: 1,
-                checksum: 42,
-                member_secret: r.member_secret.clone(),
-            };
-            tokio::spawn(async move { c.report_checksum(req).await })
-        })
-        .collect();
-    for h in handles {
-        h.await?.context("a checksum report")?;
-    }
-    row.checksum_gather_s = t.elapsed().as_secs_f64();
+    let (_, took) = on_every_worker(&clients, &replies, |mut c, r| {
+        let req = EvalReport {
+            rank: r.rank,
+            split: Split::Test as i32,
+            step: 1,
+            classes: 2,
+            confusion: vec![1, 0, 0, 1],
+            loss_sum: 0.5,
+            generation: r.generation,
+            member_secret: r.member_secret.clone(),
+            ..Default::default()
+        };
+        async move { Ok(c.report_eval(req).await?) }
+    })
+    .await?;
+    row.eval_gather_s = took;
+    let (_, took) = on_every_worker(&clients, &replies, |mut c, r| {
+        let (rank, generation, member_secret) = (r.rank, r.generation, r.member_secret.clone());
+        let req = ChecksumReport { rank, generation, step: 1, checksum: 42, member_secret };
+        async move { Ok(c.report_checksum(req).await?) }
+    })
+    .await?;
+    row.checksum_gather_s = took;
 
     // The last worker stalls (its stream stays open, its beats stop): the others are told to
     // restart once the heartbeat timeout has passed.
